@@ -1,0 +1,65 @@
+"""Bundled datasets of the LLM Trace Archive: list, describe, locate and load them.
+
+A dataset is a folder under ``archive/data/`` holding its files, a ``dataset.json`` (title,
+licence, source, citation, version, tables) and a ``README.md`` dataset card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from archive.errors import InputError
+
+
+def data_root() -> Path:
+    """Folder holding the bundled datasets."""
+    return Path(str(resources.files("archive") / "data"))
+
+
+def list_datasets() -> list[str]:
+    """Names of the bundled datasets, sorted."""
+    return sorted(p.parent.name for p in data_root().glob("*/dataset.json"))
+
+
+def dataset_dir(name: str) -> Path:
+    """Folder of the bundled dataset ``name``.
+
+    Raises
+    ------
+    InputError
+        When there is no such dataset (the message lists the known ones).
+    """
+    path = data_root() / name
+    if not (path / "dataset.json").is_file():
+        raise InputError(f"unknown dataset '{name}'; known: {', '.join(list_datasets())}")
+    return path
+
+
+def info(name: str) -> dict:
+    """The ``dataset.json`` metadata of dataset ``name``."""
+    return json.loads((dataset_dir(name) / "dataset.json").read_text())
+
+
+def load(name: str) -> pd.DataFrame:
+    """Load the main table of a bundled dataset as a DataFrame.
+
+    Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns; workload datasets
+    give the :data:`archive.schema.WORKLOAD` columns.
+    """
+    meta = info(name)
+    path = dataset_dir(name) / meta["main_table"]
+    if meta["kind"] == "measurements":
+        return pd.read_parquet(path)
+    from archive.traces import read_workload
+
+    return read_workload(path)
+
+
+def content_sha256(df: pd.DataFrame) -> str:
+    """SHA-256 of a table's content (CSV rendering of its rows), independent of file format."""
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()

@@ -1,0 +1,51 @@
+"""The one error type the toolkit raises for bad input.
+
+Every component (archive readers, the simulator, calibration, the tracer) raises
+:class:`InputError` when a file, a row or a field a user gave is wrong. The command-line tools
+catch it and print ``error: <message>`` on one line with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class InputError(ValueError):
+    """Bad user input, located as precisely as possible.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, in words a user can act on.
+    path : str or PathLike, optional
+        The file the problem is in.
+    row : int, optional
+        1-based line number in the file (for CSV the header is line 1), or 1-based row number for
+        Parquet/JSON tables.
+    field : str, optional
+        The column or option at fault.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | PathLike | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.row = row
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if self.row is not None:
+            where.append(f"line {self.row}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        return (": ".join(where) + ": " if where else "") + self.message

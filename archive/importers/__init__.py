@@ -1,0 +1,1 @@
+"""Converters from published trace formats into the archive's tables."""

@@ -1,0 +1,155 @@
+"""The Kavier timing model as a scikit-learn regressor, fitted by minimising MAPE.
+
+``X`` has two columns, ``n_input_tokens`` and ``n_output_tokens`` (a DataFrame with those
+names or an array of shape ``(n_requests, 2)``); ``y`` is the measured end-to-end latency in
+seconds. ``predict`` returns the model's end-to-end latency ``prefill_s + decode_s``. Because it
+follows the estimator API (hyperparameters in ``__init__``, fitted attributes ending in ``_``),
+``cross_val_score(TimingRegressor(), X, y, groups=..., cv=LeaveOneGroupOut(),
+scoring="neg_mean_absolute_percentage_error")`` works on archive data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from kavier.library import GPUSpec, LLMSpec, gpu_library, llm_library
+from kavier.timing import TimingParams, make_timing
+
+DEFAULT_FIT_PARAMS = {
+    "thesis": ("compute_efficiency", "memory_efficiency", "request_overhead_s"),
+    "roofline": ("compute_efficiency", "memory_efficiency", "request_overhead_s",
+                 "prefill_sharpness"),
+}
+"""Parameters fitted by default per timing model. ``token_overhead_s`` is left out: on
+single-request sweeps it is indistinguishable from memory efficiency (both are a constant per
+decode step), so fitting both is ill-posed; add it when you have data that separates them."""
+
+_EFFICIENCIES = ("compute_efficiency", "attention_efficiency", "memory_efficiency")
+
+
+def _features(X) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(X, "columns"):
+        return (X["n_input_tokens"].to_numpy(np.float64),
+                X["n_output_tokens"].to_numpy(np.float64))
+    arr = np.asarray(X, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"X must have shape (n_requests, 2), got {arr.shape}")
+    return arr[:, 0], arr[:, 1]
+
+
+def weighted_mape(y_true, y_pred, sample_weight=None) -> float:
+    """Mean absolute percentage error as a fraction, weighted: ``Σ w|p − y|/y / Σ w``
+    (thesis eq. 2.26 with weights)."""
+    y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    w = np.ones_like(y_true) if sample_weight is None else np.asarray(sample_weight, float)
+    return float(np.sum(w * np.abs(y_pred - y_true) / y_true) / np.sum(w))
+
+
+class TimingRegressor(RegressorMixin, BaseEstimator):
+    """Timing model (thesis or roofline) with MAPE-fitted hyperparameters.
+
+    Parameters
+    ----------
+    llm, gpu : str or spec
+        Library names (``"Llama-3-8B"``, ``"A10"``) or :class:`~kavier.library.LLMSpec` /
+        :class:`~kavier.library.GPUSpec` objects.
+    timing_model : {"roofline", "thesis"}
+    kv_cache : bool
+    compute_efficiency, memory_efficiency, request_overhead_s, token_overhead_s,
+    prefill_floor_s, attention_efficiency, prefill_sharpness :
+        Starting values (and the values used for the parameters not fitted); see
+        :class:`kavier.timing.TimingParams`.
+    fit_params : tuple of str, optional
+        Which parameters ``fit`` optimises; default :data:`DEFAULT_FIT_PARAMS`.
+
+    Attributes
+    ----------
+    params_ : TimingParams
+        Fitted parameters.
+    train_mape_ : float
+        Weighted MAPE (fraction) on the training data at the optimum.
+    """
+
+    def __init__(self, llm="Llama-3-8B", gpu="A10", timing_model="roofline", kv_cache=True,
+                 compute_efficiency=0.30, memory_efficiency=0.60, request_overhead_s=0.025,
+                 token_overhead_s=0.0, prefill_floor_s=None, attention_efficiency=None,
+                 prefill_sharpness=None, fit_params=None):
+        self.llm = llm
+        self.gpu = gpu
+        self.timing_model = timing_model
+        self.kv_cache = kv_cache
+        self.compute_efficiency = compute_efficiency
+        self.memory_efficiency = memory_efficiency
+        self.request_overhead_s = request_overhead_s
+        self.token_overhead_s = token_overhead_s
+        self.prefill_floor_s = prefill_floor_s
+        self.attention_efficiency = attention_efficiency
+        self.prefill_sharpness = prefill_sharpness
+        self.fit_params = fit_params
+
+    def _specs(self) -> tuple[LLMSpec, GPUSpec]:
+        llm = llm_library().get(self.llm) if isinstance(self.llm, str) else self.llm
+        gpu = gpu_library().get(self.gpu) if isinstance(self.gpu, str) else self.gpu
+        return llm, gpu
+
+    def initial_params(self) -> TimingParams:
+        """The ``__init__`` values as :class:`TimingParams`."""
+        return TimingParams(self.compute_efficiency, self.memory_efficiency,
+                            self.request_overhead_s, self.token_overhead_s, self.prefill_floor_s,
+                            self.attention_efficiency, self.prefill_sharpness)
+
+    def timing(self, params: TimingParams | None = None):
+        """The timing model with ``params`` (default: fitted, else initial)."""
+        llm, gpu = self._specs()
+        params = params or getattr(self, "params_", None) or self.initial_params()
+        return make_timing(self.timing_model, llm, gpu, params, self.kv_cache)
+
+    def predict(self, X) -> np.ndarray:
+        """End-to-end latency per request, s; shape ``(n_requests,)``. Before ``fit`` the
+        initial parameters are used."""
+        n_in, n_out = _features(X)
+        return self.timing().e2e_s(n_in, n_out)
+
+    def fit(self, X, y, sample_weight=None) -> TimingRegressor:
+        """Fit the chosen parameters by minimising (weighted) MAPE with Nelder–Mead.
+
+        Parameters are optimised in log space (so they stay positive); efficiencies above 1
+        are rejected. The search restarts once from its own optimum to escape simplex
+        collapse.
+        """
+        n_in, n_out = _features(X)
+        y = np.asarray(y, dtype=np.float64)
+        names = tuple(self.fit_params or DEFAULT_FIT_PARAMS[self.timing_model])
+        start = self.initial_params()
+        if "prefill_floor_s" in names and start.prefill_floor_s is None:
+            start = start.with_(prefill_floor_s=float(self.timing(start).floor_s()))
+        if "attention_efficiency" in names and start.attention_efficiency is None:
+            start = start.with_(attention_efficiency=start.compute_efficiency)
+        if "prefill_sharpness" in names and start.prefill_sharpness is None:
+            start = start.with_(prefill_sharpness=4.0)
+        if "token_overhead_s" in names and start.token_overhead_s <= 0:
+            start = start.with_(token_overhead_s=1e-4)
+        llm, gpu = self._specs()
+
+        def params_at(x):
+            return start.with_(**dict(zip(names, np.exp(x).tolist(), strict=True)))
+
+        def objective(x):
+            p = params_at(x)
+            if any(getattr(p, e) > 1.0 for e in _EFFICIENCIES if e in names) or (
+                    "prefill_sharpness" in names and p.prefill_sharpness < 1.0):
+                return 1e6
+            model = make_timing(self.timing_model, llm, gpu, p, self.kv_cache)
+            return weighted_mape(y, model.e2e_s(n_in, n_out), sample_weight)
+
+        x = np.log([getattr(start, n) for n in names])
+        for _ in range(2):
+            result = minimize(objective, x, method="Nelder-Mead",
+                              options={"maxiter": 4000, "xatol": 1e-7, "fatol": 1e-10})
+            x = result.x
+        self.params_ = params_at(x)
+        self.train_mape_ = float(result.fun)
+        self.n_iter_ = int(result.nit)
+        return self

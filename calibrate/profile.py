@@ -1,0 +1,82 @@
+"""Per-GPU calibrated profiles: fitted timing parameters plus their provenance and accuracy.
+
+A profile is a JSON file::
+
+    {"profile_version": "1", "gpu": "A10", "llm": "Llama-3-8B", "engine": "vLLM 0.9.0",
+     "timing_model": "roofline", "params": {...TimingParams...},
+     "mape_pct": {...}, "datasets": [...], "data_sha256": "...", "cv": "...",
+     "created": "2026-11-23T10:00:00+00:00", "toolkit_version": "0.1.0"}
+
+``kavier simulate --profile FILE`` reads ``timing_model`` and ``params`` from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from archive.errors import InputError
+from kavier.timing import TIMING_MODELS, TimingParams
+
+PROFILE_VERSION = "1"
+
+
+@dataclass
+class Profile:
+    """A calibrated timing profile for one GPU (and the model/engine it was measured with)."""
+
+    gpu: str
+    llm: str
+    engine: str
+    timing_model: str
+    params: TimingParams
+    mape_pct: dict = field(default_factory=dict)
+    datasets: list = field(default_factory=list)
+    data_sha256: str = ""
+    cv: str = ""
+    created: str = ""
+    toolkit_version: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["params"] = self.params.to_dict()
+        return {"profile_version": PROFILE_VERSION, **d}
+
+    def write(self, path: str | Path) -> Path:
+        """Write the profile as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> Profile:
+        """Read a profile file.
+
+        Raises
+        ------
+        InputError
+            Unreadable file, invalid JSON, missing or unknown fields, unknown timing model.
+        """
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except OSError as exc:
+            raise InputError(f"cannot read profile: {exc.strerror}", path=path) from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON: {exc}", path=path) from None
+        if not isinstance(d, dict):
+            raise InputError("a profile must be a JSON object", path=path)
+        d.pop("profile_version", None)
+        for key in ("gpu", "llm", "timing_model", "params"):
+            if key not in d:
+                raise InputError("missing in profile", path=path, field=key)
+        if d["timing_model"] not in TIMING_MODELS:
+            raise InputError(f"unknown timing model {d['timing_model']!r}", path=path,
+                             field="timing_model")
+        try:
+            d["params"] = TimingParams(**d["params"])
+            return cls(**d)
+        except TypeError as exc:
+            raise InputError(f"unexpected field: {exc}", path=path) from None

@@ -1,0 +1,281 @@
+"""LLM and GPU library: hardware and model descriptions as data (Vidur's habit, thesis 5.4).
+
+The bundled entries live in ``llms.toml`` and ``gpus.toml`` beside this module, each figure with
+its source. Users add entries from a TOML or JSON file of the same shape, and an LLM can be
+described straight from its Hugging Face ``config.json`` with :func:`llm_from_hf_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import MISSING, dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+from archive.errors import InputError
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """Architecture of a decoder-only transformer.
+
+    Attributes
+    ----------
+    name : str
+    params : int
+        Total parameter count, embeddings and LM head included.
+    n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, intermediate_dim, vocab_size : int
+        Shapes as in the model's Hugging Face ``config.json``; ``n_kv_heads < n_heads`` is
+        grouped-query attention, ``n_kv_heads == 1`` multi-query attention.
+    bytes_per_param : float
+        Bytes per weight and per KV-cache element (2 for FP16/BF16).
+    tie_word_embeddings : bool
+        True when the LM head shares the input embedding matrix.
+    source : str
+        Where the figures come from.
+    """
+
+    name: str
+    params: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    intermediate_dim: int
+    vocab_size: int
+    bytes_per_param: float = 2.0
+    tie_word_embeddings: bool = False
+    source: str = ""
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of weights streamed from DRAM per forward pass: ``params × bytes_per_param``."""
+        return self.params * self.bytes_per_param
+
+    @property
+    def embedding_params(self) -> int:
+        """Parameters in the input embedding and, when untied, the LM head (``vocab × hidden``)."""
+        copies = 1 if self.tie_word_embeddings else 2
+        return copies * self.vocab_size * self.hidden_dim
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matrix multiply for every token: all but embeddings.
+
+        The LM head is counted separately (:attr:`lm_head_flops`) because an inference engine
+        computes logits only for the positions it samples from.
+        """
+        return self.params - self.embedding_params
+
+    @property
+    def lm_head_flops(self) -> float:
+        """FLOPs of one logits computation: ``2 × vocab × hidden``."""
+        return 2.0 * self.vocab_size * self.hidden_dim
+
+    @property
+    def attention_dim(self) -> int:
+        """Query width ``n_heads × head_dim`` (``d_attn`` of Kaplan et al. 2020)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes per token, GQA-aware: ``2 × L × n_kv_heads × head_dim × bytes``.
+
+        This is thesis equation 4.1 per token with the number of *KV* heads. The thesis writes
+        H, the number of attention heads, which overstates grouped-query models: 4× for
+        Llama-3-8B (32 query heads, 8 KV heads), 48× for multi-query Granite-20B.
+        """
+        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * self.bytes_per_param
+
+    def kv_bytes_per_token_thesis(self) -> float:
+        """Thesis equation 4.1 per token as written, with all attention heads (for comparison)."""
+        return 2.0 * self.n_layers * self.n_heads * self.head_dim * self.bytes_per_param
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One accelerator, from its vendor data sheet.
+
+    Attributes
+    ----------
+    name, vendor : str
+    memory_gib : float
+        On-board DRAM, GiB.
+    memory_bandwidth_gbps : float
+        Peak DRAM bandwidth, GB/s (1e9 bytes/s).
+    fp16_tflops : float
+        Dense FP16/BF16 tensor-core peak, TFLOP/s (1e12 FLOP/s); never the 2:4-sparse figure.
+    idle_power_w, max_power_w : float
+        Power at idle and at full load (board power limit), W.
+    source : str
+        Where the figures come from.
+    """
+
+    name: str
+    vendor: str
+    memory_gib: float
+    memory_bandwidth_gbps: float
+    fp16_tflops: float
+    idle_power_w: float
+    max_power_w: float
+    source: str = ""
+
+    @property
+    def memory_bytes(self) -> float:
+        """On-board memory in bytes."""
+        return self.memory_gib * 2**30
+
+    @property
+    def flops_per_s(self) -> float:
+        """Dense FP16 peak in FLOP/s."""
+        return self.fp16_tflops * 1e12
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Peak DRAM bandwidth in bytes/s."""
+        return self.memory_bandwidth_gbps * 1e9
+
+
+def _build(cls: type, name: str, entry: dict, path: str) -> LLMSpec | GPUSpec:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise InputError(f"unknown field(s) {unknown} in entry '{name}'", path=path)
+    required = {f.name for f in fields(cls) if f.default is MISSING} - {"name"}
+    missing = sorted(k for k in required if k not in entry)
+    if missing:
+        raise InputError(f"entry '{name}' lacks field(s) {missing}", path=path)
+    for key, value in entry.items():
+        if key not in ("source", "vendor", "tie_word_embeddings") and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+        ):
+            raise InputError(f"entry '{name}': must be a positive number, got {value!r}",
+                             path=path, field=key)
+    return cls(name=name, **entry)
+
+
+def _read_table_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read library file: {exc.strerror}", path=path) from None
+    try:
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}",
+                         path=path) from None
+
+
+class Library:
+    """A name → spec mapping for one kind of spec (LLMs or GPUs).
+
+    Lookup is case-insensitive; an unknown name raises :class:`InputError` listing the known
+    names.
+    """
+
+    def __init__(self, cls: type, kind: str) -> None:
+        self.cls = cls
+        self.kind = kind
+        self._entries: dict[str, LLMSpec | GPUSpec] = {}
+
+    def load(self, path: str | Path) -> Library:
+        """Add (or override) entries from a TOML or JSON file of ``{name: {field: value}}``."""
+        for name, entry in _read_table_file(path).items():
+            if not isinstance(entry, dict):
+                raise InputError(f"entry '{name}' must be a table of fields", path=path)
+            self.add(_build(self.cls, name, entry, str(path)))
+        return self
+
+    def add(self, spec: LLMSpec | GPUSpec) -> None:
+        """Add one spec, replacing any entry of the same name."""
+        self._entries[spec.name] = spec
+
+    def names(self) -> list[str]:
+        """Known names, in library order."""
+        return list(self._entries)
+
+    def get(self, name: str) -> LLMSpec | GPUSpec:
+        """The spec called ``name`` (case-insensitive)."""
+        for key, spec in self._entries.items():
+            if key.lower() == name.lower():
+                return spec
+        raise InputError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}",
+                         field=f"--{self.kind}")
+
+
+def _bundled(filename: str) -> Path:
+    return Path(str(resources.files("kavier.library") / filename))
+
+
+def llm_library(extra: str | Path | None = None) -> Library:
+    """The bundled LLM library, plus entries from ``extra`` (TOML/JSON) when given."""
+    lib = Library(LLMSpec, "llm").load(_bundled("llms.toml"))
+    return lib.load(extra) if extra else lib
+
+
+def gpu_library(extra: str | Path | None = None) -> Library:
+    """The bundled GPU library, plus entries from ``extra`` (TOML/JSON) when given."""
+    lib = Library(GPUSpec, "gpu").load(_bundled("gpus.toml"))
+    return lib.load(extra) if extra else lib
+
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "int8": 1}
+
+
+def _first(config: dict, *keys: str, default=None):
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
+def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LLMSpec:
+    """Describe an LLM from its Hugging Face ``config.json`` (a dict or a path to the file).
+
+    Understands the key spellings of Llama/Mistral/Qwen (``num_hidden_layers``,
+    ``num_key_value_heads``), GPT-2/BigCode (``n_layer``, ``n_head``, ``n_embd``,
+    ``multi_query``), MPT (``d_model``, ``expansion_ratio``) and OPT (``ffn_dim``).
+    The parameter count is computed from the shapes: embeddings (``vocab × hidden``, twice when
+    untied), attention projections (``hidden × (n_heads + 2·n_kv_heads + n_heads) × head_dim``)
+    and the MLP (three matrices for gated SiLU MLPs, two otherwise); norms and biases are
+    ignored (< 0.1 % of the total).
+
+    Raises
+    ------
+    InputError
+        When a required shape is missing.
+    """
+    path = None
+    if not isinstance(config, dict):
+        path = Path(config)
+        config = _read_table_file(path.with_suffix(".json") if path.suffix != ".json" else path)
+    layers = _first(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    heads = _first(config, "num_attention_heads", "n_head", "n_heads")
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    vocab = _first(config, "vocab_size")
+    for key, value in (("num_hidden_layers", layers), ("num_attention_heads", heads),
+                       ("hidden_size", hidden), ("vocab_size", vocab)):
+        if value is None:
+            raise InputError("config.json lacks this shape", path=path, field=key)
+    kv_heads = 1 if config.get("multi_query") else _first(
+        config, "num_key_value_heads", "n_kv_heads", default=heads)
+    head_dim = _first(config, "head_dim", default=hidden // heads)
+    expansion = config.get("expansion_ratio", 4)
+    inter = _first(config, "intermediate_size", "ffn_dim", "n_inner", default=expansion * hidden)
+    tied = bool(config.get("tie_word_embeddings", True))
+    gated = config.get("hidden_act", config.get("activation_function", "")) in (
+        "silu", "swiglu", "swish")
+    attn = hidden * (2 * heads + 2 * kv_heads) * head_dim
+    mlp = (3 if gated else 2) * hidden * inter
+    params = layers * (attn + mlp) + (1 if tied else 2) * vocab * hidden
+    dtype = str(config.get("torch_dtype", "bfloat16"))
+    return LLMSpec(
+        name=name or config.get("_name_or_path") or config.get("model_type", "custom"),
+        params=int(params), n_layers=int(layers), n_heads=int(heads), n_kv_heads=int(kv_heads),
+        head_dim=int(head_dim), hidden_dim=int(hidden), intermediate_dim=int(inter),
+        vocab_size=int(vocab), bytes_per_param=_DTYPE_BYTES.get(dtype, 2),
+        tie_word_embeddings=tied, source=f"Hugging Face config.json{f' ({path})' if path else ''}",
+    )

@@ -1,0 +1,74 @@
+"""Writing a run's output folder so that a crash never leaves a partial run looking complete.
+
+Every file is first written as ``<name>.partial`` and renamed when complete; ``summary.json`` is
+written last, so its presence marks a finished run. On failure the partial files are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class RunWriter:
+    """Collects the files of one run in ``folder`` (see module docstring)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._partials: list[Path] = []
+
+    def _partial(self, name: str) -> tuple[Path, Path]:
+        final = self.folder / name
+        tmp = final.with_name(final.name + ".partial")
+        self._partials.append(tmp)
+        return tmp, final
+
+    def table(self, name: str, table: pa.Table) -> Path:
+        """Write one Parquet table."""
+        return self.batches(name, table.schema, table.to_batches())
+
+    def batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> Path:
+        """Write a Parquet file batch by batch (one row group per batch); returns its path."""
+        tmp, final = self._partial(name)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        tmp.replace(final)
+        return final
+
+    def text(self, name: str, text: str) -> Path:
+        """Write a text file."""
+        tmp, final = self._partial(name)
+        tmp.write_text(text)
+        tmp.replace(final)
+        return final
+
+    def json(self, name: str, obj) -> Path:
+        """Write a JSON file (indented, keys in insertion order)."""
+        return self.text(name, json.dumps(obj, indent=2, default=float) + "\n")
+
+    def cleanup(self) -> None:
+        """Remove leftover partial files."""
+        for tmp in self._partials:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_folder(folder: str | Path):
+    """Context manager yielding a :class:`RunWriter`; removes partial files on error.
+
+    A stale ``summary.json`` from an earlier run in the same folder is removed first, so an
+    interrupted run is never mistaken for a finished one.
+    """
+    writer = RunWriter(folder)
+    writer.folder.mkdir(parents=True, exist_ok=True)
+    (writer.folder / "summary.json").unlink(missing_ok=True)
+    try:
+        yield writer
+    finally:
+        writer.cleanup()
