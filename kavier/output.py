@@ -7,7 +7,7 @@ written last, so its presence marks a finished run. On failure the partial files
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,12 +41,16 @@ class RunWriter:
         tmp.replace(final)
         return final
 
-    def text(self, name: str, text: str) -> Path:
-        """Write a text file."""
+    def file(self, name: str, write: Callable[[Path], object]) -> Path:
+        """Write a file with ``write(path)`` (e.g. a figure's ``savefig``); returns its path."""
         tmp, final = self._partial(name)
-        tmp.write_text(text)
+        write(tmp)
         tmp.replace(final)
         return final
+
+    def text(self, name: str, text: str) -> Path:
+        """Write a text file."""
+        return self.file(name, lambda path: path.write_text(text))
 
     def json(self, name: str, obj) -> Path:
         """Write a JSON file (indented, keys in insertion order)."""

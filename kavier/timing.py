@@ -184,17 +184,20 @@ class RooflineTiming(_TimingBase):
       only compute logits where they sample; the third is ``QKᵀ`` and ``AV`` under a causal
       mask, which grows with n² (Chowdhery et al. 2022, PaLM, appendix B: ``4·L·d_attn`` per
       token per context position, halved on average by the causal mask).
-    * Prefill: ``max(FLOPs/F', floor) + O`` (or a soft maximum, see
-      ``TimingParams.prefill_sharpness``); ``floor`` is the shortest a pass can take, by
-      default one streaming of the weights ``W/B'`` (a pass cannot finish before every weight
-      has been read), fittable as ``prefill_floor_s``.
+    * Memory time of a pass attending to ``c`` positions: ``floor + kv·c/B'``; ``floor`` is
+      the shortest a pass can take, by default one streaming of the weights ``W/B'`` (a pass
+      cannot finish before every weight has been read), fittable as ``prefill_floor_s``.
+    * Prefill: ``max(FLOPs/F', memory) + O`` (or a soft maximum, see
+      ``TimingParams.prefill_sharpness``).
     * Decode with KV cache, one step per token after the first (the first token comes out of
       prefill), at context ``c = n_in + k``:
-      ``max((2·P_mm + 2·V·d + 4·L·d_attn·c)/F', (W + kv·c)/B') + token_overhead`` (Williams
+      ``max((2·P_mm + 2·V·d + 4·L·d_attn·c)/F', floor + kv·c/B') + token_overhead`` (Williams
       et al. 2009, roofline; Recasens et al. 2025 for decode being bound by weights and KV
       reads). Summed in closed form (:func:`sum_max_linear`).
     * Decode without KV cache: every step re-runs a full forward pass over the ``c`` tokens so
-      far, ``max(FLOPs(c, 0)/F', floor) + token_overhead``, summed in closed form. Unlike the
+      far, ``max(FLOPs(c, 0)/F', floor + kv·c/B') + token_overhead``, summed in closed form
+      (the re-run writes and reads the K and V of all ``c`` positions, so it is never faster
+      than a KV-cache step). Unlike the
       thesis's ``n(n+1)/2 · T_t``, short re-runs cost a weight streaming, not ``c`` decode
       steps, while long ones grow with ``c²`` through attention.
     """
@@ -235,16 +238,23 @@ class RooflineTiming(_TimingBase):
         return (matmul / self._flops_per_s
                 + self._attention_flops_per_position * pairs / self._attention_flops_per_s)
 
+    def forward_memory_s(self, n_context) -> np.ndarray:
+        """Memory time of one forward pass that attends to ``n_context`` positions, s: the
+        floor (one weight streaming) plus reading or writing their K and V."""
+        return self.floor_s() + self.llm.kv_bytes_per_token * _as_array(n_context) / (
+            self._bytes_per_s)
+
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
         """Prefill time per request, s, including the request overhead ``O``.
 
         ``n_cached`` tokens already in the KV cache (a prefix-cache hit) are not recomputed
         but are attended to.
         """
-        compute, floor = self.forward_compute_s(n_in, n_cached), self.floor_s()
+        compute = self.forward_compute_s(n_in, n_cached)
+        memory = self.forward_memory_s(_as_array(n_in) + _as_array(n_cached))
+        high = np.maximum(compute, memory)
         p = self.params.prefill_sharpness
-        high = np.maximum(compute, floor)
-        forward = high if p is None else high * (1.0 + (np.minimum(compute, floor) / high)**p
+        forward = high if p is None else high * (1.0 + (np.minimum(compute, memory) / high)**p
                                                  ) ** (1.0 / p)
         return forward + self.params.request_overhead_s
 
@@ -257,31 +267,36 @@ class RooflineTiming(_TimingBase):
         return body + steps * self.params.token_overhead_s
 
     def _decode_kv_on(self, n_in, steps):
-        llm, by = self.llm, self._bytes_per_s
+        llm = self.llm
         attn = self._attention_flops_per_position / self._attention_flops_per_s
         g0 = (2.0 * llm.matmul_params + llm.lm_head_flops) / self._flops_per_s + attn * n_in
-        h0 = (llm.weight_bytes + llm.kv_bytes_per_token * n_in) / by
-        h1 = llm.kv_bytes_per_token / by
-        return sum_max_linear(g0, attn, h0, h1, steps)
+        m1 = llm.kv_bytes_per_token / self._bytes_per_s
+        return sum_max_linear(g0, attn, self.forward_memory_s(n_in), m1, steps)
 
     def _decode_kv_off(self, n_in, steps):
-        # re-run over c = n_in + k tokens: compute(c) = p·c + lm + a·(c² + c) / 2
-        llm, floor = self.llm, self.floor_s()
+        # step k re-runs a pass over c = n_in + k tokens:
+        #   compute q(k) = p·c + lm + a·(c² + c),  memory r(k) = floor + m1·c
+        llm = self.llm
         p = 2.0 * llm.matmul_params / self._flops_per_s
         lm = llm.lm_head_flops / self._flops_per_s
         a = self._attention_flops_per_position / self._attention_flops_per_s / 2.0
+        m1 = llm.kv_bytes_per_token / self._bytes_per_s
         qa = p * n_in + lm + a * (n_in**2 + n_in)
         qb = p + a * (2.0 * n_in + 1.0)
         qc = a
-        # first step k >= 1 whose re-run is compute-bound (q(k) >= floor); q grows with k
-        disc = np.maximum(qb**2 - 4.0 * qc * (qa - floor), 0.0)
-        root = (-qb + np.sqrt(disc)) / (2.0 * qc)
-        first = np.where(qa + qb + qc >= floor, 1.0, np.clip(np.ceil(root), 1.0, steps + 1.0))
+        r0 = self.forward_memory_s(n_in)
+        # q − r is a convex quadratic in k, increasing for k >= 0 (qb > m1: a pass's matmul
+        # time per token dwarfs reading one token's KV); find the first compute-bound step
+        da, db = qa - r0, qb - m1
+        disc = np.maximum(db**2 - 4.0 * qc * da, 0.0)
+        root = (-db + np.sqrt(disc)) / (2.0 * qc)
+        first = np.where(da + db + qc >= 0, 1.0, np.clip(np.ceil(root), 1.0, steps + 1.0))
         bound = np.minimum(first - 1.0, steps)
+        memory = bound * r0 + m1 * _sum_k(np.ones_like(bound), bound)
         lo, hi = first, steps
         compute = np.where(
             hi >= lo, (hi - lo + 1) * qa + qb * _sum_k(lo, hi) + qc * _sum_k2(lo, hi), 0.0)
-        return bound * floor + compute
+        return memory + compute
 
 
 TIMING_MODELS = {"thesis": ThesisTiming, "roofline": RooflineTiming}

@@ -1,0 +1,238 @@
+"""``kavier`` command line: ``simulate`` and ``calibrate``.
+
+Bad input (unknown files, columns, values, LLMs, GPUs) ends with one line ``error: ...`` on
+standard error and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import click
+import pandas as pd
+import pyarrow as pa
+
+import archive
+from archive.errors import InputError
+from kavier.engine import simulate as run_simulation
+from kavier.engine import summarize
+from kavier.fragments import FRAGMENT_SCHEMA, fragment_batches
+from kavier.library import gpu_library, llm_library
+from kavier.output import run_folder
+from kavier.timing import TIMING_MODELS, TimingParams, make_timing
+
+
+def toolkit_version() -> str:
+    """Installed version of the toolkit distribution."""
+    try:
+        return version("kavier-toolkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def clean_errors(command):
+    """Turn :class:`InputError` into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(toolkit_version(), prog_name="kavier")
+def main():
+    """Kavier: cache-aware simulation of LLM inference (performance, calibration)."""
+
+
+def _print_summary(summary: dict) -> None:
+    rows = [
+        ("requests", f"{summary['n_requests']:,}"),
+        ("input / output tokens", f"{summary['n_input_tokens']:,} / "
+                                  f"{summary['n_output_tokens']:,}"),
+        ("GPU-hours (prefill + decode)", f"{summary['gpu_hours']:.3f} "
+         f"({summary['prefill_gpu_hours']:.3f} + {summary['decode_gpu_hours']:.3f})"),
+        ("makespan", f"{summary['makespan_s']:.1f} s"),
+        ("throughput (output / total)", f"{summary['output_throughput_tok_s']:.1f} / "
+                                        f"{summary['total_throughput_tok_s']:.1f} tok/s"),
+        ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s"),
+    ]
+    for metric in ("service_s", "ttft_s", "tpot_s", "e2e_s"):
+        values = [summary[f"p{q}_{metric}"] for q in (50, 90, 99)]
+        if values[0] is not None:
+            rows.append((f"{metric[:-2].upper()} p50 / p90 / p99",
+                         " / ".join(f"{v:.3f}" for v in values) + " s"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
+    return llm_library(llm_lib).get(llm), gpu_library(gpu_lib).get(gpu)
+
+
+@main.command()
+@click.option("--trace", required=True,
+              help="Workload: CSV/Parquet file or bundled dataset name "
+                   "(e.g. azure-llm-inference-2023-conv).")
+@click.option("--llm", default=None, help="LLM from the library [default: Llama-3-8B, or the "
+                                          "profile's].")
+@click.option("--gpu", default=None, help="GPU from the library [default: A10, or the "
+                                          "profile's].")
+@click.option("--output-folder", default="runs/simulation", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on", show_default=True)
+@click.option("--export-rate", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Snapshot interval in seconds; 0 writes run-length fragments.")
+@click.option("--flush-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Requests per written row group (bounds memory).")
+@click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
+              help="[default: the profile's, else thesis]")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Calibrated profile (JSON) whose parameters replace the defaults.")
+@click.option("--utilization-cap", type=click.FloatRange(min=0, min_open=True, max=1),
+              default=1.0, show_default=True, help="GPU utilization while inferring.")
+@click.option("--arrivals/--back-to-back", default=True, show_default=True,
+              help="Honour the trace's arrival times (queueing) or run requests back to back.")
+@click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
+              help="Extra LLM entries (TOML/JSON).")
+@click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
+              help="Extra GPU entries (TOML/JSON).")
+@clean_errors
+def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, timing_model,
+             profile_path, utilization_cap, arrivals, llm_library, gpu_library):
+    """Simulate a workload trace on one GPU and write requests, fragments and a summary."""
+    from calibrate.profile import Profile
+
+    params = TimingParams()
+    if profile_path:
+        profile = Profile.read(profile_path)
+        if gpu and gpu.lower() != profile.gpu.lower():
+            raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
+                             field="gpu")
+        llm, gpu = llm or profile.llm, profile.gpu
+        timing_model = timing_model or profile.timing_model
+        params = profile.params
+    llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
+    timing = make_timing(timing_model or "thesis", llm_spec, gpu_spec, params, kv_cache == "on")
+    workload = archive.read_workload(trace)
+    requests = run_simulation(workload, timing, honor_arrivals=arrivals)
+    summary = {
+        "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name,
+        "timing_model": timing.name, "kv_cache": kv_cache, "params": params.to_dict(),
+        "profile": profile_path, "export_rate_s": export_rate, **summarize(requests),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "toolkit_version": toolkit_version(),
+    }
+    kv_per_token = llm_spec.kv_bytes_per_token if kv_cache == "on" else 0.0
+    with run_folder(output_folder) as out:
+        out.table("requests.parquet", pa.Table.from_pandas(requests, preserve_index=False))
+        out.batches("fragments.parquet", FRAGMENT_SCHEMA, fragment_batches(
+            requests, export_rate, kv_per_token, utilization_cap, flush_size))
+        out.json("summary.json", summary)
+    click.echo(f"{llm_spec.name} on {gpu_spec.name}, {timing.name} model, KV cache {kv_cache}: "
+               f"{trace}")
+    _print_summary(summary)
+    click.echo(f"wrote {Path(output_folder) / 'requests.parquet'}, fragments.parquet, "
+               "summary.json")
+
+
+def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:
+    """Measurements from a bundled dataset name, a Parquet file, or a dataset folder."""
+    path = Path(dataset)
+    if not path.exists():
+        if dataset not in archive.list_datasets():
+            raise InputError(f"no such file or bundled dataset (datasets: "
+                             f"{', '.join(archive.list_datasets())})", path=dataset)
+        return archive.load(dataset), dataset
+    if path.is_dir():
+        path = path / "measurements.parquet"
+    try:
+        return pd.read_parquet(path), str(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read measurements: {str(exc).splitlines()[0]}",
+                         path=path) from None
+
+
+def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> str:
+    if given:
+        return given
+    values = df[column].dropna().unique() if column in df.columns else []
+    if len(values) != 1:
+        raise InputError(f"cannot tell the {column} from the data ({list(values)}); "
+                         f"pass --{'llm' if column == 'model' else column}", path=source)
+    return str(values[0])
+
+
+@main.command()
+@click.option("--dataset", default="a10-surf-vllm-llama3-8b", show_default=True,
+              help="Measurements: bundled dataset name, Parquet file or dataset folder.")
+@click.option("--setup-id", default=None, help="Use only rows of this setup_id.")
+@click.option("--llm", default=None, help="[default: the data's model column]")
+@click.option("--gpu", default=None, help="[default: the data's gpu column]")
+@click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default="roofline",
+              show_default=True)
+@click.option("--attention-efficiency", type=click.FloatRange(min=0, min_open=True, max=1),
+              default=1.0, show_default=True,
+              help="Roofline: fixed attention efficiency (see docs/calibration.md).")
+@click.option("--output-folder", default="runs/calibration", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--llm-library", type=click.Path(dir_okay=False), default=None)
+@click.option("--gpu-library", type=click.Path(dir_okay=False), default=None)
+@clean_errors
+def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, output_folder,
+              llm_library, gpu_library):
+    """Fit the timing model to measurements; write a profile and a validation report."""
+    from archive.datasets import content_sha256
+    from calibrate.estimator import TimingRegressor
+    from calibrate.fit import calibrate as run_calibration
+    from calibrate.profile import Profile
+    from calibrate.report import write_report
+
+    df, source = _load_measurements(dataset)
+    if setup_id:
+        df = df[df.get("setup_id") == setup_id]
+        if df.empty:
+            raise InputError(f"no rows with setup_id {setup_id!r}", path=source)
+    llm_spec, gpu_spec = _specs(_single(df, "model", llm, source),
+                                _single(df, "gpu", gpu, source), llm_library, gpu_library)
+    estimator = TimingRegressor(
+        llm=llm_spec, gpu=gpu_spec, timing_model=timing_model,
+        attention_efficiency=attention_efficiency if timing_model == "roofline" else None)
+    result = run_calibration(df, estimator, source)
+    engine = " ".join(str(_single(df, c, None, source)) for c in ("engine", "engine_version")
+                      if c in df.columns)
+    profile = Profile(
+        gpu=gpu_spec.name, llm=llm_spec.name, engine=engine, timing_model=timing_model,
+        params=result.estimator.params_, mape_pct=result.scores, datasets=[dataset],
+        data_sha256=content_sha256(df), cv="leave-one-size-out over per-size medians",
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        toolkit_version=toolkit_version())
+    with run_folder(output_folder) as out:
+        write_report(out, result, profile)
+        out.json("summary.json", {"profile": "profile.json", "mape_pct": result.scores})
+    s = result.scores
+    click.echo(f"calibrated {timing_model} model for {llm_spec.name} on {gpu_spec.name} "
+               f"({len(df)} requests from {dataset})")
+    click.echo(f"{'MAPE [%]':<32}{'prefill':>10}{'decode':>10}   (per-size median | "
+               "per request)")
+    for key, label in (("fit", "calibrated, on the fit"), ("heldout", "calibrated, held out"),
+                       ("thesis_defaults", "thesis defaults")):
+        cells = [f"{s[key][st]['per_size_median']:.2f} | {s[key][st]['per_request']:.2f}"
+                 for st in ("prefill", "decode")]
+        click.echo(f"{label:<32}{cells[0]:>15}{cells[1]:>17}")
+    t = s["thesis_defaults_thesis_scoring"]
+    click.echo(f"{'thesis defaults, thesis scoring':<32}{t['prefill']:>10.2f}{t['decode']:>10.2f}")
+    click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in
+                                          result.estimator.params_.to_dict().items()
+                                          if v is not None))
+    click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kavier.timing import RooflineTiming, ThesisTiming, TimingParams, sum_max_linear
+
+
+def brute_decode(model, n_in, n_out):
+    """Step-by-step sum of the roofline decode steps (the closed form must equal this)."""
+    llm, p = model.llm, model.params
+    flops = model.gpu.flops_per_s * p.compute_efficiency
+    attn = model.gpu.flops_per_s * (p.attention_efficiency or p.compute_efficiency)
+    by = model.gpu.bytes_per_s * p.memory_efficiency
+    total = 0.0
+    for k in range(1, n_out):
+        c = n_in + k
+        if model.kv_cache:
+            compute = ((2 * llm.matmul_params + llm.lm_head_flops) / flops
+                       + 4 * llm.n_layers * llm.attention_dim * c / attn)
+            total += max(compute, (llm.weight_bytes + llm.kv_bytes_per_token * c) / by)
+        else:
+            memory = (llm.weight_bytes + llm.kv_bytes_per_token * c) / by
+            total += max(float(model.forward_compute_s(c, 0)), memory)
+        total += p.token_overhead_s
+    return total
+
+
+@pytest.mark.parametrize("kv", [True, False])
+@pytest.mark.parametrize("n_in,n_out", [(10, 1), (10, 2), (1, 300), (500, 700), (16000, 200)])
+def test_roofline_closed_forms_equal_the_step_sum(llama8b, a10, kv, n_in, n_out):
+    params = TimingParams(attention_efficiency=0.7, token_overhead_s=1e-3)
+    model = RooflineTiming(llama8b, a10, params, kv)
+    assert float(model.decode_s(n_in, n_out)) == pytest.approx(brute_decode(model, n_in, n_out),
+                                                               rel=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-5, 5), st.floats(-1, 1), st.floats(-5, 5), st.floats(-1, 1),
+       st.integers(0, 60))
+def test_sum_max_linear(g0, g1, h0, h1, m):
+    expected = sum(max(g0 + g1 * k, h0 + h1 * k) for k in range(1, m + 1))
+    assert float(sum_max_linear(g0, g1, h0, h1, m)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_thesis_equations_by_hand(llama8b, a10):
+    model = ThesisTiming(llama8b, a10)
+    tp = 1024 * llama8b.params * 2 / (125e12 * 0.30) + 0.025  # eq. 4.2
+    tt = max(2 * llama8b.params / (125e12 * 0.3), 2 * llama8b.params / (600e9 * 0.6))
+    assert float(model.prefill_s(1024)) == pytest.approx(tp)
+    assert model.time_per_token_s() == pytest.approx(tt)
+    assert float(model.decode_s(0, 100)) == pytest.approx(100 * tt)  # eq. 4.3
+    off = ThesisTiming(llama8b, a10, kv_cache=False)
+    assert float(off.decode_s(0, 100)) == pytest.approx(100 * 101 / 2 * tt)  # eq. 4.4
+
+
+@pytest.mark.parametrize("cls", [ThesisTiming, RooflineTiming])
+def test_kv_off_never_faster_and_times_grow_with_tokens(llama8b, a10, cls):
+    n = np.array([1, 16, 256, 4096])
+    on, off = cls(llama8b, a10, kv_cache=True), cls(llama8b, a10, kv_cache=False)
+    assert np.all(off.decode_s(100, n) >= on.decode_s(100, n))
+    assert np.all(np.diff(on.prefill_s(n)) > 0) and np.all(np.diff(on.decode_s(100, n)) >= 0)
+
+
+def test_roofline_prefill_is_floor_bound_for_short_prompts(llama8b, a10):
+    model = RooflineTiming(llama8b, a10)
+    floor = (llama8b.weight_bytes + 8 * llama8b.kv_bytes_per_token) / (a10.bytes_per_s * 0.6)
+    assert float(model.prefill_s(8)) == pytest.approx(floor + 0.025)
+    soft = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=2.0))
+    assert float(soft.prefill_s(8)) > float(model.prefill_s(8))

@@ -1,0 +1,1 @@
+"""``tracer`` command line (placeholder replaced below)."""
