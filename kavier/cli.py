@@ -208,7 +208,12 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
     estimator = TimingRegressor(
         llm=llm_spec, gpu=gpu_spec, timing_model=timing_model,
         attention_efficiency=attention_efficiency if timing_model == "roofline" else None)
-    result = run_calibration(df, estimator, source)
+    reference = None
+    if dataset == "a10-surf-vllm-llama3-8b":
+        from archive.importers.a10_surf import table_medians
+
+        reference = table_medians(archive.dataset_dir(dataset))
+    result = run_calibration(df, estimator, source, reference)
     engine = " ".join(str(_single(df, c, None, source)) for c in ("engine", "engine_version")
                       if c in df.columns)
     profile = Profile(

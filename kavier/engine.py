@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kavier.timing import ThesisTiming, RooflineTiming
+from kavier.timing import RooflineTiming, ThesisTiming
 
 REQUEST_COLUMNS = [
     "id", "arrival_s", "start_s", "queue_s", "n_input_tokens", "n_output_tokens", "prefill_s",

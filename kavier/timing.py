@@ -111,7 +111,7 @@ def sum_max_linear(g0, g1, h0, h1, m) -> np.ndarray:
     lo = np.where(d1 > 0, np.maximum(1.0, np.floor(root) + 1), 1.0)
     hi = np.where(d1 < 0, np.minimum(m, np.ceil(root) - 1), m)
     hi = np.where((d1 == 0) & (d0 <= 0), 0.0, hi)
-    lo, hi = np.maximum(lo, 1.0), np.minimum(hi, m)
+    lo, hi = np.clip(lo, 1.0, m + 1.0), np.clip(hi, 0.0, m)
     excess = np.where(hi >= lo, (hi - lo + 1) * d0 + d1 * _sum_k(lo, hi), 0.0)
     return base + excess
 
@@ -314,5 +314,6 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
     try:
         cls = TIMING_MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown timing model '{name}'; known: {', '.join(TIMING_MODELS)}")
+        raise ValueError(f"unknown timing model '{name}'; known: {', '.join(TIMING_MODELS)}"
+                         ) from None
     return cls(llm=llm, gpu=gpu, params=params or TimingParams(), kv_cache=kv_cache)

@@ -1,0 +1,5 @@
+"""``python -m kavier`` runs the ``kavier`` command line."""
+
+from kavier.cli import main
+
+main()

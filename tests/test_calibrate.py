@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import LeaveOneGroupOut, cross_val_score
+
+import archive
+from archive.datasets import dataset_dir
+from archive.importers.a10_surf import table_medians
+from calibrate.estimator import TimingRegressor
+from calibrate.fit import (
+    calibrate,
+    check_measurements,
+    nominal_size,
+    size_medians,
+    thesis_scoring,
+)
+from calibrate.profile import Profile
+from kavier.timing import ThesisTiming
+
+A10 = "a10-surf-vllm-llama3-8b"
+
+
+@pytest.fixture(scope="module")
+def a10_data():
+    return archive.load(A10)
+
+
+@pytest.fixture(scope="module")
+def result(a10_data):
+    return calibrate(a10_data, TimingRegressor(attention_efficiency=1.0))
+
+
+def test_thesis_model_with_thesis_defaults_matches_the_thesis(a10_data, llama8b, a10):
+    scores = thesis_scoring(table_medians(dataset_dir(A10)), ThesisTiming(llama8b, a10))
+    assert 7.2 <= scores["prefill"] <= 7.8
+    assert 3.7 <= scores["decode"] <= 4.3
+    raw = thesis_scoring(size_medians(a10_data), ThesisTiming(llama8b, a10))
+    assert raw["prefill"] == pytest.approx(scores["prefill"], abs=0.2)
+
+
+def test_calibrated_held_out_mape_within_five_percent(result):
+    for stage in ("prefill", "decode"):
+        assert result.scores["heldout"][stage]["per_size_median"] <= 5.0
+        assert result.scores["fit"][stage]["per_size_median"] <= (
+            result.scores["heldout"][stage]["per_size_median"] + 1e-9)
+    assert result.scores["heldout"]["prefill"]["per_size_median"] < (
+        result.scores["thesis_defaults"]["prefill"]["per_size_median"])
+
+
+def test_held_out_prediction_ignores_the_held_out_size(a10_data):
+    changed = a10_data.copy()
+    rows = (changed["sweep"] == "prefill") & (changed["n_input_tokens"] == 1024)
+    changed.loc[rows, "latency_s"] *= 3
+    est = TimingRegressor(attention_efficiency=1.0)
+    before = calibrate(a10_data, est).points
+    after = calibrate(changed, est).points
+    held = (before["sweep"] == "prefill") & (before["size"] == 1024)
+    assert np.allclose(before.loc[held, "predicted_heldout_s"],
+                       after.loc[held, "predicted_heldout_s"])
+    assert not np.allclose(before.loc[held, "predicted_fit_s"], after.loc[held, "predicted_fit_s"])
+
+
+def test_estimator_works_with_sklearn_cross_validation(a10_data):
+    df = check_measurements(a10_data, "x")
+    X = df[["n_input_tokens", "n_output_tokens"]]
+    est = TimingRegressor(timing_model="thesis")
+    assert clone(est).get_params() == est.get_params()
+    scores = cross_val_score(est, X, df["latency_s"], groups=nominal_size(df),
+                             cv=LeaveOneGroupOut(), scoring="neg_mean_absolute_percentage_error")
+    assert len(scores) == 11 and np.all(scores < 0) and np.all(scores > -1)
+
+
+def test_fit_recovers_known_parameters(llama8b, a10):
+    truth = TimingRegressor(llm=llama8b, gpu=a10, timing_model="thesis",
+                            compute_efficiency=0.4, memory_efficiency=0.5, request_overhead_s=0.05)
+    X = np.array([[n, 1] for n in (64, 256, 1024, 4096)] + [[10, m] for m in (50, 500, 5000)],
+                 dtype=float)
+    fitted = TimingRegressor(llm=llama8b, gpu=a10, timing_model="thesis").fit(X, truth.predict(X))
+    assert fitted.params_.compute_efficiency == pytest.approx(0.4, rel=1e-3)
+    assert fitted.params_.memory_efficiency == pytest.approx(0.5, rel=1e-3)
+    assert fitted.train_mape_ < 1e-4
+
+
+def test_profile_round_trip_and_bad_profiles(result, tmp_path):
+    profile = Profile(gpu="A10", llm="Llama-3-8B", engine="vLLM 0.9.0", timing_model="roofline",
+                      params=result.estimator.params_, mape_pct=result.scores)
+    path = profile.write(tmp_path / "p.json")
+    assert Profile.read(path).params == result.estimator.params_
+    path.write_text('{"gpu": "A10"}')
+    from archive.errors import InputError
+    with pytest.raises(InputError, match="llm"):
+        Profile.read(path)

@@ -1,0 +1,102 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kavier.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal")
+    result = run("calibrate", "--output-folder", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_calibrate_writes_profile_and_report(profile_dir):
+    for name in ("profile.json", "points.csv", "medians.csv", "validation.png",
+                 "validation.pdf", "report.md", "summary.json"):
+        assert (profile_dir / name).stat().st_size > 0
+    profile = json.loads((profile_dir / "profile.json").read_text())
+    assert (profile["gpu"], profile["llm"], profile["engine"]) == ("A10", "Llama-3-8B",
+                                                                   "vLLM 0.9.0")
+    assert len(profile["data_sha256"]) == 64 and profile["toolkit_version"]
+    assert profile["mape_pct"]["heldout"]["prefill"]["per_size_median"] <= 5
+    assert not list(profile_dir.glob("*.partial"))
+
+
+def test_simulate_with_profile_on_azure(profile_dir, tmp_path):
+    out = tmp_path / "sim"
+    result = run("simulate", "--trace", "azure-llm-inference-2023-conv", "--profile",
+                 str(profile_dir / "profile.json"), "--output-folder", str(out),
+                 "--export-rate", "1")
+    assert result.exit_code == 0, result.output
+    assert "GPU-hours" in result.output and "E2E p50" in result.output
+    req = pd.read_parquet(out / "requests.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(req) == summary["n_requests"] == 19366
+    assert summary["timing_model"] == "roofline"
+    assert summary["gpu_hours"] == pytest.approx((req.prefill_s + req.decode_s).sum() / 3600)
+    frag = pd.read_parquet(out / "fragments.parquet")
+    assert frag["duration_s"].sum() == pytest.approx((req.prefill_s + req.decode_s).sum())
+
+
+def test_fragments_and_totals_do_not_depend_on_export_rate_or_flush(tmp_path):
+    trace = tmp_path / "t.csv"
+    pd.DataFrame({"num_input_tokens": [100, 2000, 5], "num_output_tokens": [50, 1, 300]}
+                 ).to_csv(trace, index=False)
+    totals = []
+    for rate, flush in (("0.1", "1"), ("0.01", "2"), ("0", "10")):
+        out = tmp_path / f"r{rate}"
+        assert run("simulate", "--trace", str(trace), "--output-folder", str(out),
+                   "--export-rate", rate, "--flush-size", flush).exit_code == 0
+        frag = pd.read_parquet(out / "fragments.parquet")
+        totals.append(frag.groupby("request_id")["duration_s"].sum().to_numpy())
+        if rate == "0":
+            assert frag.groupby("request_id").size().max() <= 3
+        else:
+            req = pd.read_parquet(out / "requests.parquet")
+            expected = np.ceil((req.prefill_s + req.decode_s) / float(rate)).sum()
+            assert len(frag) == expected
+    assert np.allclose(totals[0], totals[1]) and np.allclose(totals[0], totals[2])
+
+
+@pytest.mark.parametrize("content,args,message", [
+    ("a,b\n1,2\n", [], "missing token columns"),
+    ("num_input_tokens,num_output_tokens\n5,3\n-4,2\n", [], "line 3: field 'num_input_tokens'"),
+    ("num_input_tokens,num_output_tokens\n5,3\n", ["--llm", "GPT-9"], "known: Llama-3-8B"),
+    ("num_input_tokens,num_output_tokens\n5,3\n", ["--gpu", "Z1"], "known: A10"),
+    ("num_input_tokens,num_output_tokens\n5,3\n", ["--profile", "nope.json"], "cannot read"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, content, args, message):
+    trace = tmp_path / "t.csv"
+    trace.write_text(content)
+    out = tmp_path / "out"
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(out), *args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (out / "summary.json").exists()
+
+
+def test_negative_export_rate_and_unreadable_dataset_are_rejected(tmp_path):
+    result = run("simulate", "--trace", "x.csv", "--export-rate", "-1")
+    assert result.exit_code == 2 and "export-rate" in result.output
+    result = run("calibrate", "--dataset", str(tmp_path / "missing"))
+    assert result.exit_code == 2 and "no such file or bundled dataset" in result.output
+
+
+def test_console_script_prints_error_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kavier", "simulate", "--trace",
+                           str(tmp_path / "absent.csv")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
