@@ -1,1 +1,34 @@
-"""``tracer`` command line (placeholder replaced below)."""
+"""``tracer`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from archive.errors import InputError
+from tracer.smi import CAPTURE_FIELDS, read_capture
+
+
+@click.group()
+def main():
+    """Tracer: measure LLM serving and write LLM Trace Archive datasets."""
+
+
+@main.command("parse-smi")
+@click.argument("capture", type=click.Path(dir_okay=False))
+@click.option("--fields", default=",".join(CAPTURE_FIELDS), show_default=True,
+              help="The --query-gpu fields, in the order nvidia-smi printed them.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Parquet file of GPU samples to write.")
+def parse_smi(capture, fields, output):
+    """Convert captured nvidia-smi CSV output into a GPU-samples Parquet table."""
+    try:
+        samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    samples.to_parquet(output, index=False)
+    span = (samples["timestamp"].iloc[-1] - samples["timestamp"].iloc[0]).total_seconds()
+    click.echo(f"{len(samples)} samples over {span:.1f} s; power "
+               f"{samples['power_w'].min():.1f}–{samples['power_w'].max():.1f} W -> {output}")

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from archive.errors import InputError
+from tracer.cli import main
+from tracer.smi import parse, read_capture
+
+CAPTURE = Path(__file__).parent / "data" / "nvidia-smi-h100-loop100ms.csv"
+
+
+def test_real_h100_capture_parses():
+    samples = read_capture(CAPTURE)
+    assert len(samples) == 2915
+    assert samples["timestamp"].is_monotonic_increasing
+    assert 70 < samples["power_w"].min() < 80 and samples["power_w"].max() > 600
+    assert samples["utilization_gpu_pct"].between(0, 100).all()
+    step = samples["timestamp"].diff().dt.total_seconds().median()
+    assert 0.09 < step < 0.12
+
+
+def test_bad_lines_are_located():
+    good = "2026/11/23 07:07:03.405, 0, 0, 73.84, 0, 345, 34"
+    with pytest.raises(InputError, match="line 2: field 'power.draw'"):
+        parse([good, "2026/11/23 07:07:03.505, 0, 0, [N/A], 0, 345, 34"])
+    with pytest.raises(InputError, match="line 1: expected 7 values"):
+        parse(["1, 2"])
+    with pytest.raises(InputError, match="unknown nvidia-smi field"):
+        parse([good], ("timestamp", "fan.speed"))
+
+
+def test_cli_writes_parquet(tmp_path):
+    out = tmp_path / "samples.parquet"
+    result = CliRunner().invoke(main, ["parse-smi", str(CAPTURE), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(out)) == 2915

@@ -1,0 +1,89 @@
+"""Parse ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits`` output into GPU samples.
+
+The tracer's sampler runs nvidia-smi on the GPU node with ``--loop-ms=N``; this module turns its
+lines into the archive's GPU-samples table, one row per sample, with snake_case columns and
+units in the names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from archive.errors import InputError
+
+FIELDS = {
+    # nvidia-smi query field: (column, kind)
+    "timestamp": ("timestamp", "time"),
+    "index": ("gpu_index", "int"),
+    "utilization.gpu": ("utilization_gpu_pct", "float"),
+    "utilization.memory": ("utilization_memory_pct", "float"),
+    "power.draw": ("power_w", "float"),
+    "power.draw.instant": ("power_w", "float"),
+    "memory.used": ("memory_used_mib", "float"),
+    "clocks.sm": ("clock_sm_mhz", "float"),
+    "temperature.gpu": ("temperature_c", "float"),
+}
+"""Query fields the parser understands, and the column each becomes."""
+
+CAPTURE_FIELDS = ("timestamp", "utilization.gpu", "utilization.memory", "power.draw",
+                  "memory.used", "clocks.sm", "temperature.gpu")
+"""Field order of the bundled H100 capture (tests/data/nvidia-smi-h100-loop100ms.csv)."""
+
+
+def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
+          source: str = "nvidia-smi") -> pd.DataFrame:
+    """Parse nvidia-smi CSV lines (no header, no units) for the query ``fields``.
+
+    Returns
+    -------
+    DataFrame
+        One row per sample; ``timestamp`` as datetime64 (nvidia-smi's local time,
+        ``YYYY/MM/DD HH:MM:SS.mmm``) and the other fields as numbers (see :data:`FIELDS`).
+
+    Raises
+    ------
+    InputError
+        For an unknown field, a line with the wrong number of values, or a value that is not
+        a number (``[N/A]`` or ``[Not Supported]`` included), naming the line and field.
+    """
+    unknown = [f for f in fields if f not in FIELDS]
+    if unknown:
+        raise InputError(f"unknown nvidia-smi field(s) {unknown}; known: {list(FIELDS)}")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        values = [v.strip() for v in line.split(",")]
+        if len(values) != len(fields):
+            raise InputError(f"expected {len(fields)} values, got {len(values)}", path=source,
+                             row=number)
+        rows.append((number, values))
+    if not rows:
+        raise InputError("no samples", path=source)
+    table = pd.DataFrame([v for _, v in rows], columns=list(fields))
+    out = pd.DataFrame(index=table.index)
+    for field in fields:
+        column, kind = FIELDS[field]
+        if kind == "time":
+            parsed = pd.to_datetime(table[field], format="%Y/%m/%d %H:%M:%S.%f", errors="coerce")
+        else:
+            parsed = pd.to_numeric(table[field], errors="coerce")
+        if parsed.isna().any():
+            i = int(parsed.isna().to_numpy().argmax())
+            raise InputError(f"not a {'timestamp' if kind == 'time' else 'number'}: "
+                             f"{table[field].iloc[i]!r}", path=source, row=rows[i][0],
+                             field=field)
+        out[column] = parsed.astype("int32") if kind == "int" else parsed
+    return out
+
+
+def read_capture(path: str | Path, fields: tuple[str, ...] = CAPTURE_FIELDS) -> pd.DataFrame:
+    """Parse a file of captured nvidia-smi output (see :func:`parse`)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", path=path) from None
+    return parse(lines, fields, str(path))
