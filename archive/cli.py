@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from archive.datasets import dataset_dir, info, list_datasets
-from archive.errors import InputError
+from archive.errors import clean_errors
 
 _REBUILDERS = {"a10-surf-vllm-llama3-8b": "archive.importers.a10_surf"}
 
@@ -27,13 +25,10 @@ def list_():
 
 @main.command("info")
 @click.argument("name")
+@clean_errors
 def info_(name):
     """Show a dataset's metadata."""
-    try:
-        meta = info(name)
-    except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    meta = info(name)
     for key, value in meta.items():
         click.echo(f"{key}: {value}")
     click.echo(f"path: {dataset_dir(name)}")
@@ -41,13 +36,10 @@ def info_(name):
 
 @main.command()
 @click.argument("name", type=click.Choice(sorted(_REBUILDERS)))
+@clean_errors
 def rebuild(name):
     """Re-create a dataset's normalized table from its raw files."""
     import importlib
 
-    try:
-        out = importlib.import_module(_REBUILDERS[name]).rebuild(dataset_dir(name))
-    except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    out = importlib.import_module(_REBUILDERS[name]).rebuild(dataset_dir(name))
     click.echo(f"wrote {out}")

@@ -7,7 +7,11 @@ catch it and print ``error: <message>`` on one line with exit status 2, never a 
 
 from __future__ import annotations
 
+import functools
+import sys
 from os import PathLike
+
+import click
 
 
 class InputError(ValueError):
@@ -49,3 +53,23 @@ class InputError(ValueError):
         if self.field is not None:
             where.append(f"field '{self.field}'")
         return (": ".join(where) + ": " if where else "") + self.message
+
+
+def first_bad(mask) -> int:
+    """0-based position of the first True in a boolean Series or array (the row to report)."""
+    return int(getattr(mask, "to_numpy", lambda: mask)().argmax())
+
+
+def clean_errors(command):
+    """Decorate a click command: :class:`InputError` becomes ``error: ...`` on stderr and exit
+    status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper

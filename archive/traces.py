@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from archive.errors import InputError
+from archive.errors import InputError, first_bad
 
 _LAYOUTS = [
     # (input column, output column, timestamp column or None, timestamp kind)
@@ -54,10 +54,6 @@ def _layout(df: pd.DataFrame, path: Path) -> tuple[str, str, str | None, str | N
                      path=path)
 
 
-def _first_bad(mask: pd.Series) -> int:
-    return int(mask.to_numpy().argmax())
-
-
 def token_column(values: pd.Series, path: Path, column: str, first_line: int) -> pd.Series:
     """Validate a token-count column: non-negative integers only, as int64.
 
@@ -69,7 +65,7 @@ def token_column(values: pd.Series, path: Path, column: str, first_line: int) ->
     numbers = pd.to_numeric(values, errors="coerce")
     bad = numbers.isna() | (numbers < 0) | (numbers != numbers.round())
     if bad.any():
-        i = _first_bad(bad)
+        i = first_bad(bad)
         raise InputError(f"expected a non-negative integer token count, got {values.iloc[i]!r}",
                          path=path, row=i + first_line, field=column)
     return numbers.astype("int64")
@@ -81,7 +77,7 @@ def _arrivals(values: pd.Series, kind: str, path: Path, column: str,
         stamps = pd.to_datetime(values, format="ISO8601", errors="coerce")
         bad = stamps.isna()
         if bad.any():
-            i = _first_bad(bad)
+            i = first_bad(bad)
             raise InputError(f"unparsable timestamp {values.iloc[i]!r}", path=path,
                              row=i + first_line, field=column)
         seconds = (stamps - stamps.min()).dt.total_seconds()
@@ -89,7 +85,7 @@ def _arrivals(values: pd.Series, kind: str, path: Path, column: str,
         seconds = pd.to_numeric(values, errors="coerce")
         bad = seconds.isna() | (seconds < 0)
         if bad.any():
-            i = _first_bad(bad)
+            i = first_bad(bad)
             raise InputError(f"expected a non-negative number of seconds, got "
                              f"{values.iloc[i]!r}", path=path, row=i + first_line, field=column)
     return seconds.astype("float64")

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from archive.errors import InputError
+from archive.errors import InputError, first_bad
 from calibrate.estimator import TimingRegressor, weighted_mape
 
 STAGES = ("prefill", "decode")
@@ -68,7 +68,7 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
     ]
     for column, bad, what in checks:
         if bad.any():
-            i = int(bad.to_numpy().argmax())
+            i = first_bad(bad)
             raise InputError(f"{what}, got {df[column].iloc[i]!r}", path=source, row=i + 1,
                              field=column)
     for stage in STAGES:

@@ -6,8 +6,6 @@ standard error and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import functools
-import sys
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 import archive
-from archive.errors import InputError
+from archive.errors import InputError, clean_errors
 from kavier.engine import simulate as run_simulation
 from kavier.engine import summarize
 from kavier.fragments import FRAGMENT_SCHEMA, fragment_batches
@@ -32,20 +30,6 @@ def toolkit_version() -> str:
         return version("kavier-toolkit")
     except PackageNotFoundError:
         return "unknown"
-
-
-def clean_errors(command):
-    """Turn :class:`InputError` into ``error: ...`` on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except InputError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from archive.errors import InputError
+from archive.errors import clean_errors
 from tracer.smi import CAPTURE_FIELDS, read_capture
 
 
@@ -21,13 +19,10 @@ def main():
               help="The --query-gpu fields, in the order nvidia-smi printed them.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="Parquet file of GPU samples to write.")
+@clean_errors
 def parse_smi(capture, fields, output):
     """Convert captured nvidia-smi CSV output into a GPU-samples Parquet table."""
-    try:
-        samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
-    except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
     samples.to_parquet(output, index=False)
     span = (samples["timestamp"].iloc[-1] - samples["timestamp"].iloc[0]).total_seconds()
     click.echo(f"{len(samples)} samples over {span:.1f} s; power "

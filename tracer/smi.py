@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from archive.errors import InputError
+from archive.errors import InputError, first_bad
 
 FIELDS = {
     # nvidia-smi query field: (column, kind)
@@ -71,7 +71,7 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
         else:
             parsed = pd.to_numeric(table[field], errors="coerce")
         if parsed.isna().any():
-            i = int(parsed.isna().to_numpy().argmax())
+            i = first_bad(parsed.isna())
             raise InputError(f"not a {'timestamp' if kind == 'time' else 'number'}: "
                              f"{table[field].iloc[i]!r}", path=source, row=rows[i][0],
                              field=field)

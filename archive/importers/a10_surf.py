@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from archive.errors import InputError
+from archive.errors import InputError, first_bad
 from archive.schema import MEASUREMENTS
 
 DECODE_PROMPT_TOKENS = 10
@@ -51,7 +51,7 @@ def _read(path: Path, size_column: str) -> pd.DataFrame:
         if column != "latency_s":
             bad |= values != values.round()
         if bad.any():
-            i = int(bad.to_numpy().argmax())
+            i = first_bad(bad)
             kind = "number" if column == "latency_s" else "integer"
             raise InputError(f"expected a non-negative {kind}, got {df[column].iloc[i]!r}",
                              path=path, row=i + 2, field=column)
