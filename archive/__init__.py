@@ -8,6 +8,7 @@
 
 from archive.datasets import dataset_dir, info, list_datasets, load
 from archive.errors import InputError
-from archive.traces import read_workload
+from archive.traces import read_trace, read_workload
 
-__all__ = ["InputError", "dataset_dir", "info", "list_datasets", "load", "read_workload"]
+__all__ = ["InputError", "dataset_dir", "info", "list_datasets", "load", "read_trace",
+           "read_workload"]

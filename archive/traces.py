@@ -1,4 +1,4 @@
-"""Read workload traces (what to simulate) from CSV or Parquet into the workload table.
+"""Read workload traces (what to simulate) from CSV, Parquet or JSON Lines.
 
 Recognized layouts, by their columns:
 
@@ -6,7 +6,19 @@ Recognized layouts, by their columns:
 * the archive's own ``n_input_tokens, n_output_tokens`` (workload or measurement tables),
   with ``arrival_s`` when present;
 * the Azure LLM inference 2023 trace ``TIMESTAMP, ContextTokens, GeneratedTokens``, whose
-  timestamps become ``arrival_s`` relative to the first request.
+  timestamps become ``arrival_s`` relative to the first request;
+* Marconi's ``session_id, turn_id, ts, num_in_t, num_out_t, input_tokens, output_tokens``
+  (thesis Table 6.4; ``ts`` in seconds);
+* Mooncake's JSON Lines ``timestamp`` (ms), ``input_length``, ``output_length``, ``hash_ids``.
+
+Besides the counts, a trace may carry what the prompt *is*, which prefix caching needs:
+
+* ``input_tokens``: the prompt's token ids, a Parquet ``list<int>`` column, a JSON list in
+  JSON Lines, or a JSON-string column in CSV (the prototype's form ``"[1, 8853, ...]"``);
+* ``hash_ids``: one id per block of ``block_size`` prompt tokens, each naming the block *and
+  everything before it* (Mooncake's remapped prefix-block hashes; block size 512 there).
+
+A ``session_id`` column (conversation or user) is kept for session-scoped caches.
 
 A source is a path, or the name of a bundled workload dataset (``archive.list_datasets()``).
 Every value is checked; the first bad one raises :class:`~archive.errors.InputError` naming
@@ -15,8 +27,11 @@ file, line and field. Nothing is coerced silently.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,29 +43,96 @@ _LAYOUTS = [
     ("num_input_tokens", "num_output_tokens", None, None),
     ("n_input_tokens", "n_output_tokens", "arrival_s", "seconds"),
     ("ContextTokens", "GeneratedTokens", "TIMESTAMP", "datetime"),
+    ("num_in_t", "num_out_t", "ts", "seconds"),
+    ("input_length", "output_length", "timestamp", "milliseconds"),
 ]
+_CONTENT_COLUMNS = ("input_tokens", "hash_ids")
+MOONCAKE_BLOCK_SIZE = 512
+"""Tokens per ``hash_ids`` block in the Mooncake traces (kvcache-ai/Mooncake, FAST25-release)."""
 
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, int]:
-    """The file as a DataFrame of strings (CSV) or native types (Parquet), and the line number
-    of its first data row (2 for CSV, below the header; 1 for Parquet rows)."""
+@dataclass(frozen=True)
+class PromptContent:
+    """What each prompt holds, as one flat array plus offsets (a list column without Python
+    objects per row).
+
+    Attributes
+    ----------
+    kind : {"tokens", "hashes"}
+        Token ids, or prefix-block hash ids.
+    offsets : ndarray of int64, shape (n_requests + 1,)
+        Request ``i`` owns ``values[offsets[i]:offsets[i + 1]]``.
+    values : ndarray of int64
+    block_size : int or None
+        Tokens per block for ``hashes`` (None when the trace does not say).
+    """
+
+    kind: str
+    offsets: np.ndarray
+    values: np.ndarray
+    block_size: int | None = None
+
+    def row(self, i: int) -> np.ndarray:
+        """Values of request ``i``."""
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        """Number of values per request."""
+        return np.diff(self.offsets)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload trace in archive form.
+
+    Attributes
+    ----------
+    requests : DataFrame
+        One row per request, in trace order: ``n_input_tokens`` and ``n_output_tokens``
+        (int64), and when the trace has them ``arrival_s`` (float64, seconds since the first
+        request) and ``session_id`` (int64 or string).
+    content : PromptContent or None
+        Token ids or prefix-block hashes per request, when the trace carries them.
+    source : str
+        The file it was read from.
+    """
+
+    requests: pd.DataFrame
+    content: PromptContent | None
+    source: str
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, int, pa.Table | None]:
+    """The file as a DataFrame (CSV: strings; Parquet and JSON Lines: native types), the line
+    number of its first data row (2 for CSV, below the header; 1 otherwise), and for Parquet the
+    Arrow table (list columns are read from it without Python objects)."""
+    suffix = path.suffix.lower()
+    kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path).to_pandas(), 1
-        return pd.read_csv(path, dtype=str, keep_default_na=False), 2
+        if kind == "Parquet":
+            table = pq.read_table(path)
+            plain = [c for c in table.column_names if c not in _CONTENT_COLUMNS]
+            return table.select(plain).to_pandas(), 1, table
+        if kind == "JSON Lines":
+            return pd.read_json(path, lines=True, dtype=False), 1, None
+        return pd.read_csv(path, dtype=str, keep_default_na=False), 2, None
     except FileNotFoundError:
         raise InputError("no such file", path=path) from None
-    except (OSError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: "
-                         f"{str(exc).splitlines()[0]}", path=path) from None
+    except (OSError, ValueError, pa.ArrowException, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read as {kind}: {str(exc).splitlines()[0]}",
+                         path=path) from None
 
 
-def _layout(df: pd.DataFrame, path: Path) -> tuple[str, str, str | None, str | None]:
+def _layout(columns, path: Path) -> tuple[str | None, str | None, str | None, str | None]:
     for n_in, n_out, ts, kind in _LAYOUTS:
-        if n_in in df.columns and n_out in df.columns:
-            return n_in, n_out, (ts if ts in df.columns else None), kind
+        if n_in in columns and n_out in columns:
+            return n_in, n_out, (ts if ts in columns else None), kind
+    if "input_tokens" in columns:
+        for n_out in ("num_output_tokens", "n_output_tokens", "num_out_t", "output_length"):
+            if n_out in columns:
+                return None, n_out, None, None
     wanted = " or ".join(f"({a}, {b})" for a, b, _, _ in _LAYOUTS)
-    raise InputError(f"missing token columns: expected {wanted}; found {list(df.columns)}",
+    raise InputError(f"missing token columns: expected {wanted}; found {list(columns)}",
                      path=path)
 
 
@@ -80,15 +162,87 @@ def _arrivals(values: pd.Series, kind: str, path: Path, column: str,
             i = first_bad(bad)
             raise InputError(f"unparsable timestamp {values.iloc[i]!r}", path=path,
                              row=i + first_line, field=column)
-        seconds = (stamps - stamps.min()).dt.total_seconds()
+        return (stamps - stamps.min()).dt.total_seconds().astype("float64")
+    seconds = pd.to_numeric(values, errors="coerce")
+    bad = seconds.isna() | (seconds < 0)
+    if bad.any():
+        i = first_bad(bad)
+        raise InputError(f"expected a non-negative number of {kind}, got {values.iloc[i]!r}",
+                         path=path, row=i + first_line, field=column)
+    return (seconds / (1000.0 if kind == "milliseconds" else 1.0)).astype("float64")
+
+
+def _arrow_lists(table: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and values of a Parquet list column, checked."""
+    array = table.column(column).combine_chunks()
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)) or not (
+            pa.types.is_integer(array.type.value_type)):
+        raise InputError(f"expected a list of integers per row, found type {array.type}",
+                         path=path, field=column)
+    if array.null_count:
+        row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError("missing list", path=path, row=row + 1, field=column)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets -= offsets[0]
+    if values.size and values.min() < 0:
+        where = int(np.searchsorted(offsets, int(np.argmax(values < 0)), side="right")) - 1
+        raise InputError("negative id in list", path=path, row=where + 1, field=column)
+    return offsets, values
+
+
+def _python_lists(values: pd.Series, path: Path, column: str,
+                  first_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and values of a column of lists, or of JSON-string lists (CSV), checked."""
+    lists = []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            shown = str(value if value is not None else values.iloc[i])[:40]
+            raise InputError(f"expected a list of non-negative integers, got {shown!r}",
+                             path=path, row=i + first_line, field=column)
+        lists.append(value)
+    lengths = np.fromiter((len(v) for v in lists), np.int64, len(lists))
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    flat = np.fromiter((v for row in lists for v in row), np.int64, int(offsets[-1]))
+    return offsets, flat
+
+
+def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
+             first_line: int) -> PromptContent | None:
+    columns = table.column_names if table is not None else df.columns
+    present = [c for c in _CONTENT_COLUMNS if c in columns]
+    if not present:
+        return None
+    column = present[0]
+    if table is not None:
+        offsets, values = _arrow_lists(table, column, path)
     else:
-        seconds = pd.to_numeric(values, errors="coerce")
-        bad = seconds.isna() | (seconds < 0)
-        if bad.any():
-            i = first_bad(bad)
-            raise InputError(f"expected a non-negative number of seconds, got "
-                             f"{values.iloc[i]!r}", path=path, row=i + first_line, field=column)
-    return seconds.astype("float64")
+        offsets, values = _python_lists(df[column], path, column, first_line)
+    kind = "tokens" if column == "input_tokens" else "hashes"
+    block = MOONCAKE_BLOCK_SIZE if "input_length" in columns and kind == "hashes" else None
+    return PromptContent(kind, offsets, values, block)
+
+
+def _check_lengths(n_in: pd.Series, content: PromptContent, path: Path, first_line: int,
+                   column: str) -> None:
+    lengths = content.lengths()
+    if content.kind == "tokens":
+        bad, what = lengths != n_in.to_numpy(), "token ids"
+    elif content.block_size:
+        bad = lengths != -(-n_in.to_numpy() // content.block_size)
+        what = f"hash ids (one per {content.block_size}-token block)"
+    else:
+        return
+    if bad.any():
+        i = first_bad(bad)
+        raise InputError(f"{lengths[i]} {what} for {n_in.iloc[i]} input tokens", path=path,
+                         row=i + first_line, field=column)
 
 
 def resolve(source: str | Path) -> Path:
@@ -110,35 +264,50 @@ def resolve(source: str | Path) -> Path:
                      path=source)
 
 
-def read_workload(source: str | Path) -> pd.DataFrame:
-    """Read a workload trace into the archive's workload table.
+def read_trace(source: str | Path) -> Workload:
+    """Read a workload trace: request sizes, arrivals, sessions and prompt content.
 
     Parameters
     ----------
     source : str or Path
-        CSV or Parquet file, or a bundled workload dataset name.
+        CSV, Parquet or JSON Lines file, or a bundled workload dataset name.
 
     Returns
     -------
-    pandas.DataFrame
-        One row per request, in trace order: ``n_input_tokens`` (int64), ``n_output_tokens``
-        (int64) and, when the trace has timestamps, ``arrival_s`` (float64, seconds since the
-        first request).
+    Workload
 
     Raises
     ------
     InputError
-        Unreadable file, missing columns, bad token counts or timestamps, or an empty trace.
+        Unreadable file, missing columns, bad token counts, timestamps or lists, a token list
+        whose length differs from the input token count, or an empty trace.
     """
     path = resolve(source)
-    df, first_line = _read_table(path)
-    n_in, n_out, ts, kind = _layout(df, path)
-    if df.empty:
+    df, first_line, table = _read_table(path)
+    n_in, n_out, ts, kind = _layout(table.column_names if table is not None else df.columns,
+                                    path)
+    if df.empty and (table is None or table.num_rows == 0):
         raise InputError("the trace has no requests", path=path)
+    content = _content(df, table, path, first_line)
+    if n_in is None:
+        n_in = "input_tokens"
+        inputs = pd.Series(content.lengths(), name=n_in)
+    else:
+        inputs = token_column(df[n_in], path, n_in, first_line)
+    if content is not None:
+        column = "input_tokens" if content.kind == "tokens" else "hash_ids"
+        _check_lengths(inputs, content, path, first_line, column)
     out = pd.DataFrame({
-        "n_input_tokens": token_column(df[n_in], path, n_in, first_line),
-        "n_output_tokens": token_column(df[n_out], path, n_out, first_line),
+        "n_input_tokens": inputs.to_numpy(np.int64),
+        "n_output_tokens": token_column(df[n_out], path, n_out, first_line).to_numpy(np.int64),
     })
     if ts is not None:
-        out.insert(0, "arrival_s", _arrivals(df[ts], kind, path, ts, first_line))
-    return out
+        out.insert(0, "arrival_s", _arrivals(df[ts], kind, path, ts, first_line).to_numpy())
+    if "session_id" in df.columns:
+        out["session_id"] = df["session_id"].to_numpy()
+    return Workload(out, content, str(path))
+
+
+def read_workload(source: str | Path) -> pd.DataFrame:
+    """The request table of :func:`read_trace` (sizes, arrivals, sessions; no content)."""
+    return read_trace(source).requests

@@ -16,11 +16,21 @@ import pyarrow as pa
 
 import archive
 from archive.errors import InputError, clean_errors
-from kavier.engine import simulate as run_simulation
-from kavier.engine import summarize
-from kavier.fragments import FRAGMENT_SCHEMA, fragment_batches
+from kavier.cache import (
+    POLICIES,
+    SCOPES,
+    VLLM_GPU_MEMORY_UTILIZATION,
+    PrefixCache,
+    PrefixCacheConfig,
+    block_size_for,
+    kv_pool_blocks,
+)
+from kavier.engine import Simulator
+from kavier.engine import run as run_simulation
 from kavier.library import gpu_library, llm_library
+from kavier.opendc import DEFAULT_START
 from kavier.output import run_folder
+from kavier.run import ExportOptions, write_run
 from kavier.timing import TIMING_MODELS, TimingParams, make_timing
 
 
@@ -55,6 +65,15 @@ def _print_summary(summary: dict) -> None:
         if values[0] is not None:
             rows.append((f"{metric[:-2].upper()} p50 / p90 / p99",
                          " / ".join(f"{v:.3f}" for v in values) + " s"))
+    cache = summary.get("prefix_cache")
+    if cache:
+        rows.append(("prefix cache hit ratio", f"{cache['hit_ratio_lookups']:.4f} of lookups, "
+                     f"{cache['hit_ratio_requests']:.4f} of requests "
+                     f"({cache['hits']:,} hits, {cache['evictions']:,} evictions)"))
+        rows.append(("token reuse ratio", f"{cache['token_reuse_ratio']:.4f}"))
+        rows.append(("prefill GPU-hours saved", f"{summary['prefill_saved_gpu_hours']:.3f}"))
+    if summary["requests_kv_not_fitting"]:
+        rows.append(("requests whose KV does not fit", f"{summary['requests_kv_not_fitting']:,}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
@@ -64,9 +83,30 @@ def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
     return llm_library(llm_lib).get(llm), gpu_library(gpu_lib).get(gpu)
 
 
+def _cache_blocks(value: str) -> str:
+    if value in ("auto", "unlimited") or (value.isdigit() and int(value) > 0):
+        return value
+    raise click.BadParameter(f"expected a positive number of blocks, 'auto' or 'unlimited', "
+                             f"got {value!r}")
+
+
+def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, cache_blocks,
+                  llm_spec, gpu_spec, memory_utilization):
+    if policy == "none":
+        return None
+    capacity = None
+    if policy == "blocks" and workload.content is not None and cache_blocks != "unlimited":
+        capacity = int(cache_blocks) if cache_blocks != "auto" else kv_pool_blocks(
+            llm_spec, gpu_spec, block_size_for(block_size, workload.content), memory_utilization)
+    sessions = workload.requests.get("session_id")
+    return PrefixCache(PrefixCacheConfig(policy, min_tokens, max_prompts, scope, block_size,
+                                         capacity), workload.content,
+                       None if sessions is None else sessions.to_numpy())
+
+
 @main.command()
 @click.option("--trace", required=True,
-              help="Workload: CSV/Parquet file or bundled dataset name "
+              help="Workload: CSV/Parquet/JSONL file or bundled dataset name "
                    "(e.g. azure-llm-inference-2023-conv).")
 @click.option("--llm", default=None, help="LLM from the library [default: Llama-3-8B, or the "
                                           "profile's].")
@@ -77,8 +117,14 @@ def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
 @click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--export-rate", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Snapshot interval in seconds; 0 writes run-length fragments.")
-@click.option("--flush-size", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Requests per written row group (bounds memory).")
+@click.option("--flush-size", type=click.IntRange(min=1), default=2_000_000, show_default=True,
+              help="Fragment rows per written row group (bounds memory).")
+@click.option("--fragments/--no-fragments", default=True, show_default=True,
+              help="Write fragments.parquet (--no-fragments: task level only).")
+@click.option("--opendc/--no-opendc", default=True, show_default=True,
+              help="Write the OpenDC workload (opendc/tasks.parquet, opendc/fragments.parquet).")
+@click.option("--start-time", default=str(DEFAULT_START), show_default=True,
+              help="Wall-clock instant of simulated time 0 (ISO 8601), for OpenDC.")
 @click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
               help="[default: the profile's, else thesis]")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
@@ -87,14 +133,35 @@ def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
               default=1.0, show_default=True, help="GPU utilization while inferring.")
 @click.option("--arrivals/--back-to-back", default=True, show_default=True,
               help="Honour the trace's arrival times (queueing) or run requests back to back.")
+@click.option("--prefix-cache-policy", type=click.Choice(POLICIES), default="none",
+              show_default=True, help="prefill/full: exact match on the first "
+              "--prefix-cache-min-tokens (thesis Listing 4.2); blocks: vLLM-style reuse of the "
+              "longest cached run of leading blocks. See docs/prefix-cache.md.")
+@click.option("--prefix-cache-min-tokens", type=click.IntRange(min=1), default=256,
+              show_default=True, help="Exact-match prefix length, tokens.")
+@click.option("--max-cached-prompts", type=click.IntRange(min=1), default=None,
+              help="Exact-match capacity per scope unit, LRU [default: unlimited].")
+@click.option("--cache-scope", type=click.Choice(SCOPES), default="global", show_default=True,
+              help="session: a request hits only entries of its own session_id.")
+@click.option("--block-size", type=int, default=None,
+              help="Tokens per block [default: the trace's (Mooncake 512), else vLLM's 16].")
+@click.option("--cache-blocks", default="auto", show_default=True, callback=lambda c, p, v:
+              _cache_blocks(v), help="blocks policy: pool size in blocks, 'auto' (GPU memory "
+              "left after the weights, as vLLM sizes it) or 'unlimited'.")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, min_open=True, max=1),
+              default=VLLM_GPU_MEMORY_UTILIZATION, show_default=True,
+              help="Share of GPU memory usable for weights and KV (vLLM's default).")
 @click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
               help="Extra LLM entries (TOML/JSON).")
 @click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
               help="Extra GPU entries (TOML/JSON).")
 @clean_errors
-def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, timing_model,
-             profile_path, utilization_cap, arrivals, llm_library, gpu_library):
-    """Simulate a workload trace on one GPU and write requests, fragments and a summary."""
+def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, fragments,
+             opendc, start_time, timing_model, profile_path, utilization_cap, arrivals,
+             prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
+             block_size, cache_blocks, gpu_memory_utilization, llm_library, gpu_library):
+    """Simulate a workload trace on one GPU and write requests, fragments, the OpenDC workload
+    and a summary."""
     from calibrate.profile import Profile
 
     params = TimingParams()
@@ -108,26 +175,38 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
         params = profile.params
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
     timing = make_timing(timing_model or "thesis", llm_spec, gpu_spec, params, kv_cache == "on")
-    workload = archive.read_workload(trace)
-    requests = run_simulation(workload, timing, honor_arrivals=arrivals)
-    summary = {
-        "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name,
-        "timing_model": timing.name, "kv_cache": kv_cache, "params": params.to_dict(),
-        "profile": profile_path, "export_rate_s": export_rate, **summarize(requests),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "toolkit_version": toolkit_version(),
-    }
-    kv_per_token = llm_spec.kv_bytes_per_token if kv_cache == "on" else 0.0
+    try:
+        start = pd.Timestamp(start_time)
+    except ValueError:
+        raise InputError(f"not an ISO 8601 instant: {start_time!r}", field="start-time") from None
+    start = start.tz_localize("UTC") if start.tzinfo is None else start
+    workload = archive.read_trace(trace)
+    cache = _prefix_cache(workload, prefix_cache_policy, prefix_cache_min_tokens,
+                          max_cached_prompts, cache_scope, block_size, cache_blocks, llm_spec,
+                          gpu_spec, gpu_memory_utilization)
+    sim = Simulator(timing, cache, arrivals, gpu_spec.memory_bytes * gpu_memory_utilization)
+    options = ExportOptions(export_rate, fragments, opendc, flush_size, utilization_cap, start)
     with run_folder(output_folder) as out:
-        out.table("requests.parquet", pa.Table.from_pandas(requests, preserve_index=False))
-        out.batches("fragments.parquet", FRAGMENT_SCHEMA, fragment_batches(
-            requests, export_rate, kv_per_token, utilization_cap, flush_size))
+        try:
+            rows = write_run(run_simulation(workload, sim), sim, out, options,
+                             len(workload.requests))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        summary = {
+            "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name,
+            "timing_model": timing.name, "kv_cache": kv_cache, "params": params.to_dict(),
+            "profile": profile_path, "export_rate_s": export_rate,
+            "kv_bytes_per_token": sim.kv_bytes_per_token,
+            "gpu_memory_utilization": gpu_memory_utilization, **sim.summary(),
+            "rows_written": rows, "opendc_start_time": str(start),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "toolkit_version": toolkit_version(),
+        }
         out.json("summary.json", summary)
-    click.echo(f"{llm_spec.name} on {gpu_spec.name}, {timing.name} model, KV cache {kv_cache}: "
-               f"{trace}")
+    click.echo(f"{llm_spec.name} on {gpu_spec.name}, {timing.name} model, KV cache {kv_cache}, "
+               f"prefix cache {prefix_cache_policy}: {trace}")
     _print_summary(summary)
-    click.echo(f"wrote {Path(output_folder) / 'requests.parquet'}, fragments.parquet, "
-               "summary.json")
+    click.echo(f"wrote {', '.join(rows)} and summary.json in {output_folder}")
 
 
 def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:

@@ -8,111 +8,237 @@ Two forms, chosen by the export rate ``T_i`` (thesis 4.3.3):
   inference, cool-down), the form OpenDC consumes natively.
 
 GPU utilization follows Listing 4.3: 50 % during the first ``warm_s`` (0.1 s) and the last
-``cool_s`` (0.1 s) of a request, the utilization cap in between. KV-cache bytes are given at the
-end of each row's interval (the most the interval needs): the prompt's KV is written during
-prefill, then one token's KV per decode step (eq. 4.1 per token, GQA-aware); zero with the KV
-cache off. Rows are produced in chunks of ``flush_size`` requests so memory stays flat.
+``cool_s`` (0.1 s) of a request, the utilization cap in between. The thesis samples that
+function at the start of each snapshot, so at 1 s export a 1.5 s request shows 50 % for its whole
+first second; here each row carries the *time average* of the function over its interval, so
+utilization-seconds (and the energy a linear power model derives from them) are the same at
+every export rate. KV-cache bytes are given at the end of each row's interval (the most the
+interval needs): the reused prefix is there from the start, the rest of the prompt's KV is
+written during prefill, then one token's KV per decode step (eq. 4.1 per token, GQA-aware);
+zero with the KV cache off.
+
+Speed: a row's time and KV are affine in its index ``k`` within each (request, phase) segment, so
+each column is built with a few ``numpy.repeat`` passes over the rows instead of per-row
+gathers, and only the few rows that touch a warm-up or cool-down are evaluated exactly.
+Batches hold whole requests and at most ``max_rows`` rows (one longer request gets a batch of
+its own), which bounds memory and keeps each numpy pass within the CPU cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 FRAGMENT_SCHEMA = pa.schema([
-    pa.field("request_id", pa.int64()),
-    pa.field("time_s", pa.float64()),
-    pa.field("duration_s", pa.float64()),
-    pa.field("gpu_utilization", pa.float64()),
-    pa.field("kv_cache_bytes", pa.float64()),
+    pa.field("request_id", pa.int64(), nullable=False),
+    pa.field("time_s", pa.float64(), nullable=False),
+    pa.field("duration_s", pa.float64(), nullable=False),
+    pa.field("gpu_utilization", pa.float64(), nullable=False),
+    pa.field("kv_cache_bytes", pa.int64(), nullable=False),
 ])
 """``fragments.parquet``: ``time_s`` is the start of the interval in simulated seconds,
-``gpu_utilization`` a fraction in [0, 1]."""
+``gpu_utilization`` the interval's mean utilization, a fraction in [0, 1]."""
+
+FRAGMENT_PARQUET_OPTIONS = {
+    "use_dictionary": ["request_id", "duration_s", "gpu_utilization"],
+    "column_encoding": {"time_s": "BYTE_STREAM_SPLIT", "kv_cache_bytes": "DELTA_BINARY_PACKED"},
+}
+"""Writer options: dictionary encoding where values repeat, byte-stream split for the times and
+delta encoding for the KV bytes (which grow by a constant step within a request). On the
+Marconi-shaped benchmark at 0.1 s export this writes 5× fewer bytes (27 MB instead of 144 MB
+with pyarrow's defaults) in less time."""
+
+GENERATION_ROWS = 131_072
+"""Rows generated per batch: small enough that numpy's passes over a batch stay in the CPU
+cache (generation is several times faster than with multi-million-row batches)."""
 
 WARM_UTILIZATION = 0.5
 """Utilization during warm-up and cool-down (Listing 4.3)."""
 
-
-def _utilization(offset, total, cap, warm_s, cool_s):
-    """Listing 4.3 at ``offset`` seconds into a request of ``total`` seconds."""
-    inference = (offset >= warm_s) & (offset < total - cool_s)
-    return np.where(inference, cap, WARM_UTILIZATION)
+_FLOAT_SLACK = 1e-9
+"""Relative slack so that ``total / T_i`` landing a rounding error above an integer does not
+add an empty row."""
 
 
-def _kv_bytes(at, prefill, decode, n_in, n_out, kv_per_token):
-    """KV-cache bytes ``at`` seconds into a request."""
+def _inference_window(total, warm_s, cool_s):
+    """Start and end of the full-utilization phase within each request (Listing 4.3)."""
+    start = np.minimum(warm_s, total)
+    return start, np.maximum(start, total - cool_s)
+
+
+def _mean_utilization(begin, end, total, cap, warm_s, cool_s):
+    """Time average of Listing 4.3's utilization over ``[begin, end]`` seconds into requests
+    of ``total`` seconds."""
+    w0, w1 = _inference_window(total, warm_s, cool_s)
+    inference = np.clip(np.minimum(end, w1) - np.maximum(begin, w0), 0.0, None)
+    length = end - begin
     with np.errstate(divide="ignore", invalid="ignore"):
-        during_prefill = n_in * np.clip(np.where(prefill > 0, at / prefill, 1.0), 0.0, 1.0)
-        generated = n_out * np.clip(np.where(decode > 0, (at - prefill) / decode, 1.0), 0.0, 1.0)
-    return kv_per_token * np.where(at <= prefill, during_prefill, n_in + generated)
+        mean = (WARM_UTILIZATION * (length - inference) + cap * inference) / length
+    return np.where(length > 0, mean, WARM_UTILIZATION)
 
 
-def _snapshot_rows(start, total, export_rate_s):
-    counts = np.maximum(np.ceil(total / export_rate_s).astype(np.int64), 1)
-    owner = np.repeat(np.arange(len(total)), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    offset = (np.arange(owner.size) - first) * export_rate_s
-    duration = np.minimum(export_rate_s, total[owner] - offset)
-    return owner, offset, duration
+def kv_tokens_at(at, prefill, decode, n_in, n_cached, n_out):
+    """Tokens whose K and V are in the cache ``at`` seconds into each request.
+
+    The reused prefix (``n_cached``) is there from the start; the rest of the prompt is written
+    linearly over the prefill, the output linearly over the decode; at the end all
+    ``n_in + n_out`` tokens are (the request's ``kv_cache_peak_bytes``).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        in_prefill = n_cached + (n_in - n_cached) * np.where(
+            prefill > 0, np.clip(at / prefill, 0.0, 1.0), 1.0)
+        in_decode = n_in + n_out * np.where(
+            decode > 0, np.clip((at - prefill) / decode, 0.0, 1.0), 1.0)
+    return np.where(at >= prefill + decode, n_in + n_out,
+                    np.where(at <= prefill, in_prefill, in_decode))
 
 
-def _phase_rows(total, warm_s, cool_s):
-    bounds = np.stack([np.zeros_like(total), np.minimum(warm_s, total),
-                       np.maximum(np.minimum(warm_s, total), total - cool_s), total], axis=1)
+def _ranges(first, counts):
+    """Concatenated ``first_i + arange(counts_i)`` and the owner ``i`` of each element."""
+    owner = np.repeat(np.arange(counts.size), counts)
+    within = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(first, counts) + within, owner
+
+
+def _snapshot_batch(part, rate, cap, kv_per_token, warm_s, cool_s):
+    total = part["prefill_s"] + part["decode_s"]
+    counts = np.where(total > 0, np.maximum(np.ceil(total / rate - _FLOAT_SLACK), 1), 0
+                      ).astype(np.int64)
+    first = np.cumsum(counts) - counts
+    rows = np.arange(int(counts.sum()), dtype=np.float64)
+    k = rows - np.repeat(first.astype(np.float64), counts)   # row index within its request
+    time_s = np.repeat(part["start_s"], counts) + k * rate
+    has = counts > 0
+    last = (first + counts - 1)[has]
+    duration = np.full(rows.size, rate)
+    duration[last] = (total - (counts - 1) * rate)[has]
+    utilization = np.full(rows.size, cap)
+    head = np.minimum(counts, math.ceil(warm_s / rate) + 1)
+    tail_from = np.clip(np.floor((total - cool_s) / rate) - 1, 0, counts).astype(np.int64)
+    for begin, n in ((first, head), (first + tail_from, counts - tail_from)):
+        edge, owner = _ranges(begin, n)
+        offset = (edge - first[owner]) * rate
+        end = np.minimum(offset + rate, total[owner])
+        utilization[edge] = _mean_utilization(offset, end, total[owner], cap, warm_s, cool_s)
+    kv = np.zeros(rows.size, np.int64)
+    if kv_per_token:
+        kv = _snapshot_kv(part, rate, counts, k, last, has) * round(kv_per_token)
+    return time_s, duration, utilization, counts, kv
+
+
+def _snapshot_kv(part, rate, counts, k, last, has):
+    """KV tokens at the end of each snapshot, built segment-wise (prefill rows, decode rows)."""
+    prefill, decode = part["prefill_s"], part["decode_s"]
+    n_in, n_cached, n_out = part["n_input_tokens"], part["n_cached_tokens"], part[
+        "n_output_tokens"]
+    in_prefill = np.minimum(counts, np.floor(prefill / rate)).astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_s1 = np.where(prefill > _FLOAT_SLACK, (n_in - n_cached) / prefill, 0.0)
+        per_s2 = np.where(decode > _FLOAT_SLACK, n_out / decode, 0.0)
+    # token count at the end of row k of a request:
+    #   prefill rows: n_cached + per_s1 (k + 1) T_i;  decode rows: n_in + per_s2 ((k + 1) T_i - T_p)
+    s1, s2 = per_s1 * rate, per_s2 * rate
+    a1 = n_cached + s1
+    a2 = n_in + s2 - per_s2 * prefill
+    segments = np.stack([in_prefill, counts - in_prefill], axis=1).ravel()
+    slope = np.repeat(np.stack([s1, s2], axis=1).ravel(), segments)
+    tokens = np.repeat(np.stack([a1, a2], axis=1).ravel(), segments) + slope * k
+    tokens = np.floor(tokens + 1e-6).astype(np.int64)
+    tokens[last] = (n_in + n_out)[has]
+    return tokens
+
+
+def phase_rows(total, warm_s=0.1, cool_s=0.1):
+    """Run-length phases of Listing 4.3 per request.
+
+    Returns
+    -------
+    owner, phase, offset, duration : ndarrays
+        Request index, phase (0 warm-up, 1 inference, 2 cool-down), start offset (s) and length
+        (s) of each non-empty phase, in order.
+    """
+    w0, w1 = _inference_window(total, warm_s, cool_s)
+    bounds = np.stack([np.zeros_like(total), w0, w1, total], axis=1)
     lengths = np.diff(bounds, axis=1)
-    keep = lengths > 0
-    owner = np.nonzero(keep)[0]
-    offset = bounds[:, :3][keep]
-    return owner, offset, lengths[keep]
+    owner, phase = np.nonzero(lengths > 0)
+    return owner, phase, bounds[owner, phase], lengths[owner, phase]
+
+
+def phase_utilization(phase, cap):
+    """Utilization of each phase of :func:`phase_rows`: the cap while inferring, else 50 %."""
+    return np.where(phase == 1, cap, WARM_UTILIZATION)
+
+
+def _phase_batch(part, cap, kv_per_token, warm_s, cool_s):
+    total = part["prefill_s"] + part["decode_s"]
+    owner, phase, offset, duration = phase_rows(total, warm_s, cool_s)
+    tokens = kv_tokens_at(offset + duration, *(part[c][owner] for c in (
+        "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens", "n_output_tokens")))
+    kv = np.floor(tokens + 1e-6).astype(np.int64) * round(kv_per_token)
+    counts = np.bincount(owner, minlength=total.size)
+    return (part["start_s"][owner] + offset, duration, phase_utilization(phase, cap), counts,
+            kv)
+
+
+def _groups(weights: np.ndarray, max_rows: int) -> Iterator[slice]:
+    """Consecutive slices of requests whose rows add up to at most ``max_rows`` (a single
+    heavier request forms its own slice)."""
+    ends = np.cumsum(weights)
+    lo = 0
+    while lo < weights.size:
+        base = ends[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(ends, base + max_rows, side="right")), lo + 1)
+        yield slice(lo, hi)
+        lo = hi
 
 
 def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
-                     utilization_cap: float = 1.0, flush_size: int = 10_000,
+                     utilization_cap: float = 1.0, max_rows: int = GENERATION_ROWS,
                      warm_s: float = 0.1, cool_s: float = 0.1) -> Iterator[pa.RecordBatch]:
     """Yield fragment rows as record batches of :data:`FRAGMENT_SCHEMA`.
 
     Parameters
     ----------
     requests : DataFrame
-        Output of :func:`kavier.engine.simulate`.
+        Output of the engine: ``id``, ``start_s``, ``prefill_s``, ``decode_s``,
+        ``n_input_tokens``, ``n_cached_tokens``, ``n_output_tokens``.
     export_rate_s : float
         Snapshot interval ``T_i`` in seconds; 0 for run-length fragments.
     kv_bytes_per_token : float
         KV-cache bytes per token (0 with the KV cache off).
     utilization_cap : float
         GPU utilization while inferring, fraction in (0, 1].
-    flush_size : int
-        Requests per batch; bounds memory.
+    max_rows : int
+        Rows per batch at most (unless one request alone has more); bounds memory.
 
     Raises
     ------
     ValueError
-        For a negative export rate, a cap outside (0, 1] or a flush size below 1.
+        For a negative export rate, a cap outside (0, 1] or ``max_rows`` below 1.
     """
     if export_rate_s < 0:
         raise ValueError(f"export rate must be >= 0 seconds, got {export_rate_s}")
     if not 0 < utilization_cap <= 1:
         raise ValueError(f"utilization cap must be in (0, 1], got {utilization_cap}")
-    if flush_size < 1:
-        raise ValueError(f"flush size must be >= 1, got {flush_size}")
+    if max_rows < 1:
+        raise ValueError(f"flush size must be >= 1 row, got {max_rows}")
     cols = {c: requests[c].to_numpy(np.float64) for c in (
-        "id", "start_s", "prefill_s", "decode_s", "n_input_tokens", "n_output_tokens")}
-    for lo in range(0, len(requests), flush_size):
-        part = {c: v[lo:lo + flush_size] for c, v in cols.items()}
-        total = part["prefill_s"] + part["decode_s"]
+        "start_s", "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens",
+        "n_output_tokens")}
+    ids = requests["id"].to_numpy(np.int64)
+    total = cols["prefill_s"] + cols["decode_s"]
+    weight = np.ceil(total / export_rate_s) if export_rate_s > 0 else np.full(total.size, 3.0)
+    for group in _groups(weight, max_rows):
+        part = {c: v[group] for c, v in cols.items()}
         if export_rate_s > 0:
-            owner, offset, duration = _snapshot_rows(part["start_s"], total, export_rate_s)
+            time_s, duration, util, counts, kv = _snapshot_batch(
+                part, export_rate_s, utilization_cap, kv_bytes_per_token, warm_s, cool_s)
         else:
-            owner, offset, duration = _phase_rows(total, warm_s, cool_s)
-        end = offset + duration
+            time_s, duration, util, counts, kv = _phase_batch(
+                part, utilization_cap, kv_bytes_per_token, warm_s, cool_s)
         yield pa.RecordBatch.from_arrays([
-            pa.array(part["id"][owner].astype(np.int64)),
-            pa.array(part["start_s"][owner] + offset),
-            pa.array(duration),
-            pa.array(_utilization(offset, total[owner], utilization_cap, warm_s, cool_s)),
-            pa.array(_kv_bytes(end, part["prefill_s"][owner], part["decode_s"][owner],
-                               part["n_input_tokens"][owner], part["n_output_tokens"][owner],
-                               kv_bytes_per_token)),
-        ], schema=FRAGMENT_SCHEMA)
+            pa.array(np.repeat(ids[group], counts)), pa.array(time_s), pa.array(duration),
+            pa.array(util), pa.array(kv)], schema=FRAGMENT_SCHEMA)

@@ -7,7 +7,7 @@ written last, so its presence marks a finished run. On failure the partial files
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,18 +28,27 @@ class RunWriter:
         self._partials.append(tmp)
         return tmp, final
 
+    @contextmanager
+    def parquet(self, name: str, schema: pa.Schema, **options) -> Iterator[pq.ParquetWriter]:
+        """Context manager yielding a :class:`pyarrow.parquet.ParquetWriter` for ``name``
+        (one row group per written batch); the file gets its final name when the block ends
+        without error. ``options`` go to the writer."""
+        tmp, final = self._partial(name)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(tmp, schema, **options) as writer:
+            yield writer
+        tmp.replace(final)
+
     def table(self, name: str, table: pa.Table) -> Path:
         """Write one Parquet table."""
         return self.batches(name, table.schema, table.to_batches())
 
     def batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> Path:
         """Write a Parquet file batch by batch (one row group per batch); returns its path."""
-        tmp, final = self._partial(name)
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with self.parquet(name, schema) as writer:
             for batch in batches:
                 writer.write_batch(batch)
-        tmp.replace(final)
-        return final
+        return self.folder / name
 
     def file(self, name: str, write: Callable[[Path], object]) -> Path:
         """Write a file with ``write(path)`` (e.g. a figure's ``savefig``); returns its path."""

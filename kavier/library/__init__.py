@@ -109,6 +109,8 @@ class GPUSpec:
         Dense FP16/BF16 tensor-core peak, TFLOP/s (1e12 FLOP/s); never the 2:4-sparse figure.
     idle_power_w, max_power_w : float
         Power at idle and at full load (board power limit), W.
+    boost_clock_mhz : float or None
+        Maximum boost (SM) clock, MHz; OpenDC's unit of GPU capacity.
     source : str
         Where the figures come from.
     """
@@ -120,6 +122,7 @@ class GPUSpec:
     fp16_tflops: float
     idle_power_w: float
     max_power_w: float
+    boost_clock_mhz: float | None = None
     source: str = ""
 
     @property

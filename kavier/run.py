@@ -1,0 +1,130 @@
+"""Stream a simulation into its output folder: requests, fragments, OpenDC workload.
+
+Simulated requests arrive chunk by chunk; each chunk is written at once to
+``requests.parquet``, expanded into ``fragments.parquet`` row groups of at most
+``flush_rows`` rows, and into ``opendc/tasks.parquet`` and ``opendc/fragments.parquet``, so memory
+stays flat however long the trace is. Files are written as ``.partial`` and renamed when
+complete (:mod:`kavier.output`); the caller writes ``summary.json`` last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from itertools import chain
+
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from kavier.engine import Simulator
+from kavier.fragments import FRAGMENT_PARQUET_OPTIONS, FRAGMENT_SCHEMA, fragment_batches
+from kavier.opendc import DEFAULT_START, FRAGMENTS_SCHEMA, TASKS_SCHEMA, opendc_batches
+from kavier.output import RunWriter
+
+OUTPUT_FILES = ("requests.parquet", "fragments.parquet", "opendc/tasks.parquet",
+                "opendc/fragments.parquet")
+"""Files a simulation run may write (besides ``summary.json``)."""
+_PLAIN = {"use_dictionary": False}
+"""Writer options for the per-request tables: their values rarely repeat, and skipping the
+dictionary attempt halves their writing time."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What a run writes.
+
+    Attributes
+    ----------
+    export_rate_s : float
+        Snapshot interval of ``fragments.parquet``, s; 0 for run-length phases.
+    fragments : bool
+        Write ``fragments.parquet``.
+    opendc : bool
+        Write the OpenDC workload (``opendc/``).
+    flush_rows : int
+        Fragment rows per row group at most; bounds memory.
+    utilization_cap : float
+        GPU utilization while inferring (Listing 4.3).
+    start : Timestamp
+        Wall-clock instant of simulated time 0, for OpenDC's submission times.
+    """
+
+    export_rate_s: float = 0.1
+    fragments: bool = True
+    opendc: bool = True
+    flush_rows: int = 2_000_000
+    utilization_cap: float = 1.0
+    start: pd.Timestamp = field(default=DEFAULT_START)
+
+
+def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWriter,
+              options: ExportOptions, n_requests: int | None = None) -> dict:
+    """Write simulated request chunks (from :func:`kavier.engine.run` or
+    :meth:`Simulator.step`) and their fragments into ``out``.
+
+    A progress bar (requests) shows on a terminal when the run takes more than two seconds.
+
+    Returns
+    -------
+    dict
+        Rows written per file.
+
+    Raises
+    ------
+    ValueError
+        When OpenDC export is asked for a GPU without a boost clock in the library.
+    """
+    gpu_mhz = simulator.timing.gpu.boost_clock_mhz
+    if options.opendc and not gpu_mhz:
+        raise ValueError(f"GPU {simulator.timing.gpu.name} has no boost_clock_mhz in the GPU "
+                         "library, which OpenDC's capacity needs; add it or pass --no-opendc")
+    for name in OUTPUT_FILES:
+        (out.folder / name).unlink(missing_ok=True)
+    chunks = iter(chunks)
+    first = next(chunks)
+    wanted = ["requests.parquet"] + ["fragments.parquet"] * options.fragments + [
+        "opendc/tasks.parquet", "opendc/fragments.parquet"] * options.opendc
+    schemas = {"requests.parquet": pa.Schema.from_pandas(first, preserve_index=False),
+               "fragments.parquet": FRAGMENT_SCHEMA, "opendc/tasks.parquet": TASKS_SCHEMA,
+               "opendc/fragments.parquet": FRAGMENTS_SCHEMA}
+    rows = dict.fromkeys(wanted, 0)
+    with ExitStack() as stack:
+        writers = {name: stack.enter_context(out.parquet(
+            name, schemas[name], **(FRAGMENT_PARQUET_OPTIONS if name == "fragments.parquet"
+                                    else _PLAIN))) for name in wanted}
+        bar = stack.enter_context(tqdm(total=n_requests, unit="req", disable=None, delay=2.0,
+                                       leave=False, desc="simulate"))
+        for chunk in chain([first], chunks):
+            writers["requests.parquet"].write_table(pa.Table.from_pandas(
+                chunk, schema=schemas["requests.parquet"], preserve_index=False))
+            rows["requests.parquet"] += len(chunk)
+            if options.fragments:
+                rows["fragments.parquet"] += _write_fragments(
+                    writers["fragments.parquet"], chunk, simulator, options)
+            if options.opendc:
+                batches = opendc_batches(chunk, gpu_mhz, simulator.timing.llm.weight_bytes,
+                                         options.utilization_cap, options.start)
+                for name, batch in zip(wanted[-2:], batches, strict=True):
+                    writers[name].write_batch(batch)
+                    rows[name] += batch.num_rows
+            bar.update(len(chunk))
+    return rows
+
+
+def _write_fragments(writer, chunk, simulator, options) -> int:
+    """Fragments of one chunk of requests, in row groups of ``flush_rows`` rows (the last one
+    of the chunk shorter); returns the rows written."""
+    pending, n_pending, written = [], 0, 0
+    batches = fragment_batches(chunk, options.export_rate_s, simulator.kv_bytes_per_token,
+                               options.utilization_cap)
+    for batch in chain(batches, [None]):
+        if batch is not None:
+            pending.append(batch)
+            n_pending += batch.num_rows
+        if pending and (batch is None or n_pending >= options.flush_rows):
+            writer.write_table(pa.Table.from_batches(pending), row_group_size=options.flush_rows)
+            written += n_pending
+            pending, n_pending = [], 0
+    return written
