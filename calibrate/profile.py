@@ -7,7 +7,9 @@ A profile is a JSON file::
      "mape_pct": {...}, "datasets": [...], "data_sha256": "...", "cv": "...",
      "created": "2026-11-23T10:00:00+00:00", "toolkit_version": "0.1.0"}
 
-``kavier simulate --profile FILE`` reads ``timing_model`` and ``params`` from it.
+``kavier simulate --profile FILE`` reads ``timing_model`` and ``params`` from it, and the
+power model from its optional ``power`` section, which ``kavier calibrate-power --profile FILE``
+writes: ``{"model": {"name", "idle_w", "max_w", "shape"}, "mape_pct", "ranking", ...}``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Profile:
     cv: str = ""
     created: str = ""
     toolkit_version: str = ""
+    power: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -60,14 +63,7 @@ class Profile:
             Unreadable file, invalid JSON, missing or unknown fields, unknown timing model.
         """
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except OSError as exc:
-            raise InputError(f"cannot read profile: {exc.strerror}", path=path) from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON: {exc}", path=path) from None
-        if not isinstance(d, dict):
-            raise InputError("a profile must be a JSON object", path=path)
+        d = _read_json(path)
         d.pop("profile_version", None)
         for key in ("gpu", "llm", "timing_model", "params"):
             if key not in d:
@@ -80,3 +76,30 @@ class Profile:
             return cls(**d)
         except TypeError as exc:
             raise InputError(f"unexpected field: {exc}", path=path) from None
+
+    @staticmethod
+    def read_power(path: str | Path) -> dict:
+        """The ``power`` section of a profile or of a power-only profile file.
+
+        Raises
+        ------
+        InputError
+            Unreadable file, invalid JSON, or no ``power.model`` section.
+        """
+        d = _read_json(Path(path))
+        if not isinstance(d.get("power"), dict) or not isinstance(d["power"].get("model"), dict):
+            raise InputError("no power section (write one with kavier calibrate-power)",
+                             path=path, field="power")
+        return d["power"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read profile: {exc.strerror}", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc}", path=path) from None
+    if not isinstance(d, dict):
+        raise InputError("a profile must be a JSON object", path=path)
+    return d

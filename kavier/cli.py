@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 import archive
+from archive.carbon import read_carbon
 from archive.errors import InputError, clean_errors
 from kavier.cache import (
     POLICIES,
@@ -30,8 +31,11 @@ from kavier.engine import run as run_simulation
 from kavier.library import gpu_library, llm_library
 from kavier.opendc import DEFAULT_START
 from kavier.output import run_folder
+from kavier.power import POWER_MODELS, PowerModel
 from kavier.run import ExportOptions, write_run
+from kavier.sustainability import CarbonTrace, Sustainability
 from kavier.timing import TIMING_MODELS, TimingParams, make_timing
+from tracer.smi import CAPTURE_FIELDS
 
 
 def toolkit_version() -> str:
@@ -72,6 +76,17 @@ def _print_summary(summary: dict) -> None:
                      f"({cache['hits']:,} hits, {cache['evictions']:,} evictions)"))
         rows.append(("token reuse ratio", f"{cache['token_reuse_ratio']:.4f}"))
         rows.append(("prefill GPU-hours saved", f"{summary['prefill_saved_gpu_hours']:.3f}"))
+    energy = summary.get("sustainability")
+    if energy:
+        model = energy["power_model"]
+        rows.append(("GPU energy (busy + idle)", f"{energy['energy_gpu_wh'] / 1000:.3f} kWh "
+                     f"({energy['energy_busy_wh'] / 1000:.3f} + "
+                     f"{energy['energy_idle_wh'] / 1000:.3f}), {model['name']} power model, "
+                     f"{model['idle_w']:g}–{model['max_w']:g} W"))
+        rows.append(("facility energy", f"{energy['energy_facility_wh'] / 1000:.3f} kWh "
+                     f"(PUE {energy['pue']:g}), mean GPU power {energy['mean_power_w']:.1f} W"))
+        if "co2_g" in energy:
+            rows.append(("CO2", f"{energy['co2_g'] / 1000:.3f} kg ({energy['carbon_trace']})"))
     if summary["requests_kv_not_fitting"]:
         rows.append(("requests whose KV does not fit", f"{summary['requests_kv_not_fitting']:,}"))
     width = max(len(k) for k, _ in rows)
@@ -104,6 +119,18 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
                        None if sessions is None else sessions.to_numpy())
 
 
+def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
+    """Power model from the options, else the profile's power section, else linear with the
+    GPU library's idle and maximum power."""
+    fitted = (section or {}).get("model", {})
+    use_fit = name is None or name == fitted.get("name")
+    base = fitted if (fitted and use_fit) else {}
+    return PowerModel(name or base.get("name", "linear"),
+                      idle_w if idle_w is not None else base.get("idle_w", gpu_spec.idle_power_w),
+                      max_w if max_w is not None else base.get("max_w", gpu_spec.max_power_w),
+                      shape if shape is not None else base.get("shape"))
+
+
 @main.command()
 @click.option("--trace", required=True,
               help="Workload: CSV/Parquet/JSONL file or bundled dataset name "
@@ -123,8 +150,25 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
               help="Write fragments.parquet (--no-fragments: task level only).")
 @click.option("--opendc/--no-opendc", default=True, show_default=True,
               help="Write the OpenDC workload (opendc/tasks.parquet, opendc/fragments.parquet).")
-@click.option("--start-time", default=str(DEFAULT_START), show_default=True,
-              help="Wall-clock instant of simulated time 0 (ISO 8601), for OpenDC.")
+@click.option("--start-time", "--start", "start_time", default=str(DEFAULT_START),
+              show_default=True, help="Wall-clock instant of simulated time 0 (ISO 8601; UTC "
+              "unless a zone is given), for OpenDC and the carbon trace.")
+@click.option("--power-model", type=click.Choice(POWER_MODELS), default=None,
+              help="GPU power vs utilization (thesis Table 4.1) [default: the profile's "
+              "calibrated model, else linear].")
+@click.option("--idle-power-w", type=click.FloatRange(min=0), default=None,
+              help="P_idle, W [default: the profile's, else the GPU library's].")
+@click.option("--max-power-w", type=click.FloatRange(min=0), default=None,
+              help="P_max, W [default: the profile's, else the GPU library's].")
+@click.option("--power-shape", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="r of mse, α of the asymptotic models [default 1.4 / 0.3, or the profile's].")
+@click.option("--power-profile", type=click.Path(dir_okay=False), default=None,
+              help="Profile with a power section (from kavier calibrate-power).")
+@click.option("--carbon-trace", default=None,
+              help="Carbon intensity: NL, DE, FR, BE (bundled ENTSO-E 2022) or a "
+              "Parquet/CSV file with timestamp, carbon_intensity [default: no CO2].")
+@click.option("--pue", type=click.FloatRange(min=1), default=1.0, show_default=True,
+              help="Power usage effectiveness: facility energy / IT energy.")
 @click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
               help="[default: the profile's, else thesis]")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
@@ -157,16 +201,21 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
               help="Extra GPU entries (TOML/JSON).")
 @clean_errors
 def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, fragments,
-             opendc, start_time, timing_model, profile_path, utilization_cap, arrivals,
+             opendc, start_time, power_model, idle_power_w, max_power_w, power_shape,
+             power_profile, carbon_trace, pue, timing_model, profile_path, utilization_cap,
+             arrivals,
              prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
              block_size, cache_blocks, gpu_memory_utilization, llm_library, gpu_library):
     """Simulate a workload trace on one GPU and write requests, fragments, the OpenDC workload
     and a summary."""
     from calibrate.profile import Profile
 
-    params = TimingParams()
+    params, power_section = TimingParams(), None
+    if power_profile:
+        power_section = Profile.read_power(power_profile)
     if profile_path:
         profile = Profile.read(profile_path)
+        power_section = power_section or profile.power
         if gpu and gpu.lower() != profile.gpu.lower():
             raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
                              field="gpu")
@@ -184,7 +233,14 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
     cache = _prefix_cache(workload, prefix_cache_policy, prefix_cache_min_tokens,
                           max_cached_prompts, cache_scope, block_size, cache_blocks, llm_spec,
                           gpu_spec, gpu_memory_utilization)
-    sim = Simulator(timing, cache, arrivals, gpu_spec.memory_bytes * gpu_memory_utilization)
+    power = _power_model(power_model, idle_power_w, max_power_w, power_shape, power_section,
+                         gpu_spec)
+    carbon = None
+    if carbon_trace:
+        carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
+    sustainability = Sustainability(power, carbon, pue, utilization_cap)
+    sim = Simulator(timing, cache, arrivals, gpu_spec.memory_bytes * gpu_memory_utilization,
+                    sustainability)
     options = ExportOptions(export_rate, fragments, opendc, flush_size, utilization_cap, start)
     with run_folder(output_folder) as out:
         try:
@@ -304,3 +360,101 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                                           result.estimator.params_.to_dict().items()
                                           if v is not None))
     click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
+
+
+_EFFICIENCY_ROWS = [
+    ("cost", "cost ({currency})", "{:.4f}"),
+    ("tokens", "tokens (prefill + decode)", "{:,}"),
+    ("busy_s", "busy time ΔT_P + ΔT_D (s)", "{:.1f}"),
+    ("financial_efficiency", "eq. 4.8  E_f ({currency}·s/token)", "{:.6g}"),
+    ("energy_efficiency_wh_s_per_token", "eq. 4.10 E_s energy (Wh·s/token)", "{:.6g}"),
+    ("co2_efficiency_g_s_per_token", "eq. 4.10 E_s CO2 (g·s/token)", "{:.6g}"),
+    ("cost_per_mtok", "cost per million tokens ({currency})", "{:.4f}"),
+    ("energy_wh_per_mtok", "Wh per million tokens", "{:.2f}"),
+    ("co2_g_per_mtok", "gCO2 per million tokens", "{:.2f}"),
+    ("tokens_per_j", "tokens per joule", "{:.4f}"),
+]
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--price-per-gpu-hour", type=click.FloatRange(min=0), default=1.2,
+              show_default=True, help="Price of one GPU-hour (thesis: 1.2 €/h for an A10).")
+@click.option("--currency", default="EUR", show_default=True)
+@click.option("--opendc-power", "opendc_power", multiple=True, type=click.Path(dir_okay=False),
+              help="OpenDC powerSource.parquet whose energy and CO2 replace the run's; once "
+                   "per run, in order.")
+@clean_errors
+def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
+    """Efficiency report of one simulated run, or of two and their ratios (eqs. 4.8–4.11)."""
+    from kavier.efficiency import ratios, read_run, report, with_opendc_power
+
+    if len(run_dirs) > 2:
+        raise InputError("give one run folder, or two to compare")
+    if len(opendc_power) > len(run_dirs):
+        raise InputError("more --opendc-power files than runs", field="opendc-power")
+    totals = [read_run(d) for d in run_dirs]
+    totals = [with_opendc_power(t, p) if p else t for t, p in
+              zip(totals, list(opendc_power) + [None] * len(totals), strict=False)]
+    reports = [report(t, price_per_gpu_hour) for t in totals]
+    if len(reports) == 2:
+        reports.append(ratios(reports[0], reports[1]))
+    heads = [str(d) for d in run_dirs] + (["ratio 1/2 (eq. 4.9/4.11)"] if len(run_dirs) == 2
+                                           else [])
+    click.echo(f"{'metric':<40}" + "".join(f"{h[-28:]:>30}" for h in heads))
+    for key, label, fmt in _EFFICIENCY_ROWS:
+        cells = []
+        for i, r in enumerate(reports):
+            value = r.get(key)
+            cells.append("—" if value is None else (f"{value:.4g}" if i == 2 else
+                                                    fmt.format(value)))
+        click.echo(f"{label.format(currency=currency):<40}" + "".join(f"{c:>30}"
+                                                                       for c in cells))
+
+
+@main.command("calibrate-power")
+@click.argument("capture", type=click.Path(dir_okay=False))
+@click.option("--fields", default=",".join(CAPTURE_FIELDS), show_default=True,
+              help="nvidia-smi --query-gpu fields of the capture, in order.")
+@click.option("--gpu", default=None, help="GPU the capture is from (recorded in the profile).")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Timing profile to add the power section to [default: write a power-only "
+                   "profile in the output folder].")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Contiguous cross-validation blocks.")
+@click.option("--output-folder", default="runs/power", show_default=True,
+              type=click.Path(file_okay=False))
+@clean_errors
+def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
+    """Fit the power models of thesis Table 4.1 to nvidia-smi samples and rank them by MAPE."""
+    from calibrate.power import calibrate_power as fit
+    from calibrate.power_report import power_section, write_power_report
+    from calibrate.profile import Profile
+    from tracer.smi import read_capture
+
+    samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
+    result = fit(samples, folds)
+    section = power_section(result, capture, samples, gpu)
+    with run_folder(output_folder) as out:
+        write_power_report(out, result, samples, section)
+        if profile_path:
+            profile = Profile.read(profile_path)
+            profile.power = section
+            profile.write(profile_path)
+        out.json("summary.json", {"power": section,
+                                  "profile": profile_path or "power_profile.json"})
+    click.echo(f"{'model':<16}{'P_idle W':>10}{'P_max W':>10}{'shape':>8}"
+               f"{'MAPE fit %':>12}{'held out %':>12}")
+    for row in result.ranking.itertuples():
+        shape = "" if row.shape != row.shape or row.shape is None else f"{row.shape:.3g}"
+        click.echo(f"{row.model:<16}{row.idle_w:>10.1f}{row.max_w:>10.1f}{shape:>8}"
+                   f"{row.mape_fit_pct:>12.2f}{row.mape_heldout_pct:>12.2f}")
+    if result.clock:
+        c = result.clock
+        click.echo(f"{result.best.name} with SM clock (γ = {c['gamma']:.2f}): MAPE fit "
+                   f"{c['mape_fit_pct']:.2f} %, held out {c['mape_heldout_pct']:.2f} %")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"best: {result.best.name}; wrote {Path(output_folder)}/power_profile.json, "
+               f"power_fit.png, ranking.csv" + (f" and the power section of {profile_path}"
+                                                if profile_path else ""))

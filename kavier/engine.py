@@ -23,6 +23,7 @@ import pandas as pd
 from archive.traces import Workload
 from kavier.cache import PrefixCache
 from kavier.stats import QuantileSketch
+from kavier.sustainability import Sustainability
 from kavier.timing import RooflineTiming, ThesisTiming
 
 REQUEST_COLUMNS = {
@@ -45,6 +46,9 @@ REQUEST_COLUMNS = {
     "throughput_tok_s": "(input + output tokens) / service time, tokens/s",
     "kv_cache_peak_bytes": "KV cache of the request at its end, bytes (eq. 4.1, GQA-aware)",
     "kv_fits": "false when weights + this request's KV cache exceed the usable GPU memory",
+    "power_w": "mean GPU power while serving the request, W (with a power model)",
+    "energy_wh": "GPU energy of the request, Wh (IT, before PUE)",
+    "co2_g": "emissions of the request's facility energy, gCO2 (with a carbon trace)",
 }
 """Columns of ``requests.parquet``, in order; times in seconds of simulated time."""
 
@@ -84,11 +88,17 @@ class Simulator:
     memory_limit_bytes : float or None
         Usable GPU memory; a request whose weights + KV exceed it is flagged
         (``kv_fits = False``). None: the GPU's full memory.
+    sustainability : Sustainability or None
+        Power model, PUE and carbon trace; adds ``power_w``, ``energy_wh`` and ``co2_g`` per
+        request, and energy of idle gaps, to the summary.
     """
 
     def __init__(self, timing: ThesisTiming | RooflineTiming, cache: PrefixCache | None = None,
-                 honor_arrivals: bool = True, memory_limit_bytes: float | None = None) -> None:
+                 honor_arrivals: bool = True, memory_limit_bytes: float | None = None,
+                 sustainability: Sustainability | None = None) -> None:
         self.timing, self.cache, self.honor_arrivals = timing, cache, honor_arrivals
+        self.sustainability = sustainability
+        self._energy = dict.fromkeys(("busy_j", "idle_j", "busy_co2_g", "idle_co2_g"), 0.0)
         self.kv_bytes_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
         self.memory_limit_bytes = (timing.gpu.memory_bytes if memory_limit_bytes is None
                                    else memory_limit_bytes)
@@ -164,11 +174,44 @@ class Simulator:
             "ttft_s": queue + prefill, "tpot_s": tpot, "e2e_s": queue + service, "end_s": end,
             "throughput_tok_s": throughput, "kv_cache_peak_bytes": kv_peak, "kv_fits": fits,
         })
+        if self.sustainability is not None:
+            out.update(self._energy_columns(start, service, end))
         requests = pd.DataFrame(out)
         self._account(requests, base_decode - decode)
         if n_in.size:
             self.free_s = float(end[-1])
         return requests
+
+    def _energy_columns(self, start, service, end) -> dict[str, np.ndarray]:
+        """Per-request power, energy and emissions; idle gaps go to the run's totals."""
+        sus = self.sustainability
+        if sus.carbon is not None and end.size:
+            sus.carbon.check_covers(0.0, float(end[-1]))
+        busy = sus.requests(start, service)
+        gap_start = np.concatenate(([self.free_s], end[:-1]))
+        idle = sus.idle(gap_start, np.maximum(start, gap_start))
+        self._energy["busy_j"] += float(busy["energy_j"].sum())
+        self._energy["idle_j"] += idle["energy_j"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cols = {"power_w": np.where(service > 0, busy["energy_j"] / service, np.nan),
+                    "energy_wh": busy["energy_j"] / 3600.0}
+        if "co2_g" in busy:
+            cols["co2_g"] = busy["co2_g"]
+            self._energy["busy_co2_g"] += float(busy["co2_g"].sum())
+            self._energy["idle_co2_g"] += idle["co2_g"]
+        return cols
+
+    def _energy_summary(self, timeline_s: float) -> dict:
+        e, sus = self._energy, self.sustainability
+        gpu_j = e["busy_j"] + e["idle_j"]
+        out = {**sus.to_dict(), "energy_busy_wh": e["busy_j"] / 3600.0,
+               "energy_idle_wh": e["idle_j"] / 3600.0, "energy_gpu_wh": gpu_j / 3600.0,
+               "energy_gpu_j": gpu_j, "energy_facility_wh": gpu_j * sus.pue / 3600.0,
+               "mean_power_w": gpu_j / timeline_s if timeline_s > 0 else float("nan")}
+        if sus.carbon is not None:
+            out["co2_g"] = e["busy_co2_g"] + e["idle_co2_g"]
+            out["co2_idle_g"] = e["idle_co2_g"]
+        return out
 
     def _account(self, r: pd.DataFrame, decode_saved: np.ndarray) -> None:
         if r.empty:
@@ -204,7 +247,9 @@ class Simulator:
             over the makespan, mean queueing delay, prefill (and decode) GPU-hours the prefix
             cache saved, requests whose KV does not fit, and p50/p90/p99 of ``ttft_s``,
             ``tpot_s``, ``e2e_s`` and the service time (nearest rank, within 0.01 %; see
-            :class:`~kavier.stats.QuantileSketch`).
+            :class:`~kavier.stats.QuantileSketch`). With a power model, ``sustainability``:
+            GPU energy busy and idle over the timeline ``[0, last end]`` (Wh, and J), facility
+            energy (× PUE), mean power, and with a carbon trace the emissions (g).
         """
         t, s = self._totals, self._seconds
         makespan = self._last_end - (self._first_start or 0.0)
@@ -226,6 +271,9 @@ class Simulator:
         for name, sketch in self._sketches.items():
             for q in _QUANTILES:
                 out[f"p{q}_{name}"] = sketch.quantile(q)
+        if self.sustainability is not None:
+            out["timeline_s"] = self._last_end
+            out["sustainability"] = self._energy_summary(self._last_end)
         if self.cache is not None:
             out["prefix_cache"] = self.cache.stats(t["n_requests"], t["n_input_tokens"],
                                                    t["n_cached_tokens"])

@@ -42,8 +42,20 @@ FRAGMENT_SCHEMA = pa.schema([
 """``fragments.parquet``: ``time_s`` is the start of the interval in simulated seconds,
 ``gpu_utilization`` the interval's mean utilization, a fraction in [0, 1]."""
 
+ENERGY_FIELDS = [pa.field("power_w", pa.float64(), nullable=False),
+                 pa.field("energy_wh", pa.float64(), nullable=False)]
+CO2_FIELD = pa.field("co2_g", pa.float64(), nullable=False)
+
+
+def fragment_schema(energy: bool = False, co2: bool = False) -> pa.Schema:
+    """:data:`FRAGMENT_SCHEMA`, plus mean ``power_w`` and GPU ``energy_wh`` per row with a power
+    model, plus ``co2_g`` (facility energy × carbon intensity) with a carbon trace."""
+    fields = list(FRAGMENT_SCHEMA) + (ENERGY_FIELDS if energy else []) + (
+        [CO2_FIELD] if co2 else [])
+    return pa.schema(fields)
+
 FRAGMENT_PARQUET_OPTIONS = {
-    "use_dictionary": ["request_id", "duration_s", "gpu_utilization"],
+    "use_dictionary": ["request_id", "duration_s", "gpu_utilization", "power_w", "energy_wh"],
     "column_encoding": {"time_s": "BYTE_STREAM_SPLIT", "kv_cache_bytes": "DELTA_BINARY_PACKED"},
 }
 """Writer options: dictionary encoding where values repeat, byte-stream split for the times and
@@ -197,8 +209,9 @@ def _groups(weights: np.ndarray, max_rows: int) -> Iterator[slice]:
 
 def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
                      utilization_cap: float = 1.0, max_rows: int = GENERATION_ROWS,
-                     warm_s: float = 0.1, cool_s: float = 0.1) -> Iterator[pa.RecordBatch]:
-    """Yield fragment rows as record batches of :data:`FRAGMENT_SCHEMA`.
+                     warm_s: float = 0.1, cool_s: float = 0.1,
+                     sustainability=None) -> Iterator[pa.RecordBatch]:
+    """Yield fragment rows as record batches of :func:`fragment_schema`.
 
     Parameters
     ----------
@@ -213,6 +226,11 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
         GPU utilization while inferring, fraction in (0, 1].
     max_rows : int
         Rows per batch at most (unless one request alone has more); bounds memory.
+    sustainability : kavier.sustainability.Sustainability, optional
+        Adds ``power_w``, ``energy_wh`` and, with a carbon trace, ``co2_g`` per row. Energy is
+        exact; a row's CO2 charges its mean power over the row's carbon intensity, which
+        differs from the exact integral only for a row that both mixes utilization levels and
+        straddles a carbon-trace step (parts per billion on the Azure trace).
 
     Raises
     ------
@@ -229,6 +247,8 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
         "start_s", "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens",
         "n_output_tokens")}
     ids = requests["id"].to_numpy(np.int64)
+    schema = fragment_schema(sustainability is not None,
+                             getattr(sustainability, "carbon", None) is not None)
     total = cols["prefill_s"] + cols["decode_s"]
     weight = np.ceil(total / export_rate_s) if export_rate_s > 0 else np.full(total.size, 3.0)
     for group in _groups(weight, max_rows):
@@ -239,6 +259,10 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
         else:
             time_s, duration, util, counts, kv = _phase_batch(
                 part, utilization_cap, kv_bytes_per_token, warm_s, cool_s)
-        yield pa.RecordBatch.from_arrays([
-            pa.array(np.repeat(ids[group], counts)), pa.array(time_s), pa.array(duration),
-            pa.array(util), pa.array(kv)], schema=FRAGMENT_SCHEMA)
+        arrays = [np.repeat(ids[group], counts), time_s, duration, util, kv]
+        if sustainability is not None:
+            power = sustainability.row_power_w(util)
+            arrays += [power, power * duration / 3600.0]
+            if sustainability.carbon is not None:
+                arrays.append(sustainability.co2_g(power, time_s, time_s + duration))
+        yield pa.RecordBatch.from_arrays([pa.array(a) for a in arrays], schema=schema)

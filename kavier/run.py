@@ -19,7 +19,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from kavier.engine import Simulator
-from kavier.fragments import FRAGMENT_PARQUET_OPTIONS, FRAGMENT_SCHEMA, fragment_batches
+from kavier.fragments import FRAGMENT_PARQUET_OPTIONS, fragment_batches, fragment_schema
 from kavier.opendc import DEFAULT_START, FRAGMENTS_SCHEMA, TASKS_SCHEMA, opendc_batches
 from kavier.output import RunWriter
 
@@ -87,7 +87,10 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
     wanted = ["requests.parquet"] + ["fragments.parquet"] * options.fragments + [
         "opendc/tasks.parquet", "opendc/fragments.parquet"] * options.opendc
     schemas = {"requests.parquet": pa.Schema.from_pandas(first, preserve_index=False),
-               "fragments.parquet": FRAGMENT_SCHEMA, "opendc/tasks.parquet": TASKS_SCHEMA,
+               "fragments.parquet": fragment_schema(
+                   simulator.sustainability is not None,
+                   getattr(simulator.sustainability, "carbon", None) is not None),
+               "opendc/tasks.parquet": TASKS_SCHEMA,
                "opendc/fragments.parquet": FRAGMENTS_SCHEMA}
     rows = dict.fromkeys(wanted, 0)
     with ExitStack() as stack:
@@ -118,7 +121,7 @@ def _write_fragments(writer, chunk, simulator, options) -> int:
     of the chunk shorter); returns the rows written."""
     pending, n_pending, written = [], 0, 0
     batches = fragment_batches(chunk, options.export_rate_s, simulator.kv_bytes_per_token,
-                               options.utilization_cap)
+                               options.utilization_cap, sustainability=simulator.sustainability)
     for batch in chain(batches, [None]):
         if batch is not None:
             pending.append(batch)
