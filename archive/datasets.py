@@ -48,13 +48,18 @@ def info(name: str) -> dict:
 def load(name: str) -> pd.DataFrame:
     """Load the main table of a bundled dataset as a DataFrame.
 
-    Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns; workload datasets
-    give the :data:`archive.schema.WORKLOAD` columns.
+    Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns, workload datasets
+    the :data:`archive.schema.WORKLOAD` columns, carbon datasets ``timestamp`` and
+    ``carbon_intensity`` (its first country; see :func:`archive.carbon.read_carbon`).
     """
     meta = info(name)
     path = dataset_dir(name) / meta["main_table"]
     if meta["kind"] == "measurements":
         return pd.read_parquet(path)
+    if meta["kind"] == "carbon":
+        from archive.carbon import read_carbon
+
+        return read_carbon(path)
     from archive.traces import read_workload
 
     return read_workload(path)

@@ -37,7 +37,9 @@ import pandas as pd
 from kavier.engine import Simulator, run
 from kavier.library import gpu_library, llm_library
 from kavier.output import run_folder
+from kavier.power import PowerModel
 from kavier.run import ExportOptions, write_run
+from kavier.sustainability import Sustainability
 from kavier.timing import make_timing
 
 
@@ -62,8 +64,12 @@ def marconi_shaped(seed: int = 0, sessions: int = 3000) -> pd.DataFrame:
 
 
 def _simulator():
-    timing = make_timing("thesis", llm_library().get("Llama-3-8B"), gpu_library().get("A10"))
-    return Simulator(timing)
+    """What ``kavier simulate`` runs by default: thesis timing, Llama-3-8B on an A10, energy
+    with the linear power model."""
+    gpu = gpu_library().get("A10")
+    timing = make_timing("thesis", llm_library().get("Llama-3-8B"), gpu)
+    power = Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
+    return Simulator(timing, sustainability=power)
 
 
 def one(rate: float | None, copies: int) -> dict:

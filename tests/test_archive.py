@@ -87,3 +87,15 @@ def test_parquet_workload_with_arrivals(tmp_path):
                   "n_output_tokens": [3, 4]}).to_parquet(path)
     w = read_workload(path)
     assert w["arrival_s"].tolist() == [0.0, 1.5] and w["n_output_tokens"].dtype == "int64"
+
+
+def test_every_bundled_dataset_loads_and_has_a_card_and_licence():
+    import archive
+
+    for name in archive.list_datasets():
+        meta = archive.info(name)
+        folder = archive.dataset_dir(name)
+        assert (folder / "README.md").stat().st_size > 300
+        assert meta["licence"] and meta["source"] and meta["citation"]
+        assert all((folder / f).exists() for f in meta["files"])
+        assert len(archive.load(name)) > 0
