@@ -2,7 +2,8 @@
 
 Recognized layouts, by their columns:
 
-* the thesis's ``num_input_tokens, num_output_tokens`` (Kavier prototype, Table 5.1);
+* the thesis's ``num_input_tokens, num_output_tokens`` (Kavier prototype, Table 5.1), with
+  ``ts`` (seconds) when present;
 * the archive's own ``n_input_tokens, n_output_tokens`` (workload or measurement tables),
   with ``arrival_s`` when present;
 * the Azure LLM inference 2023 trace ``TIMESTAMP, ContextTokens, GeneratedTokens``, whose
@@ -40,7 +41,7 @@ from archive.errors import InputError, first_bad
 
 _LAYOUTS = [
     # (input column, output column, timestamp column or None, timestamp kind)
-    ("num_input_tokens", "num_output_tokens", None, None),
+    ("num_input_tokens", "num_output_tokens", "ts", "seconds"),
     ("n_input_tokens", "n_output_tokens", "arrival_s", "seconds"),
     ("ContextTokens", "GeneratedTokens", "TIMESTAMP", "datetime"),
     ("num_in_t", "num_out_t", "ts", "seconds"),
@@ -103,8 +104,8 @@ class Workload:
 
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, int, pa.Table | None]:
-    """The file as a DataFrame (CSV: strings; Parquet and JSON Lines: native types), the line
-    number of its first data row (2 for CSV, below the header; 1 otherwise), and for Parquet the
+    """The file as a DataFrame (native types; a CSV column with any non-numeric cell stays text,
+    so that a bad value is reported as written), the line number of its first data row (2 for CSV, below the header; 1 otherwise), and for Parquet the
     Arrow table (list columns are read from it without Python objects)."""
     suffix = path.suffix.lower()
     kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
@@ -115,7 +116,7 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, int, pa.Table | None]:
             return table.select(plain).to_pandas(), 1, table
         if kind == "JSON Lines":
             return pd.read_json(path, lines=True, dtype=False), 1, None
-        return pd.read_csv(path, dtype=str, keep_default_na=False), 2, None
+        return pd.read_csv(path, keep_default_na=False), 2, None
     except FileNotFoundError:
         raise InputError("no such file", path=path) from None
     except (OSError, ValueError, pa.ArrowException, UnicodeDecodeError) as exc:

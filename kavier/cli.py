@@ -47,7 +47,7 @@ def toolkit_version() -> str:
 
 
 @click.group()
-@click.version_option(toolkit_version(), prog_name="kavier")
+@click.version_option(package_name="kavier-toolkit", prog_name="kavier")
 def main():
     """Kavier: cache-aware simulation of LLM inference (performance, calibration)."""
 
@@ -155,7 +155,9 @@ def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
               "unless a zone is given), for OpenDC and the carbon trace.")
 @click.option("--power-model", type=click.Choice(POWER_MODELS), default=None,
               help="GPU power vs utilization (thesis Table 4.1) [default: the profile's "
-              "calibrated model, else linear].")
+              "calibrated model, else linear]. Requests and the summary always carry energy; "
+              "fragments get power_w, energy_wh (and co2_g) once a power model, power profile, "
+              "carbon trace or PUE is given.")
 @click.option("--idle-power-w", type=click.FloatRange(min=0), default=None,
               help="P_idle, W [default: the profile's, else the GPU library's].")
 @click.option("--max-power-w", type=click.FloatRange(min=0), default=None,
@@ -241,7 +243,10 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
     sustainability = Sustainability(power, carbon, pue, utilization_cap)
     sim = Simulator(timing, cache, arrivals, gpu_spec.memory_bytes * gpu_memory_utilization,
                     sustainability)
-    options = ExportOptions(export_rate, fragments, opendc, flush_size, utilization_cap, start)
+    explicit_energy = any(x is not None for x in (power_model, power_profile, carbon_trace,
+                                                   power_section)) or pue != 1.0
+    options = ExportOptions(export_rate, fragments, opendc, flush_size, utilization_cap, start,
+                            fragment_energy=explicit_energy)
     with run_folder(output_folder) as out:
         try:
             rows = write_run(run_simulation(workload, sim), sim, out, options,

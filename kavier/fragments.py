@@ -55,13 +55,18 @@ def fragment_schema(energy: bool = False, co2: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 FRAGMENT_PARQUET_OPTIONS = {
-    "use_dictionary": ["request_id", "duration_s", "gpu_utilization", "power_w", "energy_wh"],
-    "column_encoding": {"time_s": "BYTE_STREAM_SPLIT", "kv_cache_bytes": "DELTA_BINARY_PACKED"},
+    "use_dictionary": ["request_id"],
+    "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in (
+        "time_s", "duration_s", "gpu_utilization", "kv_cache_bytes", "power_w", "energy_wh",
+        "co2_g")},
+    "compression": "lz4",
+    "write_statistics": ["request_id", "time_s"],
 }
-"""Writer options: dictionary encoding where values repeat, byte-stream split for the times and
-delta encoding for the KV bytes (which grow by a constant step within a request). On the
-Marconi-shaped benchmark at 0.1 s export this writes 5× fewer bytes (27 MB instead of 144 MB
-with pyarrow's defaults) in less time."""
+"""Writer options: dictionary encoding for the request ids (long runs of one value), byte-stream
+split for the rest, LZ4, statistics only on the columns one filters by. Measured on the 18.3 M
+rows of the Marconi-shaped benchmark at 0.1 s: 5 columns in 0.48 s and 23 MB (snappy: 0.48 s,
+42 MB; no compression: 0.72 s, 586 MB; pyarrow's defaults: 0.86 s, 144 MB); 7 columns with
+energy in 0.66 s (dictionaries and delta encoding instead: 0.91 s)."""
 
 GENERATION_ROWS = 131_072
 """Rows generated per batch: small enough that numpy's passes over a batch stay in the CPU

@@ -9,7 +9,9 @@ complete (:mod:`kavier.output`); the caller writes ``summary.json`` last.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import chain
@@ -49,6 +51,9 @@ class ExportOptions:
         GPU utilization while inferring (Listing 4.3).
     start : Timestamp
         Wall-clock instant of simulated time 0, for OpenDC's submission times.
+    fragment_energy : bool
+        Add ``power_w``, ``energy_wh`` (and ``co2_g``) to ``fragments.parquet`` when the
+        simulator has a power model. Requests and the summary carry energy regardless.
     """
 
     export_rate_s: float = 0.1
@@ -57,6 +62,11 @@ class ExportOptions:
     flush_rows: int = 2_000_000
     utilization_cap: float = 1.0
     start: pd.Timestamp = field(default=DEFAULT_START)
+    fragment_energy: bool = True
+
+
+def _fragment_energy(simulator: Simulator, options: ExportOptions):
+    return simulator.sustainability if options.fragment_energy else None
 
 
 def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWriter,
@@ -88,8 +98,8 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
         "opendc/tasks.parquet", "opendc/fragments.parquet"] * options.opendc
     schemas = {"requests.parquet": pa.Schema.from_pandas(first, preserve_index=False),
                "fragments.parquet": fragment_schema(
-                   simulator.sustainability is not None,
-                   getattr(simulator.sustainability, "carbon", None) is not None),
+                   _fragment_energy(simulator, options) is not None,
+                   getattr(_fragment_energy(simulator, options), "carbon", None) is not None),
                "opendc/tasks.parquet": TASKS_SCHEMA,
                "opendc/fragments.parquet": FRAGMENTS_SCHEMA}
     rows = dict.fromkeys(wanted, 0)
@@ -97,37 +107,70 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
         writers = {name: stack.enter_context(out.parquet(
             name, schemas[name], **(FRAGMENT_PARQUET_OPTIONS if name == "fragments.parquet"
                                     else _PLAIN))) for name in wanted}
+        background = stack.enter_context(_Background())      # fragments
+        small = stack.enter_context(_Background())           # requests, OpenDC
         bar = stack.enter_context(tqdm(total=n_requests, unit="req", disable=None, delay=2.0,
                                        leave=False, desc="simulate"))
         for chunk in chain([first], chunks):
-            writers["requests.parquet"].write_table(pa.Table.from_pandas(
+            small.submit(writers["requests.parquet"].write_table, pa.Table.from_pandas(
                 chunk, schema=schemas["requests.parquet"], preserve_index=False))
             rows["requests.parquet"] += len(chunk)
             if options.fragments:
                 rows["fragments.parquet"] += _write_fragments(
-                    writers["fragments.parquet"], chunk, simulator, options)
+                    background, writers["fragments.parquet"], chunk, simulator, options)
             if options.opendc:
                 batches = opendc_batches(chunk, gpu_mhz, simulator.timing.llm.weight_bytes,
                                          options.utilization_cap, options.start)
                 for name, batch in zip(wanted[-2:], batches, strict=True):
-                    writers[name].write_batch(batch)
+                    small.submit(writers[name].write_batch, batch)
                     rows[name] += batch.num_rows
             bar.update(len(chunk))
     return rows
 
 
-def _write_fragments(writer, chunk, simulator, options) -> int:
+class _Background:
+    """Runs writes on one background thread, in order, at most ``depth`` waiting, so that
+    numpy generates the next batches while pyarrow encodes the last (both release the GIL).
+    Fragments get one such thread and the small per-request files another, so the fragment
+    encoder, the critical path, never waits behind them. Errors surface on the next submit or
+    on exit."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def submit(self, write, *args) -> None:
+        """Queue ``write(*args)``; waits while ``depth`` writes are pending."""
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write, *args))
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_fragments(background, writer, chunk, simulator, options) -> int:
     """Fragments of one chunk of requests, in row groups of ``flush_rows`` rows (the last one
     of the chunk shorter); returns the rows written."""
     pending, n_pending, written = [], 0, 0
     batches = fragment_batches(chunk, options.export_rate_s, simulator.kv_bytes_per_token,
-                               options.utilization_cap, sustainability=simulator.sustainability)
+                               options.utilization_cap,
+                               sustainability=_fragment_energy(simulator, options))
     for batch in chain(batches, [None]):
         if batch is not None:
             pending.append(batch)
             n_pending += batch.num_rows
         if pending and (batch is None or n_pending >= options.flush_rows):
-            writer.write_table(pa.Table.from_batches(pending), row_group_size=options.flush_rows)
+            background.submit(writer.write_table, pa.Table.from_batches(pending),
+                              options.flush_rows)
             written += n_pending
             pending, n_pending = [], 0
     return written
