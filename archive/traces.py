@@ -104,9 +104,10 @@ class Workload:
 
 
 def _read_table(path: Path) -> tuple[pd.DataFrame, int, pa.Table | None]:
-    """The file as a DataFrame (native types; a CSV column with any non-numeric cell stays text,
-    so that a bad value is reported as written), the line number of its first data row (2 for CSV, below the header; 1 otherwise), and for Parquet the
-    Arrow table (list columns are read from it without Python objects)."""
+    """The file as a DataFrame (native types; a CSV column with any non-numeric cell stays
+    text, so that a bad value is reported as written), the line number of its first data row
+    (2 for CSV, below the header; 1 otherwise), and for Parquet the Arrow table (list columns
+    are read from it without Python objects)."""
     suffix = path.suffix.lower()
     kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
     try:

@@ -2,16 +2,10 @@
 
 The thesis times its prototype on the aggregated Marconi trace: 96,870 requests of 3,000
 sessions (32.29 turns each on average), about 500 A10 GPU-hours: 9.9 s at 1 s export, 92.8 s at
-0.1 s, 914.8 s at 0.01 s. That trace is not redistributable here, so this script builds one of
-the same shape, deterministically (seeded):
-
-* 3,000 sessions; turns per session ``1 + Poisson(31.29)``; sessions start uniformly in the
-  first hour, turns follow after exponential think times (mean 60 s);
-* per turn a new prompt of ``LogNormal`` size (median 200 tokens) and an answer of ``LogNormal``
-  size (median 256 tokens, at most 4,096); each turn's input is the whole conversation so far
-  plus the new prompt (so inputs grow with history, as in multi-turn chat);
-* about 0.96e9 input tokens in total, and about 480 GPU-hours for Llama-3-8B on an A10 with the
-  thesis timing model.
+0.1 s, 914.8 s at 0.01 s. That trace is not redistributable here, so this script uses one of
+the same shape, built deterministically by :func:`kavier.workloads.marconi_shaped`: 96,584
+requests, 0.96e9 input tokens, 506.4 GPU-hours for Llama-3-8B on an A10 with the thesis
+timing model.
 
 Each configuration runs in a fresh process (so peak RSS is its own), in-process timing covers
 simulation plus Parquet writing after imports and after building the workload. Run:
@@ -34,6 +28,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from kavier import workloads
 from kavier.engine import Simulator, run
 from kavier.library import gpu_library, llm_library
 from kavier.output import run_folder
@@ -43,29 +38,15 @@ from kavier.sustainability import Sustainability
 from kavier.timing import make_timing
 
 
-def marconi_shaped(seed: int = 0, sessions: int = 3000) -> pd.DataFrame:
-    """The Marconi-shaped workload described in the module docstring, sorted by arrival."""
-    rng = np.random.default_rng(seed)
-    turns = 1 + rng.poisson(31.29, sessions)
-    session = np.repeat(np.arange(sessions), turns)
-    first = np.repeat(np.cumsum(turns) - turns, turns)
-    turn = np.arange(session.size) - first
-    prompt = np.maximum(rng.lognormal(np.log(200), 0.8, session.size).astype(np.int64), 1)
-    answer = np.clip(rng.lognormal(np.log(256), 0.7, session.size).astype(np.int64), 1, 4096)
-    exchanged = np.cumsum(prompt + answer)
-    before_session = np.where(first > 0, exchanged[first - 1], 0)
-    history = exchanged - (prompt + answer) - before_session
-    gaps = rng.exponential(60.0, session.size)
-    waited = np.cumsum(gaps)
-    arrival = np.repeat(rng.uniform(0, 3600, sessions), turns) + waited - waited[first]
-    df = pd.DataFrame({"session_id": session, "turn_id": turn, "arrival_s": arrival,
-                       "n_input_tokens": history + prompt, "n_output_tokens": answer})
-    return df.sort_values("arrival_s", kind="stable", ignore_index=True)
+def marconi_shaped() -> pd.DataFrame:
+    """The benchmark workload: :func:`kavier.workloads.marconi_shaped`'s requests."""
+    return workloads.marconi_shaped().requests
 
 
 def _simulator():
     """What ``kavier simulate`` runs by default: thesis timing, Llama-3-8B on an A10, energy
-    with the linear power model."""
+    per request with the linear power model (fragments without energy columns, as the CLI
+    writes them unless a power model is asked for)."""
     gpu = gpu_library().get("A10")
     timing = make_timing("thesis", llm_library().get("Llama-3-8B"), gpu)
     power = Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
@@ -76,7 +57,7 @@ def one(rate: float | None, copies: int) -> dict:
     """Time one configuration in this process: ``rate`` None means task level only."""
     base = marconi_shaped()
     options = ExportOptions(export_rate_s=rate or 0.0, fragments=rate is not None,
-                            opendc=rate is not None)
+                            opendc=rate is not None, fragment_energy=False)
     sim = _simulator()
     with tempfile.TemporaryDirectory() as tmp, run_folder(tmp) as out:
         start = time.perf_counter()

@@ -463,3 +463,30 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
     click.echo(f"best: {result.best.name}; wrote {Path(output_folder)}/power_profile.json, "
                f"power_fit.png, ranking.csv" + (f" and the power section of {profile_path}"
                                                 if profile_path else ""))
+
+
+@main.command()
+@click.argument("experiment", type=click.Choice(["all", "accuracy", "speed", "kv-cache",
+                                                 "prefix-length", "cache-size"]))
+@click.option("--output-folder", default="runs/reproduce", show_default=True,
+              type=click.Path(file_okay=False), help="One subfolder per experiment.")
+@click.option("--scheduler", default=None,
+              help="Dask scheduler address (tcp://host:8786) for the sweeps [default: local "
+                   "worker processes].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes [default: one per CPU].")
+@click.option("--quick", is_flag=True, help="Small inputs (for tests and a first look).")
+@clean_errors
+def reproduce(experiment, output_folder, scheduler, workers, quick):
+    """Reproduce the thesis's experiments (Figures 6.2–6.7, Table 6.9): data, figures, report."""
+    from kavier.reproduce import EXPERIMENTS, RUNNERS
+
+    for name in EXPERIMENTS if experiment == "all" else (experiment,):
+        folder = Path(output_folder) / name
+        start = datetime.now(UTC)
+        with run_folder(folder) as out:
+            RUNNERS[name](out, quick=quick, scheduler=scheduler, workers=workers)
+            out.json("summary.json", {"experiment": name, "quick": quick,
+                                      "started": start.isoformat(timespec="seconds"),
+                                      "toolkit_version": toolkit_version()})
+        click.echo(f"{name}: wrote {folder}/report.md and its data and figures")
