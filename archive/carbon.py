@@ -1,7 +1,7 @@
 """Read grid carbon-intensity traces (gCO2 per kWh over time).
 
 A source is a country code of the bundled ``carbon-intensity-entsoe-2022`` dataset (``NL``,
-``DE``, ``FR``, ``BE``) or a Parquet/CSV file with OpenDC's carbon-trace columns
+``DE``, ``FR``, ``BE``), a carbon dataset folder, or a Parquet/CSV file with OpenDC's carbon-trace columns
 ``timestamp`` and ``carbon_intensity`` (gCO2/kWh). Timestamps without a zone are UTC, as
 OpenDC reads them; each value holds from its timestamp until the next.
 """
@@ -32,6 +32,10 @@ def _path(source: str | Path) -> Path:
     if str(source).upper() in carbon_countries() and not Path(source).exists():
         return dataset_dir(CARBON_DATASET) / f"{str(source).upper()}.parquet"
     path = Path(source)
+    if path.is_dir() and (path / "dataset.json").is_file():
+        import json
+
+        return path / json.loads((path / "dataset.json").read_text())["main_table"]
     if not path.exists():
         raise InputError(f"no such file or bundled carbon trace (countries: "
                          f"{', '.join(carbon_countries())})", path=source)

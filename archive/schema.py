@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1: measurements gained ITL/TPOT statistics, error and run_id; workloads gained sessions,
+turns and prompt content; GPU samples added. Readers accept 1.0 tables (a subset)."""
 
 
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -39,6 +41,17 @@ MEASUREMENTS = pa.schema(
                "measured.", nullable=True),
         _field("throughput_tok_s", pa.float64(), "Throughput as recorded by the tracer, "
                "tokens per second.", nullable=True),
+        _field("tpot_s", pa.float64(), "Time per output token after the first, "
+               "(latency − TTFT) / (n_output_tokens − 1), seconds; null if not measured.",
+               nullable=True),
+        _field("itl_mean_s", pa.float64(), "Mean inter-token latency, seconds.", nullable=True),
+        _field("itl_p50_s", pa.float64(), "Median inter-token latency, seconds.", nullable=True),
+        _field("itl_p99_s", pa.float64(), "99th-percentile inter-token latency, seconds.",
+               nullable=True),
+        _field("run_id", pa.string(), "Identifier of the tracing run (links GPU samples).",
+               nullable=True),
+        _field("error", pa.string(), "Why the request failed; null when it succeeded.",
+               nullable=True),
     ],
     metadata={"schema": "kavier-archive/measurements", "version": SCHEMA_VERSION},
 )
@@ -46,14 +59,59 @@ MEASUREMENTS = pa.schema(
 
 WORKLOAD = pa.schema(
     [
-        _field("arrival_s", pa.float64(), "Arrival time relative to the first request, seconds; "
+        _field("arrival_s", pa.float64(), "Arrival time in seconds from the trace's time zero "
+               "(relative timestamps are kept; absolute ones count from the first request); "
                "null when the trace has no timestamps.", nullable=True),
+        _field("session_id", pa.string(), "Conversation or user the request belongs to; null "
+               "when the trace has no sessions.", nullable=True),
+        _field("turn_id", pa.int32(), "0-based turn within the session; null without sessions.",
+               nullable=True),
         _field("n_input_tokens", pa.int64(), "Prompt (prefill) tokens."),
         _field("n_output_tokens", pa.int64(), "Generated (decode) tokens."),
+        _field("input_tokens", pa.list_(pa.int32()), "The prompt's token ids, when the trace "
+               "has them (prefix caching).", nullable=True),
+        _field("hash_ids", pa.list_(pa.int64()), "Prefix-block hashes of the prompt, one per "
+               "block of hash_block_size tokens (schema metadata), each naming the block and "
+               "everything before it.", nullable=True),
     ],
     metadata={"schema": "kavier-archive/workload", "version": SCHEMA_VERSION},
 )
-"""Workloads: one row per request to simulate."""
+"""Workloads: one row per request to simulate. Content columns may be absent."""
+
+GPU_SAMPLES = pa.schema(
+    [
+        _field("run_id", pa.string(), "Tracing run the sample belongs to (see measurements)."),
+        _field("timestamp", pa.timestamp("ms"), "Sample time as nvidia-smi printed it (the "
+               "GPU node's local time)."),
+        _field("gpu_index", pa.int32(), "GPU index on the node.", nullable=True),
+        _field("utilization_gpu_pct", pa.float64(), "utilization.gpu, % of time a kernel ran."),
+        _field("utilization_memory_pct", pa.float64(), "utilization.memory, %.", nullable=True),
+        _field("power_w", pa.float64(), "power.draw.instant where the driver has it, else "
+               "power.draw (a one-second average on Ampere and newer), W."),
+        _field("power_field", pa.string(), "Which nvidia-smi field power_w came from."),
+        _field("memory_used_mib", pa.float64(), "memory.used, MiB.", nullable=True),
+        _field("clock_sm_mhz", pa.float64(), "clocks.sm, MHz.", nullable=True),
+        _field("temperature_c", pa.float64(), "temperature.gpu, °C.", nullable=True),
+        _field("request_id", pa.int64(), "Request in flight when sampled; null between "
+               "requests.", nullable=True),
+    ],
+    metadata={"schema": "kavier-archive/gpu-samples", "version": SCHEMA_VERSION},
+)
+"""GPU samples taken by the tracer's nvidia-smi sampler, linked to measurements by run_id."""
+
+CARBON = pa.schema(
+    [
+        _field("timestamp", pa.timestamp("ms"), "Start of the step (UTC, as OpenDC reads it)."),
+        _field("carbon_intensity", pa.float64(), "Grid carbon intensity, gCO2 per kWh, from "
+               "this timestamp until the next."),
+    ],
+    metadata={"schema": "kavier-archive/carbon", "version": SCHEMA_VERSION},
+)
+"""Carbon-intensity traces, OpenDC's carbon-trace columns."""
+
+SCHEMAS = {"measurements": MEASUREMENTS, "workload": WORKLOAD, "gpu_samples": GPU_SAMPLES,
+           "carbon": CARBON}
+"""Table kinds of the archive, by name."""
 
 
 def column_docs(schema: pa.Schema) -> dict[str, str]:

@@ -17,11 +17,13 @@ Besides the counts, a trace may carry what the prompt *is*, which prefix caching
 * ``input_tokens``: the prompt's token ids, a Parquet ``list<int>`` column, a JSON list in
   JSON Lines, or a JSON-string column in CSV (the prototype's form ``"[1, 8853, ...]"``);
 * ``hash_ids``: one id per block of ``block_size`` prompt tokens, each naming the block *and
-  everything before it* (Mooncake's remapped prefix-block hashes; block size 512 there).
+  everything before it* (Mooncake's remapped prefix-block hashes; block size 512 there; an
+  archive workload table states it in its schema metadata ``hash_block_size``).
 
 A ``session_id`` column (conversation or user) is kept for session-scoped caches.
 
-A source is a path, or the name of a bundled workload dataset (``archive.list_datasets()``).
+A source is a file, a dataset folder, or the name of a bundled workload dataset
+(``archive.list_datasets()``).
 Every value is checked; the first bad one raises :class:`~archive.errors.InputError` naming
 file, line and field. Nothing is coerced silently.
 """
@@ -218,7 +220,8 @@ def _python_lists(values: pd.Series, path: Path, column: str,
 def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
              first_line: int) -> PromptContent | None:
     columns = table.column_names if table is not None else df.columns
-    present = [c for c in _CONTENT_COLUMNS if c in columns]
+    present = [c for c in _CONTENT_COLUMNS if c in columns and not (
+        table is not None and table.column(c).null_count == table.num_rows)]
     if not present:
         return None
     column = present[0]
@@ -228,6 +231,9 @@ def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
         offsets, values = _python_lists(df[column], path, column, first_line)
     kind = "tokens" if column == "input_tokens" else "hashes"
     block = MOONCAKE_BLOCK_SIZE if "input_length" in columns and kind == "hashes" else None
+    stored = (table.schema.metadata or {}).get(b"hash_block_size") if table is not None else None
+    if kind == "hashes" and stored:
+        block = int(stored)
     return PromptContent(kind, offsets, values, block)
 
 
@@ -248,7 +254,8 @@ def _check_lengths(n_in: pd.Series, content: PromptContent, path: Path, first_li
 
 
 def resolve(source: str | Path) -> Path:
-    """The file behind ``source``: an existing path, or a bundled workload dataset's table.
+    """The file behind ``source``: an existing file, a dataset folder (its main table), or a
+    bundled workload dataset's main table.
 
     Raises
     ------
@@ -256,6 +263,10 @@ def resolve(source: str | Path) -> Path:
         When ``source`` is neither.
     """
     path = Path(source)
+    if path.is_dir() and (path / "dataset.json").is_file():
+        import json
+
+        return path / json.loads((path / "dataset.json").read_text())["main_table"]
     if path.exists():
         return path
     from archive.datasets import dataset_dir, info, list_datasets
@@ -305,7 +316,7 @@ def read_trace(source: str | Path) -> Workload:
     })
     if ts is not None:
         out.insert(0, "arrival_s", _arrivals(df[ts], kind, path, ts, first_line).to_numpy())
-    if "session_id" in df.columns:
+    if "session_id" in df.columns and df["session_id"].notna().any():
         out["session_id"] = df["session_id"].to_numpy()
     return Workload(out, content, str(path))
 

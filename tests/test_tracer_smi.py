@@ -36,3 +36,11 @@ def test_cli_writes_parquet(tmp_path):
     result = CliRunner().invoke(main, ["parse-smi", str(CAPTURE), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert len(pd.read_parquet(out)) == 2915
+    import pyarrow.parquet as pq
+
+    from archive.schema import GPU_SAMPLES
+
+    table = pq.read_table(out)
+    assert table.schema.equals(GPU_SAMPLES)
+    assert set(table.column("power_field").to_pylist()) == {"power.draw"}
+    assert set(table.column("run_id").to_pylist()) == {"nvidia-smi-h100-loop100ms"}

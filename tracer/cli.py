@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from archive.errors import clean_errors
-from tracer.smi import CAPTURE_FIELDS, read_capture
+from tracer.smi import CAPTURE_FIELDS, read_capture, samples_table
 
 
 @click.group()
@@ -19,11 +19,18 @@ def main():
               help="The --query-gpu fields, in the order nvidia-smi printed them.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="Parquet file of GPU samples to write.")
+@click.option("--run-id", default=None, help="Run the samples belong to [default: the "
+                                              "capture's file name].")
 @clean_errors
-def parse_smi(capture, fields, output):
-    """Convert captured nvidia-smi CSV output into a GPU-samples Parquet table."""
-    samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
-    samples.to_parquet(output, index=False)
+def parse_smi(capture, fields, output, run_id):
+    """Convert captured nvidia-smi CSV output into an archive GPU-samples Parquet table."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    fields = tuple(f.strip() for f in fields.split(","))
+    samples = read_capture(capture, fields)
+    pq.write_table(samples_table(samples, run_id or Path(capture).stem, fields), output)
     span = (samples["timestamp"].iloc[-1] - samples["timestamp"].iloc[0]).total_seconds()
     click.echo(f"{len(samples)} samples over {span:.1f} s; power "
                f"{samples['power_w'].min():.1f}–{samples['power_w'].max():.1f} W -> {output}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from archive.errors import InputError, first_bad
+from archive.schema import GPU_SAMPLES
 
 FIELDS = {
     # nvidia-smi query field: (column, kind)
@@ -87,3 +89,23 @@ def read_capture(path: str | Path, fields: tuple[str, ...] = CAPTURE_FIELDS) -> 
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", path=path) from None
     return parse(lines, fields, str(path))
+
+
+def samples_table(samples: pd.DataFrame, run_id: str,
+                  fields: tuple[str, ...] = CAPTURE_FIELDS) -> pa.Table:
+    """Parsed samples as an archive GPU-samples table (:data:`archive.schema.GPU_SAMPLES`).
+
+    ``power_field`` records which nvidia-smi field ``power_w`` came from: ``power.draw.instant``
+    when it was queried (an instantaneous reading), else ``power.draw`` (a one-second average on
+    Ampere and newer). Columns not queried are null; ``request_id`` is null (the sampler of
+    ``tracer collect`` fills it).
+    """
+    n = len(samples)
+    columns = {"run_id": pa.array([run_id] * n, pa.string()),
+               "power_field": pa.array(["power.draw.instant" if "power.draw.instant" in fields
+                                        else "power.draw"] * n, pa.string())}
+    for field in GPU_SAMPLES:
+        if field.name in samples.columns:
+            columns[field.name] = pa.array(samples[field.name], field.type)
+        columns.setdefault(field.name, pa.nulls(n, field.type))
+    return pa.Table.from_arrays([columns[f.name] for f in GPU_SAMPLES], schema=GPU_SAMPLES)

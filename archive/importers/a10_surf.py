@@ -21,12 +21,14 @@ Re-run with ``archive rebuild a10-surf-vllm-llama3-8b``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from archive.cards import finish
 from archive.errors import InputError, first_bad
 from archive.schema import MEASUREMENTS
 
@@ -102,6 +104,10 @@ def convert(prefill_csv: str | Path, decode_csv: str | Path) -> pd.DataFrame:
         out["ttft_s"] = float("nan")
         out["decode_s"] = float("nan")
         out["throughput_tok_s"] = pd.to_numeric(raw["throughput_tokens_per_s"], errors="coerce")
+        for column in ("tpot_s", "itl_mean_s", "itl_p50_s", "itl_p99_s"):
+            out[column] = float("nan")          # the tracer recorded end-to-end latency only
+        out["run_id"] = None
+        out["error"] = None
         frames.append(out)
     df = pd.concat(frames, ignore_index=True)
     df.insert(0, "setup_id", (df["provider"] + "-" + df["gpu"] + "-" + df["engine"]
@@ -115,13 +121,17 @@ def to_table(df: pd.DataFrame) -> pa.Table:
 
 
 def rebuild(dataset_dir: str | Path) -> Path:
-    """Re-create ``measurements.parquet`` from the raw CSVs in ``dataset_dir``."""
+    """Re-create ``measurements.parquet`` from the raw CSVs in ``dataset_dir``, and its
+    checksums and card."""
     dataset_dir = Path(dataset_dir)
     df = convert(dataset_dir / "raw_prefill.csv", dataset_dir / "raw_decode.csv")
     out = dataset_dir / "measurements.parquet"
     tmp = out.with_suffix(".parquet.partial")
     pq.write_table(to_table(df), tmp)
     tmp.replace(out)
+    meta = json.loads((dataset_dir / "dataset.json").read_text())
+    meta.pop("created", None)
+    finish(dataset_dir, meta)
     return out
 
 
