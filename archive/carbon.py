@@ -1,9 +1,9 @@
 """Read grid carbon-intensity traces (gCO2 per kWh over time).
 
 A source is a country code of the bundled ``carbon-intensity-entsoe-2022`` dataset (``NL``,
-``DE``, ``FR``, ``BE``), a carbon dataset folder, or a Parquet/CSV file with OpenDC's carbon-trace columns
-``timestamp`` and ``carbon_intensity`` (gCO2/kWh). Timestamps without a zone are UTC, as
-OpenDC reads them; each value holds from its timestamp until the next.
+``DE``, ``FR``, ``BE``), a carbon dataset folder, or a Parquet/CSV file with OpenDC's
+carbon-trace columns ``timestamp`` and ``carbon_intensity`` (gCO2/kWh). Timestamps without a
+zone are UTC, as OpenDC reads them; each value holds from its timestamp until the next.
 """
 
 from __future__ import annotations

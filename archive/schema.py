@@ -34,7 +34,8 @@ MEASUREMENTS = pa.schema(
         _field("n_output_tokens", pa.int32(), "Tokens actually generated, first token included."),
         _field("n_output_tokens_requested", pa.int32(), "Output length the client asked for."),
         _field("repetition", pa.int32(), "0-based repetition index within (sweep, size)."),
-        _field("latency_s", pa.float64(), "End-to-end latency seen by the client, seconds."),
+        _field("latency_s", pa.float64(), "End-to-end latency seen by the client, seconds; "
+               "null when the request failed (see error).", nullable=True),
         _field("ttft_s", pa.float64(), "Time to first token, seconds; null if not measured.",
                nullable=True),
         _field("decode_s", pa.float64(), "Time from first to last token, seconds; null if not "
@@ -48,6 +49,13 @@ MEASUREMENTS = pa.schema(
         _field("itl_p50_s", pa.float64(), "Median inter-token latency, seconds.", nullable=True),
         _field("itl_p99_s", pa.float64(), "99th-percentile inter-token latency, seconds.",
                nullable=True),
+        _field("engine_prefill_s", pa.float64(), "The engine's own prefill time of the "
+               "request (delta of vllm:request_prefill_time_seconds_sum), seconds.",
+               nullable=True),
+        _field("engine_decode_s", pa.float64(), "The engine's own decode time (delta of "
+               "vllm:request_decode_time_seconds_sum), seconds.", nullable=True),
+        _field("prefix_cache_hits", pa.float64(), "Delta of vllm:prefix_cache_hits_total over "
+               "the request (tokens served from the prefix cache).", nullable=True),
         _field("run_id", pa.string(), "Identifier of the tracing run (links GPU samples).",
                nullable=True),
         _field("error", pa.string(), "Why the request failed; null when it succeeded.",

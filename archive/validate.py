@@ -125,7 +125,10 @@ class _Checker:
 
     def _measurements(self, b, offset):
         latency = self._column(b, "latency_s").to_numpy(zero_copy_only=False)
-        self.flag(~(latency > 0), offset, "non-positive latency_s")
+        error = self._column(b, "error")
+        failed = (np.zeros(len(b), bool) if error is None
+                  else pc.is_valid(error).to_numpy(zero_copy_only=False))
+        self.flag(~(latency > 0) & ~failed, offset, "non-positive latency_s (and no error)")
         for column in ("n_input_tokens", "n_output_tokens"):
             self.flag(self._column(b, column).to_numpy(zero_copy_only=False) < 0, offset,
                       f"negative {column}")

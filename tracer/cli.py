@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import click
+import os
+from pathlib import Path
 
-from archive.errors import clean_errors
+import click
+from tqdm import tqdm
+
+from archive.errors import InputError, clean_errors
+from tracer.collect import POWERS_OF_TWO
 from tracer.smi import CAPTURE_FIELDS, read_capture, samples_table
 
 
@@ -34,3 +39,97 @@ def parse_smi(capture, fields, output, run_id):
     span = (samples["timestamp"].iloc[-1] - samples["timestamp"].iloc[0]).total_seconds()
     click.echo(f"{len(samples)} samples over {span:.1f} s; power "
                f"{samples['power_w'].min():.1f}–{samples['power_w'].max():.1f} W -> {output}")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated token counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("token counts must be >= 1")
+    return sizes
+
+
+def _api_key(env: str, path: str | None) -> str | None:
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"cannot read the API key file: {exc.strerror}",
+                             field="api-key-file") from None
+    return os.environ.get(env) or None
+
+
+@main.command()
+@click.option("--url", required=True, help="vLLM server, e.g. http://node:8000.")
+@click.option("--output", "output", required=True, type=click.Path(file_okay=False),
+              help="Dataset folder to write.")
+@click.option("--gpu", required=True, help="GPU name as in the Kavier GPU library (e.g. A10).")
+@click.option("--provider", default="local", show_default=True, help="Cluster or cloud.")
+@click.option("--model-name", default=None,
+              help="Model name as in the Kavier LLM library [default: the served model id].")
+@click.option("--prefill-sizes", default=",".join(map(str, POWERS_OF_TWO)), show_default=True,
+              callback=lambda c, p, v: _sizes(v))
+@click.option("--decode-sizes", default=",".join(map(str, POWERS_OF_TWO)), show_default=True,
+              callback=lambda c, p, v: _sizes(v))
+@click.option("--repetitions", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--salt", type=click.Choice(["cache_salt", "prompt", "none"]),
+              default="cache_salt", show_default=True,
+              help="How to defeat the server's prefix cache per request.")
+@click.option("--api-key-env", default="TRACER_API_KEY", show_default=True,
+              help="Environment variable holding the API key.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the API key (never pass keys on the command line).")
+@click.option("--ssh", "ssh_target", default=None,
+              help="user@host[:port] of the GPU node for nvidia-smi sampling.")
+@click.option("--ssh-key", type=click.Path(dir_okay=False), default=None,
+              help="Private key file [default: the SSH agent].")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None)
+@click.option("--accept-unknown-host", is_flag=True,
+              help="Trust a host key not in known_hosts (first contact only; prefer adding it).")
+@click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted sweep in OUTPUT.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=600.0, show_default=True, help="Per-request timeout, s.")
+@clean_errors
+def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes, repetitions,
+            warmup, salt, api_key_env, api_key_file, ssh_target, ssh_key, known_hosts,
+            accept_unknown_host, loop_ms, resume, timeout_s):
+    """Measure prefill and decode sweeps on a vLLM server; write an archive dataset."""
+    from tracer.client import ServerError, VLLMClient
+    from tracer.collect import Setup, SweepPlan
+    from tracer.collect import collect as run_collect
+    from tracer.sampler import NvidiaSmiSampler, SamplerError, SSHTarget
+
+    client = VLLMClient(url, _api_key(api_key_env, api_key_file), timeout_s)
+    try:
+        served = client.models()[0]["id"]
+        version = _engine_version(client)
+        sampler = None
+        if ssh_target:
+            user, _, hostport = ssh_target.rpartition("@")
+            host, _, port = hostport.partition(":")
+            sampler = NvidiaSmiSampler(SSHTarget(host, user or os.environ.get("USER", ""),
+                                                 int(port or 22), ssh_key, known_hosts,
+                                                 accept_unknown_host), loop_ms)
+        setup = Setup(provider, gpu, model_name or served, served, engine_version=version,
+                      node=ssh_target.rpartition("@")[2] if ssh_target else "")
+        plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt)
+        with tqdm(total=len(plan.requests()), unit="req", disable=None, desc="collect") as bar:
+            out = run_collect(client, plan, setup, output, sampler, resume,
+                              lambda done, total: bar.update(1))
+    except (ServerError, SamplerError) as exc:
+        raise InputError(str(exc)) from None
+    click.echo(f"wrote {out} (measurements.parquet, setup.json"
+               f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
+
+
+def _engine_version(client) -> str:
+    from tracer.client import ServerError
+
+    try:
+        return str(client._call("GET", "/version").json().get("version", ""))
+    except (ServerError, ValueError):
+        return ""

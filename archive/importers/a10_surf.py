@@ -104,7 +104,8 @@ def convert(prefill_csv: str | Path, decode_csv: str | Path) -> pd.DataFrame:
         out["ttft_s"] = float("nan")
         out["decode_s"] = float("nan")
         out["throughput_tok_s"] = pd.to_numeric(raw["throughput_tokens_per_s"], errors="coerce")
-        for column in ("tpot_s", "itl_mean_s", "itl_p50_s", "itl_p99_s"):
+        for column in ("tpot_s", "itl_mean_s", "itl_p50_s", "itl_p99_s", "engine_prefill_s",
+                       "engine_decode_s", "prefix_cache_hits"):
             out[column] = float("nan")          # the tracer recorded end-to-end latency only
         out["run_id"] = None
         out["error"] = None

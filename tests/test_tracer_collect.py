@@ -1,0 +1,164 @@
+"""``tracer collect`` against a real HTTP server on loopback and a real sshd on loopback."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from fake_vllm import FakeState, FakeTiming, start
+from sshd import sshd_binary, start_sshd
+
+from archive.schema import GPU_SAMPLES
+from archive.validate import validate
+from tracer.cli import main as tracer_cli
+from tracer.client import VLLMClient
+from tracer.collect import Setup, SweepPlan, collect
+from tracer.sampler import NvidiaSmiSampler, SamplerError, SSHTarget
+
+MODEL = "Llama-3-8B"
+SECRET = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture()
+def server():
+    state = FakeState(model=MODEL, timing=FakeTiming(0.004, 2e-6, 0.002))
+    srv, url = start(state)
+    yield state, url
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if sshd_binary() is None:
+        pytest.skip("OpenSSH sshd is not installed (.ci/run installs openssh-server)")
+    srv = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield srv
+    srv.process.terminate()
+    srv.process.wait(timeout=10)
+
+
+def target(srv, **changes):
+    return SSHTarget(**{"host": srv.host, "user": srv.user, "port": srv.port,
+                        "key_file": srv.key_file, "known_hosts": srv.known_hosts, **changes})
+
+
+def test_streaming_client_measures_what_the_server_does(server):
+    state, url = server
+    client = VLLMClient(url)
+    prompt = client.prompt_tokens(MODEL, 1000)
+    assert len(prompt) == 1000                              # exact, as token ids
+    before = client.metrics()
+    r = client.complete(MODEL, prompt, 20, cache_salt="s1")
+    after = client.metrics()
+    true_prefill = 0.004 + 2e-6 * 1000
+    assert r.success and (r.n_input_tokens, r.n_output_tokens) == (1000, 20)
+    assert true_prefill <= r.ttft_s < true_prefill + 0.05
+    assert len(r.itl_s) == 19 and 0.002 <= sorted(r.itl_s)[9] < 0.004
+    assert r.tpot_s == pytest.approx((r.latency_s - r.ttft_s) / 19)
+    engine_prefill = after["prefill"] - before["prefill"]
+    assert true_prefill <= engine_prefill <= r.ttft_s       # client sees engine + HTTP
+    assert state.salts == ["s1"]
+
+
+def test_api_key_is_sent_and_never_shown(server, tmp_path):
+    state, url = server
+    state.api_key = SECRET
+    assert VLLMClient(url, SECRET).models()[0]["id"] == MODEL
+    result = VLLMClient(url, "wrong").complete(MODEL, [1, 2, 3], 2)
+    assert not result.success and "401" in result.error and "wrong" not in result.error
+    key_file = tmp_path / "key"
+    key_file.write_text(SECRET + "\n")
+    out = tmp_path / "run"
+    cli = CliRunner().invoke(tracer_cli, [
+        "collect", "--url", url, "--output", str(out), "--gpu", "A10",
+        "--prefill-sizes", "8", "--decode-sizes", "4", "--repetitions", "1", "--warmup", "0",
+        "--api-key-file", str(key_file)])
+    assert cli.exit_code == 0, cli.output
+    for path in out.iterdir():
+        assert SECRET not in path.read_text(errors="ignore"), path
+    assert SECRET not in cli.output
+
+
+def test_collect_end_to_end_with_gpu_sampling_then_calibrate(server, sshd, tmp_path):
+    state, url = server
+    state.fail_next = 0
+    out = tmp_path / "dataset"
+    plan = SweepPlan((64, 128, 256, 512), (8, 16, 32, 64), repetitions=2, warmup=1)
+    setup = Setup("loopback", "A10", MODEL, MODEL, engine_version="0.0.0-fake")
+    with_sampler = NvidiaSmiSampler(target(sshd), loop_ms=20)
+    collect(VLLMClient(url), plan, setup, out, with_sampler)
+    assert validate(out) == []
+    m = pd.read_parquet(out / "measurements.parquet")
+    assert len(m) == 16 and m["error"].isna().all()
+    assert (m.loc[m.sweep == "prefill", "n_input_tokens"].tolist()
+            == [64, 64, 128, 128, 256, 256, 512, 512])
+    assert (m["engine_prefill_s"] > 0).all() and (m["ttft_s"] >= m["engine_prefill_s"]).all()
+    gpu = pq.read_table(out / "gpu_samples.parquet")
+    assert gpu.schema.equals(GPU_SAMPLES) and gpu.num_rows > 5
+    assert set(gpu.column("power_field").to_pylist()) == {"power.draw.instant"}
+    tagged = set(gpu.column("request_id").drop_null().to_pylist())
+    assert tagged and tagged <= set(range(16))
+    assert len(set(state.salts)) == len(state.salts)        # prefix cache defeated
+    setup_json = json.loads((out / "setup.json").read_text())
+    assert setup_json["gpu_power_field"] == "power.draw.instant"
+    from kavier.cli import main as kavier_cli
+
+    cal = CliRunner().invoke(kavier_cli, ["calibrate", "--dataset", str(out),
+                                          "--output-folder", str(tmp_path / "cal")])
+    assert cal.exit_code == 0, cal.output
+    assert json.loads((tmp_path / "cal" / "profile.json").read_text())["gpu"] == "A10"
+
+
+def test_failures_are_recorded_and_resume_continues(server, tmp_path):
+    state, url = server
+    state.fail_next = 1
+    plan = SweepPlan((8, 16), (4,), repetitions=2, warmup=0)
+    setup = Setup("loopback", "A10", MODEL, MODEL)
+    out = tmp_path / "run"
+
+    def crash_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        collect(VLLMClient(url), plan, setup, out, progress=crash_after_three)
+    kept = (out / "measurements.jsonl").read_text().splitlines()
+    assert len(kept) == 3 and json.loads(kept[0])["error"] == "POST /v1/completions answered " \
+                                                              "HTTP 500"
+    collect(VLLMClient(url), plan, setup, out, resume=True)
+    m = pd.read_parquet(out / "measurements.parquet")
+    keys = ["sweep", "n_input_tokens", "n_output_tokens_requested", "repetition"]
+    assert len(m) == 6 and m[keys].duplicated().sum() == 0
+    assert m["error"].notna().sum() == 1
+
+
+def test_ssh_errors_are_clear_and_hold_no_secrets(sshd, tmp_path):
+    with pytest.raises(SamplerError, match="not in known_hosts"):
+        target(sshd, known_hosts=str(tmp_path / "empty")).connect()
+    other = tmp_path / "other"
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                   check=True)
+    with pytest.raises(SamplerError, match="authentication refused") as err:
+        target(sshd, key_file=str(other)).connect()
+    assert Path(str(other)).read_text().splitlines()[1] not in str(err.value)
+    with pytest.raises(SamplerError, match="cannot connect"):
+        target(sshd, port=1).connect(timeout_s=2)
+    accepted = target(sshd, known_hosts=str(tmp_path / "empty"), accept_unknown_host=True)
+    accepted.connect().close()
+
+
+def test_missing_nvidia_smi_is_reported(tmp_path):
+    if sshd_binary() is None:
+        pytest.skip("OpenSSH sshd is not installed")
+    srv = start_sshd(tmp_path / "bare", with_nvidia_smi=False)
+    try:
+        with pytest.raises(SamplerError, match="nvidia-smi is not available"), \
+                NvidiaSmiSampler(target(srv)):
+            pass
+    finally:
+        srv.process.terminate()
+        srv.process.wait(timeout=10)

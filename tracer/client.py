@@ -1,0 +1,207 @@
+"""Client for a vLLM OpenAI-compatible server: one request function that returns a result
+record (vLLM's benchmark habit), exact-length prompts, and the engine's own metrics.
+
+Definitions (as ``vllm bench serve`` computes them):
+
+* **TTFT**: from sending the request to the first SSE event that carries a choice;
+* **ITL**: the gaps between consecutive such events;
+* **E2E latency**: from sending to the end of the stream;
+* **decode time**: E2E − TTFT; **TPOT** = (E2E − TTFT) / (n_out − 1), with ``n_out`` from the
+  server's ``usage`` (``stream_options.include_usage``), not from counting events (one event
+  can carry several tokens).
+
+Other tools differ: genai-perf also reports TTFT at the first response but skips empty first
+chunks and computes ITL per token from its own tokenizer; guidellm measures time to first token
+at the first *non-empty* text and TPOT over all output tokens including the first. Our numbers
+are comparable with vLLM's own benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+LOREM = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+         "incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud "
+         "exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure "
+         "dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur.")
+INSTRUCTION = "What is the most common word in the following text? "
+ENGINE_METRICS = {"prefill": "vllm:request_prefill_time_seconds",
+                  "decode": "vllm:request_decode_time_seconds",
+                  "prefix_cache_hits": "vllm:prefix_cache_hits"}
+"""vLLM's Prometheus series whose sums the tracer differences around each request."""
+
+
+class ServerError(RuntimeError):
+    """The server could not be reached or refused a call; the message never holds the key."""
+
+
+@dataclass
+class RequestResult:
+    """One streamed request, as measured by the client (times in seconds)."""
+
+    success: bool
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    n_input_tokens: int | None = None
+    n_output_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def decode_s(self) -> float | None:
+        """E2E − TTFT."""
+        return None if not self.success else self.latency_s - self.ttft_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(E2E − TTFT) / (n_out − 1); None for one output token."""
+        if not self.success or not self.n_output_tokens or self.n_output_tokens < 2:
+            return None
+        return self.decode_s / (self.n_output_tokens - 1)
+
+    def itl_stats(self) -> dict:
+        """Mean, median and 99th percentile of the inter-token latencies."""
+        if not self.itl_s:
+            return {"itl_mean_s": None, "itl_p50_s": None, "itl_p99_s": None}
+        itl = np.asarray(self.itl_s)
+        return {"itl_mean_s": float(itl.mean()), "itl_p50_s": float(np.percentile(itl, 50)),
+                "itl_p99_s": float(np.percentile(itl, 99))}
+
+
+class VLLMClient:
+    """Talks to one vLLM server.
+
+    Parameters
+    ----------
+    base_url : str
+        e.g. ``http://node:8000``.
+    api_key : str or None
+        Sent as a bearer token; never logged or put into errors.
+    timeout_s : float
+        Per-request timeout (connect and between stream events).
+    retries : int
+        Attempts for connection errors, with exponential backoff (0.5, 1, 2 s …).
+    """
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0,
+                 retries: int = 3) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s, self.retries = timeout_s, retries
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _call(self, method: str, path: str, **kwargs) -> requests.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.session.request(method, self.base_url + path,
+                                                timeout=self.timeout_s, **kwargs)
+            except requests.ConnectionError as exc:
+                if attempt == self.retries:
+                    raise ServerError(f"cannot reach {self.base_url}: "
+                                      f"{type(exc).__name__}") from None
+                time.sleep(0.5 * 2**attempt)
+                continue
+            if response.status_code >= 400:
+                raise ServerError(f"{method} {path} answered HTTP {response.status_code}")
+            return response
+        raise AssertionError("unreachable")
+
+    def models(self) -> list[dict]:
+        """``/v1/models``: the served models."""
+        return self._call("GET", "/v1/models").json()["data"]
+
+    def tokenize(self, model: str, text: str) -> list[int]:
+        """Token ids of ``text`` by the server's tokenizer (``/tokenize``)."""
+        return self._call("POST", "/tokenize", json={"model": model, "prompt": text,
+                                                     "add_special_tokens": False}
+                          ).json()["tokens"]
+
+    def prompt_tokens(self, model: str, n_tokens: int) -> list[int]:
+        """A prompt of exactly ``n_tokens`` token ids: the "most common word" question over
+        lorem-ipsum text, repeated and cut to length. Sent as token ids, so the count is exact
+        whatever the tokenizer does at word boundaries."""
+        head = self.tokenize(model, INSTRUCTION)
+        body = self.tokenize(model, LOREM + " ")
+        ids = head + body * (max(n_tokens - len(head), 0) // max(len(body), 1) + 1)
+        return ids[:n_tokens]
+
+    def metrics(self) -> dict[str, float]:
+        """Sums of :data:`ENGINE_METRICS` from ``/metrics`` (missing series are absent)."""
+        text = self._call("GET", "/metrics").text
+        wanted = {v: k for k, v in ENGINE_METRICS.items()}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            name = wanted.get(family.name)
+            for sample in family.samples:
+                if name and sample.name in (f"{family.name}_sum", f"{family.name}_total",
+                                            family.name):
+                    out[name] = out.get(name, 0.0) + sample.value
+                if name == "prefill" and sample.name == f"{family.name}_count":
+                    out["finished"] = out.get("finished", 0.0) + sample.value
+        return out
+
+    def metrics_after(self, before: dict[str, float], wait_s: float = 1.0) -> dict[str, float]:
+        """``/metrics`` once the engine has counted one more finished request than in
+        ``before`` (it may record a request just after its stream ends), polling for up to
+        ``wait_s``; the last scrape if it never does."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = self.metrics()
+            if now.get("finished", 0.0) > before.get("finished", 0.0) or (
+                    time.monotonic() > deadline):
+                return now
+            time.sleep(0.01)
+
+    def complete(self, model: str, prompt: list[int] | str, n_output_tokens: int,
+                 cache_salt: str | None = None, temperature: float = 0.0) -> RequestResult:
+        """Stream one completion of exactly ``n_output_tokens`` tokens (``max_tokens`` =
+        ``min_tokens``, ``ignore_eos``) and measure it. Failures come back as a result with
+        ``success=False`` and the error, never as an exception."""
+        payload = {"model": model, "prompt": prompt, "max_tokens": n_output_tokens,
+                   "min_tokens": n_output_tokens, "ignore_eos": True, "stream": True,
+                   "stream_options": {"include_usage": True}, "temperature": temperature}
+        if cache_salt:
+            payload["cache_salt"] = cache_salt
+        start = time.perf_counter()
+        try:
+            response = self._call("POST", "/v1/completions", json=payload, stream=True)
+            return self._read_stream(response, start)
+        except (ServerError, requests.RequestException, ValueError) as exc:
+            message = str(exc) if isinstance(exc, ServerError) else type(exc).__name__
+            return RequestResult(False, error=message)
+
+    @staticmethod
+    def _read_stream(response: requests.Response, start: float) -> RequestResult:
+        result = RequestResult(True)
+        last = None
+        with response:
+            # chunk_size=None: hand each HTTP chunk over as it arrives (a fixed read size
+            # would hold events back until it fills, and shift TTFT and ITL)
+            for line in response.iter_lines(chunk_size=None):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                event = json.loads(data)
+                if event.get("choices"):
+                    if result.ttft_s is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                if event.get("usage"):
+                    result.n_input_tokens = event["usage"].get("prompt_tokens")
+                    result.n_output_tokens = event["usage"].get("completion_tokens")
+        result.latency_s = time.perf_counter() - start
+        if result.ttft_s is None:
+            return RequestResult(False, error="stream ended without a token")
+        return result

@@ -1,0 +1,237 @@
+"""``tracer collect``: prefill and decode sweeps against a vLLM server, written as an archive
+measurements dataset (thesis 6.2.3–6.2.6, done the careful way).
+
+* Prompts have exactly the planned number of tokens (sent as token ids built with the server's
+  ``/tokenize``); outputs exactly the planned number (``max_tokens = min_tokens``,
+  ``ignore_eos``); token counts recorded are the server's ``usage``.
+* Every request is streamed and timed (:mod:`tracer.client`); around it ``/metrics`` is
+  scraped so that the engine's own prefill and decode times sit beside the client's TTFT and
+  decode time (the difference is HTTP and scheduling overhead).
+* The server's prefix cache is defeated per request (a unique ``cache_salt``, or with
+  ``salt="prompt"`` unique leading tokens for servers without it), so repetitions measure
+  prefill, not cache hits.
+* Warm-up requests run first and are not recorded.
+* Each finished request is appended to ``measurements.jsonl`` and flushed to disk at once; a
+  crash loses nothing measured, and ``resume=True`` skips what is already there. Failed
+  requests are recorded with their error, never dropped.
+* With an :class:`~tracer.sampler.NvidiaSmiSampler`, GPU samples are tagged with the request
+  in flight and written as ``gpu_samples.parquet``.
+
+At the end ``measurements.parquet`` (schema :data:`archive.schema.MEASUREMENTS`, which
+``kavier calibrate --dataset DIR`` reads as is), ``setup.json`` and ``dataset.json`` with the
+card are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from archive.cards import finish
+from archive.schema import MEASUREMENTS
+from tracer.client import RequestResult, ServerError, VLLMClient
+from tracer.sampler import NvidiaSmiSampler
+from tracer.smi import samples_table
+
+POWERS_OF_TWO = tuple(2**k for k in range(6, 15))
+"""Default sweep sizes: 64 … 16,384 tokens."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What to measure.
+
+    Attributes
+    ----------
+    prefill_sizes : tuple of int
+        Prompt lengths of the prefill sweep (one output token each).
+    decode_sizes : tuple of int
+        Output lengths of the decode sweep (prompt of ``decode_prompt_tokens``).
+    repetitions : int
+    warmup : int
+        Unrecorded requests sent first.
+    decode_prompt_tokens : int
+    salt : {"cache_salt", "prompt", "none"}
+        How the server's prefix cache is defeated.
+    """
+
+    prefill_sizes: tuple[int, ...] = POWERS_OF_TWO
+    decode_sizes: tuple[int, ...] = POWERS_OF_TWO
+    repetitions: int = 10
+    warmup: int = 2
+    decode_prompt_tokens: int = 16
+    salt: str = "cache_salt"
+
+    def requests(self) -> list[dict]:
+        """The planned requests in order: the prefill sweep, then the decode sweep."""
+        plan = [{"sweep": "prefill", "size": s, "repetition": r, "n_input": s, "n_output": 1}
+                for s in self.prefill_sizes for r in range(self.repetitions)]
+        plan += [{"sweep": "decode", "size": s, "repetition": r,
+                  "n_input": self.decode_prompt_tokens, "n_output": s}
+                 for s in self.decode_sizes for r in range(self.repetitions)]
+        return plan
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What was measured on what: recorded in ``setup.json`` and the measurement rows."""
+
+    provider: str
+    gpu: str
+    model: str
+    served_model: str
+    engine: str = "vLLM"
+    engine_version: str = ""
+    cluster: str = ""
+    node: str = ""
+    gpu_name_smi: str = ""
+    dtype: str = ""
+    temperature: float = 0.0
+    kv_cache: str = "on"
+    prefix_caching: str = "server default; defeated per request"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def setup_id(self) -> str:
+        """``provider-gpu-engineversion-model``, lower case."""
+        return f"{self.provider}-{self.gpu}-{self.engine}{self.engine_version}-{self.model}".lower()
+
+
+def _key(row: dict) -> tuple:
+    return row["sweep"], int(row["size"]), int(row["repetition"])
+
+
+def _row(planned: dict, result: RequestResult, setup: Setup, run_id: str,
+         engine: dict[str, float]) -> dict:
+    n_out = result.n_output_tokens if result.success else None
+    return {
+        "setup_id": setup.setup_id, "provider": setup.provider, "gpu": setup.gpu,
+        "engine": setup.engine, "engine_version": setup.engine_version, "model": setup.model,
+        "sweep": planned["sweep"], "size": planned["size"],
+        "n_input_tokens": result.n_input_tokens or planned["n_input"],
+        "n_input_tokens_estimated": result.n_input_tokens is None,
+        "n_output_tokens": n_out if n_out is not None else 0,
+        "n_output_tokens_requested": planned["n_output"], "repetition": planned["repetition"],
+        "latency_s": result.latency_s, "ttft_s": result.ttft_s, "decode_s": result.decode_s,
+        "throughput_tok_s": (n_out / result.latency_s) if result.success else None,
+        "tpot_s": result.tpot_s, **result.itl_stats(),
+        "engine_prefill_s": engine.get("prefill"), "engine_decode_s": engine.get("decode"),
+        "prefix_cache_hits": engine.get("prefix_cache_hits"),
+        "run_id": run_id, "error": result.error,
+    }
+
+
+def _salted(prompt: list[int], index: int, run_id: str, mode: str) -> tuple[list[int], str]:
+    salt = f"{run_id}-{index}"
+    if mode != "prompt":
+        return prompt, (salt if mode == "cache_salt" else None)
+    unique = [1000 + (index >> (8 * k)) % 256 for k in range(3)]   # distinct leading tokens
+    return unique + prompt[len(unique):] if len(prompt) > len(unique) else prompt, None
+
+
+def _engine_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after if k in before}
+
+
+def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Path,
+            sampler: NvidiaSmiSampler | None = None, resume: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> Path:
+    """Run the sweep and write the dataset folder ``out_dir``; returns it.
+
+    Raises
+    ------
+    ServerError
+        When the server cannot be reached at all (failed single requests are recorded).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "measurements.jsonl"
+    done = set()
+    if resume and log.exists():
+        done = {_key(json.loads(line)) for line in log.read_text().splitlines() if line}
+    elif log.exists():
+        log.unlink()
+    run_id = f"{setup.setup_id}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    prompts: dict[int, list[int]] = {}
+
+    def prompt(n: int) -> list[int]:
+        if n not in prompts:
+            prompts[n] = client.prompt_tokens(setup.served_model, n)
+        return prompts[n]
+
+    for i in range(plan.warmup):
+        client.complete(setup.served_model, prompt(plan.decode_prompt_tokens), 8,
+                        cache_salt=f"warmup-{run_id}-{i}" if plan.salt == "cache_salt" else None)
+    planned = [p for p in plan.requests() if _key(p) not in done]
+    has_metrics = _has_metrics(client)
+    with open(log, "a") as sink, (sampler or _NoSampler()) as gpu:
+        for index, request in enumerate(planned):
+            gpu.request_id = len(done) + index
+            tokens, salt = _salted(prompt(request["n_input"]), len(done) + index, run_id,
+                                   plan.salt)
+            before = client.metrics() if has_metrics else {}
+            result = client.complete(setup.served_model, tokens, request["n_output"], salt,
+                                     setup.temperature)
+            engine = _engine_delta(before, client.metrics_after(before)) if has_metrics else {}
+            gpu.request_id = None
+            sink.write(json.dumps(_row(request, result, setup, run_id, engine)) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+            if progress:
+                progress(index + 1, len(planned))
+        samples = gpu.samples
+    _write_dataset(out, log, samples, setup, plan, run_id,
+                   sampler.power_field if sampler else None)
+    return out
+
+
+def _has_metrics(client: VLLMClient) -> bool:
+    try:
+        return bool(client.metrics())
+    except ServerError:
+        return False
+
+
+class _NoSampler:
+    request_id = None
+    samples = pd.DataFrame()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _write_dataset(out: Path, log: Path, samples: pd.DataFrame, setup: Setup, plan: SweepPlan,
+                   run_id: str, power_field: str | None) -> None:
+    rows = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines() if line])
+    table = pa.Table.from_pandas(rows[MEASUREMENTS.names], schema=MEASUREMENTS,
+                                 preserve_index=False)
+    pq.write_table(table, out / "measurements.parquet")
+    files = ["measurements.parquet", "measurements.jsonl", "setup.json"]
+    if not samples.empty:
+        fields = ("power.draw.instant",) if power_field == "power.draw.instant" else ()
+        pq.write_table(samples_table(samples, run_id, fields), out / "gpu_samples.parquet")
+        files.append("gpu_samples.parquet")
+    (out / "setup.json").write_text(json.dumps({**asdict(setup), "setup_id": setup.setup_id,
+                                                "run_id": run_id, "plan": asdict(plan),
+                                                "gpu_power_field": power_field}, indent=2))
+    failed = int(rows["error"].notna().sum())
+    finish(out, {
+        "name": out.name, "title": f"{setup.model} on {setup.gpu} ({setup.provider}, "
+                                   f"{setup.engine} {setup.engine_version})",
+        "kind": "measurements", "version": "1.0.0", "main_table": "measurements.parquet",
+        "files": files, "creators": ["tracer collect"], "licence": "as its owner decides",
+        "source": f"tracer collect, run {run_id}", "citation": "see source",
+        "description": f"Prefill sweep {list(plan.prefill_sizes)} and decode sweep "
+                       f"{list(plan.decode_sizes)} tokens, {plan.repetitions} repetitions; "
+                       f"{len(rows)} requests, {failed} failed (recorded with their error)."})
