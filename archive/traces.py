@@ -195,22 +195,31 @@ def _arrow_lists(table: pa.Table, column: str, path: Path) -> tuple[np.ndarray, 
     return offsets, values
 
 
+def id_list(value) -> list[int] | None:
+    """``value`` as a list of non-negative integer ids (a list, or a JSON string of one, as
+    the prototype's CSVs hold), or None when it is not one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return value
+    return None
+
+
 def _python_lists(values: pd.Series, path: Path, column: str,
                   first_line: int) -> tuple[np.ndarray, np.ndarray]:
     """Offsets and values of a column of lists, or of JSON-string lists (CSV), checked."""
     lists = []
     for i, value in enumerate(values):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = None
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            shown = str(value if value is not None else values.iloc[i])[:40]
-            raise InputError(f"expected a list of non-negative integers, got {shown!r}",
-                             path=path, row=i + first_line, field=column)
-        lists.append(value)
+        parsed = id_list(value)
+        if parsed is None:
+            raise InputError(f"expected a list of non-negative integers, got "
+                             f"{str(value)[:40]!r}", path=path, row=i + first_line,
+                             field=column)
+        lists.append(parsed)
     lengths = np.fromiter((len(v) for v in lists), np.int64, len(lists))
     offsets = np.concatenate(([0], np.cumsum(lengths)))
     flat = np.fromiter((v for row in lists for v in row), np.int64, int(offsets[-1]))

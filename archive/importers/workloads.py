@@ -40,6 +40,7 @@ from tqdm import tqdm
 from archive.cards import finish
 from archive.errors import InputError
 from archive.schema import WORKLOAD
+from archive.traces import id_list
 
 
 @dataclass(frozen=True)
@@ -134,18 +135,8 @@ def _times(values: pd.Series, kind: str, state: _State) -> tuple[np.ndarray, np.
 
 
 def _lists(values: pd.Series) -> tuple[list, np.ndarray]:
-    out, bad = [], np.zeros(len(values), bool)
-    for i, value in enumerate(values):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = None
-        ok = isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-        out.append(value if ok else None)
-        bad[i] = not ok
-    return out, bad
+    out = [id_list(value) for value in values]
+    return out, np.array([v is None for v in out], bool)
 
 
 def _turns(sessions: np.ndarray, turns: np.ndarray, state: _State) -> np.ndarray:
