@@ -56,6 +56,8 @@ MEASUREMENTS = pa.schema(
                "vllm:request_decode_time_seconds_sum), seconds.", nullable=True),
         _field("prefix_cache_hits", pa.float64(), "Delta of vllm:prefix_cache_hits_total over "
                "the request (tokens served from the prefix cache).", nullable=True),
+        _field("concurrency", pa.int32(), "Requests in flight together when this one was "
+               "sent (1: a sequential sweep); null in traces that do not say.", nullable=True),
         _field("run_id", pa.string(), "Identifier of the tracing run (links GPU samples).",
                nullable=True),
         _field("error", pa.string(), "Why the request failed; null when it succeeded.",

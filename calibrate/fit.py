@@ -46,7 +46,8 @@ REQUIRED = ("sweep", "n_input_tokens", "n_output_tokens", "n_output_tokens_reque
 def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """Validate a measurements table for calibration and keep its usable rows.
 
-    Rows that failed (``error`` set, when the column exists) are left out. Raises
+    Rows that failed (``error`` set, when the column exists) and rows measured with other
+    requests in flight (``concurrency`` > 1) are left out. Raises
     :class:`InputError` naming ``source``, the row (1-based) and the field for missing
     columns, unknown sweeps, non-positive latencies or bad token counts, and when a stage has
     no rows.
@@ -56,6 +57,8 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise InputError(f"missing column(s) {missing} for calibration", path=source)
     if "error" in df.columns:
         df = df[df["error"].isna() | (df["error"] == "")]
+    if "concurrency" in df.columns:          # the timing model is of one request at a time
+        df = df[df["concurrency"].isna() | (df["concurrency"] == 1)]
     df = df.reset_index(drop=True)
     checks = [
         ("sweep", ~df["sweep"].isin(STAGES), f"must be one of {STAGES}"),

@@ -162,3 +162,66 @@ def test_missing_nvidia_smi_is_reported(tmp_path):
     finally:
         srv.process.terminate()
         srv.process.wait(timeout=10)
+
+
+def test_concurrency_levels_send_requests_together(server, tmp_path):
+    state, url = server
+    plan = SweepPlan((32,), (16,), repetitions=2, warmup=0, concurrency=(1, 4))
+    out = collect(VLLMClient(url), plan, Setup("loopback", "A10", MODEL, MODEL), tmp_path / "c")
+    m = pd.read_parquet(out / "measurements.parquet")
+    assert len(m) == 2 * (1 + 4) * 2 and set(m["concurrency"]) == {1, 4}
+    together = m[(m["concurrency"] == 4) & (m["sweep"] == "decode")]
+    alone = m[(m["concurrency"] == 1) & (m["sweep"] == "decode")]
+    assert together["engine_decode_s"].isna().all() and alone["engine_decode_s"].notna().all()
+    # four in flight on a server that serves them in parallel threads: about as fast as one
+    assert together["latency_s"].median() < 3 * alone["latency_s"].median()
+    assert validate(out) == []
+
+
+FAKE_SLURM = {
+    "sbatch": "#!/bin/sh\ncat > {state}/job.sh\necho 4242 > {state}/job\necho 4242\n",
+    "squeue": "#!/bin/sh\n[ -f {state}/cancelled ] && exit 0\n"
+              "if [ -f {state}/polled ]; then echo 'RUNNING gpu-node-7'; "
+              "else touch {state}/polled; echo 'PENDING (None)'; fi\n",
+    "curl": "#!/bin/sh\n[ -f {state}/polled ] && case \"$*\" in "
+            "*gpu-node-7:8123/health*) exit 0;; esac\nexit 7\n",
+    "scancel": "#!/bin/sh\necho \"$1\" > {state}/cancelled\n",
+}
+
+
+def test_serve_submits_waits_and_cancels(sshd, tmp_path):
+    from tracer.slurm import ClusterProfile, SlurmJob
+
+    bin_dir = Path(sshd.key_file).parent / "bin"
+    state = tmp_path / "slurm"
+    state.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text.format(state=state))
+        (bin_dir / name).chmod(0o755)
+    profile_path = tmp_path / "cluster.toml"
+    profile_path.write_text(
+        f'name = "loopback"\nlogin = "{sshd.user}@127.0.0.1:{sshd.port}"\n'
+        'partition = "gpu_a100"\nport = 8123\nsetup = ["module load 2024"]\n')
+    profile = ClusterProfile.read(profile_path)
+    import tracer
+
+    example = ClusterProfile.read(Path(tracer.__file__).parent / "clusters" /
+                                  "example-slurm.toml")
+    assert "#SBATCH --gres=gpu:H100:1" in example.job_script("m", "H100")
+    with SlurmJob(profile, profile.target(sshd.key_file, sshd.known_hosts)) as job:
+        assert job.submit(profile.job_script("meta-llama/Llama-3.1-8B", "A100")) == "4242"
+        assert job.wait_running(timeout_s=10, poll_s=0.05) == "gpu-node-7"
+        assert job.wait_healthy(timeout_s=10, poll_s=0.05) == "http://gpu-node-7:8123"
+    script = (state / "job.sh").read_text()
+    assert "#SBATCH --gres=gpu:A100:1" in script and "#SBATCH --partition=gpu_a100" in script
+    assert "module load 2024" in script and "vllm serve meta-llama/Llama-3.1-8B --port 8123" \
+        in script
+    assert (state / "cancelled").read_text().strip() == "4242"    # cancelled on exit
+    (state / "cancelled").unlink()
+    (state / "polled").unlink()
+    result = CliRunner().invoke(tracer_cli, [
+        "serve", "--cluster", str(profile_path), "--model", "m", "--gpu", "A100",
+        "--ssh-key", sshd.key_file, "--known-hosts", sshd.known_hosts, "--detach",
+        "--poll", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "http://gpu-node-7:8123" in result.output and not (state / "cancelled").exists()

@@ -74,6 +74,9 @@ def _api_key(env: str, path: str | None) -> str | None:
 @click.option("--decode-sizes", default=",".join(map(str, POWERS_OF_TWO)), show_default=True,
               callback=lambda c, p, v: _sizes(v))
 @click.option("--repetitions", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--concurrency", default="1", show_default=True, callback=lambda c, p, v:
+              _sizes(v), help="Comma-separated concurrency levels: at level c each repetition "
+              "sends c requests together.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--salt", type=click.Choice(["cache_salt", "prompt", "none"]),
               default="cache_salt", show_default=True,
@@ -95,7 +98,7 @@ def _api_key(env: str, path: str | None) -> str | None:
               default=600.0, show_default=True, help="Per-request timeout, s.")
 @clean_errors
 def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes, repetitions,
-            warmup, salt, api_key_env, api_key_file, ssh_target, ssh_key, known_hosts,
+            concurrency, warmup, salt, api_key_env, api_key_file, ssh_target, ssh_key, known_hosts,
             accept_unknown_host, loop_ms, resume, timeout_s):
     """Measure prefill and decode sweeps on a vLLM server; write an archive dataset."""
     from tracer.client import ServerError, VLLMClient
@@ -116,7 +119,8 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
                                                  accept_unknown_host), loop_ms)
         setup = Setup(provider, gpu, model_name or served, served, engine_version=version,
                       node=ssh_target.rpartition("@")[2] if ssh_target else "")
-        plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt)
+        plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt,
+                         concurrency=concurrency)
         with tqdm(total=len(plan.requests()), unit="req", disable=None, desc="collect") as bar:
             out = run_collect(client, plan, setup, output, sampler, resume,
                               lambda done, total: bar.update(1))
@@ -133,3 +137,47 @@ def _engine_version(client) -> str:
         return str(client._call("GET", "/version").json().get("version", ""))
     except (ServerError, ValueError):
         return ""
+
+
+@main.command()
+@click.option("--cluster", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="Cluster profile (TOML; see tracer/clusters/example-slurm.toml).")
+@click.option("--model", required=True, help="Model for vllm serve (e.g. a Hugging Face id).")
+@click.option("--gpu", required=True, help="GPU type for the GRES request (e.g. A100).")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--time", "time_limit", default=None, help="Slurm time limit [profile's].")
+@click.option("--ssh-key", type=click.Path(dir_okay=False), default=None)
+@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None)
+@click.option("--accept-unknown-host", is_flag=True)
+@click.option("--detach", is_flag=True,
+              help="Print the URL and job id and leave the job running (scancel it yourself).")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=5.0,
+              show_default=True, help="Seconds between squeue and /health checks.")
+@clean_errors
+def serve(profile_path, model, gpu, dtype, time_limit, ssh_key, known_hosts,
+          accept_unknown_host, detach, poll_s):
+    """Start vLLM on a Slurm GPU node, wait for /health, and cancel the job on Ctrl-C."""
+    import time
+
+    from tracer.sampler import SamplerError
+    from tracer.slurm import ClusterProfile, SlurmJob
+
+    profile = ClusterProfile.read(profile_path)
+    job = SlurmJob(profile, profile.target(ssh_key, known_hosts, accept_unknown_host))
+    try:
+        with job:
+            job.submit(profile.job_script(model, gpu, dtype, time_limit))
+            click.echo(f"submitted job {job.job_id} on {profile.name}")
+            job.wait_running(poll_s=poll_s)
+            url = job.wait_healthy(poll_s=poll_s)
+            click.echo(f"vLLM is up: {url} (job {job.job_id} on {job.node})")
+            if detach:
+                job.job_id = None           # leave it running
+                return
+            click.echo("press Ctrl-C to cancel the job")
+            while True:
+                time.sleep(60)
+    except SamplerError as exc:
+        raise InputError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("cancelled")

@@ -11,6 +11,10 @@ measurements dataset (thesis 6.2.3–6.2.6, done the careful way).
   ``salt="prompt"`` unique leading tokens for servers without it), so repetitions measure
   prefill, not cache hits.
 * Warm-up requests run first and are not recorded.
+* Optional concurrency levels: at level ``c`` every repetition sends ``c`` identical-size
+  requests together (each recorded with ``concurrency = c``); the engine's per-request times
+  cannot be told apart then and are left null, and GPU samples are tagged with the group's
+  first request. Calibration of the one-at-a-time model uses the ``c = 1`` rows.
 * Each finished request is appended to ``measurements.jsonl`` and flushed to disk at once; a
   crash loses nothing measured, and ``resume=True`` skips what is already there. Failed
   requests are recorded with their error, never dropped.
@@ -27,8 +31,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
 
 import pandas as pd
@@ -69,14 +75,20 @@ class SweepPlan:
     warmup: int = 2
     decode_prompt_tokens: int = 16
     salt: str = "cache_salt"
+    concurrency: tuple[int, ...] = (1,)
 
     def requests(self) -> list[dict]:
-        """The planned requests in order: the prefill sweep, then the decode sweep."""
-        plan = [{"sweep": "prefill", "size": s, "repetition": r, "n_input": s, "n_output": 1}
-                for s in self.prefill_sizes for r in range(self.repetitions)]
-        plan += [{"sweep": "decode", "size": s, "repetition": r,
-                  "n_input": self.decode_prompt_tokens, "n_output": s}
-                 for s in self.decode_sizes for r in range(self.repetitions)]
+        """The planned requests in order: for each concurrency level, the prefill sweep, then
+        the decode sweep; at level ``c`` each repetition is ``c`` requests sent together."""
+        plan = []
+        for c in self.concurrency:
+            for sweep, sizes in (("prefill", self.prefill_sizes), ("decode", self.decode_sizes)):
+                for size in sizes:
+                    n_in, n_out = (size, 1) if sweep == "prefill" else (
+                        self.decode_prompt_tokens, size)
+                    plan += [{"sweep": sweep, "size": size, "repetition": r, "slot": k,
+                              "concurrency": c, "n_input": n_in, "n_output": n_out}
+                             for r in range(self.repetitions) for k in range(c)]
         return plan
 
 
@@ -106,7 +118,8 @@ class Setup:
 
 
 def _key(row: dict) -> tuple:
-    return row["sweep"], int(row["size"]), int(row["repetition"])
+    return (row["sweep"], int(row["size"]), int(row["repetition"]),
+            int(row.get("concurrency") or 1), int(row.get("slot") or 0))
 
 
 def _row(planned: dict, result: RequestResult, setup: Setup, run_id: str,
@@ -125,6 +138,7 @@ def _row(planned: dict, result: RequestResult, setup: Setup, run_id: str,
         "tpot_s": result.tpot_s, **result.itl_stats(),
         "engine_prefill_s": engine.get("prefill"), "engine_decode_s": engine.get("decode"),
         "prefix_cache_hits": engine.get("prefix_cache_hits"),
+        "concurrency": planned["concurrency"], "slot": planned["slot"],
         "run_id": run_id, "error": result.error,
     }
 
@@ -171,22 +185,31 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
         client.complete(setup.served_model, prompt(plan.decode_prompt_tokens), 8,
                         cache_salt=f"warmup-{run_id}-{i}" if plan.salt == "cache_salt" else None)
     planned = [p for p in plan.requests() if _key(p) not in done]
+    groups = [list(g) for _, g in groupby(planned, key=lambda p: _key(p)[:4])]
     has_metrics = _has_metrics(client)
-    with open(log, "a") as sink, (sampler or _NoSampler()) as gpu:
-        for index, request in enumerate(planned):
-            gpu.request_id = len(done) + index
-            tokens, salt = _salted(prompt(request["n_input"]), len(done) + index, run_id,
-                                   plan.salt)
-            before = client.metrics() if has_metrics else {}
-            result = client.complete(setup.served_model, tokens, request["n_output"], salt,
-                                     setup.temperature)
-            engine = _engine_delta(before, client.metrics_after(before)) if has_metrics else {}
+    sent = len(done)
+    with open(log, "a") as sink, (sampler or _NoSampler()) as gpu, ThreadPoolExecutor(
+            max(plan.concurrency)) as pool:
+        for group in groups:
+            gpu.request_id = sent
+            jobs = []
+            for request in group:
+                tokens, salt = _salted(prompt(request["n_input"]), sent, run_id, plan.salt)
+                jobs.append((request, tokens, salt))
+                sent += 1
+            sequential = len(group) == 1 and has_metrics
+            before = client.metrics() if sequential else {}
+            results = list(pool.map(lambda job: client.complete(
+                setup.served_model, job[1], job[0]["n_output"], job[2], setup.temperature),
+                jobs))
+            engine = _engine_delta(before, client.metrics_after(before)) if sequential else {}
             gpu.request_id = None
-            sink.write(json.dumps(_row(request, result, setup, run_id, engine)) + "\n")
+            for (request, _, _), result in zip(jobs, results, strict=True):
+                sink.write(json.dumps(_row(request, result, setup, run_id, engine)) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
             if progress:
-                progress(index + 1, len(planned))
+                progress(sent - len(done), len(planned))
         samples = gpu.samples
     _write_dataset(out, log, samples, setup, plan, run_id,
                    sampler.power_field if sampler else None)

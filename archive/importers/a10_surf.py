@@ -107,6 +107,7 @@ def convert(prefill_csv: str | Path, decode_csv: str | Path) -> pd.DataFrame:
         for column in ("tpot_s", "itl_mean_s", "itl_p50_s", "itl_p99_s", "engine_prefill_s",
                        "engine_decode_s", "prefix_cache_hits"):
             out[column] = float("nan")          # the tracer recorded end-to-end latency only
+        out["concurrency"] = 1                  # the prototype tracer ran one at a time
         out["run_id"] = None
         out["error"] = None
         frames.append(out)
