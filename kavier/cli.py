@@ -6,17 +6,27 @@ standard error and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 import archive
 from archive.carbon import read_carbon
 from archive.errors import InputError, clean_errors
+from kavier.batching import (
+    ROUTERS,
+    BatchingConfig,
+    BatchSimulator,
+    arrivals,
+    energy_wh,
+    goodput,
+)
 from kavier.cache import (
     POLICIES,
     SCOPES,
@@ -119,6 +129,100 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
                        None if sessions is None else sessions.to_numpy())
 
 
+def batching_options(command):
+    """The continuous-batching options of ``simulate`` and ``capacity`` (all default None:
+    when none is given, ``simulate`` runs the thesis's one-at-a-time engine)."""
+    options = [
+        click.option("--replicas", type=click.IntRange(min=1), default=None,
+                     help="Batching: GPU replicas behind the router."),
+        click.option("--router", type=click.Choice(ROUTERS), default=None,
+                     help="Batching: replica choice [default: least-outstanding]."),
+        click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
+                     help="Batching: requests running at once per replica [256]."),
+        click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
+                     help="Batching: tokens per step [8192]."),
+        click.option("--chunked-prefill/--no-chunked-prefill", default=None,
+                     help="Batching: split prompts across steps [on]."),
+        click.option("--kv-block-size", type=click.IntRange(min=1), default=None,
+                     help="Batching: tokens per KV block [16]."),
+        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Batching: divide arrival times by this (2 = twice the load)."),
+        click.option("--poisson-rate", type=click.FloatRange(min=0, min_open=True),
+                     default=None, help="Batching: replace arrivals by a Poisson process, req/s."),
+        click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Batching: TTFT SLO, s (goodput)."),
+        click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Batching: TPOT SLO, s (goodput)."),
+        click.option("--steps/--no-steps", "write_steps", default=None,
+                     help="Batching: also write steps.parquet (one row per engine step)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _batch_config(llm_spec, gpu_spec, memory_utilization, b: dict) -> BatchingConfig:
+    block = b.get("kv_block_size") or 16
+    defaults = BatchingConfig()
+    return BatchingConfig(
+        replicas=b.get("replicas") or 1, max_num_seqs=b.get("max_num_seqs") or
+        defaults.max_num_seqs, max_num_batched_tokens=b.get("max_num_batched_tokens") or
+        defaults.max_num_batched_tokens,
+        chunked_prefill=True if b.get("chunked_prefill") is None else b["chunked_prefill"],
+        block_size=block, pool_blocks=kv_pool_blocks(llm_spec, gpu_spec, block,
+                                                     memory_utilization),
+        router=b.get("router") or "least-outstanding")
+
+
+def _run_batched(workload, timing, cache, config, b, steps=None):
+    requests = arrivals(workload.requests, b.get("rate_scale"), b.get("poisson_rate"))
+    order = np.arange(len(requests))
+    try:
+        return BatchSimulator(timing, config, cache).run(requests, order, steps)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power, memory_utilization,
+                      output_folder, trace, b):
+    config = _batch_config(llm_spec, gpu_spec, memory_utilization, b)
+    steps = [] if b.get("write_steps") else None
+    requests, summary = _run_batched(workload, timing, cache, config, b, steps)
+    summary.update({
+        "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name, "mode": "batching",
+        "batching": asdict(config), "goodput": goodput(requests, b.get("slo_ttft"),
+                                                       b.get("slo_tpot")),
+        "slo_ttft_s": b.get("slo_ttft"), "slo_tpot_s": b.get("slo_tpot"),
+        "energy_gpu_wh": energy_wh(summary, power), "power_model": power.to_dict(),
+        "prefix_cache": cache.stats(len(requests), int(requests["n_input_tokens"].sum()),
+                                    int(requests["n_cached_tokens"].sum())) if cache else None,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "toolkit_version": toolkit_version()})
+    with run_folder(output_folder) as out:
+        for name in ("fragments.parquet", "opendc/tasks.parquet", "opendc/fragments.parquet"):
+            (out.folder / name).unlink(missing_ok=True)
+        out.table("requests.parquet", pa.Table.from_pandas(requests, preserve_index=False))
+        if steps is not None:
+            out.table("steps.parquet", pa.Table.from_pandas(pd.DataFrame(steps, columns=[
+                "replica", "start_s", "duration_s", "n_seqs", "prefill_tokens",
+                "decode_tokens", "kv_blocks_used"]), preserve_index=False))
+        out.json("summary.json", summary)
+    click.echo(f"{llm_spec.name} on {config.replicas} × {gpu_spec.name}, continuous batching "
+               f"({config.router}, {config.max_num_seqs} seqs, {config.max_num_batched_tokens} "
+               f"tokens/step, KV pool {config.pool_blocks:,} blocks): {trace}")
+    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        values = [summary[f"p{q}_{metric}"] for q in (50, 90, 99)]
+        if values[0] is not None:
+            click.echo(f"{metric[:-2].upper() + ' p50 / p90 / p99':<30}"
+                       + " / ".join(f"{v:.3f}" for v in values) + " s")
+    click.echo(f"{'mean queueing delay':<30}{summary['mean_queue_s']:.3f} s")
+    click.echo(f"{'preemptions':<30}{summary['preemptions']:,}")
+    click.echo(f"{'goodput':<30}{summary['goodput']:.4f}")
+    click.echo(f"{'GPU energy':<30}{summary['energy_gpu_wh'] / 1000:.3f} kWh")
+    click.echo(f"wrote requests.parquet{', steps.parquet' if steps is not None else ''} and "
+               f"summary.json in {output_folder}")
+
+
 def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
     """Power model from the options, else the profile's power section, else linear with the
     GPU library's idle and maximum power."""
@@ -201,15 +305,18 @@ def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
               help="Extra LLM entries (TOML/JSON).")
 @click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
               help="Extra GPU entries (TOML/JSON).")
+@batching_options
 @clean_errors
 def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, fragments,
              opendc, start_time, power_model, idle_power_w, max_power_w, power_shape,
              power_profile, carbon_trace, pue, timing_model, profile_path, utilization_cap,
              arrivals,
              prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
-             block_size, cache_blocks, gpu_memory_utilization, llm_library, gpu_library):
+             block_size, cache_blocks, gpu_memory_utilization, llm_library, gpu_library,
+             **batching):
     """Simulate a workload trace on one GPU and write requests, fragments, the OpenDC workload
-    and a summary."""
+    and a summary; with any batching option (--replicas, --max-num-seqs, ...), serve it with
+    continuous batching on one or more replicas instead (docs/batching.md)."""
     from calibrate.profile import Profile
 
     params, power_section = TimingParams(), None
@@ -237,6 +344,9 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
                           gpu_spec, gpu_memory_utilization)
     power = _power_model(power_model, idle_power_w, max_power_w, power_shape, power_section,
                          gpu_spec)
+    if any(v is not None for v in batching.values()):
+        return _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power,
+                                 gpu_memory_utilization, output_folder, trace, batching)
     carbon = None
     if carbon_trace:
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
@@ -490,3 +600,65 @@ def reproduce(experiment, output_folder, scheduler, workers, quick):
                                       "started": start.isoformat(timespec="seconds"),
                                       "toolkit_version": toolkit_version()})
         click.echo(f"{name}: wrote {folder}/report.md and its data and figures")
+
+
+@main.command()
+@click.option("--trace", required=True, help="Workload: file, dataset folder or bundled name.")
+@click.option("--llm", default="Llama-3-8B", show_default=True)
+@click.option("--gpu", default="A100-80GB", show_default=True)
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Calibrated profile (roofline) whose parameters replace the defaults.")
+@click.option("--percentile", type=click.FloatRange(0, 100), default=99.0, show_default=True,
+              help="The SLOs hold at this percentile of TTFT and TPOT.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--price-per-gpu-hour", type=click.FloatRange(min=0), default=1.2,
+              show_default=True)
+@click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, min_open=True, max=1),
+              default=VLLM_GPU_MEMORY_UTILIZATION, show_default=True)
+@batching_options
+@clean_errors
+def capacity(trace, llm, gpu, profile_path, percentile, max_replicas, price_per_gpu_hour,
+             gpu_memory_utilization, **batching):
+    """Smallest number of replicas whose TTFT and TPOT meet the SLOs at a percentile
+    (doubling, then bisection over simulations), and its cost per million tokens."""
+    from calibrate.profile import Profile
+
+    if batching.get("slo_ttft") is None and batching.get("slo_tpot") is None:
+        raise InputError("give --slo-ttft and/or --slo-tpot", field="slo-ttft")
+    params = Profile.read(profile_path).params if profile_path else TimingParams()
+    llm_spec, gpu_spec = _specs(llm, gpu, None, None)
+    timing = make_timing("roofline", llm_spec, gpu_spec, params)
+    workload = archive.read_trace(trace)
+    tried: dict[int, dict] = {}
+
+    def meets(n: int) -> bool:
+        config = _batch_config(llm_spec, gpu_spec, gpu_memory_utilization,
+                               {**batching, "replicas": n})
+        requests, summary = _run_batched(workload, timing, None, config, batching)
+        ok = True
+        for slo, column in (("slo_ttft", "ttft_s"), ("slo_tpot", "tpot_s")):
+            if batching.get(slo) is not None:
+                value = float(np.nanpercentile(requests[column], percentile))
+                ok &= value <= batching[slo]
+                summary[f"pct_{column}"] = value
+        tried[n] = {**summary, "ok": ok}
+        click.echo(f"{n:>5} replicas: TTFT p{percentile:g} "
+                   f"{summary.get('pct_ttft_s', float('nan')):.3f} s, TPOT p{percentile:g} "
+                   f"{summary.get('pct_tpot_s', float('nan')):.4f} s -> "
+                   f"{'meets' if ok else 'misses'} the SLOs")
+        return ok
+
+    low, high = 0, 1
+    while not meets(high):
+        low, high = high, high * 2
+        if high > max_replicas:
+            raise InputError(f"even {low} replicas miss the SLOs (raise --max-replicas)")
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if meets(mid) else (mid, high)
+    s = tried[high]
+    tokens = int(workload.requests["n_input_tokens"].sum()
+                 + workload.requests["n_output_tokens"].sum())
+    cost = price_per_gpu_hour * high * s["makespan_s"] / 3600.0
+    click.echo(f"smallest: {high} × {gpu_spec.name}; cost {cost:.2f} per run, "
+               f"{cost / tokens * 1e6:.4f} per million tokens at {price_per_gpu_hour:g}/GPU-h")

@@ -42,19 +42,19 @@ class QuantileSketch:
         """Number of values added (NaNs excluded)."""
         return self._zeros + int(self._counts.sum())
 
-    def add(self, values: np.ndarray) -> None:
-        """Add an array of values (negative values count as zeros)."""
+    def add(self, values: np.ndarray, weight: int = 1) -> None:
+        """Add an array of values, each ``weight`` times (negative values count as zeros)."""
         values = np.asarray(values, np.float64)
         values = values[~np.isnan(values)]
-        if not values.size:
+        if not values.size or weight < 1:
             return
         self._min = min(self._min, float(values.min()))
         self._max = max(self._max, float(values.max()))
         positive = values[values > 0]
-        self._zeros += values.size - positive.size
+        self._zeros += (values.size - positive.size) * weight
         index = np.ceil(np.log(np.clip(positive, self._lo, self._hi) / self._lo)
                         / self._log_gamma).astype(np.int64)
-        self._counts += np.bincount(index, minlength=self._counts.size)
+        self._counts += np.bincount(index, minlength=self._counts.size) * weight
 
     def quantile(self, q: float) -> float | None:
         """The ``q``-th percentile (``0 <= q <= 100``); None when empty."""

@@ -258,6 +258,31 @@ class RooflineTiming(_TimingBase):
                                                  ) ** (1.0 / p)
         return forward + self.params.request_overhead_s
 
+    def step_s(self, n_new: np.ndarray, n_cached: np.ndarray, decoding: np.ndarray,
+               n_starting: int = 0) -> float:
+        """One engine step over a batch of sequences, s (iteration-level batching).
+
+        Sequence ``i`` computes ``n_new[i]`` tokens after ``n_cached[i]`` in the KV cache;
+        ``decoding[i]`` says whether that is a decode token (else a prefill chunk). The
+        batch's compute is the sum of the sequences' (weight matmuls per token, LM head per
+        sequence, attention per pair); its memory is one streaming of the weights plus every
+        sequence's KV; the step takes their maximum (the soft maximum of
+        ``prefill_sharpness`` when a prefill chunk is in the batch), plus the request overhead
+        ``O`` for each of the ``n_starting`` requests whose first chunk this is and
+        ``token_overhead_s`` per decode token. For one sequence this is exactly
+        :meth:`prefill_s` or one decode step of :meth:`decode_s`.
+        """
+        n_new, n_cached = _as_array(n_new), _as_array(n_cached)
+        compute = float(np.sum(self.forward_compute_s(n_new, n_cached)))
+        memory = float(self.forward_memory_s(np.sum(n_new + n_cached)))
+        high = max(compute, memory)
+        n_decoding = int(np.count_nonzero(decoding))
+        p = self.params.prefill_sharpness
+        if p is not None and n_decoding < n_new.size:
+            high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
+        return (high + n_starting * self.params.request_overhead_s
+                + n_decoding * self.params.token_overhead_s)
+
     def decode_s(self, n_in, n_out) -> np.ndarray:
         """Decode time per request, s: ``n_out − 1`` steps after the prefill's token."""
         n_in = _as_array(n_in)
