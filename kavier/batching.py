@@ -222,6 +222,32 @@ class BatchSimulator:
     def _schedule(self, replica: _Replica) -> list[tuple[int, int, bool]]:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
+        batch = self._schedule_running_fast(replica)
+        if batch is not None:
+            budget -= sum(b[1] for b in batch)
+        else:
+            batch, budget = self._schedule_running(replica, budget)
+        return self._admit(replica, batch, budget)
+
+    def _schedule_running_fast(self, replica: _Replica) -> list | None:
+        """The running requests' work for the next step, vectorized; None when the pool
+        cannot hold it (then :meth:`_schedule_running` preempts one by one)."""
+        ids = np.array(replica.running, np.int64)
+        if not ids.size:
+            return []
+        decoding = self.computed[ids] >= self.prompt[ids]
+        wanted = np.where(decoding, 1, self.prompt[ids] - self.computed[ids])
+        before = np.cumsum(wanted) - wanted
+        new = np.clip(self.config.max_num_batched_tokens - before, 0, wanted)
+        need = np.maximum(-(-(self.computed[ids] + new) // self.config.block_size)
+                          - self.blocks[ids], 0)
+        if need.sum() > replica.free_blocks:
+            return None
+        keep = new > 0
+        return list(zip(ids[keep].tolist(), new[keep].tolist(), decoding[keep].tolist(),
+                        strict=True))
+
+    def _schedule_running(self, replica: _Replica, budget: int) -> tuple[list, int]:
         batch = []
         for i in list(replica.running):
             if budget == 0 or i not in replica.running:
@@ -234,6 +260,10 @@ class BatchSimulator:
                 continue
             budget -= new
             batch.append((i, new, bool(decoding)))
+        return batch, budget
+
+    def _admit(self, replica: _Replica, batch: list, budget: int) -> list:
+        cfg = self.config
         while replica.waiting and len(replica.running) < cfg.max_num_seqs and budget > 0:
             i = replica.waiting[0]
             if not self.looked_up[i] and self.cache is not None:
@@ -269,10 +299,9 @@ class BatchSimulator:
             starting = ~self.started[ids]
             self.started[ids] = True
             self.start[ids[starting]] = now
-            for i, n in zip(ids, new, strict=True):
-                need = self._blocks_needed(i, n)
-                self.blocks[i] += need
-                replica.free_blocks -= need
+            need = -(-(self.computed[ids] + new) // self.config.block_size) - self.blocks[ids]
+            self.blocks[ids] += need
+            replica.free_blocks -= int(need.sum())
             durations = np.array([self.timing.step_s(new, self.computed[ids], decoding,
                                                      int(starting.sum()))])
         replica.step = [now, durations, ids, new, decoding]

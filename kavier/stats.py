@@ -36,29 +36,44 @@ class QuantileSketch:
         self._counts = np.zeros(math.ceil(math.log(hi / lo) / self._log_gamma) + 1, np.int64)
         self._zeros = 0
         self._min, self._max = math.inf, -math.inf
+        self._pending: list[tuple[np.ndarray, int]] = []
+        self._pending_size = 0
 
     @property
     def count(self) -> int:
         """Number of values added (NaNs excluded)."""
+        self._flush()
         return self._zeros + int(self._counts.sum())
 
     def add(self, values: np.ndarray, weight: int = 1) -> None:
-        """Add an array of values, each ``weight`` times (negative values count as zeros)."""
-        values = np.asarray(values, np.float64)
+        """Add an array of values, each ``weight`` times (negative values count as zeros).
+
+        Small additions are buffered and binned together, so that many calls with a few
+        values each stay cheap."""
+        values = np.asarray(values, np.float64).ravel()
         values = values[~np.isnan(values)]
         if not values.size or weight < 1:
             return
         self._min = min(self._min, float(values.min()))
         self._max = max(self._max, float(values.max()))
-        positive = values[values > 0]
-        self._zeros += (values.size - positive.size) * weight
-        index = np.ceil(np.log(np.clip(positive, self._lo, self._hi) / self._lo)
-                        / self._log_gamma).astype(np.int64)
-        self._counts += np.bincount(index, minlength=self._counts.size) * weight
+        self._pending.append((values, weight))
+        self._pending_size += values.size
+        if self._pending_size >= 65_536:
+            self._flush()
+
+    def _flush(self) -> None:
+        for weight in {w for _, w in self._pending}:
+            values = np.concatenate([v for v, w in self._pending if w == weight])
+            positive = values[values > 0]
+            self._zeros += (values.size - positive.size) * weight
+            index = np.ceil(np.log(np.clip(positive, self._lo, self._hi) / self._lo)
+                            / self._log_gamma).astype(np.int64)
+            self._counts += np.bincount(index, minlength=self._counts.size) * weight
+        self._pending, self._pending_size = [], 0
 
     def quantile(self, q: float) -> float | None:
         """The ``q``-th percentile (``0 <= q <= 100``); None when empty."""
-        n = self.count
+        n = self.count                      # flushes pending values
         if n == 0:
             return None
         rank = max(1, math.ceil(q / 100.0 * n))
