@@ -143,7 +143,7 @@ THESIS_KV = {"off_gpu_years": 58.76, "on_gpu_years": 0.11, "ratio": 497}
 
 
 def _kv_point(p: dict) -> dict:
-    w = _workload("marconi", p["quick"]).requests
+    w = _workload(p["workload"], p["quick"]).requests
     timing = make_timing(p["timing"], llm_library().get(p["llm"]),
                          gpu_library().get("A100-80GB"), kv_cache=p["kv"])
     decode_s = float(timing.decode_s(w["n_input_tokens"].to_numpy(),
@@ -154,12 +154,20 @@ def _kv_point(p: dict) -> dict:
 def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
              workers: int | None = None) -> dict:
     """Decode GPU-time of the Marconi-shaped workload × 1,000 (the thesis's 1,000 × Marconi)
-    with the KV cache on and off, thesis and roofline timing, on an A100-80GB."""
-    points = [{"llm": m, "timing": t, "kv": kv, "copies": 1000, "quick": quick}
-              for m in KV_MODELS for t in ("thesis", "roofline") for kv in (True, False)]
+    and of the Azure conversation trace × 1,000 (real request sizes) with the KV cache on and
+    off, thesis and roofline timing, on an A100-80GB."""
+    points = [{"workload": w, "llm": m, "timing": t, "kv": kv, "copies": 1000, "quick": quick}
+              for w in ("marconi", "azure") for m in KV_MODELS for t in ("thesis", "roofline")
+              for kv in (True, False)]
     data = pd.DataFrame(run_points(_kv_point, points, scheduler, workers)).drop(columns="quick")
     out.text("kv_cache.csv", data.to_csv(index=False))
-    pivot = data.pivot_table(index=["timing", "llm"], columns="kv", values="decode_gpu_years")
+    azure = data[data["workload"] == "azure"].pivot_table(
+        index=["timing", "llm"], columns="kv", values="decode_gpu_years")
+    azure.columns = ["off", "on"]
+    azure["ratio"] = azure["off"] / azure["on"]
+    data_marconi = data[data["workload"] == "marconi"]
+    pivot = data_marconi.pivot_table(index=["timing", "llm"], columns="kv",
+                                     values="decode_gpu_years")
     pivot.columns = ["off", "on"]
     pivot["ratio"] = pivot["off"] / pivot["on"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
@@ -177,9 +185,11 @@ def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
     _save(out, fig, "kv_cache")
     totals = pivot.groupby(level="timing")[["off", "on"]].sum()
     totals["ratio"] = totals["off"] / totals["on"]
-    out.text("report.md", "# KV cache on and off (thesis Figure 6.4)\n\n" + _table(
+    out.text("report.md", "# KV cache on and off (thesis Figure 6.4)\n\n"
+             "Marconi-shaped workload × 1,000, decode GPU-years on an A100-80GB:\n\n" + _table(
         pivot.reset_index()) + "\nTotals over the four models:\n\n" + _table(
-        totals.reset_index()) + (
+        totals.reset_index()) + "\nThe Azure 2023 conversation trace × 1,000 (real request "
+        "sizes: 211 output tokens on average):\n\n" + _table(azure.reset_index()) + (
         f"\nThesis: {THESIS_KV['off_gpu_years']} GPU-years off, {THESIS_KV['on_gpu_years']} on, "
         f"{THESIS_KV['ratio']}× (MF5), on 1,000 × the Marconi trace. Ours: the Marconi-shaped "
         "workload × 1,000 (decode time adds up over copies). The thesis model's KV-off decode "
@@ -200,6 +210,10 @@ def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
 def _workload(name: str, quick: bool):
     if name == "marconi":
         return marconi_shaped(sessions=200 if quick else 3000, block_size=512)
+    if name == "azure":
+        trace = archive.read_trace("azure-llm-inference-2023-conv")
+        return trace if not quick else type(trace)(trace.requests.iloc[:2000], None,
+                                                   trace.source)
     return archive.read_trace("mooncake-fast25-conversation")
 
 

@@ -36,6 +36,8 @@ for n, row in enumerate(rows[:6000]):
     values = dict(zip(order, row))
     values["power.draw.instant"] = values["power.draw"]
     values["index"] = "0"
+    values["name"] = "NVIDIA H100 80GB HBM3"
+    values["driver_version"] = "580.159.04"
     values["timestamp"] = time.strftime("%Y/%m/%d %H:%M:%S.") + "%03d" % (n % 1000)
     print(", ".join(values[q] for q in query), flush=True)
     if not loop:

@@ -64,6 +64,8 @@ def test_kv_cache_experiment_by_hand(tmp_path):
                                        "--output-folder", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = pd.read_csv(tmp_path / "kv-cache" / "kv_cache.csv")
+    assert set(data["workload"]) == {"marconi", "azure"}
+    data = data[data["workload"] == "azure"]
     wide = data.pivot_table(index=["timing", "llm"], columns="kv", values="decode_gpu_years")
     assert (wide[False] >= wide[True]).all()
     # eq. 4.3 vs 4.4 for the thesis model: the ratio is the same for every model

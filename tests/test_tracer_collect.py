@@ -103,6 +103,8 @@ def test_collect_end_to_end_with_gpu_sampling_then_calibrate(server, sshd, tmp_p
     assert len(set(state.salts)) == len(state.salts)        # prefix cache defeated
     setup_json = json.loads((out / "setup.json").read_text())
     assert setup_json["gpu_power_field"] == "power.draw.instant"
+    assert (setup_json["gpu_name_smi"], setup_json["driver_version"]) == (
+        "NVIDIA H100 80GB HBM3", "580.159.04")
     from kavier.cli import main as kavier_cli
 
     cal = CliRunner().invoke(kavier_cli, ["calibrate", "--dataset", str(out),

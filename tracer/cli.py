@@ -96,10 +96,11 @@ def _api_key(env: str, path: str | None) -> str | None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in OUTPUT.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
               default=600.0, show_default=True, help="Per-request timeout, s.")
+@click.option("--dtype", default="", help="The server's --dtype, for the record (setup.json).")
 @clean_errors
 def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes, repetitions,
             concurrency, warmup, salt, api_key_env, api_key_file, ssh_target, ssh_key, known_hosts,
-            accept_unknown_host, loop_ms, resume, timeout_s):
+            accept_unknown_host, loop_ms, resume, timeout_s, dtype):
     """Measure prefill and decode sweeps on a vLLM server; write an archive dataset."""
     from tracer.client import ServerError, VLLMClient
     from tracer.collect import Setup, SweepPlan
@@ -118,7 +119,7 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
                                                  int(port or 22), ssh_key, known_hosts,
                                                  accept_unknown_host), loop_ms)
         setup = Setup(provider, gpu, model_name or served, served, engine_version=version,
-                      node=ssh_target.rpartition("@")[2] if ssh_target else "")
+                      node=ssh_target.rpartition("@")[2] if ssh_target else "", dtype=dtype)
         plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt,
                          concurrency=concurrency)
         with tqdm(total=len(plan.requests()), unit="req", disable=None, desc="collect") as bar:

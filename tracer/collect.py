@@ -211,8 +211,10 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
             if progress:
                 progress(sent - len(done), len(planned))
         samples = gpu.samples
+    gpu_info = ({"gpu_name_smi": sampler.gpu_name, "driver_version": sampler.driver_version}
+                if sampler else {})
     _write_dataset(out, log, samples, setup, plan, run_id,
-                   sampler.power_field if sampler else None)
+                   sampler.power_field if sampler else None, gpu_info)
     return out
 
 
@@ -235,7 +237,7 @@ class _NoSampler:
 
 
 def _write_dataset(out: Path, log: Path, samples: pd.DataFrame, setup: Setup, plan: SweepPlan,
-                   run_id: str, power_field: str | None) -> None:
+                   run_id: str, power_field: str | None, gpu_info: dict) -> None:
     rows = pd.DataFrame([json.loads(line) for line in log.read_text().splitlines() if line])
     table = pa.Table.from_pandas(rows[MEASUREMENTS.names], schema=MEASUREMENTS,
                                  preserve_index=False)
@@ -247,7 +249,8 @@ def _write_dataset(out: Path, log: Path, samples: pd.DataFrame, setup: Setup, pl
         files.append("gpu_samples.parquet")
     (out / "setup.json").write_text(json.dumps({**asdict(setup), "setup_id": setup.setup_id,
                                                 "run_id": run_id, "plan": asdict(plan),
-                                                "gpu_power_field": power_field}, indent=2))
+                                                "gpu_power_field": power_field, **gpu_info},
+                                               indent=2))
     failed = int(rows["error"].notna().sum())
     finish(out, {
         "name": out.name, "title": f"{setup.model} on {setup.gpu} ({setup.provider}, "

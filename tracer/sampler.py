@@ -82,6 +82,7 @@ class NvidiaSmiSampler:
 
     Use as a context manager: sampling starts on entry and stops on exit; :attr:`samples`
     then holds one row per sample with ``request_id`` (the request in flight, or None).
+    :attr:`gpu_name` and :attr:`driver_version` are read from nvidia-smi on entry.
     """
 
     target: SSHTarget
@@ -89,6 +90,8 @@ class NvidiaSmiSampler:
     request_id: int | None = None
     fields: tuple[str, ...] = QUERY
     power_field: str = "power.draw"
+    gpu_name: str = ""
+    driver_version: str = ""
     _rows: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
 
@@ -103,6 +106,11 @@ class NvidiaSmiSampler:
         if out.channel.recv_exit_status() != 0:
             self._client.close()
             raise SamplerError(f"nvidia-smi is not available on {self.target.host}")
+        _, out, _ = self._client.exec_command(
+            "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader", timeout=30)
+        first = out.read().decode(errors="replace").strip().splitlines()
+        if first and "," in first[0]:
+            self.gpu_name, self.driver_version = (v.strip() for v in first[0].split(",", 1))
         if "power.draw.instant" in help_text:
             self.fields = tuple("power.draw.instant" if f == "power.draw" else f
                                 for f in self.fields)
