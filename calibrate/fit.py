@@ -199,6 +199,9 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
     y = df["latency_s"].to_numpy(np.float64)
     groups = nominal_size(df)
     med = size_medians(df)
+    if med["sweep"].nunique() < 2:
+        raise InputError("the prefill and decode sweeps share no size; calibration fits "
+                         "per-size medians of sizes both sweeps have", path=source)
     med_X, med_y = _median_points(med), med["median_latency_s"].to_numpy(np.float64)
     med_w = stage_weights(med)
     fitted = clone(estimator).fit(med_X, med_y, sample_weight=med_w)

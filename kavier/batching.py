@@ -13,7 +13,9 @@ Each replica runs a scheduler in the style of vLLM V1:
   restarts with its prompt plus the tokens generated so far as the new prompt);
 * the step's duration comes from :meth:`kavier.timing.RooflineTiming.step_s` (sum of the
   sequences' compute, one weight streaming plus every sequence's KV reads, overheads);
-* a prompt's last chunk emits the first token (TTFT); each decode step one token (ITL).
+* a prompt's last chunk emits the first token (TTFT); each decode step one token (ITL);
+* with a prefix cache, each replica has its own (its GPU's KV blocks), consulted when a
+  request is admitted.
 
 Requests arrive at their trace times (optionally rescaled, or replaced by a Poisson process)
 and a router picks a replica: ``round-robin``, ``least-outstanding`` (fewest requests
@@ -92,7 +94,8 @@ class BatchSimulator:
         The per-pass model, extended to batches by its ``step_s``.
     config : BatchingConfig
     cache : PrefixCache or None
-        Block-level prefix reuse at admission (the prompt's reused tokens are not computed).
+        Block-level prefix reuse at admission (the prompt's reused tokens are not computed);
+        each replica gets its own cache with these settings.
 
     Raises
     ------
@@ -110,6 +113,10 @@ class BatchSimulator:
             raise InputError(f"unknown router {config.router!r}; known: {', '.join(ROUTERS)}",
                              field="router")
         self.timing, self.config, self.cache = timing, config, cache
+        # one prefix cache per replica (each GPU keeps its own KV blocks), same settings
+        self.caches = [] if cache is None else [cache] + [
+            PrefixCache(cache.config, cache.content, cache.sessions)
+            for _ in range(config.replicas - 1)]
 
     def run(self, requests: pd.DataFrame, rows: np.ndarray | None = None,
             steps: list | None = None) -> tuple[pd.DataFrame, dict]:
@@ -266,10 +273,10 @@ class BatchSimulator:
         cfg = self.config
         while replica.waiting and len(replica.running) < cfg.max_num_seqs and budget > 0:
             i = replica.waiting[0]
-            if not self.looked_up[i] and self.cache is not None:
+            if not self.looked_up[i] and self.caches:
                 self.looked_up[i] = True
-                self.reused[i] = int(self.cache.serve(np.array([self.rows[i]]),
-                                                      self.n_in[i:i + 1])[0])
+                self.reused[i] = int(self.caches[replica.index].serve(
+                    np.array([self.rows[i]]), self.n_in[i:i + 1])[0])
                 self.computed[i] = self.reused[i]
             remaining = self.prompt[i] - self.computed[i]
             new = min(remaining, budget)
@@ -331,7 +338,9 @@ class BatchSimulator:
         compute = (n * float(t.forward_compute_s(1, 0)) + t._attention_flops_per_position
                    * (context + n * (j - 1)) / t._attention_flops_per_s)
         memory = t.forward_memory_s(context + n * j)
-        durations = np.maximum(compute, memory) + n * t.params.token_overhead_s
+        durations = np.maximum(compute, memory) + n * t.params.token_overhead_s + (
+            t.params.batch_step_overhead_s + (n - 1) * t.params.batch_seq_overhead_s
+            if n > 1 else 0.0)
         self._allocate(replica, ids, k)
         return durations
 
@@ -391,6 +400,25 @@ class BatchSimulator:
             replica.free_blocks += self.blocks[i]
             self.blocks[i] = 0
         replica.busy_until = None
+
+    def cache_stats(self) -> dict | None:
+        """Prefix-cache counters summed over the replicas' caches (ratios recomputed)."""
+        if not self.caches:
+            return None
+        n, tokens = len(self.n_in), int(self.n_in.sum())
+        per = [c.stats(n, tokens, 0) for c in self.caches]
+        out = {**per[0]}
+        for key in ("lookups", "hits", "evictions", "blocks_looked_up", "blocks_hit"):
+            if key in out:
+                out[key] = sum(p[key] for p in per)
+        out["reused_tokens"] = int(self.reused.sum())
+        out["hit_ratio_lookups"] = out["hits"] / out["lookups"] if out["lookups"] else 0.0
+        out["hit_ratio_requests"] = out["hits"] / n if n else 0.0
+        out["token_reuse_ratio"] = out["reused_tokens"] / tokens if tokens else 0.0
+        if "blocks_looked_up" in out:
+            out["block_hit_ratio"] = (out["blocks_hit"] / out["blocks_looked_up"]
+                                      if out["blocks_looked_up"] else 0.0)
+        return out
 
     # --- results -----------------------------------------------------------------------------
 

@@ -178,7 +178,8 @@ def _run_batched(workload, timing, cache, config, b, steps=None):
     requests = arrivals(workload.requests, b.get("rate_scale"), b.get("poisson_rate"))
     order = np.arange(len(requests))
     try:
-        return BatchSimulator(timing, config, cache).run(requests, order, steps)
+        simulator = BatchSimulator(timing, config, cache)
+        return (*simulator.run(requests, order, steps), simulator.cache_stats())
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -187,15 +188,14 @@ def _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power, memory
                       output_folder, trace, b):
     config = _batch_config(llm_spec, gpu_spec, memory_utilization, b)
     steps = [] if b.get("write_steps") else None
-    requests, summary = _run_batched(workload, timing, cache, config, b, steps)
+    requests, summary, cache_stats = _run_batched(workload, timing, cache, config, b, steps)
     summary.update({
         "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name, "mode": "batching",
         "batching": asdict(config), "goodput": goodput(requests, b.get("slo_ttft"),
                                                        b.get("slo_tpot")),
         "slo_ttft_s": b.get("slo_ttft"), "slo_tpot_s": b.get("slo_tpot"),
         "energy_gpu_wh": energy_wh(summary, power), "power_model": power.to_dict(),
-        "prefix_cache": cache.stats(len(requests), int(requests["n_input_tokens"].sum()),
-                                    int(requests["n_cached_tokens"].sum())) if cache else None,
+        "prefix_cache": cache_stats,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "toolkit_version": toolkit_version()})
     with run_folder(output_folder) as out:
@@ -427,6 +427,7 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
               llm_library, gpu_library):
     """Fit the timing model to measurements; write a profile and a validation report."""
     from archive.datasets import content_sha256
+    from calibrate.batching import concurrent_groups, fit_batching
     from calibrate.estimator import TimingRegressor
     from calibrate.fit import calibrate as run_calibration
     from calibrate.profile import Profile
@@ -448,11 +449,16 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
 
         reference = table_medians(archive.dataset_dir(dataset))
     result = run_calibration(df, estimator, source, reference)
+    params, batching = result.estimator.params_, None
+    if timing_model == "roofline" and concurrent_groups(df):
+        fitted, batching = fit_batching(df, make_timing("roofline", llm_spec, gpu_spec, params))
+        params = fitted.params
+        result.scores["batching"] = batching
     engine = " ".join(str(_single(df, c, None, source)) for c in ("engine", "engine_version")
                       if c in df.columns)
     profile = Profile(
         gpu=gpu_spec.name, llm=llm_spec.name, engine=engine, timing_model=timing_model,
-        params=result.estimator.params_, mape_pct=result.scores, datasets=[dataset],
+        params=params, mape_pct=result.scores, datasets=[dataset],
         data_sha256=content_sha256(df), cv="leave-one-size-out over per-size medians",
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         toolkit_version=toolkit_version())
@@ -471,8 +477,13 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
         click.echo(f"{label:<32}{cells[0]:>15}{cells[1]:>17}")
     t = s["thesis_defaults_thesis_scoring"]
     click.echo(f"{'thesis defaults, thesis scoring':<32}{t['prefill']:>10.2f}{t['decode']:>10.2f}")
-    click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in
-                                          result.estimator.params_.to_dict().items()
+    if batching:
+        b = batching
+        click.echo(f"batching overheads from {b['groups']} concurrent groups: step "
+                   f"{b['batch_step_overhead_s']:.4g} s, per extra sequence "
+                   f"{b['batch_seq_overhead_s']:.4g} s; MAPE {b['mape_before_pct']:.2f} -> "
+                   f"{b['mape_after_pct']:.2f} %")
+    click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in params.to_dict().items()
                                           if v is not None))
     click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
 
@@ -634,7 +645,7 @@ def capacity(trace, llm, gpu, profile_path, percentile, max_replicas, price_per_
     def meets(n: int) -> bool:
         config = _batch_config(llm_spec, gpu_spec, gpu_memory_utilization,
                                {**batching, "replicas": n})
-        requests, summary = _run_batched(workload, timing, None, config, batching)
+        requests, summary, _ = _run_batched(workload, timing, None, config, batching)
         ok = True
         for slo, column in (("slo_ttft", "ttft_s"), ("slo_tpot", "tpot_s")):
             if batching.get(slo) is not None:

@@ -59,6 +59,11 @@ class TimingParams:
         measurements where the hard maximum misses by up to 16 %. Decode steps (one token,
         about 1 FLOP per byte) sit far below the ridge and keep the hard maximum, which has a
         closed-form sum.
+    batch_step_overhead_s, batch_seq_overhead_s : float
+        Continuous batching only: extra time of a step that batches two or more sequences, and
+        per sequence beyond the first (scheduling, sampling, kernels less efficient on ragged
+        batches). Both vanish for one sequence, so batch size 1 equals the sequential model;
+        ``calibrate`` fits them to measurements taken with requests in flight together.
     """
 
     compute_efficiency: float = 0.30
@@ -68,6 +73,8 @@ class TimingParams:
     prefill_floor_s: float | None = None
     attention_efficiency: float | None = None
     prefill_sharpness: float | None = None
+    batch_step_overhead_s: float = 0.0
+    batch_seq_overhead_s: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain dict of the parameters (for profiles and reports)."""
@@ -280,8 +287,10 @@ class RooflineTiming(_TimingBase):
         p = self.params.prefill_sharpness
         if p is not None and n_decoding < n_new.size:
             high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
+        batch = (self.params.batch_step_overhead_s + (n_new.size - 1)
+                 * self.params.batch_seq_overhead_s) if n_new.size > 1 else 0.0
         return (high + n_starting * self.params.request_overhead_s
-                + n_decoding * self.params.token_overhead_s)
+                + n_decoding * self.params.token_overhead_s + batch)
 
     def decode_s(self, n_in, n_out) -> np.ndarray:
         """Decode time per request, s: ``n_out − 1`` steps after the prefill's token."""

@@ -54,6 +54,11 @@ def test_tokens_are_conserved_and_batches_respect_the_limits(timing):
     assert (log["n"] <= 8).all() and ((log["prefill"] + log["decode"]) <= 1024).all()
     assert np.isfinite(r["end_s"]).all() and (r["ttft_s"] >= r["queue_s"]).all()
     assert s["busy_fraction"][0] == pytest.approx(log["dur"].sum() / s["makespan_s"])
+    # Little's law in integral form: requests running, summed over the steps' durations,
+    # equals the requests' time from admission to finish (no preemption here)
+    assert s["preemptions"] == 0
+    assert (log["n"] * log["dur"]).sum() == pytest.approx((r["end_s"] - r["start_s"]).sum(),
+                                                          rel=1e-9)
     steps_starts = log["start"].to_numpy()
     assert (np.diff(steps_starts) > 0).all()                  # one replica, one step at a time
 
@@ -75,7 +80,11 @@ def test_prefix_reuse_and_affinity_routing(timing):
     part = w.requests.iloc[:400]
     cache = PrefixCache(PrefixCacheConfig("blocks"), w.content)
     rows = np.arange(len(part))
-    with_cache, _ = BatchSimulator(timing, BatchingConfig(replicas=2), cache).run(part, rows)
+    simulator = BatchSimulator(timing, BatchingConfig(replicas=2), cache)
+    with_cache, _ = simulator.run(part, rows)
+    stats = simulator.cache_stats()
+    assert stats["reused_tokens"] == with_cache["n_cached_tokens"].sum()
+    assert stats["lookups"] == (part["n_input_tokens"] >= 512).sum()     # per-replica caches
     without, _ = BatchSimulator(timing, BatchingConfig(replicas=2)).run(part, rows)
     assert with_cache["n_cached_tokens"].sum() > 0
     assert with_cache["ttft_s"].mean() < without["ttft_s"].mean()
@@ -119,3 +128,25 @@ def test_simulate_and_capacity_commands(tmp_path):
     verdicts = {int(line.split()[0]): "meets" in line for line in result.output.splitlines()
                 if "replicas:" in line}
     assert verdicts[n] and (n == 1 or not verdicts[n - 1])
+
+
+def test_batching_overheads_are_recovered_from_concurrent_measurements(timing):
+    from calibrate.batching import concurrent_groups, fit_batching
+
+    truth = make_timing("roofline", timing.llm, timing.gpu,
+                        timing.params.with_(batch_step_overhead_s=0.003,
+                                            batch_seq_overhead_s=0.0005))
+    rows = []
+    for c in (2, 4, 8):
+        for n_in, n_out in ((64, 128), (512, 64), (2048, 32)):
+            sim, _ = BatchSimulator(truth, BatchingConfig()).run(
+                pd.DataFrame({"n_input_tokens": [n_in] * c, "n_output_tokens": [n_out] * c}))
+            rows += [{"sweep": "decode", "n_input_tokens": n_in, "n_output_tokens": n_out,
+                      "n_output_tokens_requested": n_out, "repetition": 0, "concurrency": c,
+                      "latency_s": e2e, "error": None} for e2e in sim["e2e_s"]]
+    df = pd.DataFrame(rows)
+    assert len(concurrent_groups(df)) == 9
+    fitted, report = fit_batching(df, timing)
+    assert report["mape_after_pct"] < 0.5 < report["mape_before_pct"]
+    assert fitted.params.batch_step_overhead_s == pytest.approx(0.003, rel=0.1)
+    assert fitted.params.batch_seq_overhead_s == pytest.approx(0.0005, rel=0.2)

@@ -168,16 +168,24 @@ def test_missing_nvidia_smi_is_reported(tmp_path):
 
 def test_concurrency_levels_send_requests_together(server, tmp_path):
     state, url = server
-    plan = SweepPlan((32,), (16,), repetitions=2, warmup=0, concurrency=(1, 4))
+    plan = SweepPlan((16, 32), (16, 32), repetitions=2, warmup=0, concurrency=(1, 4))
     out = collect(VLLMClient(url), plan, Setup("loopback", "A10", MODEL, MODEL), tmp_path / "c")
     m = pd.read_parquet(out / "measurements.parquet")
-    assert len(m) == 2 * (1 + 4) * 2 and set(m["concurrency"]) == {1, 4}
+    assert len(m) == 4 * (1 + 4) * 2 and set(m["concurrency"]) == {1, 4}
     together = m[(m["concurrency"] == 4) & (m["sweep"] == "decode")]
     alone = m[(m["concurrency"] == 1) & (m["sweep"] == "decode")]
     assert together["engine_decode_s"].isna().all() and alone["engine_decode_s"].notna().all()
     # four in flight on a server that serves them in parallel threads: about as fast as one
     assert together["latency_s"].median() < 3 * alone["latency_s"].median()
     assert validate(out) == []
+    from kavier.cli import main as kavier_cli
+
+    cal = CliRunner().invoke(kavier_cli, ["calibrate", "--dataset", str(out),
+                                          "--output-folder", str(tmp_path / "cal")])
+    assert cal.exit_code == 0, cal.output
+    assert "batching overheads from 8 concurrent groups" in cal.output
+    params = json.loads((tmp_path / "cal" / "profile.json").read_text())["params"]
+    assert params["batch_step_overhead_s"] >= 0 and params["batch_seq_overhead_s"] >= 0
 
 
 FAKE_SLURM = {
