@@ -86,23 +86,27 @@ class PrefixCacheConfig:
 
 
 def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
-                   gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION) -> int:
+                   gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
+                   activation_reserve_gib: float = 0.0) -> int:
     """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
 
-    ``floor((memory × utilization − weights) / (block_size × KV bytes per token))`` with the
-    GQA-aware bytes per token of eq. 4.1. vLLM also subtracts the peak activation memory it
-    profiles at start-up (a few hundred MiB for 8B models), which this leaves out: an upper
-    bound.
+    ``floor((memory × utilization − weights − activation reserve) / (block_size × KV bytes
+    per token))`` with the GQA-aware bytes per token of eq. 4.1. vLLM measures the activation
+    peak by profiling a forward pass at start-up (a few hundred MiB to a few GiB, depending on
+    the model and ``max_num_batched_tokens``); here it is a parameter, 0 by default (an upper
+    bound on the pool).
 
     Raises
     ------
     InputError
-        When the weights alone do not fit.
+        When the weights and the reserve alone do not fit.
     """
-    free = gpu.memory_bytes * gpu_memory_utilization - llm.weight_bytes
+    free = (gpu.memory_bytes * gpu_memory_utilization - llm.weight_bytes
+            - activation_reserve_gib * 2**30)
     if free <= 0:
-        raise InputError(f"{llm.name} weights ({llm.weight_bytes / 2**30:.1f} GiB) do not fit "
-                         f"in {gpu_memory_utilization:.0%} of the {gpu.name}'s "
+        raise InputError(f"{llm.name} weights ({llm.weight_bytes / 2**30:.1f} GiB) and "
+                         f"{activation_reserve_gib:g} GiB of activations do not fit in "
+                         f"{gpu_memory_utilization:.0%} of the {gpu.name}'s "
                          f"{gpu.memory_gib:g} GiB", field="gpu")
     return int(free // (block_size * llm.kv_bytes_per_token))
 

@@ -145,6 +145,9 @@ def batching_options(command):
                      help="Batching: split prompts across steps [on]."),
         click.option("--kv-block-size", type=click.IntRange(min=1), default=None,
                      help="Batching: tokens per KV block [16]."),
+        click.option("--activation-reserve-gib", type=click.FloatRange(min=0), default=None,
+                     help="Batching: GPU memory kept for activations, out of the KV pool "
+                          "[0; vLLM profiles it at start-up]."),
         click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Batching: divide arrival times by this (2 = twice the load)."),
         click.option("--poisson-rate", type=click.FloatRange(min=0, min_open=True),
@@ -170,7 +173,8 @@ def _batch_config(llm_spec, gpu_spec, memory_utilization, b: dict) -> BatchingCo
         defaults.max_num_batched_tokens,
         chunked_prefill=True if b.get("chunked_prefill") is None else b["chunked_prefill"],
         block_size=block, pool_blocks=kv_pool_blocks(llm_spec, gpu_spec, block,
-                                                     memory_utilization),
+                                                     memory_utilization,
+                                                     b.get("activation_reserve_gib") or 0.0),
         router=b.get("router") or "least-outstanding")
 
 

@@ -98,6 +98,8 @@ def test_kv_pool_is_memory_left_after_weights(llama8b, a10):
     blocks = kv_pool_blocks(llama8b, a10, 16)
     expected = (24 * 2**30 * 0.9 - llama8b.weight_bytes) / (16 * llama8b.kv_bytes_per_token)
     assert blocks == int(expected) and blocks > 1000
+    reserved = kv_pool_blocks(llama8b, a10, 16, activation_reserve_gib=1.0)
+    assert reserved == int(expected - 2**30 / (16 * llama8b.kv_bytes_per_token))
     from kavier.library import llm_library
 
     with pytest.raises(InputError, match="do not fit"):
