@@ -184,10 +184,10 @@ class BatchSimulator:
         self.replica_of = np.full(n, -1, np.int64)
         self.replicas = [_Replica(k, self.config) for k in range(self.config.replicas)]
         self.itl = QuantileSketch()
-        self.too_big = (np.ceil((self.n_in + self.n_out) / self.config.block_size)
-                        > self.config.pool_blocks)
-        if self.too_big.any():
-            i = int(np.argmax(self.too_big))
+        too_big = (np.ceil((self.n_in + self.n_out) / self.config.block_size)
+                   > self.config.pool_blocks)
+        if too_big.any():
+            i = int(np.argmax(too_big))
             raise InputError(f"request {i} needs {self.n_in[i] + self.n_out[i]} tokens of KV, "
                              f"more than a replica's pool of {self.config.pool_blocks} blocks",
                              field="n_input_tokens")
@@ -211,8 +211,12 @@ class BatchSimulator:
 
     # --- one step ----------------------------------------------------------------------------
 
+    def _blocks_for(self, ids, ahead):
+        """Blocks that requests ``ids`` hold once ``ahead`` more tokens are computed."""
+        return -(-(self.computed[ids] + ahead) // self.config.block_size)
+
     def _blocks_needed(self, i: int, new: int) -> int:
-        return -(-(self.computed[i] + new) // self.config.block_size) - self.blocks[i]
+        return self._blocks_for(i, new) - self.blocks[i]
 
     def _preempt(self, replica: _Replica, i: int) -> None:
         """Recompute preemption: free ``i``'s blocks; it restarts with its prompt plus the
@@ -246,8 +250,7 @@ class BatchSimulator:
         wanted = np.where(decoding, 1, self.prompt[ids] - self.computed[ids])
         before = np.cumsum(wanted) - wanted
         new = np.clip(self.config.max_num_batched_tokens - before, 0, wanted)
-        need = np.maximum(-(-(self.computed[ids] + new) // self.config.block_size)
-                          - self.blocks[ids], 0)
+        need = np.maximum(self._blocks_for(ids, new) - self.blocks[ids], 0)
         if need.sum() > replica.free_blocks:
             return None
         keep = new > 0
@@ -306,9 +309,7 @@ class BatchSimulator:
             starting = ~self.started[ids]
             self.started[ids] = True
             self.start[ids[starting]] = now
-            need = -(-(self.computed[ids] + new) // self.config.block_size) - self.blocks[ids]
-            self.blocks[ids] += need
-            replica.free_blocks -= int(need.sum())
+            self._allocate(replica, ids, new)
             durations = np.array([self.timing.step_s(new, self.computed[ids], decoding,
                                                      int(starting.sum()))])
         replica.step = [now, durations, ids, new, decoding]
@@ -320,12 +321,11 @@ class BatchSimulator:
         just failed and only gets harder while decoding fills blocks), so the steps are
         computed at once; an arrival routed here ends the run early (:meth:`_interrupt`).
         Returns the steps' durations; blocks for all of them are allocated now."""
-        t, size = self.timing, self.config.block_size
         k = int((self.n_out[ids] - self.generated[ids]).min())
         held = self.blocks[ids]
 
         def blocks_for(steps: int) -> int:
-            return int(np.maximum(-(-(self.computed[ids] + steps) // size) - held, 0).sum())
+            return int(np.maximum(self._blocks_for(ids, steps) - held, 0).sum())
 
         if blocks_for(k) > replica.free_blocks:
             lo, hi = 1, k                       # the single-step path preempts at 1
@@ -333,20 +333,14 @@ class BatchSimulator:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if blocks_for(mid) <= replica.free_blocks else (lo, mid - 1)
             k = lo
-        n, context = ids.size, float(self.computed[ids].sum())
-        j = np.arange(1, k + 1, dtype=np.float64)
-        compute = (n * float(t.forward_compute_s(1, 0)) + t._attention_flops_per_position
-                   * (context + n * (j - 1)) / t._attention_flops_per_s)
-        memory = t.forward_memory_s(context + n * j)
-        durations = np.maximum(compute, memory) + n * t.params.token_overhead_s + (
-            t.params.batch_step_overhead_s + (n - 1) * t.params.batch_seq_overhead_s
-            if n > 1 else 0.0)
+        durations = self.timing.decode_steps_s(ids.size, float(self.computed[ids].sum()), k)
         self._allocate(replica, ids, k)
         return durations
 
-    def _allocate(self, replica: _Replica, ids: np.ndarray, steps: int) -> None:
-        """Hold exactly the blocks ``ids`` need after ``steps`` more decode tokens."""
-        target = -(-(self.computed[ids] + steps) // self.config.block_size)
+    def _allocate(self, replica: _Replica, ids: np.ndarray, ahead) -> None:
+        """Hold exactly the blocks ``ids`` need once ``ahead`` more tokens are computed
+        (taking blocks from the pool or giving them back)."""
+        target = self._blocks_for(ids, ahead)
         replica.free_blocks -= int((target - self.blocks[ids]).sum())
         self.blocks[ids] = target
 
@@ -360,10 +354,7 @@ class BatchSimulator:
         if keep < durations.size:
             replica.step[1] = durations[:keep]
             replica.busy_until = float(ends[keep - 1])
-            for i in ids:
-                extra = self.blocks[i] - -(-(self.computed[i] + keep) // self.config.block_size)
-                self.blocks[i] -= extra
-                replica.free_blocks += int(extra)
+            self._allocate(replica, ids, keep)
 
     def _finish_step(self, replica: _Replica) -> None:
         now, durations, ids, new, decoding = replica.step
@@ -447,10 +438,8 @@ class BatchSimulator:
         for name, values in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", out["e2e_s"])):
             sketch = QuantileSketch()
             sketch.add(np.asarray(values))
-            for q in (50, 90, 99):
-                summary[f"p{q}_{name}"] = sketch.quantile(q)
-        for q in (50, 90, 99):
-            summary[f"p{q}_itl_s"] = self.itl.quantile(q)
+            summary.update(sketch.percentiles(name))
+        summary.update(self.itl.percentiles("itl_s"))
         return out, summary
 
 

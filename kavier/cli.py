@@ -42,7 +42,8 @@ from kavier.library import gpu_library, llm_library
 from kavier.opendc import DEFAULT_START
 from kavier.output import run_folder
 from kavier.power import POWER_MODELS, PowerModel
-from kavier.run import ExportOptions, write_run
+from kavier.run import OUTPUT_FILES, ExportOptions, write_run
+from kavier.stats import QUANTILES
 from kavier.sustainability import CarbonTrace, Sustainability
 from kavier.timing import TIMING_MODELS, TimingParams, make_timing
 from tracer.smi import CAPTURE_FIELDS
@@ -75,7 +76,7 @@ def _print_summary(summary: dict) -> None:
         ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s"),
     ]
     for metric in ("service_s", "ttft_s", "tpot_s", "e2e_s"):
-        values = [summary[f"p{q}_{metric}"] for q in (50, 90, 99)]
+        values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
         if values[0] is not None:
             rows.append((f"{metric[:-2].upper()} p50 / p90 / p99",
                          " / ".join(f"{v:.3f}" for v in values) + " s"))
@@ -203,7 +204,7 @@ def _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power, memory
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "toolkit_version": toolkit_version()})
     with run_folder(output_folder) as out:
-        for name in ("fragments.parquet", "opendc/tasks.parquet", "opendc/fragments.parquet"):
+        for name in OUTPUT_FILES:           # whatever an earlier run left here
             (out.folder / name).unlink(missing_ok=True)
         out.table("requests.parquet", pa.Table.from_pandas(requests, preserve_index=False))
         if steps is not None:
@@ -215,7 +216,7 @@ def _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power, memory
                f"({config.router}, {config.max_num_seqs} seqs, {config.max_num_batched_tokens} "
                f"tokens/step, KV pool {config.pool_blocks:,} blocks): {trace}")
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        values = [summary[f"p{q}_{metric}"] for q in (50, 90, 99)]
+        values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
         if values[0] is not None:
             click.echo(f"{metric[:-2].upper() + ' p50 / p90 / p99':<30}"
                        + " / ".join(f"{v:.3f}" for v in values) + " s")

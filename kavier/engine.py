@@ -52,9 +52,6 @@ REQUEST_COLUMNS = {
 }
 """Columns of ``requests.parquet``, in order; times in seconds of simulated time."""
 
-_QUANTILES = (50, 90, 99)
-
-
 def start_times(arrival_s: np.ndarray, service_s: np.ndarray, free_s: float = 0.0) -> np.ndarray:
     """Start time of each request on one FIFO server, s.
 
@@ -269,8 +266,7 @@ class Simulator:
             "requests_kv_not_fitting": t["requests_not_fitting"],
         }
         for name, sketch in self._sketches.items():
-            for q in _QUANTILES:
-                out[f"p{q}_{name}"] = sketch.quantile(q)
+            out.update(sketch.percentiles(name))
         if self.sustainability is not None:
             out["timeline_s"] = self._last_end
             out["sustainability"] = self._energy_summary(self._last_end)

@@ -26,8 +26,9 @@ from kavier.opendc import DEFAULT_START, FRAGMENTS_SCHEMA, TASKS_SCHEMA, opendc_
 from kavier.output import RunWriter
 
 OUTPUT_FILES = ("requests.parquet", "fragments.parquet", "opendc/tasks.parquet",
-                "opendc/fragments.parquet")
-"""Files a simulation run may write (besides ``summary.json``)."""
+                "opendc/fragments.parquet", "steps.parquet")
+"""Files a simulation run may write, sequential or batched (besides ``summary.json``); a new
+run removes them first, so none is left over from an earlier run."""
 _PLAIN = {"use_dictionary": False}
 """Writer options for the per-request tables: their values rarely repeat, and skipping the
 dictionary attempt halves their writing time."""

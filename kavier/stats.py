@@ -12,6 +12,9 @@ import math
 
 import numpy as np
 
+QUANTILES = (50, 90, 99)
+"""Percentiles that run summaries report."""
+
 
 class QuantileSketch:
     """Histogram of non-negative values over log-spaced bins.
@@ -82,3 +85,7 @@ class QuantileSketch:
         b = int(np.searchsorted(np.cumsum(self._counts), rank - self._zeros))
         middle = self._lo * math.exp((b - 0.5) * self._log_gamma)
         return float(min(max(middle, self._min), self._max))
+
+    def percentiles(self, name: str) -> dict[str, float | None]:
+        """``{"p50_<name>": …, "p90_<name>": …, "p99_<name>": …}`` (:data:`QUANTILES`)."""
+        return {f"p{q}_{name}": self.quantile(q) for q in QUANTILES}

@@ -287,10 +287,29 @@ class RooflineTiming(_TimingBase):
         p = self.params.prefill_sharpness
         if p is not None and n_decoding < n_new.size:
             high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
-        batch = (self.params.batch_step_overhead_s + (n_new.size - 1)
-                 * self.params.batch_seq_overhead_s) if n_new.size > 1 else 0.0
         return (high + n_starting * self.params.request_overhead_s
-                + n_decoding * self.params.token_overhead_s + batch)
+                + n_decoding * self.params.token_overhead_s + self._batch_overhead_s(n_new.size))
+
+    def _batch_overhead_s(self, n_seqs: int) -> float:
+        """``batch_step_overhead_s`` plus ``batch_seq_overhead_s`` per sequence beyond the
+        first; 0 for one sequence."""
+        if n_seqs <= 1:
+            return 0.0
+        return (self.params.batch_step_overhead_s
+                + (n_seqs - 1) * self.params.batch_seq_overhead_s)
+
+    def decode_steps_s(self, n_seqs: int, n_cached: float, n_steps: int) -> np.ndarray:
+        """Durations of ``n_steps`` consecutive pure-decode steps of one batch, s: ``n_seqs``
+        sequences holding ``n_cached`` KV tokens together before the first step, one token
+        each per step. Each is :meth:`step_s` of that step (the same sums, in closed form
+        over the sequences)."""
+        j = np.arange(1, n_steps + 1, dtype=np.float64)
+        compute = (n_seqs * float(self.forward_compute_s(1, 0))
+                   + self._attention_flops_per_position * (n_cached + n_seqs * (j - 1))
+                   / self._attention_flops_per_s)
+        memory = self.forward_memory_s(n_cached + n_seqs * j)
+        return (np.maximum(compute, memory) + n_seqs * self.params.token_overhead_s
+                + self._batch_overhead_s(n_seqs))
 
     def decode_s(self, n_in, n_out) -> np.ndarray:
         """Decode time per request, s: ``n_out − 1`` steps after the prefill's token."""
