@@ -27,15 +27,13 @@ def carbon_countries() -> list[str]:
 
 
 def _path(source: str | Path) -> Path:
-    from archive.datasets import dataset_dir
+    from archive.datasets import dataset_dir, folder_main_table
 
     if str(source).upper() in carbon_countries() and not Path(source).exists():
         return dataset_dir(CARBON_DATASET) / f"{str(source).upper()}.parquet"
     path = Path(source)
-    if path.is_dir() and (path / "dataset.json").is_file():
-        import json
-
-        return path / json.loads((path / "dataset.json").read_text())["main_table"]
+    if folder_main_table(path) is not None:
+        return folder_main_table(path)
     if not path.exists():
         raise InputError(f"no such file or bundled carbon trace (countries: "
                          f"{', '.join(carbon_countries())})", path=source)

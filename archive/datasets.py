@@ -40,6 +40,15 @@ def dataset_dir(name: str) -> Path:
     return path
 
 
+def folder_main_table(path: str | Path) -> Path | None:
+    """The main table of the dataset folder ``path`` (from its ``dataset.json``), or None when
+    ``path`` is not a dataset folder."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "dataset.json").is_file()):
+        return None
+    return path / json.loads((path / "dataset.json").read_text())["main_table"]
+
+
 def info(name: str) -> dict:
     """The ``dataset.json`` metadata of dataset ``name``."""
     return json.loads((dataset_dir(name) / "dataset.json").read_text())

@@ -246,13 +246,34 @@ def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
     return PromptContent(kind, offsets, values, block)
 
 
+def content_lengths(n_in: np.ndarray, block_size: int | None) -> np.ndarray:
+    """How many values a request's content list must hold: one token id per input token
+    (``block_size`` None), or one hash id per block, the last one possibly partial."""
+    return n_in if block_size is None else -(-n_in // block_size)
+
+
+def turns_not_increasing(sessions, turns, last_turn: dict) -> np.ndarray:
+    """Mask of the rows whose ``turn_id`` is not above their session's previous one.
+
+    ``last_turn`` (session → highest turn so far) carries the state across chunks and is
+    updated; rows with a missing session or turn are not checked."""
+    bad = np.zeros(len(sessions), bool)
+    for i, (session, turn) in enumerate(zip(sessions, turns, strict=True)):
+        if session is None or turn is None:
+            continue
+        previous = last_turn.get(session, -1)
+        bad[i] = turn <= previous
+        last_turn[session] = max(turn, previous)
+    return bad
+
+
 def _check_lengths(n_in: pd.Series, content: PromptContent, path: Path, first_line: int,
                    column: str) -> None:
     lengths = content.lengths()
     if content.kind == "tokens":
-        bad, what = lengths != n_in.to_numpy(), "token ids"
+        bad, what = lengths != content_lengths(n_in.to_numpy(), None), "token ids"
     elif content.block_size:
-        bad = lengths != -(-n_in.to_numpy() // content.block_size)
+        bad = lengths != content_lengths(n_in.to_numpy(), content.block_size)
         what = f"hash ids (one per {content.block_size}-token block)"
     else:
         return
@@ -271,14 +292,13 @@ def resolve(source: str | Path) -> Path:
     InputError
         When ``source`` is neither.
     """
-    path = Path(source)
-    if path.is_dir() and (path / "dataset.json").is_file():
-        import json
+    from archive.datasets import dataset_dir, folder_main_table, info, list_datasets
 
-        return path / json.loads((path / "dataset.json").read_text())["main_table"]
+    path = Path(source)
+    if folder_main_table(path) is not None:
+        return folder_main_table(path)
     if path.exists():
         return path
-    from archive.datasets import dataset_dir, info, list_datasets
 
     if str(source) in list_datasets():
         return dataset_dir(str(source)) / info(str(source))["main_table"]

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from archive.cards import REQUIRED_KEYS, file_sha256
 from archive.schema import SCHEMAS
+from archive.traces import content_lengths, turns_not_increasing
 
 
 def _meta(folder: Path) -> tuple[dict | None, list[str]]:
@@ -106,20 +107,17 @@ class _Checker:
                       offset, "negative arrival_s")
         sessions, turns = self._column(b, "session_id"), self._column(b, "turn_id")
         if sessions is not None and turns is not None and sessions.null_count < len(b):
-            bad = np.zeros(len(b), bool)
-            for i, (s, t) in enumerate(zip(sessions.to_pylist(), turns.to_pylist(),
-                                           strict=True)):
-                if s is not None and t is not None:
-                    bad[i] = t <= self.last_turn.get(s, -1)
-                    self.last_turn[s] = max(t, self.last_turn.get(s, -1))
+            bad = turns_not_increasing(sessions.to_pylist(), turns.to_pylist(), self.last_turn)
             self.flag(bad, offset, "a turn_id not above the session's previous turn")
-        for column, per in (("input_tokens", 1), ("hash_ids", self.meta.get("hash_block_size"))):
+        for column, block in (("input_tokens", None),
+                              ("hash_ids", self.meta.get("hash_block_size"))):
             lists = self._column(b, column)
-            if lists is None or lists.null_count == len(b) or not per:
+            if lists is None or lists.null_count == len(b) or (column == "hash_ids"
+                                                               and not block):
                 continue
             lengths = pc.fill_null(pc.list_value_length(lists), -1).to_numpy(
                 zero_copy_only=False)
-            expected = -(-n_in // per)
+            expected = content_lengths(n_in, block)
             self.flag((lengths >= 0) & (lengths != expected), offset,
                       f"{column} of the wrong length for n_input_tokens")
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from archive.cards import finish
 from archive.errors import InputError
 from archive.schema import WORKLOAD
-from archive.traces import id_list
+from archive.traces import content_lengths, id_list, turns_not_increasing
 
 
 @dataclass(frozen=True)
@@ -139,16 +139,6 @@ def _lists(values: pd.Series) -> tuple[list, np.ndarray]:
     return out, np.array([v is None for v in out], bool)
 
 
-def _turns(sessions: np.ndarray, turns: np.ndarray, state: _State) -> np.ndarray:
-    bad = np.zeros(len(sessions), bool)
-    for i, (session, turn) in enumerate(zip(sessions, turns, strict=True)):
-        if turn <= state.last_turn.get(session, -1):
-            bad[i] = True
-        else:
-            state.last_turn[session] = turn
-    return bad
-
-
 def _normalize(raw: pd.DataFrame, spec: Source, path: Path, first_line: int, state: _State,
                drop_invalid: bool) -> pa.Table:
     """One source chunk as a workload table, its bad rows rejected or dropped."""
@@ -167,13 +157,12 @@ def _normalize(raw: pd.DataFrame, spec: Source, path: Path, first_line: int, sta
     if spec.content_column:
         lists, problems[spec.content_column] = _lists(raw[spec.content_column])
         lengths = np.array([len(v) if v is not None else -1 for v in lists])
-        expected = n_in if spec.block_size is None else -(-n_in // spec.block_size)
-        problems[spec.content_column] |= lengths != expected
+        problems[spec.content_column] |= lengths != content_lengths(n_in, spec.block_size)
         columns["input_tokens" if spec.block_size is None else "hash_ids"] = lists
     if spec.session_column:
         sessions = raw[spec.session_column].astype(str).to_numpy()
         turns, problems[spec.turn_column] = _integers(raw[spec.turn_column])
-        problems[spec.turn_column] |= _turns(sessions, turns, state)
+        problems[spec.turn_column] |= turns_not_increasing(sessions, turns, state.last_turn)
         columns["session_id"], columns["turn_id"] = sessions, turns.astype(np.int32)
     bad = np.zeros(len(raw), bool)
     for field, mask in problems.items():
