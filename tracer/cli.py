@@ -110,7 +110,7 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
     client = VLLMClient(url, _api_key(api_key_env, api_key_file), timeout_s)
     try:
         served = client.models()[0]["id"]
-        version = _engine_version(client)
+        version = client.version()
         sampler = None
         if ssh_target:
             user, _, hostport = ssh_target.rpartition("@")
@@ -129,15 +129,6 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
         raise InputError(str(exc)) from None
     click.echo(f"wrote {out} (measurements.parquet, setup.json"
                f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
-
-
-def _engine_version(client) -> str:
-    from tracer.client import ServerError
-
-    try:
-        return str(client._call("GET", "/version").json().get("version", ""))
-    except (ServerError, ValueError):
-        return ""
 
 
 @main.command()

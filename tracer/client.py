@@ -117,6 +117,13 @@ class VLLMClient:
         """``/v1/models``: the served models."""
         return self._call("GET", "/v1/models").json()["data"]
 
+    def version(self) -> str:
+        """The engine's version from ``/version`` ("" when the server does not say)."""
+        try:
+            return str(self._call("GET", "/version").json().get("version", ""))
+        except (ServerError, ValueError):
+            return ""
+
     def tokenize(self, model: str, text: str) -> list[int]:
         """Token ids of ``text`` by the server's tokenizer (``/tokenize``)."""
         return self._call("POST", "/tokenize", json={"model": model, "prompt": text,

@@ -5,8 +5,9 @@ measurements dataset (thesis 6.2.3–6.2.6, done the careful way).
   ``/tokenize``); outputs exactly the planned number (``max_tokens = min_tokens``,
   ``ignore_eos``); token counts recorded are the server's ``usage``.
 * Every request is streamed and timed (:mod:`tracer.client`); around it ``/metrics`` is
-  scraped so that the engine's own prefill and decode times sit beside the client's TTFT and
-  decode time (the difference is HTTP and scheduling overhead).
+  scraped (once between two requests: the scrape after one is the one before the next), so
+  that the engine's own prefill and decode times sit beside the client's TTFT and decode
+  time (the difference is HTTP and scheduling overhead).
 * The server's prefix cache is defeated per request (a unique ``cache_salt``, or with
   ``salt="prompt"`` unique leading tokens for servers without it), so repetitions measure
   prefill, not cache hits.
@@ -186,7 +187,8 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
                         cache_salt=f"warmup-{run_id}-{i}" if plan.salt == "cache_salt" else None)
     planned = [p for p in plan.requests() if _key(p) not in done]
     groups = [list(g) for _, g in groupby(planned, key=lambda p: _key(p)[:4])]
-    has_metrics = _has_metrics(client)
+    last = _metrics_or_none(client)     # the engine's counters after the latest request
+    has_metrics = last is not None
     sent = len(done)
     with open(log, "a") as sink, (sampler or _NoSampler()) as gpu, ThreadPoolExecutor(
             max(plan.concurrency)) as pool:
@@ -198,11 +200,12 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
                 jobs.append((request, tokens, salt))
                 sent += 1
             sequential = len(group) == 1 and has_metrics
-            before = client.metrics() if sequential else {}
+            before = (last if last is not None else client.metrics()) if sequential else {}
             results = list(pool.map(lambda job: client.complete(
                 setup.served_model, job[1], job[0]["n_output"], job[2], setup.temperature),
                 jobs))
-            engine = _engine_delta(before, client.metrics_after(before)) if sequential else {}
+            last = client.metrics_after(before) if sequential else None
+            engine = _engine_delta(before, last) if sequential else {}
             gpu.request_id = None
             for (request, _, _), result in zip(jobs, results, strict=True):
                 sink.write(json.dumps(_row(request, result, setup, run_id, engine)) + "\n")
@@ -218,11 +221,12 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
     return out
 
 
-def _has_metrics(client: VLLMClient) -> bool:
+def _metrics_or_none(client: VLLMClient) -> dict | None:
+    """The engine's counters, or None when the server has no vLLM ``/metrics``."""
     try:
-        return bool(client.metrics())
+        return client.metrics() or None
     except ServerError:
-        return False
+        return None
 
 
 class _NoSampler:
