@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import archive  # noqa: E402
+from archive.traces import Workload  # noqa: E402
 from kavier.cache import PrefixCache, PrefixCacheConfig  # noqa: E402
 from kavier.engine import Simulator, run  # noqa: E402
 from kavier.library import gpu_library, llm_library  # noqa: E402
@@ -212,8 +213,7 @@ def _workload(name: str, quick: bool):
         return marconi_shaped(sessions=200 if quick else 3000, block_size=512)
     if name == "azure":
         trace = archive.read_trace("azure-llm-inference-2023-conv")
-        return trace if not quick else type(trace)(trace.requests.iloc[:2000], None,
-                                                   trace.source)
+        return trace if not quick else Workload(trace.requests.iloc[:2000], None, trace.source)
     return archive.read_trace("mooncake-fast25-conversation")
 
 
