@@ -31,7 +31,9 @@ file, line and field. Nothing is coerced silently.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,7 @@ class Workload:
 
     Attributes
     ----------
-    requests : DataFrame
+    table : pyarrow.Table
         One row per request, in trace order: ``n_input_tokens`` and ``n_output_tokens``
         (int64), and when the trace has them ``arrival_s`` (float64, seconds since the first
         request) and ``session_id`` (int64 or string).
@@ -100,26 +102,48 @@ class Workload:
         The file it was read from.
     """
 
-    requests: pd.DataFrame
+    table: pa.Table
     content: PromptContent | None
     source: str
 
+    @classmethod
+    def from_frame(cls, requests: pd.DataFrame, content: PromptContent | None,
+                   source: str) -> Workload:
+        """A workload from a pandas DataFrame of the same columns as :attr:`table`."""
+        return cls(pa.Table.from_pandas(requests, preserve_index=False), content, source)
 
-def _read_table(path: Path) -> tuple[pd.DataFrame, int, pa.Table | None]:
-    """The file as a DataFrame (native types; a CSV column with any non-numeric cell stays
-    text, so that a bad value is reported as written), the line number of its first data row
-    (2 for CSV, below the header; 1 otherwise), and for Parquet the Arrow table (list columns
-    are read from it without Python objects)."""
+    @cached_property
+    def requests(self) -> pd.DataFrame:
+        """:attr:`table` as a pandas DataFrame (converted once, on first use)."""
+        return self.table.to_pandas()
+
+
+def column(table: pa.Table, name: str, dtype) -> np.ndarray:
+    """Column ``name`` of ``table`` as a numpy array of ``dtype`` (nulls become NaN)."""
+    return table.column(name).to_numpy().astype(dtype, copy=False)
+
+
+def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int,
+                                     pa.Table | None]:
+    """The file's column names, a function giving a column as a numpy array (native types; a
+    CSV column with any non-numeric cell stays text, so that a bad value is reported as
+    written), the line number of its first data row (2 for CSV, below the header; 1
+    otherwise), and for Parquet the Arrow table (list columns are read from it without Python
+    objects).
+
+    Parquet is read with pyarrow straight into numpy; pandas reads CSV and JSON Lines.
+    """
     suffix = path.suffix.lower()
     kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
     try:
         if kind == "Parquet":
             table = pq.read_table(path)
-            plain = [c for c in table.column_names if c not in _CONTENT_COLUMNS]
-            return table.select(plain).to_pandas(), 1, table
+            return table.column_names, lambda c: table.column(c).to_numpy(), 1, table
         if kind == "JSON Lines":
-            return pd.read_json(path, lines=True, dtype=False), 1, None
-        return pd.read_csv(path, keep_default_na=False), 2, None
+            df, first_line = pd.read_json(path, lines=True, dtype=False), 1
+        else:
+            df, first_line = pd.read_csv(path, keep_default_na=False), 2
+        return list(df.columns), lambda c: df[c].to_numpy(), first_line, None
     except FileNotFoundError:
         raise InputError("no such file", path=path) from None
     except (OSError, ValueError, pa.ArrowException, UnicodeDecodeError) as exc:
@@ -140,7 +164,21 @@ def _layout(columns, path: Path) -> tuple[str | None, str | None, str | None, st
                      path=path)
 
 
-def token_column(values: pd.Series, path: Path, column: str, first_line: int) -> pd.Series:
+def _cell(values: np.ndarray, i: int):
+    """Value ``i`` as written (a Python scalar, not a numpy one), for error messages."""
+    value = values[i]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _numbers(values: np.ndarray) -> np.ndarray:
+    """``values`` as float64, NaN where a cell is missing or not a number (text columns, as
+    pandas reads a CSV column holding any non-numeric cell, go through pandas' parser)."""
+    if values.dtype.kind in "iuf":
+        return values.astype(np.float64)
+    return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
+
+
+def token_column(values: np.ndarray, path: Path, column: str, first_line: int) -> np.ndarray:
     """Validate a token-count column: non-negative integers only, as int64.
 
     Raises
@@ -148,32 +186,35 @@ def token_column(values: pd.Series, path: Path, column: str, first_line: int) ->
     InputError
         At the first value that is missing, not a number, negative or fractional.
     """
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() | (numbers < 0) | (numbers != numbers.round())
+    numbers = values if values.dtype.kind in "iu" else _numbers(values)
+    with np.errstate(invalid="ignore"):
+        bad = ~(numbers >= 0) | (numbers != np.round(numbers))
     if bad.any():
         i = first_bad(bad)
-        raise InputError(f"expected a non-negative integer token count, got {values.iloc[i]!r}",
-                         path=path, row=i + first_line, field=column)
-    return numbers.astype("int64")
+        raise InputError(f"expected a non-negative integer token count, got "
+                         f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
+    return numbers.astype(np.int64)
 
 
-def _arrivals(values: pd.Series, kind: str, path: Path, column: str,
-              first_line: int) -> pd.Series:
+def _arrivals(values: np.ndarray, kind: str, path: Path, column: str,
+              first_line: int) -> np.ndarray:
+    """Arrival times in seconds since the first request, float64."""
     if kind == "datetime":
-        stamps = pd.to_datetime(values, format="ISO8601", errors="coerce")
+        stamps = pd.to_datetime(pd.Series(values), format="ISO8601", errors="coerce")
         bad = stamps.isna()
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"unparsable timestamp {values.iloc[i]!r}", path=path,
+            raise InputError(f"unparsable timestamp {_cell(values, i)!r}", path=path,
                              row=i + first_line, field=column)
-        return (stamps - stamps.min()).dt.total_seconds().astype("float64")
-    seconds = pd.to_numeric(values, errors="coerce")
-    bad = seconds.isna() | (seconds < 0)
+        return (stamps - stamps.min()).dt.total_seconds().to_numpy(np.float64)
+    seconds = _numbers(values)
+    with np.errstate(invalid="ignore"):
+        bad = ~(seconds >= 0)
     if bad.any():
         i = first_bad(bad)
-        raise InputError(f"expected a non-negative number of {kind}, got {values.iloc[i]!r}",
-                         path=path, row=i + first_line, field=column)
-    return (seconds / (1000.0 if kind == "milliseconds" else 1.0)).astype("float64")
+        raise InputError(f"expected a non-negative number of {kind}, got "
+                         f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
+    return seconds / (1000.0 if kind == "milliseconds" else 1.0)
 
 
 def _arrow_lists(table: pa.Table, column: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +250,7 @@ def id_list(value) -> list[int] | None:
     return None
 
 
-def _python_lists(values: pd.Series, path: Path, column: str,
+def _python_lists(values: np.ndarray, path: Path, column: str,
                   first_line: int) -> tuple[np.ndarray, np.ndarray]:
     """Offsets and values of a column of lists, or of JSON-string lists (CSV), checked."""
     lists = []
@@ -226,10 +267,9 @@ def _python_lists(values: pd.Series, path: Path, column: str,
     return offsets, flat
 
 
-def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
-             first_line: int) -> PromptContent | None:
-    columns = table.column_names if table is not None else df.columns
-    present = [c for c in _CONTENT_COLUMNS if c in columns and not (
+def _content(column_of: Callable[[str], np.ndarray], table: pa.Table | None,
+             names: list[str], path: Path, first_line: int) -> PromptContent | None:
+    present = [c for c in _CONTENT_COLUMNS if c in names and not (
         table is not None and table.column(c).null_count == table.num_rows)]
     if not present:
         return None
@@ -237,9 +277,9 @@ def _content(df: pd.DataFrame, table: pa.Table | None, path: Path,
     if table is not None:
         offsets, values = _arrow_lists(table, column, path)
     else:
-        offsets, values = _python_lists(df[column], path, column, first_line)
+        offsets, values = _python_lists(column_of(column), path, column, first_line)
     kind = "tokens" if column == "input_tokens" else "hashes"
-    block = MOONCAKE_BLOCK_SIZE if "input_length" in columns and kind == "hashes" else None
+    block = MOONCAKE_BLOCK_SIZE if "input_length" in names and kind == "hashes" else None
     stored = (table.schema.metadata or {}).get(b"hash_block_size") if table is not None else None
     if kind == "hashes" and stored:
         block = int(stored)
@@ -267,19 +307,19 @@ def turns_not_increasing(sessions, turns, last_turn: dict) -> np.ndarray:
     return bad
 
 
-def _check_lengths(n_in: pd.Series, content: PromptContent, path: Path, first_line: int,
+def _check_lengths(n_in: np.ndarray, content: PromptContent, path: Path, first_line: int,
                    column: str) -> None:
     lengths = content.lengths()
     if content.kind == "tokens":
-        bad, what = lengths != content_lengths(n_in.to_numpy(), None), "token ids"
+        bad, what = lengths != content_lengths(n_in, None), "token ids"
     elif content.block_size:
-        bad = lengths != content_lengths(n_in.to_numpy(), content.block_size)
+        bad = lengths != content_lengths(n_in, content.block_size)
         what = f"hash ids (one per {content.block_size}-token block)"
     else:
         return
     if bad.any():
         i = first_bad(bad)
-        raise InputError(f"{lengths[i]} {what} for {n_in.iloc[i]} input tokens", path=path,
+        raise InputError(f"{lengths[i]} {what} for {n_in[i]} input tokens", path=path,
                          row=i + first_line, field=column)
 
 
@@ -325,31 +365,39 @@ def read_trace(source: str | Path) -> Workload:
         whose length differs from the input token count, or an empty trace.
     """
     path = resolve(source)
-    df, first_line, table = _read_table(path)
-    n_in, n_out, ts, kind = _layout(table.column_names if table is not None else df.columns,
-                                    path)
-    if df.empty and (table is None or table.num_rows == 0):
+    names, column_of, first_line, table = _read_table(path)
+    n_in, n_out, ts, kind = _layout(names, path)
+    if len(column_of(n_out)) == 0:
         raise InputError("the trace has no requests", path=path)
-    content = _content(df, table, path, first_line)
+    content = _content(column_of, table, names, path, first_line)
     if n_in is None:
         n_in = "input_tokens"
-        inputs = pd.Series(content.lengths(), name=n_in)
+        inputs = content.lengths()
     else:
-        inputs = token_column(df[n_in], path, n_in, first_line)
+        inputs = token_column(column_of(n_in), path, n_in, first_line)
     if content is not None:
         column = "input_tokens" if content.kind == "tokens" else "hash_ids"
         _check_lengths(inputs, content, path, first_line, column)
-    out = pd.DataFrame({
-        "n_input_tokens": inputs.to_numpy(np.int64),
-        "n_output_tokens": token_column(df[n_out], path, n_out, first_line).to_numpy(np.int64),
-    })
-    if ts is not None:
-        out.insert(0, "arrival_s", _arrivals(df[ts], kind, path, ts, first_line).to_numpy())
-    if "session_id" in df.columns and df["session_id"].notna().any():
-        out["session_id"] = df["session_id"].to_numpy()
-    return Workload(out, content, str(path))
+    out = {} if ts is None else {"arrival_s": _arrivals(column_of(ts), kind, path, ts,
+                                                        first_line)}
+    out["n_input_tokens"] = inputs.astype(np.int64)
+    out["n_output_tokens"] = token_column(column_of(n_out), path, n_out, first_line)
+    if "session_id" in names:
+        sessions = _session_ids(column_of("session_id"), path)
+        if sessions.null_count < len(sessions):
+            out["session_id"] = sessions
+    return Workload(pa.table(out), content, str(path))
+
+
+def _session_ids(values: np.ndarray, path: Path) -> pa.Array:
+    try:
+        return pa.array(values, from_pandas=True)
+    except pa.ArrowException:
+        raise InputError("session ids mix types (numbers and text)", path=path,
+                         field="session_id") from None
 
 
 def read_workload(source: str | Path) -> pd.DataFrame:
-    """The request table of :func:`read_trace` (sizes, arrivals, sessions; no content)."""
+    """The request table of :func:`read_trace` (sizes, arrivals, sessions; no content), as a
+    pandas DataFrame."""
     return read_trace(source).requests

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from kavier import workloads
 from kavier.engine import Simulator, run
@@ -55,7 +56,7 @@ def _simulator():
 
 def one(rate: float | None, copies: int) -> dict:
     """Time one configuration in this process: ``rate`` None means task level only."""
-    base = marconi_shaped()
+    base = workloads.marconi_shaped().table
     options = ExportOptions(export_rate_s=rate or 0.0, fragments=rate is not None,
                             opendc=rate is not None, fragment_energy=False)
     sim = _simulator()
@@ -64,11 +65,14 @@ def one(rate: float | None, copies: int) -> dict:
         if copies == 1:
             chunks = run(base, sim)
         else:
-            span = float(base["arrival_s"].max()) + 1.0
-            chunks = (sim.step(base.assign(session_id=base["session_id"] + k * 3000,
-                                           arrival_s=base["arrival_s"] + k * span),
-                               np.arange(len(base)) + k * len(base)) for k in range(copies))
-        rows = write_run(chunks, sim, out, options, len(base) * copies)
+            columns = {c: base.column(c).to_numpy() for c in base.column_names}
+            span = float(columns["arrival_s"].max()) + 1.0
+            chunks = (sim.step(pa.table({**columns,
+                                         "session_id": columns["session_id"] + k * 3000,
+                                         "arrival_s": columns["arrival_s"] + k * span}),
+                               np.arange(base.num_rows) + k * base.num_rows)
+                      for k in range(copies))
+        rows = write_run(chunks, sim, out, options, base.num_rows * copies)
         wall = time.perf_counter() - start
     summary = sim.summary()
     return {"export_rate_s": rate, "copies": copies, "requests": summary["n_requests"],
@@ -100,7 +104,6 @@ def prototype_loop(rate: float, flush: int = 10_000) -> dict:
     function per request, one per snapshot, six-key rows); it is not the prototype's code, and
     it skips what the prototype also does per request (prefix-cache lookup, progress bar,
     timing functions in Python)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     base = marconi_shaped()

@@ -1,5 +1,5 @@
 """``python -m kavier`` runs the ``kavier`` command line."""
 
-from kavier.cli import main
+from kavier.cli import entry
 
-main()
+entry()

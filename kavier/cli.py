@@ -6,6 +6,7 @@ standard error and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +62,20 @@ def toolkit_version() -> str:
 @click.version_option(package_name="kavier-toolkit", prog_name="kavier")
 def main():
     """Kavier: cache-aware simulation of LLM inference (performance, calibration)."""
+
+
+def entry() -> None:
+    """The ``kavier`` console script: :func:`main`, then ``gc.freeze()`` on the way out.
+
+    At exit the interpreter garbage-collects every object still alive, among them the hundreds
+    of thousands that numpy, pyarrow and pandas create on import; freezing them first skips
+    that (0.10–0.12 s of every command on the 2-core dev machine). Every output file is closed
+    by then, and objects are still freed by reference counting.
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 def _print_summary(summary: dict) -> None:
@@ -124,10 +139,11 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
     if policy == "blocks" and workload.content is not None and cache_blocks != "unlimited":
         capacity = int(cache_blocks) if cache_blocks != "auto" else kv_pool_blocks(
             llm_spec, gpu_spec, block_size_for(block_size, workload.content), memory_utilization)
-    sessions = workload.requests.get("session_id")
+    table = workload.table
+    sessions = (table.column("session_id").to_numpy() if "session_id" in table.column_names
+                else None)
     return PrefixCache(PrefixCacheConfig(policy, min_tokens, max_prompts, scope, block_size,
-                                         capacity), workload.content,
-                       None if sessions is None else sessions.to_numpy())
+                                         capacity), workload.content, sessions)
 
 
 def batching_options(command):
@@ -339,10 +355,10 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
     timing = make_timing(timing_model or "thesis", llm_spec, gpu_spec, params, kv_cache == "on")
     try:
-        start = pd.Timestamp(start_time)
+        start = datetime.fromisoformat(start_time)
     except ValueError:
         raise InputError(f"not an ISO 8601 instant: {start_time!r}", field="start-time") from None
-    start = start.tz_localize("UTC") if start.tzinfo is None else start
+    start = start.replace(tzinfo=UTC) if start.tzinfo is None else start
     workload = archive.read_trace(trace)
     cache = _prefix_cache(workload, prefix_cache_policy, prefix_cache_min_tokens,
                           max_cached_prompts, cache_scope, block_size, cache_blocks, llm_spec,
@@ -365,7 +381,7 @@ def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, 
     with run_folder(output_folder) as out:
         try:
             rows = write_run(run_simulation(workload, sim), sim, out, options,
-                             len(workload.requests))
+                             workload.table.num_rows)
         except ValueError as exc:
             raise InputError(str(exc)) from None
         summary = {

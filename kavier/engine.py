@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
-from archive.traces import Workload
+from archive.traces import Workload, column
 from kavier.cache import PrefixCache
 from kavier.stats import QuantileSketch
 from kavier.sustainability import Sustainability
@@ -63,12 +63,12 @@ def start_times(arrival_s: np.ndarray, service_s: np.ndarray, free_s: float = 0.
     return done_before + np.maximum(np.maximum.accumulate(arrival_s - done_before), 0.0)
 
 
-def service_order(requests: pd.DataFrame, honor_arrivals: bool = True) -> np.ndarray:
+def service_order(requests: pa.Table, honor_arrivals: bool = True) -> np.ndarray:
     """Rows of ``requests`` in the order the GPU serves them: by arrival (stable: ties in
     trace order) when arrivals are honoured, else trace order."""
-    if honor_arrivals and "arrival_s" in requests.columns:
-        return np.argsort(requests["arrival_s"].to_numpy(np.float64), kind="stable")
-    return np.arange(len(requests))
+    if honor_arrivals and "arrival_s" in requests.column_names:
+        return np.argsort(column(requests, "arrival_s", np.float64), kind="stable")
+    return np.arange(requests.num_rows)
 
 
 class Simulator:
@@ -110,12 +110,12 @@ class Simulator:
         self._sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s",
                                                           "service_s")}
 
-    def step(self, chunk: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    def step(self, chunk: pa.Table, rows: np.ndarray) -> pa.Table:
         """Serve the next requests.
 
         Parameters
         ----------
-        chunk : DataFrame
+        chunk : pyarrow.Table
             The requests in service order: ``n_input_tokens``, ``n_output_tokens``, optionally
             ``arrival_s`` and ``session_id``.
         rows : ndarray of int64
@@ -123,7 +123,7 @@ class Simulator:
 
         Returns
         -------
-        DataFrame
+        pyarrow.Table
             One row per request with the columns of :data:`REQUEST_COLUMNS`.
 
         Raises
@@ -131,8 +131,8 @@ class Simulator:
         ValueError
             When arrivals go backwards across or within chunks.
         """
-        n_in = chunk["n_input_tokens"].to_numpy(np.int64)
-        n_out = chunk["n_output_tokens"].to_numpy(np.int64)
+        n_in = column(chunk, "n_input_tokens", np.int64)
+        n_out = column(chunk, "n_output_tokens", np.int64)
         cached = (self.cache.serve(rows, n_in) if self.cache is not None
                   else np.zeros(n_in.size, np.int64))
         hit = cached > 0
@@ -145,9 +145,9 @@ class Simulator:
         base_decode = self.timing.decode_s(n_in, n_out)
         decode = np.where(hit, 0.0, base_decode) if policy == "full" else base_decode
         service = prefill + decode
-        timed = self.honor_arrivals and "arrival_s" in chunk.columns
+        timed = self.honor_arrivals and "arrival_s" in chunk.column_names
         if timed:
-            arrival = chunk["arrival_s"].to_numpy(np.float64)
+            arrival = column(chunk, "arrival_s", np.float64)
             if np.any(np.diff(arrival) < 0):
                 raise ValueError("arrivals must be served in non-decreasing order")
             start = start_times(arrival, service, self.free_s)
@@ -162,8 +162,8 @@ class Simulator:
             tpot = np.where(n_out > 1, decode / (n_out - 1), np.nan)
             throughput = np.where(service > 0, (n_in + n_out) / service, np.nan)
         out = {"id": rows.astype(np.int64)}
-        if "session_id" in chunk.columns:
-            out["session_id"] = chunk["session_id"].to_numpy()
+        if "session_id" in chunk.column_names:
+            out["session_id"] = chunk.column("session_id")
         out.update({
             "arrival_s": arrival, "start_s": start, "queue_s": queue, "n_input_tokens": n_in,
             "n_output_tokens": n_out, "n_cached_tokens": cached, "cache_hit": hit,
@@ -173,11 +173,10 @@ class Simulator:
         })
         if self.sustainability is not None:
             out.update(self._energy_columns(start, service, end))
-        requests = pd.DataFrame(out)
-        self._account(requests, base_decode - decode)
+        self._account(out, base_decode - decode)
         if n_in.size:
             self.free_s = float(end[-1])
-        return requests
+        return pa.table(out)
 
     def _energy_columns(self, start, service, end) -> dict[str, np.ndarray]:
         """Per-request power, energy and emissions; idle gaps go to the run's totals."""
@@ -210,16 +209,17 @@ class Simulator:
             out["co2_idle_g"] = e["idle_co2_g"]
         return out
 
-    def _account(self, r: pd.DataFrame, decode_saved: np.ndarray) -> None:
-        if r.empty:
+    def _account(self, r: dict[str, np.ndarray], decode_saved: np.ndarray) -> None:
+        """Add a chunk's requests (the columns of :meth:`step`) to the run's totals."""
+        if not r["id"].size:
             return
         t, s = self._totals, self._seconds
-        t["n_requests"] += len(r)
+        t["n_requests"] += r["id"].size
         for c in ("n_input_tokens", "n_output_tokens", "n_cached_tokens"):
             t[c] += int(r[c].sum())
         t["cache_hits"] += int(r["cache_hit"].sum())
         t["requests_not_fitting"] += int((~r["kv_fits"]).sum())
-        service = r["prefill_s"].to_numpy() + r["decode_s"].to_numpy()
+        service = r["prefill_s"] + r["decode_s"]
         s["service"] += float(service.sum())
         s["prefill"] += float(r["prefill_s"].sum())
         s["decode"] += float(r["decode_s"].sum())
@@ -227,10 +227,10 @@ class Simulator:
         s["prefill_saved"] += float(r["prefill_saved_s"].sum())
         s["decode_saved"] += float(decode_saved.sum())
         if self._first_start is None:
-            self._first_start = float(r["start_s"].iloc[0])
-        self._last_end = max(self._last_end, float(r["end_s"].iloc[-1]))
+            self._first_start = float(r["start_s"][0])
+        self._last_end = max(self._last_end, float(r["end_s"][-1]))
         for metric in ("ttft_s", "tpot_s", "e2e_s"):
-            self._sketches[metric].add(r[metric].to_numpy())
+            self._sketches[metric].add(r[metric])
         self._sketches["service_s"].add(service)
 
     def summary(self) -> dict:
@@ -276,25 +276,38 @@ class Simulator:
         return out
 
 
-def run(workload: Workload | pd.DataFrame, simulator: Simulator,
-        chunk_size: int = 1_000_000) -> Iterator[pd.DataFrame]:
+def run(workload, simulator: Simulator, chunk_size: int = 1_000_000) -> Iterator[pa.Table]:
     """Serve a whole workload in service order, ``chunk_size`` requests at a time.
+
+    Parameters
+    ----------
+    workload : Workload, pyarrow.Table or pandas.DataFrame
+        The requests (:meth:`Simulator.step`'s columns), or a workload holding them.
 
     Yields
     ------
-    DataFrame
+    pyarrow.Table
         Simulated requests (:data:`REQUEST_COLUMNS`), chunk by chunk.
     """
-    requests = workload.requests if isinstance(workload, Workload) else workload
+    requests = _table(workload)
     order = service_order(requests, simulator.honor_arrivals)
     for lo in range(0, order.size, chunk_size):
         rows = order[lo:lo + chunk_size]
-        yield simulator.step(requests.iloc[rows], rows)
+        yield simulator.step(requests.take(rows), rows)
 
 
-def simulate(workload: Workload | pd.DataFrame, timing: ThesisTiming | RooflineTiming,
-             honor_arrivals: bool = True, cache: PrefixCache | None = None) -> pd.DataFrame:
-    """Simulate a whole workload in memory and return its requests in service order
-    (see :class:`Simulator`; for large traces iterate :func:`run` instead)."""
+def _table(workload) -> pa.Table:
+    if isinstance(workload, Workload):
+        return workload.table
+    if isinstance(workload, pa.Table):
+        return workload
+    return pa.Table.from_pandas(workload, preserve_index=False)
+
+
+def simulate(workload, timing: ThesisTiming | RooflineTiming, honor_arrivals: bool = True,
+             cache: PrefixCache | None = None):
+    """Simulate a whole workload (as :func:`run` takes it) in memory and return its requests
+    in service order as a pandas DataFrame (see :class:`Simulator`; for large traces iterate
+    :func:`run` instead)."""
     sim = Simulator(timing, cache, honor_arrivals)
-    return pd.concat(list(run(workload, sim)), ignore_index=True)
+    return pa.concat_tables(list(run(workload, sim))).to_pandas()

@@ -32,6 +32,8 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from archive.traces import column
+
 FRAGMENT_SCHEMA = pa.schema([
     pa.field("request_id", pa.int64(), nullable=False),
     pa.field("time_s", pa.float64(), nullable=False),
@@ -55,18 +57,21 @@ def fragment_schema(energy: bool = False, co2: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 FRAGMENT_PARQUET_OPTIONS = {
-    "use_dictionary": ["request_id"],
-    "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in (
-        "time_s", "duration_s", "gpu_utilization", "kv_cache_bytes", "power_w", "energy_wh",
-        "co2_g")},
+    "use_dictionary": False,
+    "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in ("time_s", "kv_cache_bytes", "co2_g")},
     "compression": "lz4",
     "write_statistics": ["request_id", "time_s"],
 }
-"""Writer options: dictionary encoding for the request ids (long runs of one value), byte-stream
-split for the rest, LZ4, statistics only on the columns one filters by. Measured on the 18.3 M
-rows of the Marconi-shaped benchmark at 0.1 s: 5 columns in 0.48 s and 23 MB (snappy: 0.48 s,
-42 MB; no compression: 0.72 s, 586 MB; pyarrow's defaults: 0.86 s, 144 MB); 7 columns with
-energy in 0.66 s (dictionaries and delta encoding instead: 0.91 s)."""
+"""Writer options: byte-stream split for the columns whose values change from row to row
+(times, KV bytes, CO2), plain encoding for the rest (ids, durations, utilization and power come
+in long runs of one value, which LZ4 shrinks at least as well as a dictionary, faster), LZ4,
+statistics only on the columns one filters by. Best of five single-threaded writes of the
+18.3 M rows of the Marconi-shaped benchmark at 0.1 s (``/tmp/mb3.py``-style loop over
+``pyarrow.parquet.write_table``, 2 M-row row groups, on the 2-core dev machine): 5 columns in
+0.37–0.43 s and 18.7 MB (dictionary ids and byte-stream split everywhere, the earlier choice:
+0.58–0.63 s, 23.6 MB), 7 columns with energy in 0.49–0.58 s and 23.2 MB (0.61 s, 33.5 MB).
+Per column, byte-stream split beats plain LZ4 on times (0.11 s vs 0.32 s) and KV bytes (0.14 s
+vs 0.32 s) and loses on durations and utilization (0.12 s vs 0.09 s)."""
 
 GENERATION_ROWS = 131_072
 """Rows generated per batch: small enough that numpy's passes over a batch stay in the CPU
@@ -220,7 +225,7 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
 
     Parameters
     ----------
-    requests : DataFrame
+    requests : pyarrow.Table
         Output of the engine: ``id``, ``start_s``, ``prefill_s``, ``decode_s``,
         ``n_input_tokens``, ``n_cached_tokens``, ``n_output_tokens``.
     export_rate_s : float
@@ -248,10 +253,10 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
         raise ValueError(f"utilization cap must be in (0, 1], got {utilization_cap}")
     if max_rows < 1:
         raise ValueError(f"flush size must be >= 1 row, got {max_rows}")
-    cols = {c: requests[c].to_numpy(np.float64) for c in (
+    cols = {c: column(requests, c, np.float64) for c in (
         "start_s", "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens",
         "n_output_tokens")}
-    ids = requests["id"].to_numpy(np.int64)
+    ids = column(requests, "id", np.int64)
     schema = fragment_schema(sustainability is not None,
                              getattr(sustainability, "carbon", None) is not None)
     total = cols["prefill_s"] + cols["decode_s"]

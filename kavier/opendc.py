@@ -26,10 +26,12 @@ work (hits of the ``full`` prefix-cache policy) have no task.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
+from archive.traces import column
 from kavier.fragments import phase_rows, phase_utilization
 
 TASKS_SCHEMA = pa.schema([
@@ -54,20 +56,21 @@ FRAGMENTS_SCHEMA = pa.schema([
 ])
 """OpenDC ``fragments.parquet`` (FragmentSchemas v2)."""
 
-DEFAULT_START = pd.Timestamp("2022-01-01T00:00:00Z")
+DEFAULT_START = datetime(2022, 1, 1, tzinfo=UTC)
+"""Wall-clock instant of simulated time 0 unless told otherwise."""
 HOST_CPU_MHZ = 2400.0
 """Default capacity of the host core reserved per task, MHz (placement only; no CPU load)."""
 _INT32_MAX = 2**31 - 1
 
 
-def opendc_batches(requests: pd.DataFrame, gpu_mhz: float, weight_bytes: float,
-                   utilization_cap: float = 1.0, start: pd.Timestamp = DEFAULT_START,
+def opendc_batches(requests: pa.Table, gpu_mhz: float, weight_bytes: float,
+                   utilization_cap: float = 1.0, start: datetime = DEFAULT_START,
                    cpu_mhz: float = HOST_CPU_MHZ) -> tuple[pa.RecordBatch, pa.RecordBatch]:
     """Tasks and fragments of one chunk of simulated requests.
 
     Parameters
     ----------
-    requests : DataFrame
+    requests : pyarrow.Table
         Engine output (``id``, ``arrival_s``, ``start_s``, ``prefill_s``, ``decode_s``,
         ``kv_cache_peak_bytes``).
     gpu_mhz : float
@@ -76,7 +79,7 @@ def opendc_batches(requests: pd.DataFrame, gpu_mhz: float, weight_bytes: float,
         Model weights, bytes (part of each task's memory).
     utilization_cap : float
         GPU utilization while inferring (Listing 4.3).
-    start : Timestamp
+    start : datetime
         Wall-clock instant of simulated time 0 (timezone-aware).
 
     Returns
@@ -89,12 +92,11 @@ def opendc_batches(requests: pd.DataFrame, gpu_mhz: float, weight_bytes: float,
     ValueError
         When a request id does not fit OpenDC's int32 task ids.
     """
-    ids = requests["id"].to_numpy(np.int64)
+    ids = column(requests, "id", np.int64)
     if ids.size and ids.max() > _INT32_MAX:
         raise ValueError("OpenDC task ids are int32: the trace has more than 2^31 requests")
-    begin = requests["start_s"].to_numpy(np.float64)
-    total = requests["prefill_s"].to_numpy(np.float64) + requests["decode_s"].to_numpy(
-        np.float64)
+    begin = column(requests, "start_s", np.float64)
+    total = column(requests, "prefill_s", np.float64) + column(requests, "decode_s", np.float64)
     owner, phase, offset, length = phase_rows(total)
     t0 = begin[owner] + offset
     durations = (np.rint((t0 + length) * 1000.0) - np.rint(t0 * 1000.0)).astype(np.int64)
@@ -103,10 +105,10 @@ def opendc_batches(requests: pd.DataFrame, gpu_mhz: float, weight_bytes: float,
     usage = phase_utilization(phase[keep], utilization_cap)
     task_ms = np.bincount(owner, weights=durations, minlength=ids.size).astype(np.int64)
     has_work = task_ms > 0
-    arrival = requests["arrival_s"].to_numpy(np.float64)
+    arrival = column(requests, "arrival_s", np.float64)
     submitted = np.where(np.isnan(arrival), begin, arrival)
-    epoch_ms = start.value // 1_000_000
-    mem_kib = (weight_bytes + requests["kv_cache_peak_bytes"].to_numpy(np.float64)) / 1024.0
+    epoch_ms = (start - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    mem_kib = (weight_bytes + column(requests, "kv_cache_peak_bytes", np.float64)) / 1024.0
     n = int(has_work.sum())
     tasks = pa.RecordBatch.from_arrays([
         pa.array(ids[has_work].astype(np.int32)),

@@ -213,7 +213,7 @@ def _workload(name: str, quick: bool):
         return marconi_shaped(sessions=200 if quick else 3000, block_size=512)
     if name == "azure":
         trace = archive.read_trace("azure-llm-inference-2023-conv")
-        return trace if not quick else Workload(trace.requests.iloc[:2000], None, trace.source)
+        return trace if not quick else Workload(trace.table.slice(0, 2000), None, trace.source)
     return archive.read_trace("mooncake-fast25-conversation")
 
 

@@ -13,10 +13,10 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from itertools import chain
 
-import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
@@ -50,8 +50,9 @@ class ExportOptions:
         Fragment rows per row group at most; bounds memory.
     utilization_cap : float
         GPU utilization while inferring (Listing 4.3).
-    start : Timestamp
-        Wall-clock instant of simulated time 0, for OpenDC's submission times.
+    start : datetime
+        Wall-clock instant of simulated time 0 (timezone-aware), for OpenDC's submission
+        times.
     fragment_energy : bool
         Add ``power_w``, ``energy_wh`` (and ``co2_g``) to ``fragments.parquet`` when the
         simulator has a power model. Requests and the summary carry energy regardless.
@@ -62,7 +63,7 @@ class ExportOptions:
     opendc: bool = True
     flush_rows: int = 2_000_000
     utilization_cap: float = 1.0
-    start: pd.Timestamp = field(default=DEFAULT_START)
+    start: datetime = DEFAULT_START
     fragment_energy: bool = True
 
 
@@ -70,7 +71,7 @@ def _fragment_energy(simulator: Simulator, options: ExportOptions):
     return simulator.sustainability if options.fragment_energy else None
 
 
-def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWriter,
+def write_run(chunks: Iterable[pa.Table], simulator: Simulator, out: RunWriter,
               options: ExportOptions, n_requests: int | None = None) -> dict:
     """Write simulated request chunks (from :func:`kavier.engine.run` or
     :meth:`Simulator.step`) and their fragments into ``out``.
@@ -97,7 +98,7 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
     first = next(chunks)
     wanted = ["requests.parquet"] + ["fragments.parquet"] * options.fragments + [
         "opendc/tasks.parquet", "opendc/fragments.parquet"] * options.opendc
-    schemas = {"requests.parquet": pa.Schema.from_pandas(first, preserve_index=False),
+    schemas = {"requests.parquet": first.schema,
                "fragments.parquet": fragment_schema(
                    _fragment_energy(simulator, options) is not None,
                    getattr(_fragment_energy(simulator, options), "carbon", None) is not None),
@@ -113,9 +114,8 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
         bar = stack.enter_context(tqdm(total=n_requests, unit="req", disable=None, delay=2.0,
                                        leave=False, desc="simulate"))
         for chunk in chain([first], chunks):
-            small.submit(writers["requests.parquet"].write_table, pa.Table.from_pandas(
-                chunk, schema=schemas["requests.parquet"], preserve_index=False))
-            rows["requests.parquet"] += len(chunk)
+            small.submit(writers["requests.parquet"].write_table, chunk)
+            rows["requests.parquet"] += chunk.num_rows
             if options.fragments:
                 rows["fragments.parquet"] += _write_fragments(
                     background, writers["fragments.parquet"], chunk, simulator, options)
@@ -125,7 +125,7 @@ def write_run(chunks: Iterable[pd.DataFrame], simulator: Simulator, out: RunWrit
                 for name, batch in zip(wanted[-2:], batches, strict=True):
                     small.submit(writers[name].write_batch, batch)
                     rows[name] += batch.num_rows
-            bar.update(len(chunk))
+            bar.update(chunk.num_rows)
     return rows
 
 

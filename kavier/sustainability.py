@@ -19,9 +19,9 @@ emissions = power × carbon intensity at each instant).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import numpy as np
-import pandas as pd
 
 from archive.errors import InputError
 from kavier.fragments import WARM_UTILIZATION, phase_rows
@@ -35,17 +35,17 @@ class CarbonTrace:
 
     Parameters
     ----------
-    table : DataFrame
+    table : pandas.DataFrame
         ``timestamp`` (UTC) and ``carbon_intensity`` (gCO2/kWh), as from
         :func:`archive.carbon.read_carbon`. Each value holds until the next timestamp; the last
         for one more step.
-    start : Timestamp
+    start : datetime
         Wall-clock instant of simulated time 0 (timezone-aware).
     name : str
         For messages and the summary.
     """
 
-    def __init__(self, table: pd.DataFrame, start: pd.Timestamp, name: str = "") -> None:
+    def __init__(self, table, start: datetime, name: str = "") -> None:
         seconds = (table["timestamp"] - start).dt.total_seconds().to_numpy(np.float64)
         self.edges_s = np.append(seconds, seconds[-1] + (seconds[-1] - seconds[-2]))
         self.intensity = table["carbon_intensity"].to_numpy(np.float64)
@@ -61,9 +61,9 @@ class CarbonTrace:
     def check_covers(self, t0: float, t1: float) -> None:
         """Raise :class:`InputError` unless the trace covers ``[t0, t1]`` simulated seconds."""
         if t0 < self.edges_s[0] or t1 > self.edges_s[-1]:
-            first = self.start + pd.Timedelta(seconds=self.edges_s[0])
-            last = self.start + pd.Timedelta(seconds=self.edges_s[-1])
-            need = [self.start + pd.Timedelta(seconds=t) for t in (t0, t1)]
+            first = self.start + timedelta(seconds=self.edges_s[0])
+            last = self.start + timedelta(seconds=self.edges_s[-1])
+            need = [self.start + timedelta(seconds=t) for t in (t0, t1)]
             raise InputError(f"carbon trace {self.name} covers {first} to {last}, but the "
                              f"simulation runs from {need[0]} to {need[1]}; choose "
                              "--start-time inside the trace", field="carbon-trace")

@@ -10,7 +10,7 @@ prefix-block hashes so that prefix caching can be simulated on it.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from archive.traces import PromptContent, Workload
 
@@ -59,22 +59,23 @@ def marconi_shaped(seed: int = 0, sessions: int = 3000, block_size: int | None =
     history = exchanged - (prompt + answer) - before_session
     waited = np.cumsum(rng.exponential(60.0, session.size))
     arrival = np.repeat(rng.uniform(0, 3600, sessions), turns) + waited - waited[first]
-    requests = pd.DataFrame({"session_id": session, "turn_id": turn, "arrival_s": arrival,
-                             "n_input_tokens": history + prompt, "n_output_tokens": answer})
     order = np.argsort(arrival, kind="stable")
-    requests = requests.iloc[order].reset_index(drop=True)
-    content = None if block_size is None else _block_hashes(requests, block_size)
-    return Workload(requests, content, f"marconi-shaped(seed={seed}, sessions={sessions})")
+    columns = {"session_id": session, "turn_id": turn, "arrival_s": arrival,
+               "n_input_tokens": history + prompt, "n_output_tokens": answer}
+    columns = {name: values[order] for name, values in columns.items()}
+    content = None if block_size is None else _block_hashes(
+        columns["n_input_tokens"], columns["session_id"], block_size)
+    return Workload(pa.table(columns), content,
+                    f"marconi-shaped(seed={seed}, sessions={sessions})")
 
 
-def _block_hashes(requests: pd.DataFrame, block_size: int) -> PromptContent:
-    n_in = requests["n_input_tokens"].to_numpy(np.int64)
+def _block_hashes(n_in: np.ndarray, sessions: np.ndarray, block_size: int) -> PromptContent:
     full = n_in // block_size
     blocks = -(-n_in // block_size)
     offsets = np.concatenate(([0], np.cumsum(blocks)))
     owner = np.repeat(np.arange(n_in.size), blocks)
     index = np.arange(offsets[-1]) - offsets[owner]
-    session = requests["session_id"].to_numpy(np.int64)[owner]
+    session = sessions[owner]
     if (index >= SESSION_BLOCK_IDS).any():
         raise ValueError("conversation longer than the per-session hash-id space")
     values = session * SESSION_BLOCK_IDS + index

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,7 @@ def chat_workload(lengths, repeats):
                             np.concatenate([np.asarray(p, np.int64) for p in prompts]))
     requests = pd.DataFrame({"n_input_tokens": sizes, "n_output_tokens": 20,
                              "session_id": np.arange(len(sizes)) % 2})
-    return Workload(requests, content, "test")
+    return Workload.from_frame(requests, content, "test")
 
 
 @settings(max_examples=30, deadline=None)
@@ -96,7 +97,7 @@ def test_chunks_give_the_same_timeline_as_one_pass(llama8b, a10):
     timing = ThesisTiming(llama8b, a10)
     whole = simulate(w, timing)
     sim = Simulator(timing)
-    parts = pd.concat(list(run(w, sim, chunk_size=37)), ignore_index=True)
+    parts = pa.concat_tables(list(run(w, sim, chunk_size=37))).to_pandas()
     assert np.allclose(parts["start_s"], whole["start_s"])
     s = sim.summary()
     assert s["n_requests"] == 500

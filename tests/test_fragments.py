@@ -33,9 +33,14 @@ def make_requests(rows) -> pd.DataFrame:
         "kv_cache_peak_bytes": (n_in + np.array([r[4] for r in rows])) * 8})
 
 
+def table(requests: pd.DataFrame) -> pa.Table:
+    """The requests as the engine yields them: an Arrow table."""
+    return pa.Table.from_pandas(requests, preserve_index=False)
+
+
 def frame(requests, rate, kv=8.0, cap=0.9, max_rows=7):
-    return pa.Table.from_batches(list(fragment_batches(requests, rate, kv, cap, max_rows))
-                                 ).to_pandas()
+    return pa.Table.from_batches(list(fragment_batches(table(requests), rate, kv, cap,
+                                                       max_rows))).to_pandas()
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,14 +107,14 @@ def test_bad_arguments():
     r = make_requests([(1.0, 1.0, 10, 0, 5)])
     for args in ((-1.0, 8.0), (0.1, 8.0, 0.0), (0.1, 8.0, 1.0, 0)):
         with pytest.raises(ValueError):
-            list(fragment_batches(r, *args))
+            list(fragment_batches(table(r), *args))
 
 
 def test_opendc_schema_and_milliseconds(tmp_path):
     # 1.9996 s must become 2000 ms, not int(seconds) * 1000
     r = make_requests([(0.4996, 1.5, 100, 0, 10), (0.0, 0.0, 100, 100, 10),
                        (0.0004, 0.0, 10, 0, 1)])
-    tasks, fragments = opendc_batches(r, gpu_mhz=1695.0, weight_bytes=2048.0,
+    tasks, fragments = opendc_batches(table(r), gpu_mhz=1695.0, weight_bytes=2048.0,
                                       utilization_cap=0.9)
     for batch, schema, name in ((tasks, TASKS_SCHEMA, "tasks"),
                                 (fragments, FRAGMENTS_SCHEMA, "fragments")):
@@ -132,7 +137,7 @@ def test_opendc_schema_and_milliseconds(tmp_path):
 @given(requests_strategy)
 def test_opendc_fragments_add_up_to_tasks(rows):
     r = make_requests(rows)
-    tasks, fragments = opendc_batches(r, 1000.0, 0.0)
+    tasks, fragments = opendc_batches(table(r), 1000.0, 0.0)
     t, f = tasks.to_pandas(), fragments.to_pandas()
     assert (f["duration"] > 0).all()
     assert f.groupby("id")["duration"].sum().to_dict() == dict(zip(t["id"], t["duration"],

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -53,7 +54,7 @@ def test_power_model_errors():
 
 def simulate(requests, sustainability, llama8b, a10):
     sim = Simulator(ThesisTiming(llama8b, a10), sustainability=sustainability)
-    return pd.concat(list(run(requests, sim)), ignore_index=True), sim.summary()
+    return pa.concat_tables(list(run(requests, sim))).to_pandas(), sim.summary()
 
 
 def test_energy_of_one_request_and_of_idle_gaps(llama8b, a10):
