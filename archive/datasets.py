@@ -10,10 +10,12 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from archive.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def data_root() -> Path:
@@ -64,6 +66,8 @@ def load(name: str) -> pd.DataFrame:
     meta = info(name)
     path = dataset_dir(name) / meta["main_table"]
     if meta["kind"] == "measurements":
+        import pandas as pd  # here: ``import archive`` must not cost pandas' import
+
         return pd.read_parquet(path)
     if meta["kind"] == "carbon":
         from archive.carbon import read_carbon

@@ -35,13 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from archive.arrow import table as arrow_table
+from archive.arrow import to_numpy
 from archive.errors import InputError, first_bad
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _LAYOUTS = [
     # (input column, output column, timestamp column or None, timestamp kind)
@@ -118,11 +123,6 @@ class Workload:
         return self.table.to_pandas()
 
 
-def column(table: pa.Table, name: str, dtype) -> np.ndarray:
-    """Column ``name`` of ``table`` as a numpy array of ``dtype`` (nulls become NaN)."""
-    return table.column(name).to_numpy().astype(dtype, copy=False)
-
-
 def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int,
                                      pa.Table | None]:
     """The file's column names, a function giving a column as a numpy array (native types; a
@@ -131,14 +131,17 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
     otherwise), and for Parquet the Arrow table (list columns are read from it without Python
     objects).
 
-    Parquet is read with pyarrow straight into numpy; pandas reads CSV and JSON Lines.
+    Parquet is read with pyarrow straight into numpy (:mod:`archive.arrow`), without
+    importing pandas, which reads CSV and JSON Lines.
     """
     suffix = path.suffix.lower()
     kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
     try:
         if kind == "Parquet":
-            table = pq.read_table(path)
-            return table.column_names, lambda c: table.column(c).to_numpy(), 1, table
+            table = pq.ParquetFile(path).read()
+            return table.column_names, lambda c: to_numpy(table.column(c)), 1, table
+        import pandas as pd
+
         if kind == "JSON Lines":
             df, first_line = pd.read_json(path, lines=True, dtype=False), 1
         else:
@@ -175,6 +178,8 @@ def _numbers(values: np.ndarray) -> np.ndarray:
     pandas reads a CSV column holding any non-numeric cell, go through pandas' parser)."""
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
+    import pandas as pd
+
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
 
 
@@ -200,6 +205,8 @@ def _arrivals(values: np.ndarray, kind: str, path: Path, column: str,
               first_line: int) -> np.ndarray:
     """Arrival times in seconds since the first request, float64."""
     if kind == "datetime":
+        import pandas as pd
+
         stamps = pd.to_datetime(pd.Series(values), format="ISO8601", errors="coerce")
         bad = stamps.isna()
         if bad.any():
@@ -227,8 +234,8 @@ def _arrow_lists(table: pa.Table, column: str, path: Path) -> tuple[np.ndarray, 
     if array.null_count:
         row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError("missing list", path=path, row=row + 1, field=column)
-    offsets = array.offsets.to_numpy().astype(np.int64)
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = to_numpy(array.offsets).astype(np.int64)
+    values = to_numpy(array.flatten()).astype(np.int64)
     offsets -= offsets[0]
     if values.size and values.min() < 0:
         where = int(np.searchsorted(offsets, int(np.argmax(values < 0)), side="right")) - 1
@@ -383,13 +390,15 @@ def read_trace(source: str | Path) -> Workload:
     out["n_input_tokens"] = inputs.astype(np.int64)
     out["n_output_tokens"] = token_column(column_of(n_out), path, n_out, first_line)
     if "session_id" in names:
-        sessions = _session_ids(column_of("session_id"), path)
+        sessions = (table.column("session_id") if table is not None
+                    else _session_ids(column_of("session_id"), path))
         if sessions.null_count < len(sessions):
             out["session_id"] = sessions
-    return Workload(pa.table(out), content, str(path))
+    return Workload(arrow_table(out), content, str(path))
 
 
 def _session_ids(values: np.ndarray, path: Path) -> pa.Array:
+    """A text file's session ids as an Arrow array (empty cells as nulls)."""
     try:
         return pa.array(values, from_pandas=True)
     except pa.ArrowException:

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from archive.errors import InputError
 from kavier.cache import PrefixCache
 from kavier.stats import QuantileSketch
 from kavier.timing import RooflineTiming
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROUTERS = ("round-robin", "least-outstanding", "prefix-affinity")
 
@@ -414,6 +417,8 @@ class BatchSimulator:
     # --- results -----------------------------------------------------------------------------
 
     def _results(self) -> tuple[pd.DataFrame, dict]:
+        import pandas as pd  # here: ``kavier simulate`` without batching runs without pandas
+
         queue = self.start - self.arrival
         ttft = self.first - self.arrival
         with np.errstate(divide="ignore", invalid="ignore"):

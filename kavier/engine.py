@@ -20,7 +20,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from archive.traces import Workload, column
+from archive.arrow import column, from_numpy
+from archive.arrow import table as arrow_table
+from archive.traces import Workload
 from kavier.cache import PrefixCache
 from kavier.stats import QuantileSketch
 from kavier.sustainability import Sustainability
@@ -176,7 +178,7 @@ class Simulator:
         self._account(out, base_decode - decode)
         if n_in.size:
             self.free_s = float(end[-1])
-        return pa.table(out)
+        return arrow_table(out)
 
     def _energy_columns(self, start, service, end) -> dict[str, np.ndarray]:
         """Per-request power, energy and emissions; idle gaps go to the run's totals."""
@@ -293,7 +295,7 @@ def run(workload, simulator: Simulator, chunk_size: int = 1_000_000) -> Iterator
     order = service_order(requests, simulator.honor_arrivals)
     for lo in range(0, order.size, chunk_size):
         rows = order[lo:lo + chunk_size]
-        yield simulator.step(requests.take(rows), rows)
+        yield simulator.step(requests.take(from_numpy(rows)), rows)
 
 
 def _table(workload) -> pa.Table:

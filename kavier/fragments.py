@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from archive.traces import column
+from archive.arrow import column, from_numpy
 
 FRAGMENT_SCHEMA = pa.schema([
     pa.field("request_id", pa.int64(), nullable=False),
@@ -275,4 +275,4 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
             arrays += [power, power * duration / 3600.0]
             if sustainability.carbon is not None:
                 arrays.append(sustainability.co2_g(power, time_s, time_s + duration))
-        yield pa.RecordBatch.from_arrays([pa.array(a) for a in arrays], schema=schema)
+        yield pa.RecordBatch.from_arrays([from_numpy(a) for a in arrays], schema=schema)

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from archive.traces import column
+from archive.arrow import column, from_numpy
 from kavier.fragments import phase_rows, phase_utilization
 
 TASKS_SCHEMA = pa.schema([
@@ -111,19 +111,19 @@ def opendc_batches(requests: pa.Table, gpu_mhz: float, weight_bytes: float,
     mem_kib = (weight_bytes + column(requests, "kv_cache_peak_bytes", np.float64)) / 1024.0
     n = int(has_work.sum())
     tasks = pa.RecordBatch.from_arrays([
-        pa.array(ids[has_work].astype(np.int32)),
-        pa.array(epoch_ms + np.rint(submitted[has_work] * 1000.0).astype(np.int64),
-                 pa.timestamp("ms", tz="UTC")),
-        pa.array(task_ms[has_work]),
-        pa.array(np.ones(n, np.int32)),
-        pa.array(np.full(n, cpu_mhz)),
-        pa.array(np.ceil(mem_kib[has_work]).astype(np.int64)),
-        pa.array(np.ones(n, np.int32)),
-        pa.array(np.full(n, float(gpu_mhz))),
+        from_numpy(ids[has_work].astype(np.int32)),
+        from_numpy(epoch_ms + np.rint(submitted[has_work] * 1000.0).astype(np.int64),
+                   pa.timestamp("ms", tz="UTC")),
+        from_numpy(task_ms[has_work]),
+        from_numpy(np.ones(n, np.int32)),
+        from_numpy(np.full(n, cpu_mhz)),
+        from_numpy(np.ceil(mem_kib[has_work]).astype(np.int64)),
+        from_numpy(np.ones(n, np.int32)),
+        from_numpy(np.full(n, float(gpu_mhz))),
     ], schema=TASKS_SCHEMA)
     fragments = pa.RecordBatch.from_arrays([
-        pa.array(ids[owner].astype(np.int32)), pa.array(durations),
-        pa.array(np.zeros(owner.size)), pa.array(usage * gpu_mhz),
+        from_numpy(ids[owner].astype(np.int32)), from_numpy(durations),
+        from_numpy(np.zeros(owner.size)), from_numpy(usage * gpu_mhz),
     ], schema=FRAGMENTS_SCHEMA)
     return tasks, fragments
 

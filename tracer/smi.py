@@ -8,12 +8,15 @@ units in the names.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 
 from archive.errors import InputError, first_bad
 from archive.schema import GPU_SAMPLES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FIELDS = {
     # nvidia-smi query field: (column, kind)
@@ -64,6 +67,8 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
         rows.append((number, values))
     if not rows:
         raise InputError("no samples", path=source)
+    import pandas as pd  # here: ``kavier simulate`` imports this module and runs without pandas
+
     table = pd.DataFrame([v for _, v in rows], columns=list(fields))
     out = pd.DataFrame(index=table.index)
     for field in fields:
