@@ -61,17 +61,18 @@ FRAGMENT_PARQUET_OPTIONS = {
     "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in ("time_s", "kv_cache_bytes", "co2_g")},
     "compression": "lz4",
     "write_statistics": ["request_id", "time_s"],
+    "write_batch_size": 65_536,
 }
 """Writer options: byte-stream split for the columns whose values change from row to row
 (times, KV bytes, CO2), plain encoding for the rest (ids, durations, utilization and power come
-in long runs of one value, which LZ4 shrinks at least as well as a dictionary, faster), LZ4,
-statistics only on the columns one filters by. Best of five single-threaded writes of the
-18.3 M rows of the Marconi-shaped benchmark at 0.1 s (``/tmp/mb3.py``-style loop over
-``pyarrow.parquet.write_table``, 2 M-row row groups, on the 2-core dev machine): 5 columns in
-0.37–0.43 s and 18.7 MB (dictionary ids and byte-stream split everywhere, the earlier choice:
-0.58–0.63 s, 23.6 MB), 7 columns with energy in 0.49–0.58 s and 23.2 MB (0.61 s, 33.5 MB).
-Per column, byte-stream split beats plain LZ4 on times (0.11 s vs 0.32 s) and KV bytes (0.14 s
-vs 0.32 s) and loses on durations and utilization (0.12 s vs 0.09 s)."""
+in long runs of one value, which LZ4 shrinks better than byte-stream split and as well as a
+dictionary, faster), LZ4, statistics only on the columns one filters by, and 65,536 values per
+internal write batch instead of pyarrow's 1,024. ``python benchmarks/bench_fragment_writer.py``
+(18.3 M rows of the Marconi-shaped benchmark at 0.1 s, best of five single-threaded writes on
+the 2-core dev machine): 5 columns in 0.291 s and 18.7 MB (1,024-value batches: 0.328 s;
+dictionary ids and byte-stream split on every other column, the earlier choice: 0.410 s,
+23.6 MB; snappy: 0.699 s, 163.7 MB; pyarrow's defaults: 0.945 s, 117.6 MB); 7 columns with
+energy in 0.370 s and 23.2 MB (earlier choice 0.560 s, 33.5 MB)."""
 
 GENERATION_ROWS = 131_072
 """Rows generated per batch: small enough that numpy's passes over a batch stay in the CPU
