@@ -2,8 +2,9 @@
 
 Builds the fragments of the Marconi-shaped benchmark workload (:mod:`bench_simulate`) at 0.1 s
 export, 18,279,802 rows, without and with the energy columns, and writes each table with every
-option set below, single-threaded, in 2 M-row row groups; prints the best of ``--repeat`` wall
-times and the file size. Run: ``python benchmarks/bench_fragment_writer.py``.
+option set below, single-threaded, in row groups of ``kavier.run.FLUSH_ROWS`` rows; prints the
+best of ``--repeat`` wall times and the file size.
+Run: ``python benchmarks/bench_fragment_writer.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kavier.engine import Simulator, run
 from kavier.fragments import FRAGMENT_PARQUET_OPTIONS, fragment_batches
 from kavier.library import gpu_library, llm_library
 from kavier.power import PowerModel
+from kavier.run import FLUSH_ROWS
 from kavier.sustainability import Sustainability
 from kavier.timing import make_timing
 
@@ -57,7 +59,7 @@ def best_write(table: pa.Table, options: dict, repeat: int) -> tuple[float, int]
         best = float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
-            pq.write_table(table, path, row_group_size=2_000_000, **options)
+            pq.write_table(table, path, row_group_size=FLUSH_ROWS, **options)
             best = min(best, time.perf_counter() - start)
         return best, os.path.getsize(path)
 

@@ -46,7 +46,7 @@ from kavier.library import gpu_library, llm_library
 from kavier.opendc import DEFAULT_START
 from kavier.output import run_folder
 from kavier.power import POWER_MODELS, PowerModel
-from kavier.run import OUTPUT_FILES, ExportOptions, write_run
+from kavier.run import FLUSH_ROWS, OUTPUT_FILES, ExportOptions, write_run
 from kavier.stats import QUANTILES
 from kavier.sustainability import CarbonTrace, Sustainability
 from kavier.timing import TIMING_MODELS, TimingParams, make_timing
@@ -277,7 +277,7 @@ def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
 @click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--export-rate", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Snapshot interval in seconds; 0 writes run-length fragments.")
-@click.option("--flush-size", type=click.IntRange(min=1), default=2_000_000, show_default=True,
+@click.option("--flush-size", type=click.IntRange(min=1), default=FLUSH_ROWS, show_default=True,
               help="Fragment rows per written row group (bounds memory).")
 @click.option("--fragments/--no-fragments", default=True, show_default=True,
               help="Write fragments.parquet (--no-fragments: task level only).")

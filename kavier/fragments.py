@@ -69,10 +69,10 @@ in long runs of one value, which LZ4 shrinks better than byte-stream split and a
 dictionary, faster), LZ4, statistics only on the columns one filters by, and 65,536 values per
 internal write batch instead of pyarrow's 1,024. ``python benchmarks/bench_fragment_writer.py``
 (18.3 M rows of the Marconi-shaped benchmark at 0.1 s, best of five single-threaded writes on
-the 2-core dev machine): 5 columns in 0.291 s and 18.7 MB (1,024-value batches: 0.328 s;
-dictionary ids and byte-stream split on every other column, the earlier choice: 0.410 s,
-23.6 MB; snappy: 0.699 s, 163.7 MB; pyarrow's defaults: 0.945 s, 117.6 MB); 7 columns with
-energy in 0.370 s and 23.2 MB (earlier choice 0.560 s, 33.5 MB)."""
+the 2-core dev machine): 5 columns in 0.298 s and 18.7 MB (1,024-value batches: 0.336 s;
+dictionary ids and byte-stream split on every other column, the earlier choice: 0.419 s,
+23.7 MB; snappy: 0.719 s, 163.8 MB; pyarrow's defaults: 1.235 s, 126.6 MB); 7 columns with
+energy in 0.362 s and 23.3 MB (earlier choice 0.563 s, 33.6 MB)."""
 
 GENERATION_ROWS = 131_072
 """Rows generated per batch: small enough that numpy's passes over a batch stay in the CPU
@@ -131,29 +131,33 @@ def _snapshot_batch(part, rate, cap, kv_per_token, warm_s, cool_s):
     counts = np.where(total > 0, np.maximum(np.ceil(total / rate - _FLOAT_SLACK), 1), 0
                       ).astype(np.int64)
     first = np.cumsum(counts) - counts
-    rows = np.arange(int(counts.sum()), dtype=np.float64)
-    k = rows - np.repeat(first.astype(np.float64), counts)   # row index within its request
-    time_s = np.repeat(part["start_s"], counts) + k * rate
+    n = int(counts.sum())
+    k = np.arange(n, dtype=np.float64)
+    k -= np.repeat(first.astype(np.float64), counts)            # row index within its request
+    time_s = k * rate
+    time_s += np.repeat(part["start_s"], counts)
     has = counts > 0
     last = (first + counts - 1)[has]
-    duration = np.full(rows.size, rate)
+    duration = np.full(n, rate)
     duration[last] = (total - (counts - 1) * rate)[has]
-    utilization = np.full(rows.size, cap)
+    utilization = np.full(n, cap)
     head = np.minimum(counts, math.ceil(warm_s / rate) + 1)
     tail_from = np.clip(np.floor((total - cool_s) / rate) - 1, 0, counts).astype(np.int64)
-    for begin, n in ((first, head), (first + tail_from, counts - tail_from)):
-        edge, owner = _ranges(begin, n)
+    for begin, length in ((first, head), (first + tail_from, counts - tail_from)):
+        edge, owner = _ranges(begin, length)
         offset = (edge - first[owner]) * rate
         end = np.minimum(offset + rate, total[owner])
         utilization[edge] = _mean_utilization(offset, end, total[owner], cap, warm_s, cool_s)
-    kv = np.zeros(rows.size, np.int64)
-    if kv_per_token:
-        kv = _snapshot_kv(part, rate, counts, k, last, has) * round(kv_per_token)
+    if not kv_per_token:
+        return time_s, duration, utilization, counts, np.zeros(n, np.int64)
+    kv = _snapshot_kv(part, rate, counts, k, last, has)
+    kv *= round(kv_per_token)
     return time_s, duration, utilization, counts, kv
 
 
 def _snapshot_kv(part, rate, counts, k, last, has):
-    """KV tokens at the end of each snapshot, built segment-wise (prefill rows, decode rows)."""
+    """KV tokens at the end of each snapshot, built segment-wise (prefill rows, decode rows),
+    in place: each pass over the rows reuses one array instead of allocating a new one."""
     prefill, decode = part["prefill_s"], part["decode_s"]
     n_in, n_cached, n_out = part["n_input_tokens"], part["n_cached_tokens"], part[
         "n_output_tokens"]
@@ -167,11 +171,13 @@ def _snapshot_kv(part, rate, counts, k, last, has):
     a1 = n_cached + s1
     a2 = n_in + s2 - per_s2 * prefill
     segments = np.stack([in_prefill, counts - in_prefill], axis=1).ravel()
-    slope = np.repeat(np.stack([s1, s2], axis=1).ravel(), segments)
-    tokens = np.repeat(np.stack([a1, a2], axis=1).ravel(), segments) + slope * k
-    tokens = np.floor(tokens + 1e-6).astype(np.int64)
-    tokens[last] = (n_in + n_out)[has]
-    return tokens
+    tokens = np.repeat(np.stack([s1, s2], axis=1).ravel(), segments)
+    tokens *= k
+    tokens += np.repeat(np.stack([a1, a2], axis=1).ravel() + 1e-6, segments)
+    np.floor(tokens, out=tokens)
+    whole = tokens.astype(np.int64)
+    whole[last] = (n_in + n_out)[has]
+    return whole
 
 
 def phase_rows(total, warm_s=0.1, cool_s=0.1):
