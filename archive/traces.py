@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from archive.arrow import from_numpy, to_numpy
 from archive.arrow import table as arrow_table
-from archive.arrow import to_numpy
 from archive.errors import InputError, first_bad
 
 if TYPE_CHECKING:
@@ -131,8 +132,9 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
     otherwise), and for Parquet the Arrow table (list columns are read from it without Python
     objects).
 
-    Parquet is read with pyarrow straight into numpy (:mod:`archive.arrow`), without
-    importing pandas, which reads CSV and JSON Lines.
+    Parquet and CSV are read with pyarrow straight into numpy (:mod:`archive.arrow`), without
+    importing pandas, which reads JSON Lines, and CSV files whose column types pyarrow cannot
+    settle on (see :func:`_read_csv`).
     """
     suffix = path.suffix.lower()
     kind = {".parquet": "Parquet", ".pq": "Parquet", ".jsonl": "JSON Lines"}.get(suffix, "CSV")
@@ -140,6 +142,8 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
         if kind == "Parquet":
             table = pq.ParquetFile(path).read()
             return table.column_names, lambda c: to_numpy(table.column(c)), 1, table
+        if kind == "CSV" and (csv := _read_csv(path)) is not None:
+            return csv.column_names, lambda c: to_numpy(csv.column(c)), 2, None
         import pandas as pd
 
         if kind == "JSON Lines":
@@ -152,6 +156,18 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
     except (OSError, ValueError, pa.ArrowException, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read as {kind}: {str(exc).splitlines()[0]}",
                          path=path) from None
+
+
+def _read_csv(path: Path) -> pa.Table | None:
+    """The CSV file as pyarrow reads it, every cell as written (no cell is taken for a missing
+    value), or None when pyarrow cannot read it: a column whose type, inferred from the first
+    block, does not hold further down, or a malformed file. pandas then reads it, keeping such
+    columns as text, so that the bad cell is reported by row, or says what is malformed."""
+    options = pa_csv.ConvertOptions(null_values=[], strings_can_be_null=False)
+    try:
+        return pa_csv.read_csv(path, convert_options=options)
+    except pa.ArrowInvalid:
+        return None
 
 
 def _layout(columns, path: Path) -> tuple[str | None, str | None, str | None, str | None]:
@@ -399,6 +415,8 @@ def read_trace(source: str | Path) -> Workload:
 
 def _session_ids(values: np.ndarray, path: Path) -> pa.Array:
     """A text file's session ids as an Arrow array (empty cells as nulls)."""
+    if values.dtype.kind in "iu":
+        return from_numpy(values)
     try:
         return pa.array(values, from_pandas=True)
     except pa.ArrowException:

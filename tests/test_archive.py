@@ -66,6 +66,19 @@ def test_bad_values_are_located(tmp_path, content, line, field):
     assert f"line {line}" in str(err.value)
 
 
+def test_bad_cell_past_pyarrows_first_block_is_still_located(tmp_path):
+    """pyarrow infers CSV column types from its first 1 MB block; a bad cell further down
+    makes the reader fall back to pandas, which reports it by row like any other."""
+    rows = 300_000                                      # 1.8 MB of "10,20" lines
+    path = tmp_path / "t.csv"
+    path.write_text("num_input_tokens,num_output_tokens\n" + "10,20\n" * rows + "10,-\n")
+    with pytest.raises(InputError) as err:
+        read_workload(path)
+    assert (err.value.row, err.value.field) == (rows + 2, "num_output_tokens")
+    path.write_text("num_input_tokens,num_output_tokens\n" + "10,20\n" * rows)
+    assert read_workload(path)["n_output_tokens"].sum() == 20 * rows
+
+
 def test_missing_columns_empty_and_missing_files(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("a,b\n1,2\n")

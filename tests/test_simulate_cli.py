@@ -144,7 +144,8 @@ def test_a_rerun_removes_stale_outputs(tmp_path):
     assert rows == {"requests.parquet": 1}
 
 
-def test_simulate_of_a_parquet_trace_never_imports_pandas(tmp_path):
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_simulate_of_a_parquet_or_csv_trace_never_imports_pandas(tmp_path, suffix):
     """pandas' import is a quarter of the whole command at 100,000 requests (see
     ``archive.arrow``); this keeps the fast path free of it."""
     import subprocess
@@ -160,6 +161,10 @@ except SystemExit as exit:
 print("pandas imported:", "pandas" in sys.modules)
 """
     trace = dataset_dir("azure-llm-inference-2023-conv") / "workload.parquet"
+    if suffix == ".csv":
+        csv = tmp_path / "trace.csv"
+        pd.read_parquet(trace).to_csv(csv, index=False)
+        trace = csv
     out = subprocess.run([sys.executable, "-c", script, "simulate", "--trace", str(trace),
                           "--export-rate", "1", "--output-folder", str(tmp_path / "sim")],
                          capture_output=True, text=True, check=True)
