@@ -293,7 +293,8 @@ def _python_lists(values: np.ndarray, path: Path, column: str,
 def _content(column_of: Callable[[str], np.ndarray], table: pa.Table | None,
              names: list[str], path: Path, first_line: int) -> PromptContent | None:
     present = [c for c in _CONTENT_COLUMNS if c in names and not (
-        table is not None and table.column(c).null_count == table.num_rows)]
+        table.column(c).null_count == table.num_rows if table is not None
+        else _all_empty(column_of(c)))]
     if not present:
         return None
     column = present[0]
@@ -413,10 +414,17 @@ def read_trace(source: str | Path) -> Workload:
     return Workload(arrow_table(out), content, str(path))
 
 
+def _all_empty(values: np.ndarray) -> bool:
+    """Whether every cell of a text file's column is empty (as a CSV writes a missing value)."""
+    return values.dtype.kind == "O" and all(v is None or v == "" for v in values)
+
+
 def _session_ids(values: np.ndarray, path: Path) -> pa.Array:
     """A text file's session ids as an Arrow array (empty cells as nulls)."""
     if values.dtype.kind in "iu":
         return from_numpy(values)
+    if values.dtype.kind == "O":
+        values = np.where(values == "", None, values)
     try:
         return pa.array(values, from_pandas=True)
     except pa.ArrowException:

@@ -7,7 +7,7 @@ from archive.datasets import dataset_dir
 from archive.errors import InputError
 from archive.importers.a10_surf import convert, to_table
 from archive.schema import MEASUREMENTS
-from archive.traces import read_workload
+from archive.traces import read_trace, read_workload
 from calibrate.fit import size_medians
 
 A10 = "a10-surf-vllm-llama3-8b"
@@ -77,6 +77,15 @@ def test_bad_cell_past_pyarrows_first_block_is_still_located(tmp_path):
     assert (err.value.row, err.value.field) == (rows + 2, "num_output_tokens")
     path.write_text("num_input_tokens,num_output_tokens\n" + "10,20\n" * rows)
     assert read_workload(path)["n_output_tokens"].sum() == 20 * rows
+
+
+def test_empty_content_and_session_columns_of_a_csv_count_as_absent(tmp_path):
+    path = tmp_path / "w.csv"
+    pd.read_parquet(dataset_dir("azure-llm-inference-2023-conv") / "workload.parquet"
+                    ).head(50).to_csv(path, index=False)       # empty session and list cells
+    w = read_trace(path)
+    assert w.content is None and "session_id" not in w.table.column_names
+    assert w.table.num_rows == 50
 
 
 def test_missing_columns_empty_and_missing_files(tmp_path):

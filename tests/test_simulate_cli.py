@@ -163,7 +163,8 @@ print("pandas imported:", "pandas" in sys.modules)
     trace = dataset_dir("azure-llm-inference-2023-conv") / "workload.parquet"
     if suffix == ".csv":
         csv = tmp_path / "trace.csv"
-        pd.read_parquet(trace).to_csv(csv, index=False)
+        columns = ["arrival_s", "n_input_tokens", "n_output_tokens"]
+        pd.read_parquet(trace, columns=columns).to_csv(csv, index=False)
         trace = csv
     out = subprocess.run([sys.executable, "-c", script, "simulate", "--trace", str(trace),
                           "--export-rate", "1", "--output-folder", str(tmp_path / "sim")],
