@@ -3,9 +3,9 @@
 Bad input (unknown files, columns, values, LLMs, GPUs) ends with one line ``error: ...`` on
 standard error and exit status 2, never a traceback.
 
-``kavier simulate`` of a Parquet trace never imports pandas (0.25–0.3 s, a quarter of the whole
-command at 100,000 requests; see :mod:`archive.arrow`): the commands and options that need it
-(CSV traces, carbon traces, batching, calibration) import it where they run.
+``kavier simulate`` of a Parquet or CSV trace does not import pandas (0.25–0.3 s, a third of the
+whole command at 100,000 requests; see :mod:`archive.arrow`): what needs it (JSON Lines traces,
+CSV files pyarrow cannot type, carbon traces, batching, calibration) imports it where it runs.
 """
 
 from __future__ import annotations
