@@ -75,7 +75,7 @@ def entry() -> None:
 
     At exit the interpreter garbage-collects every object still alive, among them the hundreds
     of thousands that numpy, pyarrow and pandas create on import; freezing them first skips
-    that (0.10–0.12 s of every command on the 2-core dev machine). Every output file is closed
+    that (about 0.1 s of every command on the 2-core dev machine). Every output file is closed
     by then, and objects are still freed by reference counting.
     """
     try:
