@@ -123,6 +123,13 @@ class Workload:
         """:attr:`table` as a pandas DataFrame (converted once, on first use)."""
         return self.table.to_pandas()
 
+    def session_ids(self) -> np.ndarray | None:
+        """Each request's ``session_id`` (what a session-scoped prefix cache keys on), or None
+        when the trace has no sessions."""
+        if "session_id" not in self.table.column_names:
+            return None
+        return to_numpy(self.table.column("session_id"))
+
 
 def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int,
                                      pa.Table | None]:
@@ -391,7 +398,8 @@ def read_trace(source: str | Path) -> Workload:
     path = resolve(source)
     names, column_of, first_line, table = _read_table(path)
     n_in, n_out, ts, kind = _layout(names, path)
-    if len(column_of(n_out)) == 0:
+    outputs = column_of(n_out)
+    if len(outputs) == 0:
         raise InputError("the trace has no requests", path=path)
     content = _content(column_of, table, names, path, first_line)
     if n_in is None:
@@ -405,7 +413,7 @@ def read_trace(source: str | Path) -> Workload:
     out = {} if ts is None else {"arrival_s": _arrivals(column_of(ts), kind, path, ts,
                                                         first_line)}
     out["n_input_tokens"] = inputs.astype(np.int64)
-    out["n_output_tokens"] = token_column(column_of(n_out), path, n_out, first_line)
+    out["n_output_tokens"] = token_column(outputs, path, n_out, first_line)
     if "session_id" in names:
         sessions = (table.column("session_id") if table is not None
                     else _session_ids(column_of("session_id"), path))

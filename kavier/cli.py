@@ -145,11 +145,8 @@ def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, 
     if policy == "blocks" and workload.content is not None and cache_blocks != "unlimited":
         capacity = int(cache_blocks) if cache_blocks != "auto" else kv_pool_blocks(
             llm_spec, gpu_spec, block_size_for(block_size, workload.content), memory_utilization)
-    table = workload.table
-    sessions = (table.column("session_id").to_numpy() if "session_id" in table.column_names
-                else None)
     return PrefixCache(PrefixCacheConfig(policy, min_tokens, max_prompts, scope, block_size,
-                                         capacity), workload.content, sessions)
+                                         capacity), workload.content, workload.session_ids())
 
 
 def batching_options(command):

@@ -49,11 +49,13 @@ ENERGY_FIELDS = [pa.field("power_w", pa.float64(), nullable=False),
 CO2_FIELD = pa.field("co2_g", pa.float64(), nullable=False)
 
 
-def fragment_schema(energy: bool = False, co2: bool = False) -> pa.Schema:
-    """:data:`FRAGMENT_SCHEMA`, plus mean ``power_w`` and GPU ``energy_wh`` per row with a power
-    model, plus ``co2_g`` (facility energy × carbon intensity) with a carbon trace."""
-    fields = list(FRAGMENT_SCHEMA) + (ENERGY_FIELDS if energy else []) + (
-        [CO2_FIELD] if co2 else [])
+def fragment_schema(sustainability=None) -> pa.Schema:
+    """:data:`FRAGMENT_SCHEMA`, plus mean ``power_w`` and GPU ``energy_wh`` per row with a
+    :class:`~kavier.sustainability.Sustainability` (power model), plus ``co2_g`` (facility
+    energy × carbon intensity) when it has a carbon trace."""
+    fields = list(FRAGMENT_SCHEMA)
+    if sustainability is not None:
+        fields += ENERGY_FIELDS + ([CO2_FIELD] if sustainability.carbon is not None else [])
     return pa.schema(fields)
 
 FRAGMENT_PARQUET_OPTIONS = {
@@ -127,7 +129,7 @@ def _ranges(first, counts):
 
 
 def _snapshot_batch(part, rate, cap, kv_per_token, warm_s, cool_s):
-    total = part["prefill_s"] + part["decode_s"]
+    total = part["total_s"]
     counts = np.where(total > 0, np.maximum(np.ceil(total / rate - _FLOAT_SLACK), 1), 0
                       ).astype(np.int64)
     first = np.cumsum(counts) - counts
@@ -202,7 +204,7 @@ def phase_utilization(phase, cap):
 
 
 def _phase_batch(part, cap, kv_per_token, warm_s, cool_s):
-    total = part["prefill_s"] + part["decode_s"]
+    total = part["total_s"]
     owner, phase, offset, duration = phase_rows(total, warm_s, cool_s)
     tokens = kv_tokens_at(offset + duration, *(part[c][owner] for c in (
         "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens", "n_output_tokens")))
@@ -264,9 +266,9 @@ def fragment_batches(requests, export_rate_s: float, kv_bytes_per_token: float,
         "start_s", "prefill_s", "decode_s", "n_input_tokens", "n_cached_tokens",
         "n_output_tokens")}
     ids = column(requests, "id", np.int64)
-    schema = fragment_schema(sustainability is not None,
-                             getattr(sustainability, "carbon", None) is not None)
-    total = cols["prefill_s"] + cols["decode_s"]
+    schema = fragment_schema(sustainability)
+    cols["total_s"] = cols["prefill_s"] + cols["decode_s"]
+    total = cols["total_s"]
     weight = np.ceil(total / export_rate_s) if export_rate_s > 0 else np.full(total.size, 3.0)
     for group in _groups(weight, max_rows):
         part = {c: v[group] for c, v in cols.items()}

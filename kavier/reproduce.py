@@ -222,10 +222,8 @@ def _prefix_point(p: dict) -> dict:
     timing = make_timing("thesis", llm_library().get("Llama-3-8B"), gpu_library().get("A10"))
     cache = None
     if p["min_tokens"]:
-        sessions = workload.requests.get("session_id")
         config = PrefixCacheConfig("prefill", p["min_tokens"], p["cache_prompts"], p["scope"])
-        cache = PrefixCache(config, workload.content,
-                            None if sessions is None else sessions.to_numpy())
+        cache = PrefixCache(config, workload.content, workload.session_ids())
     sim = Simulator(timing, cache)
     for _ in run(workload, sim):
         pass

@@ -104,9 +104,7 @@ def write_run(chunks: Iterable[pa.Table], simulator: Simulator, out: RunWriter,
     wanted = ["requests.parquet"] + ["fragments.parquet"] * options.fragments + [
         "opendc/tasks.parquet", "opendc/fragments.parquet"] * options.opendc
     schemas = {"requests.parquet": first.schema,
-               "fragments.parquet": fragment_schema(
-                   _fragment_energy(simulator, options) is not None,
-                   getattr(_fragment_energy(simulator, options), "carbon", None) is not None),
+               "fragments.parquet": fragment_schema(_fragment_energy(simulator, options)),
                "opendc/tasks.parquet": TASKS_SCHEMA,
                "opendc/fragments.parquet": FRAGMENTS_SCHEMA}
     rows = dict.fromkeys(wanted, 0)
@@ -138,8 +136,7 @@ class _Background:
     """Runs writes on one background thread, in order, at most ``depth`` waiting, so that
     numpy generates the next batches while pyarrow encodes the last (both release the GIL).
     Fragments get one such thread and the small per-request files another, so the fragment
-    encoder, the critical path, never waits behind them. Errors surface on the next submit or
-    on exit."""
+    encoder never waits behind them. Errors surface on the next submit or on exit."""
 
     def __init__(self, depth: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
