@@ -204,12 +204,12 @@ class BatchSimulator:
         if n == 1:
             return 0
         if self.config.router == "round-robin":
-            return int(np.count_nonzero(self.replica_of >= 0)) % n
+            return (self.next_arrival - 1) % n       # requests routed before this one
         if self.config.router == "prefix-affinity":
             if self.sessions is not None:
                 return hash(self.sessions[i]) % n
-            if self.cache is not None and self.cache.content.lengths()[self.rows[i]]:
-                return hash(int(self.cache.content.row(self.rows[i])[0])) % n
+            if self.cache is not None and (prompt := self.cache.content.row(self.rows[i])).size:
+                return hash(int(prompt[0])) % n
         return min(range(n), key=lambda k: (self.replicas[k].outstanding, k))
 
     # --- one step ----------------------------------------------------------------------------
