@@ -2,7 +2,7 @@
 
 ``tracer collect --concurrency 1,4,16`` sends, at level ``c``, groups of ``c`` same-size
 requests together. Each group is simulated as ``c`` requests arriving at once on one replica
-with continuous batching (:class:`kavier.batching.BatchSimulator`), with the sequential
+with continuous batching (:func:`kavier.sim.simulation.simulate`), with the sequential
 parameters already calibrated, and ``batch_step_overhead_s`` and ``batch_seq_overhead_s``
 (:class:`kavier.timing.TimingParams`) are fitted so that the simulated end-to-end latencies
 match the measured ones (MAPE, Nelder-Mead over the logarithms, both kept >= 0).
@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scipy.optimize import minimize
 
 from archive.errors import InputError
-from kavier.batching import BatchingConfig, BatchSimulator
+from kavier.power import PowerModel
+from kavier.sim.config import EngineConfig
+from kavier.sim.simulation import simulate
+from kavier.sustainability import Sustainability
 from kavier.timing import RooflineTiming, make_timing
 
 BATCH_PARAMS = ("batch_step_overhead_s", "batch_seq_overhead_s")
@@ -34,12 +38,15 @@ def concurrent_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
 def predict(groups: list[pd.DataFrame], timing: RooflineTiming) -> np.ndarray:
     """Simulated end-to-end latency of every row of ``groups`` (concatenated in order)."""
     out = []
+    sus = Sustainability(PowerModel("constant", 0.0, 0.0))
     for g in groups:
-        requests = pd.DataFrame({"n_input_tokens": g["n_input_tokens"].to_numpy(),
-                                 "n_output_tokens": g["n_output_tokens"].to_numpy()})
-        config = BatchingConfig(max_num_seqs=max(256, len(g)), pool_blocks=10**7)
-        r, _ = BatchSimulator(timing, config).run(requests)
-        out.append(r["e2e_s"].to_numpy())
+        requests = pa.table({"n_input_tokens": g["n_input_tokens"].to_numpy(np.int64),
+                             "n_output_tokens": g["n_output_tokens"].to_numpy(np.int64),
+                             "arrival_s": np.zeros(len(g))})
+        config = EngineConfig(max_num_seqs=max(256, len(g)), num_gpu_blocks=10**7)
+        tables = []
+        simulate(requests, timing, config, 16, None, sus, tables.append, lambda b, p: None)
+        out.append(tables[0].column("e2e_s").to_numpy())
     return np.concatenate(out) if out else np.array([])
 
 

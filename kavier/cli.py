@@ -11,7 +11,7 @@ CSV files pyarrow cannot type, carbon traces, batching, calibration) imports it 
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,30 +23,14 @@ import pyarrow as pa
 
 import archive
 from archive.errors import InputError, clean_errors
-from kavier.batching import (
-    ROUTERS,
-    BatchingConfig,
-    BatchSimulator,
-    arrivals,
-    energy_wh,
-    goodput,
-)
-from kavier.cache import (
-    POLICIES,
-    SCOPES,
-    VLLM_GPU_MEMORY_UTILIZATION,
-    PrefixCache,
-    PrefixCacheConfig,
-    block_size_for,
-    kv_pool_blocks,
-)
-from kavier.engine import Simulator
-from kavier.engine import run as run_simulation
 from kavier.library import gpu_library, llm_library
 from kavier.opendc import DEFAULT_START
 from kavier.output import run_folder
 from kavier.power import POWER_MODELS, PowerModel
-from kavier.run import FLUSH_ROWS, OUTPUT_FILES, ExportOptions, write_run
+from kavier.run import ExportOptions, RunOutput
+from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig
+from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig, block_size_for
+from kavier.sim.simulation import simulate as run_engine
 from kavier.stats import QUANTILES
 from kavier.sustainability import CarbonTrace, Sustainability
 from kavier.timing import TIMING_MODELS, TimingParams, make_timing
@@ -85,42 +69,46 @@ def entry() -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    n = summary["n_requests"]
     rows = [
-        ("requests", f"{summary['n_requests']:,}"),
+        ("requests (finished / failed)", f"{n:,} ({summary['n_finished']:,} / "
+                                          f"{summary['n_failed']:,})"),
         ("input / output tokens", f"{summary['n_input_tokens']:,} / "
                                   f"{summary['n_output_tokens']:,}"),
-        ("GPU-hours (prefill + decode)", f"{summary['gpu_hours']:.3f} "
-         f"({summary['prefill_gpu_hours']:.3f} + {summary['decode_gpu_hours']:.3f})"),
+        ("GPU-hours busy (prefill + decode)", f"{summary['gpu_hours']:.3f} "
+         f"({summary['prefill_gpu_hours']:.3f} + {summary['decode_gpu_hours']:.3f}) of "
+         f"{summary['provisioned_gpu_hours']:.3f} provisioned"),
         ("makespan", f"{summary['makespan_s']:.1f} s"),
-        ("throughput (output / total)", f"{summary['output_throughput_tok_s']:.1f} / "
-                                        f"{summary['total_throughput_tok_s']:.1f} tok/s"),
-        ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s"),
+        ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s" if n else "—"),
+        ("preemptions", f"{summary['preemptions']:,}"),
     ]
-    for metric in ("service_s", "ttft_s", "tpot_s", "e2e_s"):
+    if summary["output_throughput_tok_s"] is not None:
+        rows.append(("throughput (output / total)", f"{summary['output_throughput_tok_s']:.1f}"
+                     f" / {summary['total_throughput_tok_s']:.1f} tok/s"))
+    if summary["mfu"] is not None:
+        rows.append(("MFU / MBU (busy time)", f"{summary['mfu']:.3f} / {summary['mbu']:.3f}"))
+    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
         if values[0] is not None:
             rows.append((f"{metric[:-2].upper()} p50 / p90 / p99",
-                         " / ".join(f"{v:.3f}" for v in values) + " s"))
+                         " / ".join(f"{v:.4g}" for v in values) + " s"))
+    if summary["slo_ttft_s"] is not None or summary["slo_tpot_s"] is not None:
+        rows.append(("goodput (requests meeting the SLOs)", f"{summary['goodput']:.4f}"))
     cache = summary.get("prefix_cache")
     if cache:
-        rows.append(("prefix cache hit ratio", f"{cache['hit_ratio_lookups']:.4f} of lookups, "
-                     f"{cache['hit_ratio_requests']:.4f} of requests "
-                     f"({cache['hits']:,} hits, {cache['evictions']:,} evictions)"))
-        rows.append(("token reuse ratio", f"{cache['token_reuse_ratio']:.4f}"))
-        rows.append(("prefill GPU-hours saved", f"{summary['prefill_saved_gpu_hours']:.3f}"))
-    energy = summary.get("sustainability")
-    if energy:
-        model = energy["power_model"]
-        rows.append(("GPU energy (busy + idle)", f"{energy['energy_gpu_wh'] / 1000:.3f} kWh "
-                     f"({energy['energy_busy_wh'] / 1000:.3f} + "
-                     f"{energy['energy_idle_wh'] / 1000:.3f}), {model['name']} power model, "
-                     f"{model['idle_w']:g}–{model['max_w']:g} W"))
-        rows.append(("facility energy", f"{energy['energy_facility_wh'] / 1000:.3f} kWh "
-                     f"(PUE {energy['pue']:g}), mean GPU power {energy['mean_power_w']:.1f} W"))
-        if "co2_g" in energy:
-            rows.append(("CO2", f"{energy['co2_g'] / 1000:.3f} kg ({energy['carbon_trace']})"))
-    if summary["requests_kv_not_fitting"]:
-        rows.append(("requests whose KV does not fit", f"{summary['requests_kv_not_fitting']:,}"))
+        rows.append(("prefix cache hit rate (tokens)", f"{cache['hit_rate_tokens']:.4f} "
+                     f"({cache['hits_tokens']:,} of {cache['queries_tokens']:,} queried); "
+                     f"requests with a hit {cache['hit_rate_requests']:.4f}"))
+    energy = summary["sustainability"]
+    model = energy["power_model"]
+    rows.append(("GPU energy (busy + idle)", f"{energy['energy_gpu_wh'] / 1000:.4g} kWh "
+                 f"({energy['energy_busy_wh'] / 1000:.4g} + "
+                 f"{energy['energy_idle_wh'] / 1000:.4g}), {model['name']} power model, "
+                 f"{model['idle_w']:g}–{model['max_w']:g} W"))
+    rows.append(("facility energy", f"{energy['energy_facility_wh'] / 1000:.4g} kWh "
+                 f"(PUE {energy['pue']:g})"))
+    if "co2_g" in energy:
+        rows.append(("CO2", f"{energy['co2_g'] / 1000:.4g} kg ({energy['carbon_trace']})"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
@@ -130,123 +118,38 @@ def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
     return llm_library(llm_lib).get(llm), gpu_library(gpu_lib).get(gpu)
 
 
-def _cache_blocks(value: str) -> str:
-    if value in ("auto", "unlimited") or (value.isdigit() and int(value) > 0):
-        return value
-    raise click.BadParameter(f"expected a positive number of blocks, 'auto' or 'unlimited', "
-                             f"got {value!r}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-").removesuffix("-s")
 
 
-def _prefix_cache(workload, policy, min_tokens, max_prompts, scope, block_size, cache_blocks,
-                  llm_spec, gpu_spec, memory_utilization):
-    if policy == "none":
-        return None
-    capacity = None
-    if policy == "blocks" and workload.content is not None and cache_blocks != "unlimited":
-        capacity = int(cache_blocks) if cache_blocks != "auto" else kv_pool_blocks(
-            llm_spec, gpu_spec, block_size_for(block_size, workload.content), memory_utilization)
-    return PrefixCache(PrefixCacheConfig(policy, min_tokens, max_prompts, scope, block_size,
-                                         capacity), workload.content, workload.session_ids())
-
-
-def batching_options(command):
-    """The continuous-batching options of ``simulate`` and ``capacity`` (all default None:
-    when none is given, ``simulate`` runs the thesis's one-at-a-time engine)."""
-    options = [
-        click.option("--replicas", type=click.IntRange(min=1), default=None,
-                     help="Batching: GPU replicas behind the router."),
-        click.option("--router", type=click.Choice(ROUTERS), default=None,
-                     help="Batching: replica choice [default: least-outstanding]."),
-        click.option("--max-num-seqs", type=click.IntRange(min=1), default=None,
-                     help="Batching: requests running at once per replica [256]."),
-        click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=None,
-                     help="Batching: tokens per step [8192]."),
-        click.option("--chunked-prefill/--no-chunked-prefill", default=None,
-                     help="Batching: split prompts across steps [on]."),
-        click.option("--kv-block-size", type=click.IntRange(min=1), default=None,
-                     help="Batching: tokens per KV block [16]."),
-        click.option("--activation-reserve-gib", type=click.FloatRange(min=0), default=None,
-                     help="Batching: GPU memory kept for activations, out of the KV pool "
-                          "[0; vLLM profiles it at start-up]."),
-        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Batching: divide arrival times by this (2 = twice the load)."),
-        click.option("--poisson-rate", type=click.FloatRange(min=0, min_open=True),
-                     default=None, help="Batching: replace arrivals by a Poisson process, req/s."),
-        click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Batching: TTFT SLO, s (goodput)."),
-        click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Batching: TPOT SLO, s (goodput)."),
-        click.option("--steps/--no-steps", "write_steps", default=None,
-                     help="Batching: also write steps.parquet (one row per engine step)."),
-    ]
-    for option in reversed(options):
+def engine_options(command):
+    """Click options for every field of :class:`~kavier.sim.config.EngineConfig`, with its
+    default and help text (the dataclass is the one home of both)."""
+    for f in reversed(fields(EngineConfig)):
+        meta, default = f.metadata, f.default
+        flag = _flag(f.name)
+        if f.name == "back_to_back":
+            option = click.option("--back-to-back/--arrivals", "back_to_back", default=default,
+                                  show_default=True, help=meta["help"])
+        elif f.name == "chunked_prefill":
+            option = click.option("--chunked-prefill/--no-chunked-prefill", f.name,
+                                  default=None, help=meta["help"])
+        elif "choices" in meta:
+            option = click.option(flag, f.name, type=click.Choice(meta["choices"]),
+                                  default=default, show_default=True, help=meta["help"])
+        else:
+            kind = click.IntRange if "int" in str(f.type) else click.FloatRange
+            bounds = {"min": meta.get("min"), "max": meta.get("max")}
+            if kind is click.FloatRange:
+                bounds["min_open"] = bool(meta.get("min_open"))
+            option = click.option(flag, f.name, type=kind(**bounds), default=default,
+                                  show_default=default is not None, help=meta["help"])
         command = option(command)
     return command
 
 
-def _batch_config(llm_spec, gpu_spec, memory_utilization, b: dict) -> BatchingConfig:
-    block = b.get("kv_block_size") or 16
-    defaults = BatchingConfig()
-    return BatchingConfig(
-        replicas=b.get("replicas") or 1, max_num_seqs=b.get("max_num_seqs") or
-        defaults.max_num_seqs, max_num_batched_tokens=b.get("max_num_batched_tokens") or
-        defaults.max_num_batched_tokens,
-        chunked_prefill=True if b.get("chunked_prefill") is None else b["chunked_prefill"],
-        block_size=block, pool_blocks=kv_pool_blocks(llm_spec, gpu_spec, block,
-                                                     memory_utilization,
-                                                     b.get("activation_reserve_gib") or 0.0),
-        router=b.get("router") or "least-outstanding")
-
-
-def _run_batched(workload, timing, cache, config, b, steps=None):
-    requests = arrivals(workload.requests, b.get("rate_scale"), b.get("poisson_rate"))
-    order = np.arange(len(requests))
-    try:
-        simulator = BatchSimulator(timing, config, cache)
-        return (*simulator.run(requests, order, steps), simulator.cache_stats())
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-
-
-def _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power, memory_utilization,
-                      output_folder, trace, b):
-    config = _batch_config(llm_spec, gpu_spec, memory_utilization, b)
-    steps = [] if b.get("write_steps") else None
-    requests, summary, cache_stats = _run_batched(workload, timing, cache, config, b, steps)
-    summary.update({
-        "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name, "mode": "batching",
-        "batching": asdict(config), "goodput": goodput(requests, b.get("slo_ttft"),
-                                                       b.get("slo_tpot")),
-        "slo_ttft_s": b.get("slo_ttft"), "slo_tpot_s": b.get("slo_tpot"),
-        "energy_gpu_wh": energy_wh(summary, power), "power_model": power.to_dict(),
-        "prefix_cache": cache_stats,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "toolkit_version": toolkit_version()})
-    with run_folder(output_folder) as out:
-        for name in OUTPUT_FILES:           # whatever an earlier run left here
-            (out.folder / name).unlink(missing_ok=True)
-        out.table("requests.parquet", pa.Table.from_pandas(requests, preserve_index=False))
-        if steps is not None:
-            import pandas as pd
-
-            out.table("steps.parquet", pa.Table.from_pandas(pd.DataFrame(steps, columns=[
-                "replica", "start_s", "duration_s", "n_seqs", "prefill_tokens",
-                "decode_tokens", "kv_blocks_used"]), preserve_index=False))
-        out.json("summary.json", summary)
-    click.echo(f"{llm_spec.name} on {config.replicas} × {gpu_spec.name}, continuous batching "
-               f"({config.router}, {config.max_num_seqs} seqs, {config.max_num_batched_tokens} "
-               f"tokens/step, KV pool {config.pool_blocks:,} blocks): {trace}")
-    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
-        if values[0] is not None:
-            click.echo(f"{metric[:-2].upper() + ' p50 / p90 / p99':<30}"
-                       + " / ".join(f"{v:.3f}" for v in values) + " s")
-    click.echo(f"{'mean queueing delay':<30}{summary['mean_queue_s']:.3f} s")
-    click.echo(f"{'preemptions':<30}{summary['preemptions']:,}")
-    click.echo(f"{'goodput':<30}{summary['goodput']:.4f}")
-    click.echo(f"{'GPU energy':<30}{summary['energy_gpu_wh'] / 1000:.3f} kWh")
-    click.echo(f"wrote requests.parquet{', steps.parquet' if steps is not None else ''} and "
-               f"summary.json in {output_folder}")
+def _engine_config(options: dict) -> EngineConfig:
+    return EngineConfig(**{f.name: options.pop(f.name) for f in fields(EngineConfig)})
 
 
 def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
@@ -261,33 +164,161 @@ def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
                       shape if shape is not None else base.get("shape"))
 
 
+def _arrivals(table: pa.Table, rate_scale, poisson_rate, seed, back_to_back) -> pa.Table:
+    """The trace with arrival times rescaled (``arrival_s / rate_scale``) or replaced by a
+    seeded Poisson process of ``poisson_rate`` requests/s."""
+    if (rate_scale or poisson_rate) and back_to_back:
+        raise InputError("--rate-scale and --poisson-rate set arrival times; --back-to-back "
+                         "ignores them", field="back-to-back")
+    if rate_scale and poisson_rate:
+        raise InputError("give --rate-scale or --poisson-rate, not both", field="rate-scale")
+    from archive.arrow import column, from_numpy
+
+    if poisson_rate:
+        gaps = np.random.default_rng(seed).exponential(1.0 / poisson_rate, table.num_rows)
+        arrival = np.cumsum(gaps) - (gaps[0] if gaps.size else 0.0)
+    elif rate_scale:
+        if "arrival_s" not in table.column_names:
+            raise InputError("--rate-scale needs arrival times in the trace",
+                             field="rate-scale")
+        arrival = column(table, "arrival_s", np.float64) / rate_scale
+    else:
+        return table
+    table = table.drop_columns([c for c in ("arrival_s",) if c in table.column_names])
+    return table.append_column("arrival_s", from_numpy(arrival))
+
+
+def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
+           prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
+           block_size):
+    """Timing, workload, prefix cache and block size from the common options."""
+    from calibrate.profile import Profile
+
+    params, profile = TimingParams(), None
+    if profile_path:
+        profile = Profile.read(profile_path)
+        if gpu and gpu.lower() != profile.gpu.lower():
+            raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
+                             field="gpu")
+        llm, gpu = llm or profile.llm, profile.gpu
+        timing_model = timing_model or profile.timing_model
+        params = profile.params
+    llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
+    timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
+                         kv_cache == "on")
+    exact = prefix_cache_policy in ("prefill", "full")
+    for given, flag in ((max_cached_prompts is not None and not exact, "max-cached-prompts"),
+                        (prefix_cache_min_tokens is not None and not exact,
+                         "prefix-cache-min-tokens"),
+                        (cache_scope != "global" and prefix_cache_policy == "none",
+                         "cache-scope")):
+        if given:
+            raise InputError(f"--{flag} has no effect with --prefix-cache-policy "
+                             f"{prefix_cache_policy}", field=flag)
+    workload = archive.read_trace(trace)
+    prefix = None
+    if prefix_cache_policy != "none":
+        prefix = PrefixCache(PrefixCacheConfig(prefix_cache_policy, prefix_cache_min_tokens or 256,
+                                               max_cached_prompts, cache_scope, block_size),
+                             workload.content, workload.session_ids())
+        block = prefix.block_size
+    elif workload.content is not None and block_size is None:
+        block = block_size_for(None, workload.content) if (
+            workload.content.kind == "tokens" or workload.content.block_size) else (
+            VLLM_BLOCK_SIZE)
+    else:
+        block = block_size or VLLM_BLOCK_SIZE
+    if block < 1:
+        raise InputError(f"block size must be >= 1 token, got {block}", field="block-size")
+    return timing, workload, prefix, block, profile
+
+
+def common_options(command):
+    """Options ``simulate`` and ``capacity`` share: model, timing, trace, prefix cache,
+    engine, arrivals, SLOs."""
+    options = [
+        click.option("--trace", required=True, help="Workload: CSV/Parquet/JSONL file or "
+                     "bundled dataset name (e.g. azure-llm-inference-2023-conv)."),
+        click.option("--llm", default=None, help="LLM from the library [default: Llama-3-8B, "
+                     "or the profile's]."),
+        click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+                     default=None, help="Calibrated profile (JSON) whose parameters replace "
+                     "the defaults."),
+        click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
+                     help="[default: the profile's, else roofline]; thesis runs one request "
+                     "at a time only."),
+        click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on",
+                     show_default=True, help="off: every decode step recomputes the context "
+                     "(thesis eq. 4.4)."),
+        click.option("--prefix-cache-policy", type=click.Choice(POLICIES), default="none",
+                     show_default=True, help="prefill/full: exact match on the first "
+                     "--prefix-cache-min-tokens (thesis Listing 4.2); blocks: vLLM's automatic "
+                     "prefix caching in the KV pool. See docs/simulator.md."),
+        click.option("--prefix-cache-min-tokens", type=click.IntRange(min=1), default=None,
+                     help="Exact-match prefix length, tokens [256]."),
+        click.option("--max-cached-prompts", type=click.IntRange(min=1), default=None,
+                     help="Exact-match capacity per scope unit, LRU [default: unlimited]."),
+        click.option("--cache-scope", type=click.Choice(SCOPES), default="global",
+                     show_default=True, help="session: a request hits only entries of its "
+                     "own session_id (for blocks: vLLM's cache_salt)."),
+        click.option("--block-size", type=click.IntRange(min=1), default=None,
+                     help="Tokens per KV block [default: the trace's hash_ids blocks "
+                     "(Mooncake 512), else vLLM's 16]."),
+        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True),
+                     default=None, help="Divide arrival times by this (2 = twice the load)."),
+        click.option("--poisson-rate", type=click.FloatRange(min=0, min_open=True),
+                     default=None, help="Replace arrivals by a Poisson process, req/s."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of --poisson-rate."),
+        click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="TTFT SLO, s (goodput)."),
+        click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="TPOT SLO, s (goodput)."),
+        click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
+                     help="Extra LLM entries (TOML/JSON)."),
+        click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
+                     help="Extra GPU entries (TOML/JSON)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return engine_options(command)
+
+
+def _common(o: dict):
+    """Pops the shared options from ``o``; returns (timing, workload table, prefix, block,
+    engine config, profile, SLOs)."""
+    config = _engine_config(o)
+    timing, workload, prefix, block, profile = _setup(
+        o.pop("trace"), o.pop("llm"), o.pop("gpu"), o.pop("kv_cache"), o.pop("timing_model"),
+        o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
+        o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
+        o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"))
+    table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
+                      o.pop("seed"), config.back_to_back)
+    return timing, workload, table, prefix, block, config, profile, (o.pop("slo_ttft"),
+                                                                      o.pop("slo_tpot"))
+
+
 @main.command()
-@click.option("--trace", required=True,
-              help="Workload: CSV/Parquet/JSONL file or bundled dataset name "
-                   "(e.g. azure-llm-inference-2023-conv).")
-@click.option("--llm", default=None, help="LLM from the library [default: Llama-3-8B, or the "
-                                          "profile's].")
+@common_options
 @click.option("--gpu", default=None, help="GPU from the library [default: A10, or the "
                                           "profile's].")
 @click.option("--output-folder", default="runs/simulation", show_default=True,
               type=click.Path(file_okay=False))
-@click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on", show_default=True)
 @click.option("--export-rate", type=click.FloatRange(min=0), default=0.1, show_default=True,
-              help="Snapshot interval in seconds; 0 writes run-length fragments.")
-@click.option("--flush-size", type=click.IntRange(min=1), default=FLUSH_ROWS, show_default=True,
-              help="Fragment rows per written row group (bounds memory).")
+              help="Fragment row interval, s; 0 writes run-length rows.")
 @click.option("--fragments/--no-fragments", default=True, show_default=True,
-              help="Write fragments.parquet (--no-fragments: task level only).")
+              help="Write fragments.parquet.")
 @click.option("--opendc/--no-opendc", default=True, show_default=True,
               help="Write the OpenDC workload (opendc/tasks.parquet, opendc/fragments.parquet).")
+@click.option("--steps/--no-steps", "write_steps", default=False, show_default=True,
+              help="Write steps.parquet (the GPU timeline: one row per interval).")
 @click.option("--start-time", "--start", "start_time", default=str(DEFAULT_START),
               show_default=True, help="Wall-clock instant of simulated time 0 (ISO 8601; UTC "
               "unless a zone is given), for OpenDC and the carbon trace.")
 @click.option("--power-model", type=click.Choice(POWER_MODELS), default=None,
               help="GPU power vs utilization (thesis Table 4.1) [default: the profile's "
-              "calibrated model, else linear]. Requests and the summary always carry energy; "
-              "fragments get power_w, energy_wh (and co2_g) once a power model, power profile, "
-              "carbon trace or PUE is given.")
+              "calibrated model, else linear].")
 @click.option("--idle-power-w", type=click.FloatRange(min=0), default=None,
               help="P_idle, W [default: the profile's, else the GPU library's].")
 @click.option("--max-power-w", type=click.FloatRange(min=0), default=None,
@@ -301,109 +332,61 @@ def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
               "Parquet/CSV file with timestamp, carbon_intensity [default: no CO2].")
 @click.option("--pue", type=click.FloatRange(min=1), default=1.0, show_default=True,
               help="Power usage effectiveness: facility energy / IT energy.")
-@click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
-              help="[default: the profile's, else thesis]")
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
-              help="Calibrated profile (JSON) whose parameters replace the defaults.")
 @click.option("--utilization-cap", type=click.FloatRange(min=0, min_open=True, max=1),
-              default=1.0, show_default=True, help="GPU utilization while inferring.")
-@click.option("--arrivals/--back-to-back", default=True, show_default=True,
-              help="Honour the trace's arrival times (queueing) or run requests back to back.")
-@click.option("--prefix-cache-policy", type=click.Choice(POLICIES), default="none",
-              show_default=True, help="prefill/full: exact match on the first "
-              "--prefix-cache-min-tokens (thesis Listing 4.2); blocks: vLLM-style reuse of the "
-              "longest cached run of leading blocks. See docs/prefix-cache.md.")
-@click.option("--prefix-cache-min-tokens", type=click.IntRange(min=1), default=256,
-              show_default=True, help="Exact-match prefix length, tokens.")
-@click.option("--max-cached-prompts", type=click.IntRange(min=1), default=None,
-              help="Exact-match capacity per scope unit, LRU [default: unlimited].")
-@click.option("--cache-scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="session: a request hits only entries of its own session_id.")
-@click.option("--block-size", type=int, default=None,
-              help="Tokens per block [default: the trace's (Mooncake 512), else vLLM's 16].")
-@click.option("--cache-blocks", default="auto", show_default=True, callback=lambda c, p, v:
-              _cache_blocks(v), help="blocks policy: pool size in blocks, 'auto' (GPU memory "
-              "left after the weights, as vLLM sizes it) or 'unlimited'.")
-@click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, min_open=True, max=1),
-              default=VLLM_GPU_MEMORY_UTILIZATION, show_default=True,
-              help="Share of GPU memory usable for weights and KV (vLLM's default).")
-@click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
-              help="Extra LLM entries (TOML/JSON).")
-@click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
-              help="Extra GPU entries (TOML/JSON).")
-@batching_options
+              default=1.0, show_default=True,
+              help="Highest utilization the power model is evaluated at.")
+@click.option("--memory-bound-utilization", type=click.FloatRange(0, 1), default=0.5,
+              show_default=True, help="Utilization the power model sees for a step bound by "
+              "memory traffic (docs/sustainability.md).")
 @clean_errors
-def simulate(trace, llm, gpu, output_folder, kv_cache, export_rate, flush_size, fragments,
-             opendc, start_time, power_model, idle_power_w, max_power_w, power_shape,
-             power_profile, carbon_trace, pue, timing_model, profile_path, utilization_cap,
-             arrivals,
-             prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
-             block_size, cache_blocks, gpu_memory_utilization, llm_library, gpu_library,
-             **batching):
-    """Simulate a workload trace on one GPU and write requests, fragments, the OpenDC workload
-    and a summary; with any batching option (--replicas, --max-num-seqs, ...), serve it with
-    continuous batching on one or more replicas instead (docs/batching.md)."""
+def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_time,
+             power_model, idle_power_w, max_power_w, power_shape, power_profile, carbon_trace,
+             pue, utilization_cap, memory_bound_utilization, **options):
+    """Simulate a workload on GPU replicas with vLLM's scheduler (one request at a time with
+    --max-num-seqs 1); write requests, the GPU timeline, fragments, the OpenDC workload and a
+    summary."""
     from calibrate.profile import Profile
 
-    params, power_section = TimingParams(), None
-    if power_profile:
-        power_section = Profile.read_power(power_profile)
-    if profile_path:
-        profile = Profile.read(profile_path)
-        power_section = power_section or profile.power
-        if gpu and gpu.lower() != profile.gpu.lower():
-            raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
-                             field="gpu")
-        llm, gpu = llm or profile.llm, profile.gpu
-        timing_model = timing_model or profile.timing_model
-        params = profile.params
-    llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
-    timing = make_timing(timing_model or "thesis", llm_spec, gpu_spec, params, kv_cache == "on")
+    trace = options["trace"]
+    timing, workload, table, prefix, block, config, profile, slos = _common(options)
     try:
         start = datetime.fromisoformat(start_time)
     except ValueError:
         raise InputError(f"not an ISO 8601 instant: {start_time!r}", field="start-time") from None
     start = start.replace(tzinfo=UTC) if start.tzinfo is None else start
-    workload = archive.read_trace(trace)
-    cache = _prefix_cache(workload, prefix_cache_policy, prefix_cache_min_tokens,
-                          max_cached_prompts, cache_scope, block_size, cache_blocks, llm_spec,
-                          gpu_spec, gpu_memory_utilization)
-    power = _power_model(power_model, idle_power_w, max_power_w, power_shape, power_section,
-                         gpu_spec)
-    if any(v is not None for v in batching.values()):
-        return _simulate_batched(workload, timing, cache, llm_spec, gpu_spec, power,
-                                 gpu_memory_utilization, output_folder, trace, batching)
+    section = Profile.read_power(power_profile) if power_profile else (
+        profile.power if profile else None)
+    power = _power_model(power_model, idle_power_w, max_power_w, power_shape, section,
+                         timing.gpu)
     carbon = None
     if carbon_trace:
         from archive.carbon import read_carbon
 
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
-    sustainability = Sustainability(power, carbon, pue, utilization_cap)
-    sim = Simulator(timing, cache, arrivals, gpu_spec.memory_bytes * gpu_memory_utilization,
-                    sustainability)
-    explicit_energy = any(x is not None for x in (power_model, power_profile, carbon_trace,
-                                                   power_section)) or pue != 1.0
-    options = ExportOptions(export_rate, fragments, opendc, flush_size, utilization_cap, start,
-                            fragment_energy=explicit_energy)
+    sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization)
+    export = ExportOptions(export_rate, fragments, opendc, write_steps, start)
+    memory = timing.llm.weight_bytes
     with run_folder(output_folder) as out:
-        try:
-            rows = write_run(run_simulation(workload, sim), sim, out, options,
-                             workload.table.num_rows)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+        output = RunOutput(out, export, sus, timing.gpu, config.replicas, memory)
+        with output:
+            summary = run_engine(table, timing, config, block, prefix, sus, output.requests,
+                                 output.steps, *slos)
+            rows = output.finish(summary["timeline_s"])
         summary = {
-            "trace": str(trace), "llm": llm_spec.name, "gpu": gpu_spec.name,
-            "timing_model": timing.name, "kv_cache": kv_cache, "params": params.to_dict(),
-            "profile": profile_path, "export_rate_s": export_rate,
-            "kv_bytes_per_token": sim.kv_bytes_per_token,
-            "gpu_memory_utilization": gpu_memory_utilization, **sim.summary(),
-            "rows_written": rows, "opendc_start_time": str(start),
+            "trace": str(trace), "llm": timing.llm.name, "gpu": timing.gpu.name,
+            "timing_model": timing.name, "kv_cache": timing.kv_cache,
+            "params": timing.params.to_dict(), "profile": options.get("profile_path"),
+            "engine": asdict(config), "export_rate_s": export_rate,
+            "kv_bytes_per_token": timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0,
+            **summary, "rows_written": rows, "start_time": str(start),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "toolkit_version": toolkit_version(),
         }
         out.json("summary.json", summary)
-    click.echo(f"{llm_spec.name} on {gpu_spec.name}, {timing.name} model, KV cache {kv_cache}, "
-               f"prefix cache {prefix_cache_policy}: {trace}")
+    click.echo(f"{timing.llm.name} on {config.replicas} × {timing.gpu.name}, {timing.name} "
+               f"model, {summary['engine_path']} engine (max_num_seqs {config.max_num_seqs}, "
+               f"KV pool {summary['kv_pool_blocks']:,} blocks of {block}), prefix cache "
+               f"{prefix.config.policy if prefix else 'none'}: {trace}")
     _print_summary(summary)
     click.echo(f"wrote {', '.join(rows)} and summary.json in {output_folder}")
 
@@ -644,48 +627,53 @@ def reproduce(experiment, output_folder, scheduler, workers, quick):
 
 
 @main.command()
-@click.option("--trace", required=True, help="Workload: file, dataset folder or bundled name.")
-@click.option("--llm", default="Llama-3-8B", show_default=True)
+@common_options
 @click.option("--gpu", default="A100-80GB", show_default=True)
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
-              help="Calibrated profile (roofline) whose parameters replace the defaults.")
 @click.option("--percentile", type=click.FloatRange(0, 100), default=99.0, show_default=True,
               help="The SLOs hold at this percentile of TTFT and TPOT.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--price-per-gpu-hour", type=click.FloatRange(min=0), default=1.2,
               show_default=True)
-@click.option("--gpu-memory-utilization", type=click.FloatRange(min=0, min_open=True, max=1),
-              default=VLLM_GPU_MEMORY_UTILIZATION, show_default=True)
-@batching_options
+@click.option("--currency", default="EUR", show_default=True)
 @clean_errors
-def capacity(trace, llm, gpu, profile_path, percentile, max_replicas, price_per_gpu_hour,
-             gpu_memory_utilization, **batching):
+def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
     """Smallest number of replicas whose TTFT and TPOT meet the SLOs at a percentile
     (doubling, then bisection over simulations), and its cost per million tokens."""
-    from calibrate.profile import Profile
+    from dataclasses import replace
 
-    if batching.get("slo_ttft") is None and batching.get("slo_tpot") is None:
+    from kavier.power import PowerModel as _PowerModel
+
+    if options["slo_ttft"] is None and options["slo_tpot"] is None:
         raise InputError("give --slo-ttft and/or --slo-tpot", field="slo-ttft")
-    params = Profile.read(profile_path).params if profile_path else TimingParams()
-    llm_spec, gpu_spec = _specs(llm, gpu, None, None)
-    timing = make_timing("roofline", llm_spec, gpu_spec, params)
-    workload = archive.read_trace(trace)
+    if options["replicas"] != 1:
+        raise InputError("capacity searches the replica count; do not pass --replicas",
+                         field="replicas")
+    timing, workload, table, prefix, block, config, _, slos = _common(options)
+    sus = Sustainability(_PowerModel("linear", timing.gpu.idle_power_w,
+                                     timing.gpu.max_power_w))
     tried: dict[int, dict] = {}
 
     def meets(n: int) -> bool:
-        config = _batch_config(llm_spec, gpu_spec, gpu_memory_utilization,
-                               {**batching, "replicas": n})
-        requests, summary, _ = _run_batched(workload, timing, None, config, batching)
-        ok = True
-        for slo, column in (("slo_ttft", "ttft_s"), ("slo_tpot", "tpot_s")):
-            if batching.get(slo) is not None:
-                value = float(np.nanpercentile(requests[column], percentile))
-                ok &= value <= batching[slo]
-                summary[f"pct_{column}"] = value
+        ttft, tpot = [], []
+
+        def keep(t):
+            ok = np.asarray(t.column("status").combine_chunks().indices) == 0
+            ttft.append(t.column("ttft_s").to_numpy()[ok])
+            tpot.append(t.column("tpot_s").to_numpy(zero_copy_only=False)[ok])
+
+        cache = None if prefix is None else PrefixCache(prefix.config, prefix.content,
+                                                        workload.session_ids())
+        summary = run_engine(table, timing, replace(config, replicas=n), block, cache, sus,
+                             keep, lambda b, p: None, *slos)
+        ok, values = summary["n_failed"] == 0, {}
+        for slo, name, parts in ((slos[0], "ttft_s", ttft), (slos[1], "tpot_s", tpot)):
+            if slo is not None:
+                values[name] = float(np.nanpercentile(np.concatenate(parts), percentile))
+                ok &= values[name] <= slo
         tried[n] = {**summary, "ok": ok}
         click.echo(f"{n:>5} replicas: TTFT p{percentile:g} "
-                   f"{summary.get('pct_ttft_s', float('nan')):.3f} s, TPOT p{percentile:g} "
-                   f"{summary.get('pct_tpot_s', float('nan')):.4f} s -> "
+                   f"{values.get('ttft_s', float('nan')):.3f} s, TPOT p{percentile:g} "
+                   f"{values.get('tpot_s', float('nan')):.4f} s -> "
                    f"{'meets' if ok else 'misses'} the SLOs")
         return ok
 
@@ -698,8 +686,8 @@ def capacity(trace, llm, gpu, profile_path, percentile, max_replicas, price_per_
         mid = (low + high) // 2
         low, high = (low, mid) if meets(mid) else (mid, high)
     s = tried[high]
-    tokens = int(workload.requests["n_input_tokens"].sum()
-                 + workload.requests["n_output_tokens"].sum())
-    cost = price_per_gpu_hour * high * s["makespan_s"] / 3600.0
-    click.echo(f"smallest: {high} × {gpu_spec.name}; cost {cost:.2f} per run, "
-               f"{cost / tokens * 1e6:.4f} per million tokens at {price_per_gpu_hour:g}/GPU-h")
+    tokens = s["n_input_tokens"] + s["n_output_tokens"]
+    cost = price_per_gpu_hour * s["provisioned_gpu_hours"]
+    click.echo(f"smallest: {high} × {timing.gpu.name}; cost {cost:.2f} {currency} per run, "
+               f"{cost / tokens * 1e6:.4f} {currency} per million tokens at "
+               f"{price_per_gpu_hour:g} {currency}/GPU-h")

@@ -52,7 +52,7 @@ class RunTotals:
     prefill_s, decode_s : float
         ``ΔT_P`` and ``ΔT_D``, s.
     provisioned_s : float
-        Time the GPU is held (timeline from 0 to the last end), s.
+        GPU time held: replicas × the timeline from 0 to the last end, s.
     energy_j : float or None
         Facility energy, J.
     co2_g : float or None
@@ -91,7 +91,7 @@ def read_run(run_dir: str | Path) -> RunTotals:
         return RunTotals(
             str(run_dir), int(s["n_input_tokens"]), int(s["n_output_tokens"]),
             float(s["prefill_gpu_hours"]) * 3600.0, float(s["decode_gpu_hours"]) * 3600.0,
-            float(s.get("timeline_s") or s["makespan_s"]),
+            float(s["provisioned_gpu_hours"]) * 3600.0,
             None if facility_wh is None else facility_wh * J_PER_WH, energy.get("co2_g"))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"summary lacks or mangles {exc}", path=path) from None

@@ -34,11 +34,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import archive  # noqa: E402
 from archive.traces import Workload  # noqa: E402
-from kavier.cache import PrefixCache, PrefixCacheConfig  # noqa: E402
-from kavier.engine import Simulator, run  # noqa: E402
 from kavier.library import gpu_library, llm_library  # noqa: E402
 from kavier.output import RunWriter, run_folder  # noqa: E402
-from kavier.run import ExportOptions, write_run  # noqa: E402
+from kavier.power import PowerModel  # noqa: E402
+from kavier.run import ExportOptions, RunOutput  # noqa: E402
+from kavier.sim.config import EngineConfig  # noqa: E402
+from kavier.sim.prefix import PrefixCache, PrefixCacheConfig  # noqa: E402
+from kavier.sim.simulation import simulate  # noqa: E402
+from kavier.sustainability import Sustainability  # noqa: E402
 from kavier.sweep import run_points  # noqa: E402
 from kavier.timing import make_timing  # noqa: E402
 from kavier.workloads import marconi_shaped  # noqa: E402
@@ -102,6 +105,14 @@ THESIS_SPEED_S = {1.0: 9.9, 0.1: 92.8, 0.01: 914.8, 0.001: 9039.7}
 """Thesis Table 6.9: prototype wall time per export rate, 96,870-request Marconi trace."""
 
 
+ONE_AT_A_TIME = EngineConfig(max_num_seqs=1, back_to_back=True, num_gpu_blocks=10**9)
+"""The thesis's mode: one request at a time, back to back, KV memory not limiting."""
+
+
+def _sustainability(gpu) -> Sustainability:
+    return Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
+
+
 def speed(out: RunWriter, quick: bool = False, **_) -> dict:
     """Simulation plus all Parquet writing at several export rates, in this process."""
     workload = marconi_shaped(sessions=300 if quick else 3000)
@@ -109,13 +120,17 @@ def speed(out: RunWriter, quick: bool = False, **_) -> dict:
     rows = []
     for rate in rates:
         timing = make_timing("thesis", llm_library().get("Llama-3-8B"), gpu_library().get("A10"))
-        sim = Simulator(timing)
+        sus = _sustainability(timing.gpu)
         with tempfile.TemporaryDirectory() as tmp, run_folder(tmp) as folder:
             start = time.perf_counter()
-            written = write_run(run(workload, sim), sim, folder, ExportOptions(export_rate_s=rate))
+            with RunOutput(folder, ExportOptions(export_rate_s=rate), sus, timing.gpu, 1,
+                           timing.llm.weight_bytes) as output:
+                summary = simulate(workload.table, timing, ONE_AT_A_TIME, 16, None, sus,
+                                   output.requests, output.steps)
+                written = output.finish(summary["timeline_s"])
             wall = time.perf_counter() - start
         rows.append({"export_rate_s": rate, "requests": workload.table.num_rows,
-                     "gpu_hours": sim.summary()["gpu_hours"],
+                     "gpu_hours": summary["gpu_hours"],
                      "fragment_rows": written["fragments.parquet"], "wall_s": wall,
                      "thesis_prototype_s": THESIS_SPEED_S[rate]})
     data = pd.DataFrame(rows)
@@ -224,14 +239,12 @@ def _prefix_point(p: dict) -> dict:
     if p["min_tokens"]:
         config = PrefixCacheConfig("prefill", p["min_tokens"], p["cache_prompts"], p["scope"])
         cache = PrefixCache(config, workload.content, workload.session_ids())
-    sim = Simulator(timing, cache)
-    for _ in run(workload, sim):
-        pass
-    s = sim.summary()
-    stats = s.get("prefix_cache", {})
+    s = simulate(workload.table, timing, ONE_AT_A_TIME, cache.block_size if cache else 16,
+                 cache, _sustainability(timing.gpu), lambda t: None, lambda b, q: None)
+    stats = s.get("prefix_cache") or {}
     return {**{k: v for k, v in p.items() if k != "quick"},
-            "hit_ratio_requests": stats.get("hit_ratio_requests", 0.0),
-            "hit_ratio_lookups": stats.get("hit_ratio_lookups", 0.0),
+            "hit_ratio_requests": stats.get("hit_rate_requests", 0.0),
+            "hit_ratio_lookups": cache.hits / cache.lookups if cache and cache.lookups else 0.0,
             "prefill_gpu_hours": s["prefill_gpu_hours"], "gpu_hours": s["gpu_hours"]}
 
 

@@ -1,17 +1,18 @@
-"""Utilization → power → energy → CO2 along the simulated timeline (thesis 4.6, eq. 4.7).
+"""Utilization → power → energy → CO2 along the GPU timeline (thesis 4.6, eq. 4.7).
 
 The thesis hands this step to OpenDC; here it is computed in the simulator with the same
 models (:mod:`kavier.power`, Table 4.1) and OpenDC's carbon model (FootPrinter, eq. 4.7:
 emissions = power × carbon intensity at each instant).
 
-* **Energy** is the exact integral of power over the timeline. Utilization is piecewise
-  constant (Listing 4.3: 50 % in the first and last 0.1 s of a request, the cap in between;
-  ``P_idle`` while the GPU waits for requests), so the integral is a sum over phases and does
-  not depend on the export rate.
+* **Power** of a timeline interval is the power model at the interval's utilization
+  (:func:`kavier.sim.timeline.power_utilization`: compute-bound work at 1, memory-bound work
+  at ``memory_bound_utilization``, overheads at 0, capped at ``utilization_cap``); a replica
+  draws ``P_idle`` whenever it has no step, from time 0 to the end of the run.
+* **Energy** is the exact integral of that piecewise-constant power: a sum over intervals and
+  idle gaps, independent of the export rate.
 * **CO2**: the carbon intensity ``CI(t)`` is a step function of wall-clock time (the
-  simulation's ``start`` plus simulated seconds); a phase of constant power ``P`` from ``t0``
-  to ``t1`` emits ``P · PUE · ∫ CI dt``, evaluated exactly from the running integral of the
-  trace, even when a phase spans several carbon steps.
+  simulation's ``start`` plus simulated seconds); power ``P`` from ``t0`` to ``t1`` emits
+  ``P · PUE · ∫ CI dt``, evaluated exactly from the running integral of the trace.
 * **PUE** (power usage effectiveness) scales GPU (IT) energy to facility energy; emissions
   are charged on facility energy. Units: W, J and Wh named as such; ``CI`` in gCO2/kWh.
 """
@@ -24,8 +25,8 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from archive.errors import InputError
-from kavier.fragments import WARM_UTILIZATION, phase_rows
 from kavier.power import PowerModel
+from kavier.sim.timeline import power_utilization
 
 J_PER_KWH = 3.6e6
 
@@ -81,62 +82,57 @@ class Sustainability:
     pue : float
         Power usage effectiveness, >= 1.
     utilization_cap : float
-        GPU utilization while inferring (Listing 4.3).
+        Highest utilization the power model is evaluated at (Listing 4.3's cap), in (0, 1].
+    memory_bound_utilization : float
+        Utilization of a fully memory-bound step, in [0, 1]
+        (:func:`~kavier.sim.timeline.power_utilization`).
     """
 
     power: PowerModel
     carbon: CarbonTrace | None = None
     pue: float = 1.0
     utilization_cap: float = 1.0
+    memory_bound_utilization: float = 0.5
 
     def __post_init__(self):
-        if self.pue < 1.0:
+        if not self.pue >= 1.0:
             raise InputError(f"PUE must be >= 1, got {self.pue}", field="pue")
+        if not 0.0 < self.utilization_cap <= 1.0:
+            raise InputError(f"utilization cap must be in (0, 1], got {self.utilization_cap}",
+                             field="utilization-cap")
+        if not 0.0 <= self.memory_bound_utilization <= 1.0:
+            raise InputError("memory-bound utilization must be in [0, 1], got "
+                             f"{self.memory_bound_utilization}",
+                             field="memory-bound-utilization")
 
     def co2_g(self, power_w, t0, t1) -> np.ndarray:
         """Emissions of constant IT power ``power_w`` from ``t0`` to ``t1`` simulated seconds,
         g (facility energy, eq. 4.7 integrated)."""
         return power_w * self.pue * self.carbon.integral(t0, t1) / J_PER_KWH
 
-    def requests(self, start_s: np.ndarray, service_s: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-request GPU energy (``energy_j``) and, with a carbon trace, ``co2_g``.
+    def utilization(self, compute_s, memory_s, duration_s) -> np.ndarray:
+        """Utilization the power model sees for intervals of these costs."""
+        return power_utilization(compute_s, memory_s, duration_s,
+                                 self.memory_bound_utilization, self.utilization_cap)
 
-        Exact sums over each request's utilization phases (see the module docstring).
-        """
-        owner, phase, offset, length = phase_rows(service_s)
-        watts = self.power.power_w(np.where(phase == 1, self.utilization_cap,
-                                            WARM_UTILIZATION))
-        out = {"energy_j": np.bincount(owner, watts * length, minlength=service_s.size)}
+    def intervals(self, start_s, duration_s, compute_s, memory_s) -> dict[str, np.ndarray]:
+        """Per interval: ``utilization``, ``power_w``, GPU ``energy_j`` and, with a carbon
+        trace, ``co2_g``."""
+        u = self.utilization(compute_s, memory_s, duration_s)
+        watts = self.power.power_w(u)
+        out = {"utilization": u, "power_w": watts, "energy_j": watts * duration_s}
         if self.carbon is not None:
-            t0 = start_s[owner] + offset
-            out["co2_g"] = np.bincount(owner, self.co2_g(watts, t0, t0 + length),
-                                       minlength=service_s.size)
+            out["co2_g"] = self.co2_g(watts, start_s, start_s + duration_s)
         return out
 
-    def idle(self, gap_start_s: np.ndarray, gap_end_s: np.ndarray) -> dict[str, float]:
-        """Energy (J) and emissions (g) of the GPU idling at ``P_idle`` over the gaps."""
-        idle_w = self.power.power_w(0.0)
-        out = {"energy_j": float(idle_w * np.sum(gap_end_s - gap_start_s))}
-        if self.carbon is not None:
-            out["co2_g"] = float(np.sum(self.co2_g(idle_w, gap_start_s, gap_end_s)))
-        return out
-
-    def row_power_w(self, mean_utilization: np.ndarray) -> np.ndarray:
-        """Mean power over fragment rows whose mean utilization is given, W.
-
-        A row mixes the 50 % and the cap levels in some proportion ``f``, recovered from its
-        mean; its mean power is ``f · P(cap) + (1 − f) · P(50 %)``, exact for any non-linear
-        power model.
-        """
-        cap = self.utilization_cap
-        low, high = self.power.power_w(WARM_UTILIZATION), self.power.power_w(cap)
-        if cap == WARM_UTILIZATION:
-            return np.full(mean_utilization.shape, float(low))
-        share = np.clip((mean_utilization - WARM_UTILIZATION) / (cap - WARM_UTILIZATION), 0, 1)
-        return share * high + (1.0 - share) * low
+    def idle_w(self) -> float:
+        """``P_idle``: the power model at utilization 0, W."""
+        return float(self.power.power_w(0.0))
 
     def to_dict(self) -> dict:
         """Settings for the run summary."""
         return {"power_model": self.power.to_dict(), "pue": self.pue,
+                "utilization_cap": self.utilization_cap,
+                "memory_bound_utilization": self.memory_bound_utilization,
                 "carbon_trace": None if self.carbon is None else self.carbon.name,
                 "start_time": None if self.carbon is None else str(self.carbon.start)}

@@ -19,6 +19,7 @@ generated tokens, counting the first token, which the prefill pass itself produc
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,8 +39,10 @@ class TimingParams:
         ``M_e``, achieved fraction of peak DRAM bandwidth (thesis default 0.60, eq. 4.6;
         Recasens et al. measure 57.6 % on average).
     request_overhead_s : float
-        ``O``, fixed time per request outside the GPU passes: HTTP, tokenization, scheduling
-        (thesis default 25 ms, eq. 4.2).
+        ``O``, fixed time per request outside the GPU passes: HTTP, tokenization,
+        detokenization and streaming (thesis default 25 ms, eq. 4.2). The simulator charges it
+        in the front end, beside the GPU (vLLM V1's API server runs in its own process): it
+        adds to the request's TTFT and E2E latency, never to an engine step.
     token_overhead_s : float
         Roofline only: fixed time per decode step (sampling, detokenization, streaming).
     prefill_floor_s : float or None
@@ -83,6 +86,25 @@ class TimingParams:
     def with_(self, **changes) -> TimingParams:
         """A copy with some parameters changed."""
         return replace(self, **changes)
+
+
+class Costs(NamedTuple):
+    """What GPU work costs: each field a float or an array (one value per request or step).
+
+    Attributes
+    ----------
+    duration_s : wall time on the GPU, s
+    flops : floating-point operations (for MFU = flops / (peak FLOP/s × duration))
+    bytes : DRAM bytes read or written (for MBU = bytes / (peak B/s × duration))
+    compute_s : time the FLOPs take at the achieved rate ``F · C_e``, s
+    memory_s : time the bytes take at the achieved rate ``B · M_e``, s
+    """
+
+    duration_s: np.ndarray
+    flops: np.ndarray
+    bytes: np.ndarray
+    compute_s: np.ndarray
+    memory_s: np.ndarray
 
 
 def _as_array(x) -> np.ndarray:
@@ -156,11 +178,47 @@ class ThesisTiming(_TimingBase):
     name = "thesis"
 
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
-        """Prefill time per request, s (eq. 4.2); ``n_cached`` is ignored (no context term)."""
-        n = _as_array(n_in)
-        flops = n * self.llm.params * 2.0
-        return flops / (self.gpu.flops_per_s * self.params.compute_efficiency) + (
-            self.params.request_overhead_s)
+        """Prefill time per request, s (eq. 4.2), front-end overhead ``O`` included;
+        ``n_cached`` is ignored (no context term)."""
+        return self.prefill_gpu_s(n_in) + self.params.request_overhead_s
+
+    def prefill_gpu_s(self, n_in, n_cached=0) -> np.ndarray:
+        """GPU part of eq. 4.2, ``n_i · 2·m_p / (F · C_e)``, s."""
+        return _as_array(n_in) * self.llm.params * 2.0 / self._flops_per_s
+
+    @property
+    def _flops_per_s(self) -> float:
+        return self.gpu.flops_per_s * self.params.compute_efficiency
+
+    def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
+        """Prefill and decode :class:`Costs` per request (eqs. 4.2–4.6; ``n_cached`` unused).
+
+        Prefill is compute-bound by construction (eq. 4.2 has no memory term); a decode token
+        costs ``T_t = max(C, M)`` with ``C`` and ``M`` the two terms of eqs. 4.5–4.6.
+        """
+        n_i, n_o = _as_array(n_in), _as_array(n_out)
+        w = self.llm.weight_bytes
+        prefill_flops = 2.0 * self.llm.params * n_i
+        prefill_s = prefill_flops / self._flops_per_s
+        prefill = Costs(prefill_s, prefill_flops, np.full(n_i.shape, w), prefill_s,
+                        np.full(n_i.shape, w / (self.gpu.bytes_per_s
+                                                * self.params.memory_efficiency)))
+        steps = n_o if self.kv_cache else n_o * (n_o + 1) / 2.0
+        compute = 2.0 * self.llm.params / self._flops_per_s
+        memory = w / (self.gpu.bytes_per_s * self.params.memory_efficiency)
+        decode = Costs(steps * max(compute, memory), steps * 2.0 * self.llm.params, steps * w,
+                       steps * compute, steps * memory)
+        return prefill, decode
+
+    def decode_step_durations(self, n_in, n_out) -> np.ndarray:
+        """Inter-token latencies of requests alone on the GPU, flattened: eq. 4.3 has no
+        per-step detail, so each request's ``n_out − 1`` gaps are its mean
+        ``decode_s / (n_out − 1)``, s."""
+        n_out = np.asarray(n_out, np.int64)
+        m = np.maximum(n_out - 1, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(m > 0, self.decode_s(n_in, n_out) / m, 0.0)
+        return np.repeat(mean, m)
 
     def time_per_token_s(self) -> float:
         """``T_t = max(C, M)`` of eq. 4.5 and 4.6, s."""
@@ -252,43 +310,65 @@ class RooflineTiming(_TimingBase):
             self._bytes_per_s)
 
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
-        """Prefill time per request, s, including the request overhead ``O``.
+        """Prefill time per request, s, including the front-end overhead ``O``.
 
         ``n_cached`` tokens already in the KV cache (a prefix-cache hit) are not recomputed
         but are attended to.
         """
-        compute = self.forward_compute_s(n_in, n_cached)
-        memory = self.forward_memory_s(_as_array(n_in) + _as_array(n_cached))
+        return self.prefill_gpu_s(n_in, n_cached) + self.params.request_overhead_s
+
+    def prefill_gpu_s(self, n_in, n_cached=0) -> np.ndarray:
+        """One prefill forward pass on the GPU, s (no front-end overhead)."""
+        return self.pass_costs(n_in, n_cached).duration_s
+
+    def _soft_max(self, compute, memory):
         high = np.maximum(compute, memory)
         p = self.params.prefill_sharpness
-        forward = high if p is None else high * (1.0 + (np.minimum(compute, memory) / high)**p
-                                                 ) ** (1.0 / p)
-        return forward + self.params.request_overhead_s
+        if p is None:
+            return high
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(high > 0, np.minimum(compute, memory) / high, 0.0)
+        return high * (1.0 + ratio**p) ** (1.0 / p)
 
-    def step_s(self, n_new: np.ndarray, n_cached: np.ndarray, decoding: np.ndarray,
-               n_starting: int = 0) -> float:
-        """One engine step over a batch of sequences, s (iteration-level batching).
+    def _matmul_flops(self, n_new):
+        return 2.0 * self.llm.matmul_params * _as_array(n_new) + self.llm.lm_head_flops
 
-        Sequence ``i`` computes ``n_new[i]`` tokens after ``n_cached[i]`` in the KV cache;
-        ``decoding[i]`` says whether that is a decode token (else a prefill chunk). The
-        batch's compute is the sum of the sequences' (weight matmuls per token, LM head per
-        sequence, attention per pair); its memory is one streaming of the weights plus every
-        sequence's KV; the step takes their maximum (the soft maximum of
-        ``prefill_sharpness`` when a prefill chunk is in the batch), plus the request overhead
-        ``O`` for each of the ``n_starting`` requests whose first chunk this is and
-        ``token_overhead_s`` per decode token. For one sequence this is exactly
-        :meth:`prefill_s` or one decode step of :meth:`decode_s`.
+    def pass_costs(self, n_new, n_cached=0) -> Costs:
+        """:class:`Costs` of one prefill pass per element (one sequence alone on the GPU):
+        ``n_new`` tokens computed after ``n_cached`` in the KV cache; arrays broadcast."""
+        n, c = _as_array(n_new), _as_array(n_cached)
+        matmul = self._matmul_flops(n)
+        attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
+        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        kv = self.llm.kv_bytes_per_token * (n + c)
+        memory = self.floor_s() + kv / self._bytes_per_s
+        return Costs(self._soft_max(compute, memory), matmul + attention,
+                     self.llm.weight_bytes + kv, compute, memory)
+
+    def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int) -> Costs:
+        """:class:`Costs` of one engine step over a batch of sequences (iteration-level
+        batching), floats.
+
+        Sequence ``i`` computes ``n_new[i]`` tokens after ``n_cached[i]`` in the KV cache; the
+        last ``n_decoding`` entries... no: ``n_decoding`` of them are decode tokens, the rest
+        prefill chunks. The batch's compute is the sum of the sequences' (weight matmuls per
+        token, LM head per sequence, attention per pair); its memory one streaming of the
+        weights plus every sequence's KV; the step takes their maximum (the soft maximum of
+        ``prefill_sharpness`` when a prefill chunk is in the batch), plus ``token_overhead_s``
+        per decode token and the batch overheads. For one sequence it is exactly a pass of
+        :meth:`pass_costs` or one decode step of :meth:`decode_s`.
         """
-        n_new, n_cached = _as_array(n_new), _as_array(n_cached)
-        compute = float(np.sum(self.forward_compute_s(n_new, n_cached)))
-        memory = float(self.forward_memory_s(np.sum(n_new + n_cached)))
-        high = max(compute, memory)
-        n_decoding = int(np.count_nonzero(decoding))
-        p = self.params.prefill_sharpness
-        if p is not None and n_decoding < n_new.size:
-            high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
-        return (high + n_starting * self.params.request_overhead_s
-                + n_decoding * self.params.token_overhead_s + self._batch_overhead_s(n_new.size))
+        n, c = _as_array(n_new), _as_array(n_cached)
+        matmul = float(np.sum(self._matmul_flops(n)))
+        attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
+        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        kv = self.llm.kv_bytes_per_token * float(np.sum(n + c))
+        memory = self.floor_s() + kv / self._bytes_per_s
+        high = (max(compute, memory) if n_decoding == n.size
+                else float(self._soft_max(compute, memory)))
+        duration = (high + n_decoding * self.params.token_overhead_s
+                    + self._batch_overhead_s(n.size))
+        return Costs(duration, matmul + attention, self.llm.weight_bytes + kv, compute, memory)
 
     def _batch_overhead_s(self, n_seqs: int) -> float:
         """``batch_step_overhead_s`` plus ``batch_seq_overhead_s`` per sequence beyond the
@@ -298,18 +378,92 @@ class RooflineTiming(_TimingBase):
         return (self.params.batch_step_overhead_s
                 + (n_seqs - 1) * self.params.batch_seq_overhead_s)
 
-    def decode_steps_s(self, n_seqs: int, n_cached: float, n_steps: int) -> np.ndarray:
-        """Durations of ``n_steps`` consecutive pure-decode steps of one batch, s: ``n_seqs``
-        sequences holding ``n_cached`` KV tokens together before the first step, one token
-        each per step. Each is :meth:`step_s` of that step (the same sums, in closed form
-        over the sequences)."""
-        j = np.arange(1, n_steps + 1, dtype=np.float64)
-        compute = (n_seqs * float(self.forward_compute_s(1, 0))
-                   + self._attention_flops_per_position * (n_cached + n_seqs * (j - 1))
-                   / self._attention_flops_per_s)
-        memory = self.forward_memory_s(n_cached + n_seqs * j)
-        return (np.maximum(compute, memory) + n_seqs * self.params.token_overhead_s
-                + self._batch_overhead_s(n_seqs))
+    def decode_run(self, context: np.ndarray, n_steps: int) -> tuple[np.ndarray, Costs]:
+        """``n_steps`` consecutive pure-decode steps of one batch.
+
+        ``context[i]`` is the number of tokens sequence ``i`` has computed before the run
+        (prompt plus generated tokens but the last). With the KV cache each step computes one
+        token per sequence after its context; without it each step re-runs a forward pass
+        over the whole context plus the new token (:meth:`decode_s`'s KV-off model). Each
+        step is :meth:`step_costs` of that step, in closed form over the sequences.
+
+        Returns
+        -------
+        durations : ndarray, shape (n_steps,)
+            Each step's duration, s.
+        totals : Costs
+            Sums over the run.
+        """
+        c = _as_array(context)
+        n = c.size
+        j = np.arange(n_steps, dtype=np.float64)             # steps already done
+        a_pos = self._attention_flops_per_position
+        if self.kv_cache:
+            matmul = np.full(n_steps, n * float(self._matmul_flops(1)))
+            attention = a_pos * (float(c.sum()) + n * (j + 1))   # pairs: c_i + j + 1
+            kv = self.llm.kv_bytes_per_token * (float(c.sum()) + n * (j + 1))
+        else:                                   # sequence i re-runs m_i = c_i + j + 1 tokens
+            s1, s2 = float(c.sum()), float((c * c).sum())
+            m1 = s1 + n * (j + 1)                               # Σ m_i
+            m2 = s2 + 2 * (j + 1) * s1 + n * (j + 1) ** 2       # Σ m_i²
+            matmul = 2.0 * self.llm.matmul_params * m1 + n * self.llm.lm_head_flops
+            attention = a_pos * (m2 + m1) / 2.0
+            kv = self.llm.kv_bytes_per_token * m1
+        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        memory = self.floor_s() + kv / self._bytes_per_s
+        durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
+                     + self._batch_overhead_s(n))
+        totals = Costs(float(durations.sum()), float((matmul + attention).sum()),
+                       float(n_steps * self.llm.weight_bytes + kv.sum()),
+                       float(compute.sum()), float(memory.sum()))
+        return durations, totals
+
+    def decode_costs(self, n_in, n_out) -> Costs:
+        """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after
+        the prefill's token), closed form; ``duration_s`` equals :meth:`decode_s`."""
+        n_in = _as_array(n_in)
+        m = np.maximum(_as_array(n_out) - 1.0, 0.0)
+        k1 = _sum_k(np.ones_like(m), m)                      # Σ k, k = 1..m
+        a_pos, kvb = self._attention_flops_per_position, self.llm.kv_bytes_per_token
+        if self.kv_cache:                                    # step k: context n_in + k
+            matmul = m * float(self._matmul_flops(1))
+            attention = a_pos * (m * n_in + k1)
+            kv = kvb * (m * n_in + k1)
+        else:                                                # step k re-runs n_in + k tokens
+            k2 = _sum_k2(np.ones_like(m), m)
+            s1 = m * n_in + k1                               # Σ (n_in + k)
+            s2 = m * n_in**2 + 2 * n_in * k1 + k2            # Σ (n_in + k)²
+            matmul = 2.0 * self.llm.matmul_params * s1 + m * self.llm.lm_head_flops
+            attention = a_pos * (s2 + s1) / 2.0
+            kv = kvb * s1
+        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        memory = m * self.floor_s() + kv / self._bytes_per_s
+        return Costs(self.decode_s(n_in, n_out), matmul + attention,
+                     m * self.llm.weight_bytes + kv, compute, memory)
+
+    def decode_step_durations(self, n_in, n_out) -> np.ndarray:
+        """Every decode step's duration, request after request (``n_out − 1`` each, at
+        context ``n_in + k``), flattened: the inter-token latencies of requests alone on the
+        GPU, s."""
+        n_in, n_out = np.asarray(n_in, np.int64), np.asarray(n_out, np.int64)
+        m = np.maximum(n_out - 1, 0)
+        first = np.cumsum(m) - m
+        c = (np.repeat(n_in, m) + np.arange(int(m.sum())) - np.repeat(first, m) + 1.0)
+        a_pos, kvb = self._attention_flops_per_position, self.llm.kv_bytes_per_token
+        if self.kv_cache:
+            compute = float(self._matmul_flops(1)) / self._flops_per_s + a_pos * c / (
+                self._attention_flops_per_s)
+        else:
+            compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
+                self._attention_flops_per_s)
+        memory = self.floor_s() + kvb * c / self._bytes_per_s
+        return np.maximum(compute, memory) + self.params.token_overhead_s
+
+    def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
+        """Prefill (one pass over ``n_in − n_cached`` tokens after ``n_cached``) and decode
+        :class:`Costs` per request alone on the GPU."""
+        n_in = _as_array(n_in)
+        return self.pass_costs(n_in - n_cached, n_cached), self.decode_costs(n_in, n_out)
 
     def decode_s(self, n_in, n_out) -> np.ndarray:
         """Decode time per request, s: ``n_out − 1`` steps after the prefill's token."""

@@ -1,5 +1,5 @@
 """Prompt-prefix caching (thesis 4.4.2, Listing 4.2), in the thesis's exact-match form and in
-vLLM's block form.
+vLLM's block form (whose blocks live in the GPU's KV pool, :mod:`kavier.sim.kvpool`).
 
 Policies (``--prefix-cache-policy``):
 
@@ -19,24 +19,29 @@ Policies (``--prefix-cache-policy``):
     block is reused only if it *and every block before it* are cached (the longest cached run
     of leading blocks); only the rest is prefilled, attending to the reused prefix. Only full
     blocks are cached, and at least the last prompt token is always recomputed (the engine needs
-    its logits), as in vLLM. The pool holds ``capacity_blocks`` blocks (``None``: unlimited),
-    evicted least recently used, the tail of a prompt before its head (vLLM frees a request's
-    blocks in reverse order).
+    its logits), as in vLLM. Cached blocks are the free blocks of the GPU's one KV pool
+    (:class:`~kavier.sim.kvpool.BlockPool`): what running requests need is what is left for
+    the cache.
+
+On an exact-match hit the engine still computes the prompt's last token (the first output
+token needs its logits): the thesis's ``T_p = 0`` leaves out that forward pass.
 
 Scopes: ``global`` (every request can hit every entry) or ``session`` (a request hits only
-entries its own session stored). In the exact-match policies the capacity
-``max_cached_prompts`` is per scope unit (per session with ``session`` scope: the thesis's
-"caches of 8 and 16 prompts" per conversation, 6.6.1); in ``blocks`` the capacity is the GPU's
-KV pool, shared by all sessions.
+entries its own session stored; for blocks, vLLM's per-request ``cache_salt``). In the
+exact-match policies the capacity ``max_cached_prompts`` is per scope unit (per session with
+``session`` scope: the thesis's "caches of 8 and 16 prompts" per conversation, 6.6.1); in
+``blocks`` the capacity is the GPU's KV pool, shared by all sessions.
 
-Keys: token prefixes are compared as exact bytes. Block keys are chained 64-bit hashes of (key
-of the previous block, block content), so two requests share a key only if they share the whole
-prefix; the chance of any false match among ``n`` distinct blocks is about ``n² / 2⁶⁵``
-(1e-7 for a million blocks).
+Keys: token prefixes are compared as exact bytes. Block keys are chained 64-bit BLAKE2b hashes
+of (key of the previous block, block content), so two requests share a key only if they share
+the whole prefix; the chance of any false match among ``n`` distinct blocks is about
+``n² / 2⁶⁵`` (1e-7 for a million blocks). They do not depend on Python's per-process hash
+seed, so runs are reproducible across processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -44,7 +49,6 @@ import numpy as np
 
 from archive.errors import InputError
 from archive.traces import PromptContent
-from kavier.library import GPUSpec, LLMSpec
 
 POLICIES = ("none", "prefill", "full", "blocks")
 SCOPES = ("global", "session")
@@ -69,8 +73,6 @@ class PrefixCacheConfig:
     scope : {"global", "session"}
     block_size : int or None
         Tokens per block; None means the trace's own (``hash_ids``) or vLLM's 16 (token ids).
-    capacity_blocks : int or None
-        Block-pool capacity; None is unlimited.
     """
 
     policy: str = "none"
@@ -78,37 +80,10 @@ class PrefixCacheConfig:
     max_cached_prompts: int | None = None
     scope: str = "global"
     block_size: int | None = None
-    capacity_blocks: int | None = None
 
     def to_dict(self) -> dict:
         """Plain dict (for the run summary)."""
         return asdict(self)
-
-
-def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
-                   gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION,
-                   activation_reserve_gib: float = 0.0) -> int:
-    """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
-
-    ``floor((memory × utilization − weights − activation reserve) / (block_size × KV bytes
-    per token))`` with the GQA-aware bytes per token of eq. 4.1. vLLM measures the activation
-    peak by profiling a forward pass at start-up (a few hundred MiB to a few GiB, depending on
-    the model and ``max_num_batched_tokens``); here it is a parameter, 0 by default (an upper
-    bound on the pool).
-
-    Raises
-    ------
-    InputError
-        When the weights and the reserve alone do not fit.
-    """
-    free = (gpu.memory_bytes * gpu_memory_utilization - llm.weight_bytes
-            - activation_reserve_gib * 2**30)
-    if free <= 0:
-        raise InputError(f"{llm.name} weights ({llm.weight_bytes / 2**30:.1f} GiB) and "
-                         f"{activation_reserve_gib:g} GiB of activations do not fit in "
-                         f"{gpu_memory_utilization:.0%} of the {gpu.name}'s "
-                         f"{gpu.memory_gib:g} GiB", field="gpu")
-    return int(free // (block_size * llm.kv_bytes_per_token))
 
 
 def block_size_for(requested: int | None, content: PromptContent) -> int:
@@ -134,7 +109,7 @@ def block_size_for(requested: int | None, content: PromptContent) -> int:
 
 
 class PrefixCache:
-    """The cache's state while requests are served in order.
+    """Prompt content, block keys and the exact-match cache's state.
 
     Parameters
     ----------
@@ -176,7 +151,6 @@ class PrefixCache:
         self.sessions = None if config.scope == "global" else np.asarray(sessions)
         self._lru: dict[object, OrderedDict] = {}
         self.lookups = self.hits = self.evictions = 0
-        self.blocks_looked_up = self.blocks_hit = 0
 
     def _store(self, unit) -> OrderedDict:
         return self._lru.setdefault(unit, OrderedDict())
@@ -205,64 +179,30 @@ class PrefixCache:
         self._evict(store, self.config.max_cached_prompts)
         return 0
 
-    def _block_keys(self, i: int, n_blocks: int) -> list[int]:
+    def block_keys(self, i: int, n_blocks: int) -> list[int]:
+        """Chained keys of the first ``n_blocks`` full prompt blocks of request ``i``."""
         row, size = self.content.row(i), self.block_size
-        unit = None if self.sessions is None else self.sessions[i]
-        keys, key = [], hash(("scope", unit))
+        unit = "" if self.sessions is None else str(self.sessions[i])
+        key = stable_hash(b"scope" + unit.encode())
+        keys = []
         for b in range(n_blocks):
-            part = row[b] if self.content.kind == "hashes" else row[b * size:(b + 1) * size]
-            key = hash((key, int(part) if self.content.kind == "hashes" else part.tobytes()))
+            part = (row[b:b + 1] if self.content.kind == "hashes"
+                    else row[b * size:(b + 1) * size])
+            key = stable_hash(key.to_bytes(8, "little") + part.tobytes())
             keys.append(key)
         return keys
 
-    def _blocks(self, i: int, n_in: int) -> int:
-        """vLLM-style reuse for request ``i``; returns reused input tokens."""
-        n_blocks = n_in // self.block_size
-        if n_blocks == 0:
-            return 0
-        self.lookups += 1
-        keys = self._block_keys(i, n_blocks)
-        store = self._store(None)
-        matched = 0
-        while matched < n_blocks and keys[matched] in store:
-            matched += 1
-        self.blocks_looked_up += n_blocks
-        self.blocks_hit += matched
-        self.hits += matched > 0
-        for key in reversed(keys):
-            store[key] = None
-            store.move_to_end(key)
-        self._evict(store, self.config.capacity_blocks)
-        return min(matched * self.block_size, n_in - 1)
+    def serve(self, i: int, n_in: int) -> int:
+        """Look request ``i`` (its row in the trace) up in the exact-match cache, storing its
+        prefix on a miss; returns the input tokens it reuses (all of them on a hit, else 0)."""
+        return self._exact(i, n_in)
 
-    def serve(self, rows: np.ndarray, n_in: np.ndarray) -> np.ndarray:
-        """Serve requests ``rows`` (indices into the trace) in this order.
+    def stats(self) -> dict:
+        """Exact-match lookups, hits and evictions, for the run summary."""
+        return {**self.config.to_dict(), "block_size": self.block_size,
+                "lookups": self.lookups, "hits": self.hits, "evictions": self.evictions}
 
-        Returns
-        -------
-        ndarray of int64, shape (len(rows),)
-            Input tokens reused from the cache per request (0 on a miss).
-        """
-        step = self._blocks if self.config.policy == "blocks" else self._exact
-        return np.fromiter((step(int(i), int(n)) for i, n in zip(rows, n_in, strict=True)),
-                           np.int64, len(rows))
 
-    def stats(self, n_requests: int, n_input_tokens: int, reused_tokens: int) -> dict:
-        """Hit ratios, evictions and reuse, for the run summary.
-
-        ``hit_ratio_lookups = hits / lookups`` (requests long enough to look up);
-        ``hit_ratio_requests = hits / all requests``; ``token_reuse_ratio = reused input
-        tokens / all input tokens``; in ``blocks`` also ``block_hit_ratio``.
-        """
-        out = {**self.config.to_dict(), "block_size": self.block_size,
-               "lookups": self.lookups, "hits": self.hits,
-               "hit_ratio_lookups": self.hits / self.lookups if self.lookups else 0.0,
-               "hit_ratio_requests": self.hits / n_requests if n_requests else 0.0,
-               "evictions": self.evictions, "reused_tokens": int(reused_tokens),
-               "token_reuse_ratio": reused_tokens / n_input_tokens if n_input_tokens else 0.0}
-        if self.config.policy == "blocks":
-            out["blocks_looked_up"] = self.blocks_looked_up
-            out["blocks_hit"] = self.blocks_hit
-            out["block_hit_ratio"] = (self.blocks_hit / self.blocks_looked_up
-                                      if self.blocks_looked_up else 0.0)
-        return out
+def stable_hash(data: bytes) -> int:
+    """64-bit BLAKE2b of ``data`` as an int: the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")

@@ -1,0 +1,133 @@
+"""Engine settings: the one home of the simulator's defaults, each with its help text.
+
+The CLI builds its engine options from these fields (:func:`kavier.cli`), so the help cannot
+disagree with the code. Names follow vLLM's engine arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from archive.errors import InputError
+from kavier.library import GPUSpec, LLMSpec
+
+ROUTERS = ("round-robin", "least-outstanding", "prefix-affinity")
+VLLM_BLOCK_SIZE = 16
+"""vLLM's default KV block size in tokens (``--block-size``)."""
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How every replica schedules (vLLM V1's scheduler) and how requests reach it.
+
+    Attributes
+    ----------
+    replicas : int
+        GPU replicas behind the router (each one engine and one KV pool).
+    router : str
+        One of :data:`ROUTERS`.
+    max_num_seqs : int
+        Requests running at once per replica (vLLM's default 256; 1 is the thesis's
+        one-request-at-a-time mode).
+    max_num_batched_tokens : int
+        Token budget of one engine step (vLLM V1's default 8,192).
+    chunked_prefill : bool or None
+        Split prompts across steps when the budget runs out (vLLM V1: on); None: on with the
+        KV cache, off without (:func:`resolve`).
+    num_gpu_blocks : int or None
+        KV blocks per replica; None sizes the pool from GPU memory (:func:`kv_pool_blocks`).
+    gpu_memory_utilization : float
+        Share of GPU memory for weights, activations and KV cache (vLLM's default 0.9).
+    activation_reserve_gib : float
+        GPU memory kept for activations, out of the KV pool, GiB (vLLM profiles it at
+        start-up; 0 gives an upper bound on the pool).
+    request_timeout_s : float or None
+        Client timeout: a request not finished this long after it was sent is aborted, frees
+        its blocks and counts as failed. None: no timeout.
+    back_to_back : bool
+        Closed loop with one client: each request is sent when the previous one finishes,
+        ignoring the trace's arrival times (the thesis's sequential sweeps).
+    """
+
+    replicas: int = field(default=1, metadata=_help("GPU replicas behind the router.", min=1))
+    router: str = field(default="least-outstanding", metadata=_help(
+        "Replica choice for each request: round-robin, least-outstanding (fewest waiting or "
+        "running) or prefix-affinity (same session or first prompt block → same replica).",
+        choices=ROUTERS))
+    max_num_seqs: int = field(default=256, metadata=_help(
+        "Requests running at once per replica (1: the thesis's one-at-a-time mode).", min=1))
+    max_num_batched_tokens: int = field(default=8192, metadata=_help(
+        "Token budget of one engine step.", min=1))
+    chunked_prefill: bool | None = field(default=None, metadata=_help(
+        "Split a prompt across steps when the token budget runs out [default: on with the "
+        "KV cache]."))
+    num_gpu_blocks: int | None = field(default=None, metadata=_help(
+        "KV blocks per replica [default: from GPU memory × utilization − weights − "
+        "activation reserve].", min=1))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_help(
+        "Share of GPU memory for weights, activations and KV cache (vLLM's default).",
+        min=0.0, min_open=True, max=1.0))
+    activation_reserve_gib: float = field(default=0.0, metadata=_help(
+        "GPU memory kept for activations, out of the KV pool, GiB.", min=0.0))
+    request_timeout_s: float | None = field(default=None, metadata=_help(
+        "Client timeout, s: a request not finished this long after it was sent is aborted "
+        "and counts as failed [default: none].", min=0.0, min_open=True))
+    back_to_back: bool = field(default=False, metadata=_help(
+        "Closed loop with one client: send each request when the previous one finishes "
+        "(trace arrival times ignored)."))
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise InputError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}",
+                             field="router")
+        for f in fields(self):
+            value, low = getattr(self, f.name), f.metadata.get("min")
+            if value is None or low is None or isinstance(value, bool):
+                continue
+            if value < low or (f.metadata.get("min_open") and value == low) or (
+                    "max" in f.metadata and value > f.metadata["max"]):
+                raise InputError(f"{f.name} = {value} is out of range", field=_flag(f.name))
+
+    def to_dict(self) -> dict:
+        """Plain dict (for the run summary)."""
+        return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-").removesuffix("-s")
+
+
+def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
+                   gpu_memory_utilization: float = 0.9,
+                   activation_reserve_gib: float = 0.0) -> int:
+    """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
+
+    ``floor((memory × utilization − weights − activation reserve) / (block_size × KV bytes
+    per token))`` with the GQA-aware bytes per token of eq. 4.1 (vLLM's
+    ``determine_available_memory`` then ``get_num_blocks``).
+
+    Raises
+    ------
+    InputError
+        When the weights and the reserve alone do not fit, or not one block does.
+    """
+    free = (gpu.memory_bytes * gpu_memory_utilization - llm.weight_bytes
+            - activation_reserve_gib * 2**30)
+    blocks = int(free // (block_size * llm.kv_bytes_per_token)) if free > 0 else 0
+    if blocks < 1:
+        raise InputError(f"{llm.name} weights ({llm.weight_bytes / 2**30:.1f} GiB) and "
+                         f"{activation_reserve_gib:g} GiB of activations leave no KV block in "
+                         f"{gpu_memory_utilization:.0%} of the {gpu.name}'s "
+                         f"{gpu.memory_gib:g} GiB", field="gpu")
+    return blocks
+
+
+def resolve(config: EngineConfig, kv_cache: bool) -> EngineConfig:
+    """``config`` with ``chunked_prefill`` decided (on with the KV cache, off without)."""
+    if config.chunked_prefill is not None:
+        return config
+    return replace(config, chunked_prefill=kv_cache)

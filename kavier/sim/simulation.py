@@ -1,0 +1,182 @@
+"""One simulation run: checks the setup, picks the engine's path, streams its results.
+
+Every run — one request at a time or batched, one replica or many — goes through
+:func:`simulate`, writes the same request record and GPU timeline, and gets the same summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from archive.arrow import column, from_numpy
+from archive.errors import InputError
+from kavier.sim.config import EngineConfig, kv_pool_blocks, resolve
+from kavier.sim.engine import SteppedEngine
+from kavier.sim.fastpath import FastPath, eligible
+from kavier.sim.prefix import PrefixCache
+from kavier.sim.requests import request_table
+from kavier.sim.summary import Summary
+from kavier.sim.timeline import Timeline
+from kavier.stats import QuantileSketch
+from kavier.timing import RooflineTiming
+
+CHUNK_REQUESTS = 1_000_000
+"""Requests per chunk on the closed-form path (each chunk is a few numpy passes)."""
+
+
+def check_setup(timing, config: EngineConfig, prefix: PrefixCache | None) -> None:
+    """Reject option combinations the engine cannot honour, naming the option.
+
+    Raises
+    ------
+    InputError
+    """
+    if not isinstance(timing, RooflineTiming) and not eligible(timing, config):
+        raise InputError("the thesis timing model (eqs. 4.2-4.6) has no batch step: it runs "
+                         "one request at a time on one replica without a timeout; use "
+                         "--timing-model roofline", field="timing-model")
+    if not timing.kv_cache:
+        if prefix is not None and prefix.config.policy == "blocks":
+            raise InputError("prefix-cache policy 'blocks' keeps KV blocks; it needs "
+                             "--kv-cache on", field="prefix-cache-policy")
+        if config.chunked_prefill:
+            raise InputError("chunked prefill attends to the KV of earlier chunks; it needs "
+                             "--kv-cache on", field="chunked-prefill")
+
+
+def pool_blocks(timing, config: EngineConfig, block_size: int) -> int:
+    """KV blocks per replica: ``num_gpu_blocks`` or sized from GPU memory."""
+    if config.num_gpu_blocks is not None:
+        return config.num_gpu_blocks
+    return kv_pool_blocks(timing.llm, timing.gpu, block_size, config.gpu_memory_utilization,
+                          config.activation_reserve_gib)
+
+
+def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
+             prefix: PrefixCache | None, sustainability,
+             on_requests: Callable[[pa.Table], None],
+             on_steps: Callable[[pa.RecordBatch, dict], None],
+             slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
+             path: str = "auto") -> dict:
+    """Serve the requests of ``table`` and return the run's summary.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        ``n_input_tokens``, ``n_output_tokens`` and optionally ``arrival_s`` (s) and
+        ``session_id``, one row per request in trace order (the ``id`` is the row).
+    timing : ThesisTiming or RooflineTiming
+    config : EngineConfig
+    block_size : int
+        Tokens per KV block.
+    prefix : PrefixCache or None
+    sustainability : Sustainability
+    on_requests : callable
+        Receives the request record (:data:`~kavier.sim.requests.REQUEST_COLUMNS`), chunk by
+        chunk.
+    on_steps : callable
+        Receives timeline batches (:data:`~kavier.sim.timeline.STEP_COLUMNS`) with their
+        power (:meth:`Sustainability.intervals`), each replica's in time order.
+    slo_ttft_s, slo_tpot_s : float or None
+        SLOs for goodput.
+    path : {"auto", "stepped"}
+        ``auto`` takes the closed-form path where it applies; ``stepped`` always steps (the
+        tests compare the two).
+
+    Returns
+    -------
+    dict
+        :meth:`Summary.result` plus ``kv_pool_blocks``, ``engine_path`` and
+        ``prefix_cache``.
+
+    Raises
+    ------
+    InputError
+        For unsupported option combinations, a request whose KV cannot fit an empty pool, or
+        arrival times that are not finite.
+    """
+    config = resolve(config, timing.kv_cache)
+    check_setup(timing, config, prefix)
+    blocks = pool_blocks(timing, config, block_size)
+    n_in = column(table, "n_input_tokens", np.int64)
+    n_out = np.maximum(column(table, "n_output_tokens", np.int64), 1)
+    if timing.kv_cache and n_in.size:
+        need = -(-(n_in + n_out) // block_size)
+        if int(need.max()) > blocks:
+            i = int(np.argmax(need))
+            raise InputError(f"request {i} needs {n_in[i] + n_out[i]:,} tokens of KV, more "
+                             f"than a replica's pool of {blocks:,} blocks of {block_size}",
+                             field="n_input_tokens")
+    has_arrivals = "arrival_s" in table.column_names and not config.back_to_back
+    arrival = column(table, "arrival_s", np.float64) if has_arrivals else np.zeros(n_in.size)
+    sessions = table.column("session_id") if "session_id" in table.column_names else None
+    summary = Summary(config.replicas, timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
+                      sustainability, slo_ttft_s, slo_tpot_s)
+    kv_block_bytes = timing.llm.kv_bytes_per_token * block_size if timing.kv_cache else 0.0
+
+    def steps(batch: pa.RecordBatch) -> None:
+        on_steps(batch, summary.add_steps(batch))
+
+    def emit(requests: pa.Table) -> None:
+        summary.add_requests(requests)
+        on_requests(requests)
+
+    timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s, kv_block_bytes, steps)
+    kv_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
+    if path not in ("auto", "stepped"):
+        raise ValueError(f"unknown engine path {path!r}")
+    if eligible(timing, config) and (path == "auto" or not isinstance(timing, RooflineTiming)):
+        itl = QuantileSketch()
+        engine = FastPath(timing, config, blocks, block_size, prefix, timeline, itl)
+        order = (np.argsort(arrival, kind="stable") if has_arrivals
+                 else np.arange(n_in.size))
+        for lo in range(0, max(order.size, 1), CHUNK_REQUESTS):
+            rows = order[lo:lo + CHUNK_REQUESTS]
+            out = engine.step(rows, n_in[rows], n_out[rows],
+                              arrival[rows] if has_arrivals else None)
+            timeline.flush()
+            emit(request_table(rows, None if sessions is None else sessions.take(
+                from_numpy(rows)), n_in=n_in[rows], n_out=n_out[rows],
+                kv_bytes_per_token=kv_per_token, **_record(out)))
+        counters = {"queries_tokens": engine.cache_queries, "hits_tokens": engine.cache_hits,
+                    "evictions": engine.pool.evictions}
+        used = "closed-form"
+    else:
+        engine = SteppedEngine(timing, config, blocks, block_size, prefix, timeline)
+        out = engine.run(n_in, n_out, arrival, None if sessions is None
+                         else np.asarray(sessions.to_numpy(zero_copy_only=False)))
+        itl = engine.itl
+        emit(request_table(np.arange(n_in.size), sessions, n_in=n_in, n_out=n_out,
+                           kv_bytes_per_token=kv_per_token, **_record(out)))
+        counters = engine.cache_counters()
+        used = "stepped"
+    result = summary.result()
+    result.update(itl.percentiles("itl_s"))
+    result.update({"engine_path": used, "kv_pool_blocks": blocks, "block_size": block_size,
+                   "prefix_cache": _cache_stats(prefix, counters, summary)})
+    return result
+
+
+def _record(out: dict) -> dict:
+    return {"replica": out["replica"], "arrival": out["arrival_s"],
+            "scheduled": out["scheduled_s"], "queue": out["queue_s"],
+            "first": out["first_token_s"], "end": out["end_s"], "cached": out["n_cached_tokens"],
+            "preemptions": out["preemptions"], "timed_out": out["timed_out"]}
+
+
+def _cache_stats(prefix: PrefixCache | None, counters: dict, summary: Summary) -> dict | None:
+    """Prefix-cache statistics: vLLM's token hit rate as the headline
+    (``vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total``), the share of
+    requests with a hit beside it."""
+    if prefix is None:
+        return None
+    n = summary.counts["n_requests"]
+    q, h = counters["queries_tokens"], counters["hits_tokens"]
+    return {**prefix.config.to_dict(), "block_size": prefix.block_size,
+            "queries_tokens": q, "hits_tokens": h,
+            "hit_rate_tokens": h / q if q else 0.0,
+            "hit_rate_requests": summary.counts["requests_with_prefix_hit"] / n if n else 0.0,
+            "evictions": counters["evictions"]}

@@ -1,0 +1,151 @@
+"""The run summary: one for every run, from the request record and the GPU timeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from archive.arrow import column
+from kavier.stats import QuantileSketch
+
+
+class Summary:
+    """Accumulates requests and timeline intervals chunk by chunk (memory stays flat).
+
+    Parameters
+    ----------
+    replicas : int
+    peak_flops_per_s, peak_bytes_per_s : float
+        Of one GPU, for the run's MFU and MBU.
+    sustainability : Sustainability
+        Power model, PUE and carbon trace.
+    slo_ttft_s, slo_tpot_s : float or None
+        SLOs for goodput (a missing one is not checked).
+    """
+
+    def __init__(self, replicas: int, peak_flops_per_s: float, peak_bytes_per_s: float,
+                 sustainability, slo_ttft_s: float | None = None,
+                 slo_tpot_s: float | None = None) -> None:
+        self.replicas, self.sus = replicas, sustainability
+        self.peak_flops_per_s, self.peak_bytes_per_s = peak_flops_per_s, peak_bytes_per_s
+        self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
+        self.counts = dict.fromkeys(("n_requests", "n_finished", "n_failed", "n_input_tokens",
+                                     "n_output_tokens", "n_cached_tokens", "preemptions",
+                                     "requests_with_prefix_hit", "n_meeting_slos"), 0)
+        self.queue_sum = 0.0
+        self.first_arrival, self.last_end = np.inf, 0.0
+        self.sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s")}
+        self.busy_s = np.zeros(replicas)
+        self.seconds = dict.fromkeys(("prefill", "decode"), 0.0)
+        self.work = dict.fromkeys(("flops", "dram_bytes", "energy_busy_j", "co2_busy_g",
+                                   "busy_ci_s"), 0.0)
+        self.peak_kv_blocks = 0
+
+    def add_requests(self, t: pa.Table) -> None:
+        """Add a chunk of the request record (:data:`~kavier.sim.requests.REQUEST_COLUMNS`)."""
+        if not t.num_rows:
+            return
+        c = self.counts
+        failed = np.asarray(t.column("status").combine_chunks().indices) == 1
+        ok = ~failed
+        n_in = column(t, "n_input_tokens", np.int64)
+        n_out = column(t, "n_output_tokens", np.int64)
+        cached = column(t, "n_cached_tokens", np.int64)
+        c["n_requests"] += t.num_rows
+        c["n_failed"] += int(failed.sum())
+        c["n_finished"] += int(ok.sum())
+        c["n_input_tokens"] += int(n_in.sum())
+        c["n_output_tokens"] += int(n_out[ok].sum())
+        c["n_cached_tokens"] += int(cached.sum())
+        c["requests_with_prefix_hit"] += int((cached > 0).sum())
+        c["preemptions"] += int(column(t, "preemptions", np.int64).sum())
+        queue = column(t, "queue_s", np.float64)
+        self.queue_sum += float(np.nansum(queue))
+        metrics = {m: column(t, m, np.float64) for m in self.sketches}
+        for m, values in metrics.items():
+            self.sketches[m].add(values[ok])
+        meets = ok.copy()
+        if self.slo_ttft_s is not None:
+            meets &= metrics["ttft_s"] <= self.slo_ttft_s
+        if self.slo_tpot_s is not None:
+            tpot = metrics["tpot_s"]
+            meets &= np.isnan(tpot) | (tpot <= self.slo_tpot_s)
+        c["n_meeting_slos"] += int(meets.sum())
+        self.first_arrival = min(self.first_arrival, float(column(t, "arrival_s",
+                                                                   np.float64).min()))
+        self.last_end = max(self.last_end, float(np.nanmax(column(t, "end_s", np.float64))))
+
+    def add_steps(self, b: pa.RecordBatch) -> dict[str, np.ndarray]:
+        """Add timeline intervals (:data:`~kavier.sim.timeline.STEP_COLUMNS`); returns their
+        power (:meth:`Sustainability.intervals`) for the writers."""
+        get = {name: np.asarray(b.column(name)) for name in b.schema.names}
+        duration = get["duration_s"]
+        self.busy_s += np.bincount(get["replica"], duration, minlength=self.replicas)
+        pre, dec = get["prefill_tokens"], get["decode_tokens"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(pre + dec > 0, pre / (pre + dec), 0.0)
+        self.seconds["prefill"] += float((duration * share).sum())
+        self.seconds["decode"] += float((duration * (1.0 - share)).sum())
+        self.work["flops"] += float(get["flops"].sum())
+        self.work["dram_bytes"] += float(get["dram_bytes"].sum())
+        self.peak_kv_blocks = max(self.peak_kv_blocks, int(get["kv_blocks_used"].max()))
+        power = self.sus.intervals(get["start_s"], duration, get["compute_s"], get["memory_s"])
+        self.work["energy_busy_j"] += float(power["energy_j"].sum())
+        if "co2_g" in power:
+            self.sus.carbon.check_covers(float(get["start_s"].min()),
+                                         float((get["start_s"] + duration).max()))
+            self.work["co2_busy_g"] += float(power["co2_g"].sum())
+            self.work["busy_ci_s"] += float(self.sus.carbon.integral(
+                get["start_s"], get["start_s"] + duration).sum())
+        return power
+
+    def result(self) -> dict:
+        """The summary (plain JSON types)."""
+        c, n = self.counts, self.counts["n_requests"]
+        end = self.last_end if n else 0.0
+        start = self.first_arrival if n else 0.0
+        makespan = end - start
+        busy = float(self.busy_s.sum())
+        out = {
+            **{k: c[k] for k in ("n_requests", "n_finished", "n_failed", "n_input_tokens",
+                                 "n_output_tokens", "n_cached_tokens", "preemptions")},
+            "replicas": self.replicas, "makespan_s": makespan, "timeline_s": end,
+            "gpu_hours": busy / 3600.0,
+            "prefill_gpu_hours": self.seconds["prefill"] / 3600.0,
+            "decode_gpu_hours": self.seconds["decode"] / 3600.0,
+            "provisioned_gpu_hours": self.replicas * end / 3600.0,
+            "output_throughput_tok_s": c["n_output_tokens"] / makespan if makespan > 0
+            else None,
+            "total_throughput_tok_s": (c["n_input_tokens"] + c["n_output_tokens"]) / makespan
+            if makespan > 0 else None,
+            "mean_queue_s": self.queue_sum / n if n else None,
+            "busy_fraction": [float(b / end) if end > 0 else None for b in self.busy_s],
+            "mfu": self.work["flops"] / (self.peak_flops_per_s * busy) if busy else None,
+            "mbu": self.work["dram_bytes"] / (self.peak_bytes_per_s * busy) if busy else None,
+            "peak_kv_blocks_used": self.peak_kv_blocks,
+            "goodput": c["n_meeting_slos"] / n if n else None,
+            "goodput_req_s": c["n_meeting_slos"] / makespan if makespan > 0 else None,
+            "slo_ttft_s": self.slo_ttft_s, "slo_tpot_s": self.slo_tpot_s,
+        }
+        for name, sketch in self.sketches.items():
+            out.update(sketch.percentiles(name))
+        out["sustainability"] = self._energy(end, busy)
+        return out
+
+    def _energy(self, end: float, busy: float) -> dict:
+        sus, w = self.sus, self.work
+        idle_s = self.replicas * end - busy
+        idle_j = sus.idle_w() * idle_s
+        gpu_j = w["energy_busy_j"] + idle_j
+        out = {**sus.to_dict(), "energy_busy_wh": w["energy_busy_j"] / 3600.0,
+               "energy_idle_wh": idle_j / 3600.0, "energy_gpu_wh": gpu_j / 3600.0,
+               "energy_gpu_j": gpu_j, "energy_facility_wh": gpu_j * sus.pue / 3600.0,
+               "mean_power_w": gpu_j / (self.replicas * end) if end > 0 else None}
+        if sus.carbon is not None:
+            if end > 0:
+                sus.carbon.check_covers(0.0, end)
+            idle_ci = self.replicas * float(sus.carbon.integral(0.0, end)) - w["busy_ci_s"]
+            idle_co2 = sus.idle_w() * sus.pue * idle_ci / 3.6e6
+            out["co2_g"] = w["co2_busy_g"] + idle_co2
+            out["co2_idle_g"] = idle_co2
+        return out
