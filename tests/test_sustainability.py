@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -14,10 +13,7 @@ from archive.errors import InputError
 from calibrate.power import calibrate_power
 from kavier.cli import main
 from kavier.efficiency import RunTotals, ratios, report
-from kavier.engine import Simulator, run
 from kavier.power import POWER_MODELS, PowerModel
-from kavier.sustainability import CarbonTrace, Sustainability
-from kavier.timing import ThesisTiming
 from tracer.smi import read_capture
 
 CAPTURE = Path(__file__).parent / "data" / "nvidia-smi-h100-loop100ms.csv"
@@ -52,64 +48,10 @@ def test_power_model_errors():
             PowerModel(*args)
 
 
-def simulate(requests, sustainability, llama8b, a10):
-    sim = Simulator(ThesisTiming(llama8b, a10), sustainability=sustainability)
-    return pa.concat_tables(list(run(requests, sim))).to_pandas(), sim.summary()
-
-
-def test_energy_of_one_request_and_of_idle_gaps(llama8b, a10):
-    timing = ThesisTiming(llama8b, a10)
-    w = pd.DataFrame({"arrival_s": [0.0, 1000.0], "n_input_tokens": [100, 100],
-                      "n_output_tokens": [200, 200]})
-    service = float(timing.prefill_s(100) + timing.decode_s(100, 200))
-    r, s = simulate(w, Sustainability(PowerModel("linear", 20.0, 150.0)), llama8b, a10)
-    # Listing 4.3: 0.1 s at 50 % (85 W) at each end, full power in between
-    expected_j = 2 * 0.1 * 85.0 + (service - 0.2) * 150.0
-    assert r["energy_wh"].iloc[0] == pytest.approx(expected_j / 3600)
-    e = s["sustainability"]
-    assert e["energy_idle_wh"] == pytest.approx(20.0 * (1000.0 - service) / 3600)
-    assert e["energy_gpu_wh"] == pytest.approx(e["energy_busy_wh"] + e["energy_idle_wh"])
-    assert e["mean_power_w"] == pytest.approx(e["energy_gpu_j"] / (1000.0 + service))
-
-
 def carbon_table(values, step="15min"):
     return pd.DataFrame({"timestamp": pd.date_range("2022-07-01", periods=len(values),
                                                     freq=step, tz="UTC"),
                          "carbon_intensity": values})
-
-
-def test_co2_integrates_intensity_across_steps(llama8b, a10):
-    # one long request starting 10 s before a step from 100 to 300 g/kWh, constant 150 W
-    trace = CarbonTrace(carbon_table([100.0, 300.0, 300.0]),
-                        pd.Timestamp("2022-07-01T00:14:50Z"), "test")
-    sus = Sustainability(PowerModel("constant", 20.0, 150.0), trace, pue=1.5)
-    w = pd.DataFrame({"n_input_tokens": [100], "n_output_tokens": [1000]})
-    r, s = simulate(w, sus, llama8b, a10)
-    service = float(r["prefill_s"].iloc[0] + r["decode_s"].iloc[0])
-    expected = 150.0 * 1.5 * (10.0 * 100.0 + (service - 10.0) * 300.0) / 3.6e6
-    assert r["co2_g"].iloc[0] == pytest.approx(expected)
-    assert s["sustainability"]["energy_facility_wh"] == pytest.approx(
-        1.5 * s["sustainability"]["energy_gpu_wh"])
-    with pytest.raises(InputError, match="choose --start-time"):
-        late = CarbonTrace(carbon_table([100.0, 300.0]), pd.Timestamp("2022-07-01T00:29:50Z"))
-        simulate(w, Sustainability(PowerModel("linear", 20, 150), late), llama8b, a10)
-
-
-@pytest.mark.parametrize("rate", ["0", "0.01", "1"])
-def test_fragment_energy_adds_up_to_request_energy(tmp_path, rate):
-    out = tmp_path / "run"
-    result = cli("simulate", "--trace", "azure-llm-inference-2023-conv", "--power-model",
-                 "sqrt", "--carbon-trace", "NL", "--start", "2022-07-01T00:00Z",
-                 "--export-rate", rate, "--output-folder", out, "--no-opendc")
-    assert result.exit_code == 0, result.output
-    req = pd.read_parquet(out / "requests.parquet", columns=["energy_wh", "co2_g"])
-    frag = pd.read_parquet(out / "fragments.parquet", columns=["energy_wh", "co2_g"])
-    assert frag["energy_wh"].sum() == pytest.approx(req["energy_wh"].sum(), rel=1e-9)
-    # a row that mixes warm-up and full power *and* straddles a carbon step is charged its
-    # mean power over the step: off by parts per billion
-    assert frag["co2_g"].sum() == pytest.approx(req["co2_g"].sum(), rel=1e-6)
-    summary = json.loads((out / "summary.json").read_text())["sustainability"]
-    assert summary["co2_g"] == pytest.approx(req["co2_g"].sum() + summary["co2_idle_g"])
 
 
 def test_carbon_traces_are_read_and_checked(tmp_path):

@@ -1,0 +1,249 @@
+"""The simulation core: one engine, its closed-form path, the KV pool, the timeline, energy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+import archive
+from kavier.cli import main
+from kavier.power import PowerModel
+from kavier.sim.config import EngineConfig
+from kavier.sim.kvpool import BlockPool
+from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
+from kavier.sim.simulation import simulate
+from kavier.sustainability import CarbonTrace, Sustainability
+from kavier.timing import RooflineTiming, ThesisTiming, TimingParams
+
+
+@pytest.fixture(scope="module")
+def azure():
+    return archive.read_trace("azure-llm-inference-2023-conv").table.slice(0, 400)
+
+
+@pytest.fixture(scope="module")
+def mooncake():
+    return archive.read_trace("mooncake-fast25-conversation")
+
+
+def linear(gpu):
+    return Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
+
+
+def run(table, timing, config, block=16, prefix=None, sus=None, path="auto"):
+    reqs, steps = [], []
+    s = simulate(table, timing, config, block, prefix, sus or linear(timing.gpu), reqs.append,
+                 lambda b, p: steps.append(b), path=path)
+    return (pa.concat_tables(reqs).to_pandas().sort_values("id").reset_index(drop=True),
+            pa.Table.from_batches(steps).to_pandas(), s)
+
+
+ONE = EngineConfig(max_num_seqs=1, back_to_back=True)
+
+
+@pytest.mark.parametrize("kv", [True, False])
+@pytest.mark.parametrize("timing_cls", [RooflineTiming, ThesisTiming])
+def test_one_at_a_time_equals_the_thesis_mode(azure, llama8b, a10, kv, timing_cls):
+    timing = timing_cls(llama8b, a10, kv_cache=kv)
+    config = EngineConfig(max_num_seqs=1, back_to_back=True, chunked_prefill=False,
+                          num_gpu_blocks=10**8)
+    r, _, s = run(azure, timing, config)
+    n_in, n_out = r["n_input_tokens"].to_numpy(), r["n_output_tokens"].to_numpy()
+    prefill, decode = timing.prefill_s(n_in), timing.decode_s(n_in, n_out)
+    np.testing.assert_allclose(r["ttft_s"], prefill, rtol=1e-9, atol=1e-8)
+    np.testing.assert_allclose(r["e2e_s"], prefill + decode, rtol=1e-9, atol=1e-8)
+    assert r["end_s"].iloc[-1] == pytest.approx((prefill + decode).sum(), rel=1e-9)
+    assert s["gpu_hours"] * 3600 == pytest.approx(
+        (prefill + decode).sum() - len(r) * timing.params.request_overhead_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("arrivals", [True, False])
+@pytest.mark.parametrize("chunk", [8192, 300])
+def test_closed_form_and_stepped_paths_give_identical_timelines(azure, llama8b, a10, arrivals,
+                                                                chunk):
+    timing = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=1.7))
+    config = EngineConfig(max_num_seqs=1, back_to_back=not arrivals,
+                          max_num_batched_tokens=chunk)
+    fast = run(azure, timing, config)
+    slow = run(azure, timing, config, path="stepped")
+    assert fast[2]["engine_path"] == "closed-form" and slow[2]["engine_path"] == "stepped"
+    for a, b in ((fast[0], slow[0]), (fast[1], slow[1])):
+        assert list(a.columns) == list(b.columns)
+        for c in a.columns:
+            if a[c].dtype.kind == "f":
+                np.testing.assert_allclose(a[c], b[c], rtol=1e-9, atol=1e-9, err_msg=c)
+            else:
+                assert (a[c].astype(str) == b[c].astype(str)).all(), c
+    for key in ("p50_itl_s", "p99_itl_s", "p90_ttft_s", "gpu_hours"):
+        assert fast[2][key] == pytest.approx(slow[2][key], rel=1e-3), key
+
+
+def test_closed_form_and_stepped_agree_with_prefix_blocks(mooncake, llama8b, a10):
+    table = mooncake.table.slice(0, 300)
+    timing = RooflineTiming(llama8b, a10)
+    out = []
+    for path in ("auto", "stepped"):
+        cache = PrefixCache(PrefixCacheConfig("blocks"), mooncake.content)
+        out.append(run(table, timing, EngineConfig(max_num_seqs=1, num_gpu_blocks=400), 512,
+                       cache, path=path))
+    np.testing.assert_array_equal(out[0][0]["n_cached_tokens"], out[1][0]["n_cached_tokens"])
+    np.testing.assert_allclose(out[0][0]["e2e_s"], out[1][0]["e2e_s"], rtol=1e-9)
+    assert out[0][2]["prefix_cache"] == out[1][2]["prefix_cache"]
+    assert out[0][2]["prefix_cache"]["evictions"] > 0       # the pool limits the cache
+
+
+def test_kv_pool_never_overflows_and_more_blocks_never_add_preemptions(azure, llama8b, a10):
+    timing = RooflineTiming(llama8b, a10)
+    preemptions = []
+    for blocks in (600, 1200, 3400):
+        r, steps, s = run(azure, timing, EngineConfig(num_gpu_blocks=blocks))
+        assert steps["kv_blocks_used"].max() <= blocks
+        assert s["peak_kv_blocks_used"] <= blocks
+        preemptions.append(s["preemptions"])
+        # token conservation: prompts (recomputed after preemption) and one decode token per
+        # step for every output token after the first
+        # every output token once: the first from the prompt's last step (again after each
+        # preemption, whose recomputed prompt emits the next token), the rest from decode
+        assert steps["decode_tokens"].sum() + len(r) + s["preemptions"] == (
+            r["n_output_tokens"].sum())
+        assert steps["prefill_tokens"].sum() >= r["n_input_tokens"].sum()
+        assert (r["status"] == "finished").all()
+    assert preemptions[0] > 0 and preemptions == sorted(preemptions, reverse=True)
+
+
+def test_prefix_hit_never_increases_a_requests_latency(mooncake, llama8b, a10):
+    table = mooncake.table.slice(0, 300)
+    timing = RooflineTiming(llama8b, a10)
+    cache = PrefixCache(PrefixCacheConfig("blocks"), mooncake.content)
+    one = EngineConfig(max_num_seqs=1, back_to_back=True, num_gpu_blocks=400)
+    with_cache = run(table, timing, one, 512, cache)[0]
+    without = run(table, timing, one, 512)[0]
+    service = (with_cache["e2e_s"] - with_cache["queue_s"]).to_numpy()
+    base = (without["e2e_s"] - without["queue_s"]).to_numpy()
+    assert (service <= base + 1e-12).all() and (service < base).sum() > 10
+
+
+def test_block_pool_reference_counts_and_lazy_lru_eviction():
+    pool = BlockPool(4)
+    pool.allocate(2)
+    assert pool.register(1) and pool.register(2) and not pool.register(1)
+    pool.release(0, [1, 2])                       # both cached, free, findable
+    assert pool.free == 4 and pool.match([1, 2, 3], 3) == (2, 2)
+    pool.acquire([1])
+    pool.allocate(3)                              # 2 plain, then evicts block 2 (LRU)
+    assert pool.evictions == 1 and pool.match([1, 2], 2) == (1, 0) and pool.free == 0
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)
+
+
+def test_front_end_overhead_is_beside_the_gpu(azure, llama8b, a10):
+    t = pa.table({"n_input_tokens": [100] * 20, "n_output_tokens": [50] * 20,
+                  "arrival_s": np.zeros(20)})
+    slow = RooflineTiming(llama8b, a10, TimingParams(request_overhead_s=0.5))
+    fast = RooflineTiming(llama8b, a10, TimingParams(request_overhead_s=0.0))
+    a, steps_a, _ = run(t, slow, EngineConfig())
+    b, steps_b, _ = run(t, fast, EngineConfig())
+    np.testing.assert_allclose(a["ttft_s"] - 0.5, b["ttft_s"], rtol=1e-9)
+    assert steps_a["duration_s"].sum() == pytest.approx(steps_b["duration_s"].sum(), rel=1e-9)
+
+
+def test_request_timeout_aborts_and_frees(azure, llama8b, a10):
+    timing = RooflineTiming(llama8b, a10)
+    r, steps, s = run(azure, timing, EngineConfig(request_timeout_s=30.0, num_gpu_blocks=800))
+    failed = r["status"] == "timeout"
+    assert 0 < failed.sum() < len(r) and s["n_failed"] == failed.sum()
+    np.testing.assert_allclose(r.loc[failed, "e2e_s"], 30.0)
+    assert (r.loc[~failed, "e2e_s"] <= 30.0 + 5.0).all()
+    assert s["p99_e2e_s"] <= r.loc[~failed, "e2e_s"].max() * 1.001
+
+
+def independent_energy_j(steps, sus, replicas, end):
+    u = np.minimum(np.maximum(steps["compute_s"], sus.memory_bound_utilization
+                              * steps["memory_s"]) / steps["duration_s"], sus.utilization_cap)
+    busy = (sus.power.power_w(u) * steps["duration_s"]).sum()
+    return busy + sus.power.power_w(0.0) * (replicas * end - steps["duration_s"].sum())
+
+
+@pytest.mark.parametrize("args", [["--max-num-seqs", "1", "--back-to-back"],
+                                  ["--replicas", "2", "--router", "round-robin"]])
+@pytest.mark.parametrize("rate", ["0", "0.1"])
+def test_energy_agrees_in_summary_fragments_and_timeline(tmp_path, azure, args, rate):
+    pq_path = tmp_path / "t.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(azure, pq_path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(pq_path), "--power-model",
+                                       "sqrt", "--steps", "--export-rate", rate,
+                                       "--output-folder", str(out), *args])
+    assert result.exit_code == 0, result.output
+    s = json.loads((out / "summary.json").read_text())
+    steps = pd.read_parquet(out / "steps.parquet")
+    frag = pd.read_parquet(out / "fragments.parquet")
+    sus = Sustainability(PowerModel("sqrt", 20.0, 150.0))
+    gpu_j = s["sustainability"]["energy_gpu_j"]
+    assert frag["energy_wh"].sum() * 3600 == pytest.approx(gpu_j, rel=1e-9)
+    assert independent_energy_j(steps, sus, s["replicas"], s["timeline_s"]) == pytest.approx(
+        gpu_j, rel=1e-9)
+    decode = steps["prefill_tokens"] == 0
+    assert steps.loc[decode, "mbu"].mean() > steps.loc[decode, "mfu"].mean()
+    assert 0 < s["mfu"] < 1 and 0 < s["mbu"] < 1
+
+
+def test_carbon_and_pue_for_a_batched_run_and_efficiency_reads_it(tmp_path, azure):
+    import pyarrow.parquet as pq
+
+    pq.write_table(azure, tmp_path / "t.parquet")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "simulate", "--trace", str(tmp_path / "t.parquet"), "--replicas", "2",
+        "--carbon-trace", "NL", "--start", "2022-07-01T00:00Z", "--pue", "1.4",
+        "--output-folder", str(out), "--no-opendc"])
+    assert result.exit_code == 0, result.output
+    e = json.loads((out / "summary.json").read_text())["sustainability"]
+    assert e["energy_facility_wh"] == pytest.approx(1.4 * e["energy_gpu_wh"])
+    frag = pd.read_parquet(out / "fragments.parquet")
+    assert e["co2_g"] > 0 and frag["co2_g"].sum() == pytest.approx(e["co2_g"], rel=1e-9)
+    eff = CliRunner().invoke(main, ["efficiency", str(out)])
+    assert eff.exit_code == 0, eff.output
+    assert "gCO2 per million tokens" in eff.output
+
+
+def test_co2_integrates_intensity_across_carbon_steps(llama8b, a10):
+    table = pd.DataFrame({"timestamp": pd.date_range("2022-07-01", periods=3, freq="15min",
+                                                     tz="UTC"),
+                          "carbon_intensity": [100.0, 300.0, 300.0]})
+    trace = CarbonTrace(table, pd.Timestamp("2022-07-01T00:14:50Z"), "test")
+    sus = Sustainability(PowerModel("constant", 20.0, 150.0), trace, pue=1.5)
+    t = pa.table({"n_input_tokens": [100], "n_output_tokens": [1000]})
+    timing = RooflineTiming(llama8b, a10)
+    _, _, s = run(t, timing, ONE, sus=sus)
+    end, o = s["timeline_s"], timing.params.request_overhead_s
+    expected = 150.0 * 1.5 * (10.0 * 100.0 + (end - 10.0) * 300.0) / 3.6e6
+    assert s["sustainability"]["co2_g"] == pytest.approx(expected, rel=1e-9) and end > 10 + o
+
+
+def test_results_do_not_depend_on_pythonhashseed(tmp_path):
+    t = pd.DataFrame({"n_input_tokens": np.arange(60) * 7 + 50, "n_output_tokens": 40,
+                      "arrival_s": np.arange(60) * 0.05,
+                      "session_id": [f"user-{i % 7}" for i in range(60)]})
+    t.to_parquet(tmp_path / "t.parquet")
+    outputs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        code = ("from kavier.cli import main; main(['simulate', '--trace', "
+                f"'{tmp_path / 't.parquet'}', '--replicas', '3', '--router', "
+                f"'prefix-affinity', '--output-folder', '{out}', '--no-fragments', "
+                "'--no-opendc'])")
+        subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        outputs.append(pd.read_parquet(out / "requests.parquet")[["replica", "ttft_s"]])
+    assert outputs[0]["replica"].nunique() > 1
+    for other in outputs[1:]:
+        pd.testing.assert_frame_equal(outputs[0], other)
