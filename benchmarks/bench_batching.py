@@ -10,12 +10,12 @@ TPOT and preemptions. Run: ``python benchmarks/bench_batching.py``.
 import time
 
 import numpy as np
-
-import archive
 from kavier.batching import BatchingConfig, BatchSimulator
 from kavier.cache import PrefixCache, PrefixCacheConfig, kv_pool_blocks
-from kavier.library import gpu_library, llm_library
-from kavier.timing import make_timing
+
+import archive
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.timing import make_timing
 
 
 def run(label, requests, config, cache=None):

@@ -2,7 +2,7 @@
 
 Builds the fragments of the Marconi-shaped benchmark workload (:mod:`bench_simulate`) at 0.1 s
 export, 18,279,802 rows, without and with the energy columns, and writes each table with every
-option set below, single-threaded, in row groups of ``kavier.run.FLUSH_ROWS`` rows; prints the
+option set below, single-threaded, in row groups of ``kavier.export.run.FLUSH_ROWS`` rows; prints the
 best of ``--repeat`` wall times and the file size.
 Run: ``python benchmarks/bench_fragment_writer.py``.
 """
@@ -16,15 +16,15 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from kavier.engine import Simulator, run
 
 from kavier import workloads
-from kavier.engine import Simulator, run
-from kavier.fragments import FRAGMENT_PARQUET_OPTIONS, fragment_batches
-from kavier.library import gpu_library, llm_library
-from kavier.power import PowerModel
-from kavier.run import FLUSH_ROWS
-from kavier.sustainability import Sustainability
-from kavier.timing import make_timing
+from kavier.export.fragments import FRAGMENT_PARQUET_OPTIONS, fragment_batches
+from kavier.export.run import FLUSH_ROWS
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.power import PowerModel
+from kavier.models.timing import make_timing
+from kavier.sim.sustainability import Sustainability
 
 _VARYING = ("time_s", "duration_s", "gpu_utilization", "kv_cache_bytes", "power_w",
             "energy_wh", "co2_g")

@@ -3,7 +3,7 @@
 The thesis times its prototype on the aggregated Marconi trace: 96,870 requests of 3,000
 sessions (32.29 turns each on average), about 500 A10 GPU-hours: 9.9 s at 1 s export, 92.8 s at
 0.1 s, 914.8 s at 0.01 s. That trace is not redistributable here, so this script uses one of
-the same shape, built deterministically by :func:`kavier.workloads.marconi_shaped`: 96,584
+the same shape, built deterministically by :func:`kavier.analysis.workloads.marconi_shaped`: 96,584
 requests, 0.96e9 input tokens, 506.4 GPU-hours for Llama-3-8B on an A10 with the thesis
 timing model.
 
@@ -28,19 +28,19 @@ import time
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from kavier.engine import Simulator, run
 
 from kavier import workloads
-from kavier.engine import Simulator, run
-from kavier.library import gpu_library, llm_library
-from kavier.output import run_folder
-from kavier.power import PowerModel
-from kavier.run import ExportOptions, write_run
-from kavier.sustainability import Sustainability
-from kavier.timing import make_timing
+from kavier.export.output import run_folder
+from kavier.export.run import ExportOptions, write_run
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.power import PowerModel
+from kavier.models.timing import make_timing
+from kavier.sim.sustainability import Sustainability
 
 
 def marconi_shaped() -> pd.DataFrame:
-    """The benchmark workload: :func:`kavier.workloads.marconi_shaped`'s requests."""
+    """The benchmark workload: :func:`kavier.analysis.workloads.marconi_shaped`'s requests."""
     return workloads.marconi_shaped().requests
 
 

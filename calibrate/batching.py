@@ -4,7 +4,7 @@
 requests together. Each group is simulated as ``c`` requests arriving at once on one replica
 with continuous batching (:func:`kavier.sim.simulation.simulate`), with the sequential
 parameters already calibrated, and ``batch_step_overhead_s`` and ``batch_seq_overhead_s``
-(:class:`kavier.timing.TimingParams`) are fitted so that the simulated end-to-end latencies
+(:class:`kavier.models.timing.TimingParams`) are fitted so that the simulated end-to-end latencies
 match the measured ones (MAPE, Nelder-Mead over the logarithms, both kept >= 0).
 """
 
@@ -16,11 +16,11 @@ import pyarrow as pa
 from scipy.optimize import minimize
 
 from archive.errors import InputError
-from kavier.power import PowerModel
+from kavier.models.power import PowerModel
+from kavier.models.timing import RooflineTiming, make_timing
 from kavier.sim.config import EngineConfig
 from kavier.sim.simulation import simulate
-from kavier.sustainability import Sustainability
-from kavier.timing import RooflineTiming, make_timing
+from kavier.sim.sustainability import Sustainability
 
 BATCH_PARAMS = ("batch_step_overhead_s", "batch_seq_overhead_s")
 _GROUP = ["sweep", "n_input_tokens", "n_output_tokens_requested", "repetition", "concurrency"]

@@ -14,8 +14,8 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from kavier.library import GPUSpec, LLMSpec, gpu_library, llm_library
-from kavier.timing import TimingParams, make_timing
+from kavier.models.library import GPUSpec, LLMSpec, gpu_library, llm_library
+from kavier.models.timing import TimingParams, make_timing
 
 DEFAULT_FIT_PARAMS = {
     "thesis": ("compute_efficiency", "memory_efficiency", "request_overhead_s"),
@@ -53,14 +53,14 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     llm, gpu : str or spec
-        Library names (``"Llama-3-8B"``, ``"A10"``) or :class:`~kavier.library.LLMSpec` /
-        :class:`~kavier.library.GPUSpec` objects.
+        Library names (``"Llama-3-8B"``, ``"A10"``) or :class:`~kavier.models.library.LLMSpec` /
+        :class:`~kavier.models.library.GPUSpec` objects.
     timing_model : {"roofline", "thesis"}
     kv_cache : bool
     compute_efficiency, memory_efficiency, request_overhead_s, token_overhead_s,
     prefill_floor_s, attention_efficiency, prefill_sharpness :
         Starting values (and the values used for the parameters not fitted); see
-        :class:`kavier.timing.TimingParams`.
+        :class:`kavier.models.timing.TimingParams`.
     fit_params : tuple of str, optional
         Which parameters ``fit`` optimises; default :data:`DEFAULT_FIT_PARAMS`.
 

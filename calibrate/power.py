@@ -22,7 +22,7 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from archive.errors import InputError
-from kavier.power import DEFAULT_SHAPE, POWER_MODELS, SHAPES, PowerModel
+from kavier.models.power import DEFAULT_SHAPE, POWER_MODELS, SHAPES, PowerModel
 
 WIDE_SPREAD = 0.25
 """Warn when the 1–99 % power range at full utilization exceeds this share of its median."""
@@ -117,7 +117,7 @@ def calibrate_power(samples: pd.DataFrame, folds: int = 5,
     ----------
     samples : DataFrame
         ``utilization_gpu_pct`` (0–100) and ``power_w`` (W), optionally ``clock_sm_mhz``, as
-        from :func:`tracer.smi.read_capture`.
+        from :func:`archive.smi.read_capture`.
     folds : int
         Contiguous cross-validation blocks.
 

@@ -22,13 +22,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from archive.datasets import content_sha256  # noqa: E402
 from calibrate.power import PowerCalibration  # noqa: E402
 from calibrate.profile import PROFILE_VERSION  # noqa: E402
-from kavier.output import RunWriter  # noqa: E402
-from kavier.power import PowerModel  # noqa: E402
+from kavier.export.output import RunWriter  # noqa: E402
+from kavier.models.power import PowerModel  # noqa: E402
 
 
 def power_section(result: PowerCalibration, capture: str, samples, gpu: str | None) -> dict:
     """The ``power`` section of a profile: the winning model with its accuracy and provenance."""
-    from kavier.cli import toolkit_version
+    from archive.provenance import toolkit_version
 
     best = result.ranking.iloc[0]
     return {

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from archive.errors import InputError
-from kavier.timing import TIMING_MODELS, TimingParams
+from kavier.models.timing import TIMING_MODELS, TimingParams
 
 PROFILE_VERSION = "1"
 

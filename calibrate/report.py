@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from calibrate.fit import STAGES, CalibrationResult  # noqa: E402
 from calibrate.profile import Profile  # noqa: E402
-from kavier.output import RunWriter  # noqa: E402
+from kavier.export.output import RunWriter  # noqa: E402
 
 
 def figure(result: CalibrationResult, title: str):

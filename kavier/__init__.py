@@ -1,6 +1,8 @@
 """Kavier: cache-aware simulation of LLM inference.
 
-Modules: :mod:`kavier.library` (LLMs and GPUs as data), :mod:`kavier.timing` (thesis and
-roofline timing models), :mod:`kavier.engine` (request timeline), :mod:`kavier.fragments`
-(discrete-event export), :mod:`kavier.output` (run folders), :mod:`kavier.cli`.
+Layers, each importing only the ones below it (checked by import-linter in CI, see
+``.importlinter``): :mod:`kavier.cli` ← :mod:`kavier.analysis` (efficiency, capacity,
+reproduce, sweeps) ← :mod:`calibrate` ← :mod:`kavier.export` (fragments, OpenDC, run folders)
+← :mod:`kavier.sim` (engine, KV pool, prefix cache, routers, timeline, summary, energy) ←
+:mod:`kavier.models` (LLM and GPU library, timing, power) ← :mod:`archive`.
 """

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,29 +22,22 @@ import pyarrow as pa
 
 import archive
 from archive.errors import InputError, clean_errors
-from kavier.library import gpu_library, llm_library
-from kavier.opendc import DEFAULT_START
-from kavier.output import run_folder
-from kavier.power import POWER_MODELS, PowerModel
-from kavier.run import ExportOptions, RunOutput
+from archive.provenance import toolkit_version
+from archive.smi import CAPTURE_FIELDS
+from kavier.export.opendc import DEFAULT_START
+from kavier.export.output import run_folder
+from kavier.export.run import ExportOptions, RunOutput
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.power import POWER_MODELS, PowerModel
+from kavier.models.timing import TIMING_MODELS, TimingParams, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig, block_size_for
 from kavier.sim.simulation import simulate as run_engine
-from kavier.stats import QUANTILES
-from kavier.sustainability import CarbonTrace, Sustainability
-from kavier.timing import TIMING_MODELS, TimingParams, make_timing
-from tracer.smi import CAPTURE_FIELDS
+from kavier.sim.stats import QUANTILES
+from kavier.sim.sustainability import CarbonTrace, Sustainability
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def toolkit_version() -> str:
-    """Installed version of the toolkit distribution."""
-    try:
-        return version("kavier-toolkit")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @click.group()
@@ -526,7 +518,7 @@ _EFFICIENCY_ROWS = [
 @clean_errors
 def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
     """Efficiency report of one simulated run, or of two and their ratios (eqs. 4.8–4.11)."""
-    from kavier.efficiency import ratios, read_run, report, with_opendc_power
+    from kavier.analysis.efficiency import ratios, read_run, report, with_opendc_power
 
     if len(run_dirs) > 2:
         raise InputError("give one run folder, or two to compare")
@@ -566,10 +558,10 @@ def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
 @clean_errors
 def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
     """Fit the power models of thesis Table 4.1 to nvidia-smi samples and rank them by MAPE."""
+    from archive.smi import read_capture
     from calibrate.power import calibrate_power as fit
     from calibrate.power_report import power_section, write_power_report
     from calibrate.profile import Profile
-    from tracer.smi import read_capture
 
     samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
     result = fit(samples, folds)
@@ -613,7 +605,7 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
 @clean_errors
 def reproduce(experiment, output_folder, scheduler, workers, quick):
     """Reproduce the thesis's experiments (Figures 6.2–6.7, Table 6.9): data, figures, report."""
-    from kavier.reproduce import EXPERIMENTS, RUNNERS
+    from kavier.analysis.reproduce import EXPERIMENTS, RUNNERS
 
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         folder = Path(output_folder) / name
@@ -641,7 +633,7 @@ def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
     (doubling, then bisection over simulations), and its cost per million tokens."""
     from dataclasses import replace
 
-    from kavier.power import PowerModel as _PowerModel
+    from kavier.models.power import PowerModel as _PowerModel
 
     if options["slo_ttft"] is None and options["slo_tpot"] is None:
         raise InputError("give --slo-ttft and/or --slo-tpot", field="slo-ttft")

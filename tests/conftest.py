@@ -1,6 +1,6 @@
 import pytest
 
-from kavier.library import gpu_library, llm_library
+from kavier.models.library import gpu_library, llm_library
 
 
 @pytest.fixture(scope="session")

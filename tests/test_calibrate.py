@@ -15,7 +15,7 @@ from calibrate.fit import (
     thesis_scoring,
 )
 from calibrate.profile import Profile
-from kavier.timing import ThesisTiming
+from kavier.models.timing import ThesisTiming
 
 A10 = "a10-surf-vllm-llama3-8b"
 

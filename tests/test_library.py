@@ -3,7 +3,7 @@ import json
 import pytest
 
 from archive.errors import InputError
-from kavier.library import gpu_library, llm_from_hf_config, llm_library
+from kavier.models.library import gpu_library, llm_from_hf_config, llm_library
 
 LLAMA3_8B_CONFIG = {  # meta-llama/Meta-Llama-3-8B config.json (shapes)
     "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,

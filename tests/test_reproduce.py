@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from nbclient import NotebookClient
 
+from kavier.analysis.reproduce import EXPERIMENTS
 from kavier.cli import main
-from kavier.reproduce import EXPERIMENTS
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

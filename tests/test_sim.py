@@ -13,13 +13,13 @@ from click.testing import CliRunner
 
 import archive
 from kavier.cli import main
-from kavier.power import PowerModel
+from kavier.models.power import PowerModel
+from kavier.models.timing import RooflineTiming, ThesisTiming, TimingParams
 from kavier.sim.config import EngineConfig
 from kavier.sim.kvpool import BlockPool
 from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
 from kavier.sim.simulation import simulate
-from kavier.sustainability import CarbonTrace, Sustainability
-from kavier.timing import RooflineTiming, ThesisTiming, TimingParams
+from kavier.sim.sustainability import CarbonTrace, Sustainability
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from archive.carbon import read_carbon
 from archive.errors import InputError
+from archive.smi import read_capture
 from calibrate.power import calibrate_power
+from kavier.analysis.efficiency import RunTotals, ratios, report
 from kavier.cli import main
-from kavier.efficiency import RunTotals, ratios, report
-from kavier.power import POWER_MODELS, PowerModel
-from tracer.smi import read_capture
+from kavier.models.power import POWER_MODELS, PowerModel
 
 CAPTURE = Path(__file__).parent / "data" / "nvidia-smi-h100-loop100ms.csv"
 

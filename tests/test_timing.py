@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kavier.timing import RooflineTiming, ThesisTiming, TimingParams, sum_max_linear
+from kavier.models.timing import RooflineTiming, ThesisTiming, TimingParams, sum_max_linear
 
 
 def brute_decode(model, n_in, n_out):

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from archive.errors import InputError
+from archive.smi import parse, read_capture
 from tracer.cli import main
-from tracer.smi import parse, read_capture
 
 CAPTURE = Path(__file__).parent / "data" / "nvidia-smi-h100-loop100ms.csv"
 

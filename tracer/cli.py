@@ -9,8 +9,8 @@ import click
 from tqdm import tqdm
 
 from archive.errors import InputError, clean_errors
+from archive.smi import CAPTURE_FIELDS, read_capture, samples_table
 from tracer.collect import POWERS_OF_TWO
-from tracer.smi import CAPTURE_FIELDS, read_capture, samples_table
 
 
 @click.group()

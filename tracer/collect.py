@@ -44,9 +44,9 @@ import pyarrow.parquet as pq
 
 from archive.cards import finish
 from archive.schema import MEASUREMENTS
+from archive.smi import samples_table
 from tracer.client import RequestResult, ServerError, VLLMClient
 from tracer.sampler import NvidiaSmiSampler
-from tracer.smi import samples_table
 
 POWERS_OF_TWO = tuple(2**k for k in range(6, 15))
 """Default sweep sizes: 64 … 16,384 tokens."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import paramiko
 
-from tracer.smi import parse
+from archive.smi import parse
 
 QUERY = ("timestamp", "index", "utilization.gpu", "utilization.memory", "power.draw",
          "memory.used", "clocks.sm", "temperature.gpu")
@@ -145,7 +145,7 @@ class NvidiaSmiSampler:
 
     @property
     def samples(self) -> pd.DataFrame:
-        """All samples so far (see :mod:`tracer.smi` for the columns) plus ``request_id``."""
+        """All samples so far (see :mod:`archive.smi` for the columns) plus ``request_id``."""
         if not self._rows:
             return pd.DataFrame()
         return pd.concat(self._rows, ignore_index=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from archive.errors import InputError
-from kavier.library import GPUSpec, LLMSpec
+from kavier.models.library import GPUSpec, LLMSpec
 
 ROUTERS = ("round-robin", "least-outstanding", "prefix-affinity")
 VLLM_BLOCK_SIZE = 16

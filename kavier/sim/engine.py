@@ -19,15 +19,15 @@ Every replica runs this loop (``vllm/v1/core/sched/scheduler.py``):
   cached prompt blocks; at admission a request reuses the longest cached run of its leading
   prompt blocks (vLLM's automatic prefix caching), also after a preemption.
 
-Time: a step lasts :meth:`~kavier.timing.RooflineTiming.step_costs` of its batch. Requests are
-sent at their trace times (or, back to back, when the previous one finishes); the front end
-(``request_overhead_s``: HTTP, tokenization, streaming) delays each one's arrival at the engine
-and never occupies the GPU.
+Time: a step lasts :meth:`~kavier.models.timing.RooflineTiming.step_costs` of its batch.
+Requests are sent at their trace times (or, back to back, when the previous one finishes); the
+front end (``request_overhead_s``: HTTP, tokenization, streaming) delays each one's arrival at
+the engine and never occupies the GPU.
 
 Speed: once a step holds only decode tokens and nothing can be admitted, the batch stays the
 same until a request finishes, a block runs short, an arrival may be admitted or a client
 times out; that run of steps is computed at once
-(:meth:`~kavier.timing.RooflineTiming.decode_run`) and recorded as one timeline interval.
+(:meth:`~kavier.models.timing.RooflineTiming.decode_run`) and recorded as one timeline interval.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from collections import deque
 
 import numpy as np
 
+from kavier.models.timing import Costs
 from kavier.sim.kvpool import BlockPool
 from kavier.sim.prefix import PrefixCache
 from kavier.sim.routers import Router
-from kavier.stats import QuantileSketch
-from kavier.timing import Costs
+from kavier.sim.stats import QuantileSketch
 
 
 class _Replica:

@@ -4,7 +4,7 @@ With one replica, ``max_num_seqs = 1`` and no client timeout, the scheduler of
 :mod:`kavier.sim.engine` serves requests first come first served, each alone: its prompt in
 one step (or in chunks of ``max_num_batched_tokens`` with chunked prefill), then its decode as
 one run of ``n_out − 1`` steps. Each request's service time then has a closed form
-(:meth:`~kavier.timing.RooflineTiming.request_costs`), and start times follow Lindley's
+(:meth:`~kavier.models.timing.RooflineTiming.request_costs`), and start times follow Lindley's
 recursion ``start_i = max(ready_i, end_{i−1})`` with ``ready_i = arrival_i + O`` (the front
 end), evaluated with cumulative sums; back to back, ``start_i = end_{i−1} + O``. A chunk of a
 million requests is a handful of numpy passes, and the timeline and request record are exactly
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kavier.models.timing import RooflineTiming, ThesisTiming
 from kavier.sim.kvpool import BlockPool
-from kavier.timing import RooflineTiming, ThesisTiming
 
 ITL_BATCH_TOKENS = 4_000_000
 """Decode steps expanded at once for the inter-token-latency sketch (bounds memory)."""

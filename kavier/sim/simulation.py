@@ -13,15 +13,15 @@ import pyarrow as pa
 
 from archive.arrow import column, from_numpy
 from archive.errors import InputError
+from kavier.models.timing import RooflineTiming
 from kavier.sim.config import EngineConfig, kv_pool_blocks, resolve
 from kavier.sim.engine import SteppedEngine
 from kavier.sim.fastpath import FastPath, eligible
 from kavier.sim.prefix import PrefixCache
 from kavier.sim.requests import request_table
+from kavier.sim.stats import QuantileSketch
 from kavier.sim.summary import Summary
 from kavier.sim.timeline import Timeline
-from kavier.stats import QuantileSketch
-from kavier.timing import RooflineTiming
 
 CHUNK_REQUESTS = 1_000_000
 """Requests per chunk on the closed-form path (each chunk is a few numpy passes)."""

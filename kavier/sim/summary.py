@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from archive.arrow import column
-from kavier.stats import QuantileSketch
+from kavier.sim.stats import QuantileSketch
 
 
 class Summary:

@@ -10,7 +10,7 @@ bytes, from which
 * the **utilization the power model sees** (:func:`power_utilization`)
 
 follow. Fragments, the OpenDC export, energy and CO2 are all computed from these rows
-(:mod:`kavier.export`, :mod:`kavier.sustainability`).
+(:mod:`kavier.export`, :mod:`kavier.sim.sustainability`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Timeline:
 
     def add(self, replica: int, start: float, duration: float, n_steps: int, n_seqs: int,
             prefill_tokens: int, decode_tokens: int, kv_blocks: int, costs) -> None:
-        """One interval; ``costs`` a :class:`~kavier.timing.Costs` of floats."""
+        """One interval; ``costs`` a :class:`~kavier.models.timing.Costs` of floats."""
         self._rows.append((replica, start, duration, n_steps, n_seqs, prefill_tokens,
                            decode_tokens, kv_blocks, costs.flops, costs.bytes, costs.compute_s,
                            costs.memory_s))

@@ -1,7 +1,7 @@
 """Utilization → power → energy → CO2 along the GPU timeline (thesis 4.6, eq. 4.7).
 
 The thesis hands this step to OpenDC; here it is computed in the simulator with the same
-models (:mod:`kavier.power`, Table 4.1) and OpenDC's carbon model (FootPrinter, eq. 4.7:
+models (:mod:`kavier.models.power`, Table 4.1) and OpenDC's carbon model (FootPrinter, eq. 4.7:
 emissions = power × carbon intensity at each instant).
 
 * **Power** of a timeline interval is the power model at the interval's utilization
@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from archive.errors import InputError
-from kavier.power import PowerModel
+from kavier.models.power import PowerModel
 from kavier.sim.timeline import power_utilization
 
 J_PER_KWH = 3.6e6

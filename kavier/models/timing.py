@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kavier.library import GPUSpec, LLMSpec
+from kavier.models.library import GPUSpec, LLMSpec
 
 
 @dataclass(frozen=True)

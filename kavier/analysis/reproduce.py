@@ -13,10 +13,10 @@ cache-size Figure 6.7: hit ratio and GPU-hours vs session cache size (2–64 pro
 ========== ============================================================================
 
 The thesis's prefix experiments ran on the aggregated Marconi trace, which is not public. We
-run them on (a) the Marconi-shaped synthetic workload (:mod:`kavier.workloads`) with session
-caches, as the thesis did, and (b) the real Mooncake conversation trace, whose requests carry
-no session, with a global cache of the same sizes. Sweeps run their points in parallel
-(:mod:`kavier.sweep`). ``quick=True`` shrinks every experiment for tests and notebooks.
+run them on (a) the Marconi-shaped synthetic workload (:mod:`kavier.analysis.workloads`) with
+session caches, as the thesis did, and (b) the real Mooncake conversation trace, whose requests
+carry no session, with a global cache of the same sizes. Sweeps run their points in parallel
+(:mod:`kavier.analysis.sweep`). ``quick=True`` shrinks every experiment for tests and notebooks.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import archive  # noqa: E402
 from archive.traces import Workload  # noqa: E402
-from kavier.library import gpu_library, llm_library  # noqa: E402
-from kavier.output import RunWriter, run_folder  # noqa: E402
-from kavier.power import PowerModel  # noqa: E402
-from kavier.run import ExportOptions, RunOutput  # noqa: E402
+from kavier.analysis.sweep import run_points  # noqa: E402
+from kavier.analysis.workloads import marconi_shaped  # noqa: E402
+from kavier.export.output import RunWriter, run_folder  # noqa: E402
+from kavier.export.run import ExportOptions, RunOutput  # noqa: E402
+from kavier.models.library import gpu_library, llm_library  # noqa: E402
+from kavier.models.power import PowerModel  # noqa: E402
+from kavier.models.timing import make_timing  # noqa: E402
 from kavier.sim.config import EngineConfig  # noqa: E402
 from kavier.sim.prefix import PrefixCache, PrefixCacheConfig  # noqa: E402
 from kavier.sim.simulation import simulate  # noqa: E402
-from kavier.sustainability import Sustainability  # noqa: E402
-from kavier.sweep import run_points  # noqa: E402
-from kavier.timing import make_timing  # noqa: E402
-from kavier.workloads import marconi_shaped  # noqa: E402
+from kavier.sim.sustainability import Sustainability  # noqa: E402
 
 EXPERIMENTS = ("accuracy", "speed", "kv-cache", "prefix-length", "cache-size")
 HOURS_PER_YEAR = 24 * 365

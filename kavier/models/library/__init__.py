@@ -210,7 +210,7 @@ class Library:
 
 
 def _bundled(filename: str) -> Path:
-    return Path(str(resources.files("kavier.library") / filename))
+    return Path(str(resources.files("kavier.models.library") / filename))
 
 
 def llm_library(extra: str | Path | None = None) -> Library:

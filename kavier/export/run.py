@@ -3,7 +3,7 @@
 The engine hands on the request record and the GPU timeline chunk by chunk; each chunk is
 written at once (``requests.parquet``, ``steps.parquet``, ``fragments.parquet``,
 ``opendc/``), so memory stays flat however long the trace is. Files are written as
-``.partial`` and renamed when complete (:mod:`kavier.output`); the caller writes
+``.partial`` and renamed when complete (:mod:`kavier.export.output`); the caller writes
 ``summary.json`` last.
 """
 
@@ -16,20 +16,20 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from kavier.fragments import (
+from kavier.export.fragments import (
     FRAGMENT_PARQUET_OPTIONS,
     FragmentBuilder,
     fragment_schema,
     to_batch,
 )
-from kavier.opendc import (
+from kavier.export.opendc import (
     DEFAULT_START,
     FRAGMENTS_SCHEMA,
     TASKS_SCHEMA,
     opendc_fragments,
     opendc_tasks,
 )
-from kavier.output import RunWriter
+from kavier.export.output import RunWriter
 
 OUTPUT_FILES = ("requests.parquet", "steps.parquet", "fragments.parquet",
                 "opendc/tasks.parquet", "opendc/fragments.parquet")

@@ -1,0 +1,1 @@
+"""analysis layer of the Kavier simulator (see docs/architecture.md)."""

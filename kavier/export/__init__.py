@@ -1,0 +1,1 @@
+"""export layer of the Kavier simulator (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""models layer of the Kavier simulator (see docs/architecture.md)."""
