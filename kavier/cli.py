@@ -114,6 +114,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-").removesuffix("-s")
 
 
+def _given(name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _reject_unused(pairs) -> None:
+    """One-line error for the first option given where it would have no effect:
+    ``pairs`` of (parameter name, condition under which it is unused, reason)."""
+    for name, unused, why in pairs:
+        if unused and _given(name):
+            raise InputError(f"{_flag(name)} has no effect {why}", field=_flag(name)[2:])
+
+
 def engine_options(command):
     """Click options for every field of :class:`~kavier.sim.config.EngineConfig`, with its
     default and help text (the dataclass is the one home of both)."""
@@ -141,7 +155,14 @@ def engine_options(command):
 
 
 def _engine_config(options: dict) -> EngineConfig:
-    return EngineConfig(**{f.name: options.pop(f.name) for f in fields(EngineConfig)})
+    config = EngineConfig(**{f.name: options.pop(f.name) for f in fields(EngineConfig)})
+    fixed = config.num_gpu_blocks is not None
+    _reject_unused([
+        ("router", config.replicas == 1, "with one replica"),
+        ("gpu_memory_utilization", fixed, "with --num-gpu-blocks"),
+        ("activation_reserve_gib", fixed, "with --num-gpu-blocks"),
+    ])
+    return config
 
 
 def _power_model(name, idle_w, max_w, shape, section, gpu_spec) -> PowerModel:
@@ -285,6 +306,7 @@ def _common(o: dict):
         o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
         o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
         o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"))
+    _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
     table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
                       o.pop("seed"), config.back_to_back)
     return timing, workload, table, prefix, block, config, profile, (o.pop("slo_ttft"),
@@ -341,6 +363,10 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
 
     trace = options["trace"]
     timing, workload, table, prefix, block, config, profile, slos = _common(options)
+    _reject_unused([("export_rate", not fragments, "with --no-fragments (OpenDC fragments are "
+                     "always run-length)"),
+                    ("start_time", not opendc and not carbon_trace, "without OpenDC export "
+                     "or a carbon trace")])
     try:
         start = datetime.fromisoformat(start_time)
     except ValueError:

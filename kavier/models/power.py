@@ -86,6 +86,9 @@ class PowerModel:
         if not 0 <= self.idle_w <= self.max_w:
             raise InputError(f"need 0 <= idle power <= max power, got {self.idle_w} and "
                              f"{self.max_w} W", field="power-model")
+        if self.shape is not None and self.name not in DEFAULT_SHAPE:
+            raise InputError(f"power model '{self.name}' has no shape parameter (only "
+                             f"{', '.join(DEFAULT_SHAPE)} do)", field="power-shape")
         if self.name in DEFAULT_SHAPE and not self.shape > 0:
             raise InputError(f"shape parameter of '{self.name}' must be > 0, got {self.shape}",
                              field="power-model")

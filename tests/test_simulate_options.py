@@ -1,0 +1,146 @@
+"""Every option of ``kavier simulate`` changes the result or is rejected with one line."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kavier.cli import main, simulate
+
+IGNORED_KEYS = {"created", "profile", "trace", "engine", "rows_written", "params",
+                "start_time", "export_rate_s", "kv_cache"}
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    """Sessions of growing prompts (shared prefixes), arrivals, token ids."""
+    rng = np.random.default_rng(1)
+    rows, t = [], 0.0
+    for turn in range(6):
+        for s in range(8):
+            prompt = list(range(s * 10_000, s * 10_000 + 300 * (turn + 1)))
+            rows.append({"session_id": f"s{s}", "arrival_s": t, "input_tokens": prompt,
+                         "n_input_tokens": len(prompt),
+                         "n_output_tokens": int(rng.integers(20, 200))})
+            t += float(rng.exponential(0.15))
+    path = tmp_path_factory.mktemp("trace") / "sessions.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, trace):
+    d = tmp_path_factory.mktemp("files")
+    runner = CliRunner()
+    assert runner.invoke(main, ["calibrate", "--output-folder", str(d / "cal")]).exit_code == 0
+    capture = "tests/data/nvidia-smi-h100-loop100ms.csv"
+    result = runner.invoke(main, ["calibrate-power", capture, "--output-folder", str(d / "pw")])
+    assert result.exit_code == 0, result.output
+    (d / "llms.toml").write_text(
+        '[Tiny-1B]\nparams = 1_000_000_000\nn_layers = 16\nn_heads = 32\nn_kv_heads = 8\n'
+        'head_dim = 64\nhidden_dim = 2048\nintermediate_dim = 8192\nvocab_size = 32000\n'
+        'bytes_per_param = 2\ntie_word_embeddings = false\nsource = "test"\n')
+    (d / "gpus.toml").write_text(
+        '[Half-A10]\nvendor = "test"\nmemory_gib = 24\nmemory_bandwidth_gbps = 300\n'
+        'fp16_tflops = 62.5\nidle_power_w = 20\nmax_power_w = 150\n'
+        'boost_clock_mhz = 1695\nsource = "test"\n')
+    return {"profile": d / "cal" / "profile.json", "power": d / "pw" / "power_profile.json",
+            "llms": d / "llms.toml", "gpus": d / "gpus.toml"}
+
+
+def outcome(tmp_path, trace, args):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--output-folder",
+                                       str(out), *map(str, args)])
+    if result.exit_code != 0:
+        return result
+    summary = json.loads((out / "summary.json").read_text())
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    frag = (pd.read_parquet(out / "fragments.parquet") if (out / "fragments.parquet").exists()
+            else None)
+    tasks = (pd.read_parquet(out / "opendc" / "tasks.parquet")
+             if (out / "opendc" / "tasks.parquet").exists() else None)
+    return {"summary": {k: v for k, v in summary.items() if k not in IGNORED_KEYS},
+            "files": files, "fragment_rows": None if frag is None else len(frag),
+            "tasks": None if tasks is None else tasks.to_dict("list")}
+
+
+# option -> (arguments that must change the result, arguments that must be rejected)
+CASES = {
+    "llm": (["--llm", "Mistral-7B"], ["--llm", "Llama-2-13B"]),
+    "gpu": (["--gpu", "A100-80GB"], ["--gpu", "Z1"]),
+    "profile_path": (["--profile", "{profile}"], ["--profile", "nope.json"]),
+    "timing_model": (["--timing-model", "thesis", "--max-num-seqs", "1"],
+                     ["--timing-model", "thesis"]),
+    "kv_cache": (["--kv-cache", "off"], ["--kv-cache", "off", "--chunked-prefill"]),
+    "prefix_cache_policy": (["--prefix-cache-policy", "blocks"], None),
+    "prefix_cache_min_tokens": (["--prefix-cache-policy", "prefill",
+                                 "--prefix-cache-min-tokens", "600"],
+                                ["--prefix-cache-min-tokens", "600"]),
+    "max_cached_prompts": (["--prefix-cache-policy", "prefill", "--max-cached-prompts", "1"],
+                           ["--max-cached-prompts", "1"]),
+    "cache_scope": (["--prefix-cache-policy", "prefill", "--cache-scope", "session"],
+                    ["--cache-scope", "session"]),
+    "block_size": (["--block-size", "32"], ["--block-size", "0"]),
+    "rate_scale": (["--rate-scale", "4"], ["--rate-scale", "4", "--back-to-back"]),
+    "poisson_rate": (["--poisson-rate", "20"], ["--poisson-rate", "0"]),
+    "seed": (["--poisson-rate", "20", "--seed", "7"], ["--seed", "7"]),
+    "slo_ttft": (["--slo-ttft", "0.5"], ["--slo-ttft", "-1"]),
+    "slo_tpot": (["--slo-tpot", "0.02"], None),
+    "llm_library": (["--llm-library", "{llms}", "--llm", "Tiny-1B"], ["--llm-library", "x"]),
+    "gpu_library": (["--gpu-library", "{gpus}", "--gpu", "Half-A10"], ["--gpu-library", "x"]),
+    "replicas": (["--replicas", "3"], ["--replicas", "0"]),
+    "router": (["--replicas", "3", "--router", "round-robin"], ["--router", "round-robin"]),
+    "max_num_seqs": (["--max-num-seqs", "2"], ["--max-num-seqs", "0"]),
+    "max_num_batched_tokens": (["--max-num-batched-tokens", "256"], None),
+    "chunked_prefill": (["--max-num-batched-tokens", "256", "--no-chunked-prefill"], None),
+    "num_gpu_blocks": (["--num-gpu-blocks", "300"], ["--num-gpu-blocks", "10"]),
+    "gpu_memory_utilization": (["--gpu-memory-utilization", "0.8"],
+                               ["--gpu-memory-utilization", "0.8", "--num-gpu-blocks", "300"]),
+    "activation_reserve_gib": (["--activation-reserve-gib", "3"],
+                               ["--activation-reserve-gib", "3", "--num-gpu-blocks", "300"]),
+    "request_timeout_s": (["--request-timeout", "1"], ["--request-timeout", "0"]),
+    "back_to_back": (["--back-to-back"], None),
+    "output_folder": None,                   # where everything is written (every case)
+    "export_rate": (["--export-rate", "1"], ["--export-rate", "1", "--no-fragments"]),
+    "fragments": (["--no-fragments"], None),
+    "opendc": (["--no-opendc"], None),
+    "write_steps": (["--steps"], None),
+    "start_time": (["--start-time", "2022-07-01T00:00"], ["--start-time", "noon"]),
+    "power_model": (["--power-model", "sqrt"], None),
+    "idle_power_w": (["--idle-power-w", "40"], ["--idle-power-w", "400"]),
+    "max_power_w": (["--max-power-w", "300"], None),
+    "power_shape": (["--power-model", "mse", "--power-shape", "1.8"], ["--power-shape", "2"]),
+    "power_profile": (["--power-profile", "{power}"], ["--power-profile", "nope.json"]),
+    "carbon_trace": (["--carbon-trace", "NL"], ["--carbon-trace", "XX"]),
+    "pue": (["--pue", "1.3"], ["--pue", "0.9"]),
+    "utilization_cap": (["--utilization-cap", "0.5"], ["--utilization-cap", "0"]),
+    "memory_bound_utilization": (["--memory-bound-utilization", "0.2"],
+                                 ["--memory-bound-utilization", "2"]),
+}
+
+
+def test_every_option_has_a_case():
+    assert {p.name for p in simulate.params} - {"trace"} == set(CASES)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, trace):
+    return outcome(tmp_path_factory.mktemp("base"), trace, [])
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c])
+def test_option_changes_the_result_or_is_rejected(name, tmp_path, trace, files, baseline):
+    changes, rejected = CASES[name]
+    args = [a.format(**files) for a in changes]
+    got = outcome(tmp_path, trace, args)
+    assert isinstance(got, dict), got.output
+    assert got != baseline, f"{args} changed nothing"
+    if rejected is not None:
+        bad = outcome(tmp_path, trace, [a.format(**files) for a in rejected])
+        assert not isinstance(bad, dict), f"{rejected} was accepted"
+        assert bad.exit_code == 2 and "Traceback" not in bad.output
+        last = bad.output.strip().splitlines()[-1]      # ours: one line; click's: usage first
+        assert last.lower().startswith("error:"), bad.output
