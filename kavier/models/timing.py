@@ -378,7 +378,7 @@ class RooflineTiming(_TimingBase):
         return (self.params.batch_step_overhead_s
                 + (n_seqs - 1) * self.params.batch_seq_overhead_s)
 
-    def decode_run(self, context: np.ndarray, n_steps: int) -> tuple[np.ndarray, Costs]:
+    def decode_run(self, context: np.ndarray, n_steps: int) -> Costs:
         """``n_steps`` consecutive pure-decode steps of one batch.
 
         ``context[i]`` is the number of tokens sequence ``i`` has computed before the run
@@ -389,10 +389,9 @@ class RooflineTiming(_TimingBase):
 
         Returns
         -------
-        durations : ndarray, shape (n_steps,)
-            Each step's duration, s.
-        totals : Costs
-            Sums over the run.
+        Costs
+            Of each step, arrays of shape ``(n_steps,)``; a run cut short after ``k`` steps
+            costs the sums of the first ``k``.
         """
         c = _as_array(context)
         n = c.size
@@ -413,10 +412,9 @@ class RooflineTiming(_TimingBase):
         memory = self.floor_s() + kv / self._bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
                      + self._batch_overhead_s(n))
-        totals = Costs(float(durations.sum()), float((matmul + attention).sum()),
-                       float(n_steps * self.llm.weight_bytes + kv.sum()),
-                       float(compute.sum()), float(memory.sum()))
-        return durations, totals
+        return Costs(durations, np.broadcast_to(matmul + attention, durations.shape),
+                     self.llm.weight_bytes + kv, np.broadcast_to(compute, durations.shape),
+                     memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after

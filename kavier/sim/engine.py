@@ -366,9 +366,8 @@ class SteppedEngine:
         new = np.array([b[1] for b in batch], np.int64)
         decoding = np.array([b[2] for b in batch])
         if decoding.all():
-            durations, k = self._decode_run(replica, ids, now)
-            replica.step = [now, durations, ids, new, decoding, None,
-                            self.computed[ids].copy()]
+            durations, run_costs = self._decode_run(replica, ids, now)
+            replica.step = [now, durations, ids, new, decoding, None, run_costs]
         else:
             self._allocate(replica, ids, new)
             if self.kv:
@@ -395,14 +394,15 @@ class SteppedEngine:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if blocks_for(mid) <= replica.pool.free else (lo, mid - 1)
             k = lo
-        durations, _ = self.timing.decode_run(self.computed[ids], k)
+        run_costs = self.timing.decode_run(self.computed[ids], k)
+        durations = run_costs.duration_s
         deadline = float(self.deadline[ids].min())
         if deadline < np.inf and k > 1:         # stop at the first boundary past a timeout
             ends = now + np.cumsum(durations)
             k = min(int(np.searchsorted(ends, deadline)) + 1, k)
             durations = durations[:k]
         self._allocate(replica, ids, k)
-        return durations, k
+        return durations, run_costs
 
     def _interrupt(self, replica: _Replica, at: float) -> None:
         """End a decode run at the first step boundary at or after ``at``."""
@@ -417,12 +417,11 @@ class SteppedEngine:
             self._allocate(replica, ids, keep)
 
     def _finish_step(self, replica: _Replica) -> None:
-        now, durations, ids, new, decoding, costs, context = replica.step
+        now, durations, ids, new, decoding, costs, run_costs = replica.step
         k = durations.size
         end = now + float(durations.sum())
-        if costs is None:                         # a decode run of k steps
-            costs = self.timing.decode_run(context, k)[1]
-            costs = Costs(end - now, *costs[1:])
+        if costs is None:                         # a decode run: the first k of its steps
+            costs = Costs(end - now, *(float(a[:k].sum()) for a in run_costs[1:]))
         self.timeline.add(replica.index, now, end - now, k, ids.size,
                           int(new[~decoding].sum()), int(k * decoding.sum()),
                           replica.pool.used, costs)
