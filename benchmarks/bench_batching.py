@@ -1,42 +1,42 @@
-"""Speed of continuous-batching simulation (issue "Serving under load").
+"""Serving results (not speed) the batched engine gives on the bundled traces.
 
-Prints, for the Azure 2023 conversation trace (19,366 requests, one hour) on 1, 2, 4 and 8
-A100-80GB replicas (Llama-3-8B, roofline defaults, least-outstanding router), and for the
-Mooncake conversation trace (12,031 requests) on 4 A100s with vLLM-style prefix caching
-(blocks, pool-sized capacity): wall seconds of the simulation (after loading), p99 TTFT, p99
-TPOT and preemptions. Run: ``python benchmarks/bench_batching.py``.
+Prints, for the Azure 2023 conversation trace on 1, 2, 4 and 8 A100-80GB replicas and the
+Mooncake conversation trace on 4 A100-80GB with vLLM-style prefix caching (``blocks``, in each
+replica's KV pool): p99 TTFT, p99 TPOT, preemptions, prefix-cache hit rate (tokens), MFU, MBU
+and GPU energy. Run: ``python benchmarks/bench_batching.py``.
 """
 
 import time
 
-import numpy as np
-from kavier.batching import BatchingConfig, BatchSimulator
-from kavier.cache import PrefixCache, PrefixCacheConfig, kv_pool_blocks
-
 import archive
 from kavier.models.library import gpu_library, llm_library
+from kavier.models.power import PowerModel
 from kavier.models.timing import make_timing
+from kavier.sim.config import EngineConfig
+from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
+from kavier.sim.simulation import simulate
+from kavier.sim.sustainability import Sustainability
 
 
-def run(label, requests, config, cache=None):
+def run(label, table, config, block=16, prefix=None):
     timing = make_timing("roofline", llm_library().get("Llama-3-8B"),
                          gpu_library().get("A100-80GB"))
+    sus = Sustainability(PowerModel("linear", timing.gpu.idle_power_w, timing.gpu.max_power_w))
     start = time.perf_counter()
-    r, s = BatchSimulator(timing, config, cache).run(requests, np.arange(len(requests)))
+    s = simulate(table, timing, config, block, prefix, sus, lambda t: None, lambda b, p: None)
     wall = time.perf_counter() - start
-    print(f"{label:<44} {wall:>7.2f} s   p99 TTFT {s['p99_ttft_s']:>9.3f} s   p99 TPOT "
-          f"{s['p99_tpot_s']:.4f} s   preemptions {s['preemptions']:,}", flush=True)
+    hit = s["prefix_cache"]["hit_rate_tokens"] if s["prefix_cache"] else 0.0
+    print(f"{label:<40} {wall:>6.1f} s  p99 TTFT {s['p99_ttft_s']:>8.3f} s  p99 TPOT "
+          f"{s['p99_tpot_s']:.4f} s  preemptions {s['preemptions']:>6,}  hit {hit:.3f}  "
+          f"MFU {s['mfu']:.3f}  MBU {s['mbu']:.3f}  "
+          f"{s['sustainability']['energy_gpu_wh'] / 1000:.2f} kWh", flush=True)
 
 
 if __name__ == "__main__":
-    llm, gpu = llm_library().get("Llama-3-8B"), gpu_library().get("A100-80GB")
-    pool = kv_pool_blocks(llm, gpu, 16)
-    azure = archive.read_workload("azure-llm-inference-2023-conv")
+    azure = archive.read_trace("azure-llm-inference-2023-conv").table
     for n in (1, 2, 4, 8):
-        run(f"azure conv, {n} × A100-80GB", azure, BatchingConfig(replicas=n, pool_blocks=pool,
-                                                                 router="least-outstanding"))
+        run(f"azure conv, {n} × A100-80GB", azure, EngineConfig(replicas=n))
     mooncake = archive.read_trace("mooncake-fast25-conversation")
-    cache = PrefixCache(PrefixCacheConfig("blocks", capacity_blocks=kv_pool_blocks(
-        llm, gpu, 512)), mooncake.content)
-    run("mooncake conv + prefix cache, 4 × A100-80GB", mooncake.requests,
-        BatchingConfig(replicas=4, pool_blocks=pool), cache)
+    cache = PrefixCache(PrefixCacheConfig("blocks"), mooncake.content)
+    run("mooncake conv + blocks, 4 × A100-80GB", mooncake.table, EngineConfig(replicas=4),
+        cache.block_size, cache)

@@ -6,8 +6,10 @@ Parquet, then runs, ``--rounds`` times and interleaved, each as a fresh process 
 launch to exit:
 
 * the prototype: ``kavier inference --llm Llama-3-8B --gpu A10 --trace CSV --export_rate R``;
-* ``kavier simulate --trace CSV --export-rate R`` (the same file);
-* ``kavier simulate --trace PARQUET --export-rate R``.
+* ``kavier simulate --trace CSV --export-rate R`` (the same file) in the prototype's mode:
+  ``--timing-model thesis --max-num-seqs 1 --back-to-back`` (one request at a time, the
+  engine's closed-form path);
+* the same with ``--trace PARQUET``.
 
 ``sync`` runs before every timed command, so that none pays for writing back the previous one's
 output. Prints each run's wall time and peak RSS, the medians, and the prototype's median over
@@ -30,11 +32,16 @@ from pathlib import Path
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from kavier import workloads
+from kavier.analysis import workloads
 
 PROTOTYPE_COLUMNS = {"session_id": "session_id", "turn_id": "turn_id", "arrival_s": "ts",
                      "n_input_tokens": "num_input_tokens",
                      "n_output_tokens": "num_output_tokens"}
+
+
+THESIS_MODE = ["--timing-model", "thesis", "--max-num-seqs", "1", "--back-to-back",
+               "--num-gpu-blocks", "1000000000"]
+"""The prototype's mode: thesis timing, one request at a time, back to back, KV not limiting."""
 
 
 def write_traces(folder: Path) -> tuple[Path, Path]:
@@ -76,9 +83,9 @@ def main() -> None:
                                 "A10", "--trace", str(csv), "--output_folder", out,
                                 "--export_rate", args.export_rate],
             "kavier simulate (CSV)": [ours, "simulate", "--trace", str(csv), "--export-rate",
-                                      args.export_rate, "--output-folder", out],
+                                      args.export_rate, "--output-folder", out, *THESIS_MODE],
             "kavier simulate (Parquet)": [ours, "simulate", "--trace", str(parquet),
-                                          "--export-rate", args.export_rate,
+                                          "--export-rate", args.export_rate, *THESIS_MODE,
                                           "--output-folder", out],
         }
         walls: dict[str, list[float]] = {name: [] for name in commands}

@@ -210,15 +210,15 @@ class ThesisTiming(_TimingBase):
                        steps * compute, steps * memory)
         return prefill, decode
 
-    def decode_step_durations(self, n_in, n_out) -> np.ndarray:
-        """Inter-token latencies of requests alone on the GPU, flattened: eq. 4.3 has no
-        per-step detail, so each request's ``n_out − 1`` gaps are its mean
+    def inter_token_latencies(self, n_in, n_out) -> tuple[np.ndarray, np.ndarray]:
+        """Inter-token latencies of requests alone on the GPU as (values, counts): eq. 4.3
+        has no per-step detail, so each request's ``n_out − 1`` gaps are its mean
         ``decode_s / (n_out − 1)``, s."""
         n_out = np.asarray(n_out, np.int64)
         m = np.maximum(n_out - 1, 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(m > 0, self.decode_s(n_in, n_out) / m, 0.0)
-        return np.repeat(mean, m)
+        return mean, m
 
     def time_per_token_s(self) -> float:
         """``T_t = max(C, M)`` of eq. 4.5 and 4.6, s."""
@@ -439,10 +439,10 @@ class RooflineTiming(_TimingBase):
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
                      m * self.llm.weight_bytes + kv, compute, memory)
 
-    def decode_step_durations(self, n_in, n_out) -> np.ndarray:
+    def inter_token_latencies(self, n_in, n_out) -> tuple[np.ndarray, np.ndarray]:
         """Every decode step's duration, request after request (``n_out − 1`` each, at
-        context ``n_in + k``), flattened: the inter-token latencies of requests alone on the
-        GPU, s."""
+        context ``n_in + k``), flattened — the inter-token latencies of requests alone on the
+        GPU, s — and their counts (all 1)."""
         n_in, n_out = np.asarray(n_in, np.int64), np.asarray(n_out, np.int64)
         m = np.maximum(n_out - 1, 0)
         first = np.cumsum(m) - m
@@ -455,7 +455,8 @@ class RooflineTiming(_TimingBase):
             compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
                 self._attention_flops_per_s)
         memory = self.floor_s() + kvb * c / self._bytes_per_s
-        return np.maximum(compute, memory) + self.params.token_overhead_s
+        durations = np.maximum(compute, memory) + self.params.token_overhead_s
+        return durations, np.ones(durations.size, np.int64)
 
     def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
         """Prefill (one pass over ``n_in − n_cached`` tokens after ``n_cached``) and decode

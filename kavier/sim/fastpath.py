@@ -187,7 +187,8 @@ class FastPath:
                                                          ITL_BATCH_TOKENS))
         for part in np.split(np.arange(n_in.size), bounds + 1):
             if part.size:
-                self.itl.add(self.timing.decode_step_durations(n_in[part], n_out[part]))
+                self.itl.add_weighted(*self.timing.inter_token_latencies(n_in[part],
+                                                                         n_out[part]))
 
 
 def eligible(timing, config) -> bool:

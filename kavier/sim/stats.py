@@ -64,6 +64,23 @@ class QuantileSketch:
         if self._pending_size >= 65_536:
             self._flush()
 
+    def add_weighted(self, values: np.ndarray, weights: np.ndarray) -> None:
+        """Add ``values[i]`` ``weights[i]`` times each (integer weights >= 0; NaNs skipped)."""
+        values = np.asarray(values, np.float64).ravel()
+        weights = np.asarray(weights, np.int64).ravel()
+        keep = ~np.isnan(values) & (weights > 0)
+        values, weights = values[keep], weights[keep]
+        if not values.size:
+            return
+        self._min = min(self._min, float(values.min()))
+        self._max = max(self._max, float(values.max()))
+        positive = values > 0
+        self._zeros += int(weights[~positive].sum())
+        index = np.ceil(np.log(np.clip(values[positive], self._lo, self._hi) / self._lo)
+                        / self._log_gamma).astype(np.int64)
+        self._counts += np.bincount(index, weights[positive],
+                                    minlength=self._counts.size).astype(np.int64)
+
     def _flush(self) -> None:
         for weight in {w for _, w in self._pending}:
             values = np.concatenate([v for v, w in self._pending if w == weight])
