@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 import archive
+from archive.arrow import to_numpy
 from archive.errors import InputError, clean_errors
 from archive.provenance import toolkit_version
 from archive.smi import CAPTURE_FIELDS
@@ -675,9 +676,9 @@ def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
         ttft, tpot = [], []
 
         def keep(t):
-            ok = np.asarray(t.column("status").combine_chunks().indices) == 0
-            ttft.append(t.column("ttft_s").to_numpy()[ok])
-            tpot.append(t.column("tpot_s").to_numpy(zero_copy_only=False)[ok])
+            ok = to_numpy(t.column("status").combine_chunks().indices) == 0
+            ttft.append(to_numpy(t.column("ttft_s"))[ok])
+            tpot.append(to_numpy(t.column("tpot_s"), np.float64)[ok])
 
         cache = None if prefix is None else PrefixCache(prefix.config, prefix.content,
                                                         workload.session_ids())

@@ -21,6 +21,8 @@ not grow with the run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 
@@ -57,6 +59,10 @@ def fragment_schema(with_co2: bool) -> pa.Schema:
     return pa.schema(list(FRAGMENT_SCHEMA) + ([CO2_FIELD] if with_co2 else []))
 
 
+MAX_ROWS = 524_288
+"""Fragment rows produced at once at most (bounds memory whatever the run's length)."""
+
+
 class FragmentBuilder:
     """Turns one replica's timeline, batch by batch, into fragment rows.
 
@@ -79,18 +85,21 @@ class FragmentBuilder:
         self.cum_emitted = np.zeros(3)     # cumulative values at the last grid point
         self.kv_last = 0
 
-    def add(self, start, duration, utilization, power_w, kv_bytes) -> dict | None:
-        """Intervals of this replica (time-ordered, after the previous ones); returns the
-        rows they complete (columns of :func:`fragment_schema`) or None."""
+    def add(self, start, duration, utilization, power_w, kv_bytes) -> Iterator[dict]:
+        """Intervals of this replica (time-ordered, after the previous ones); yields the
+        rows they complete, in pieces of at most :data:`MAX_ROWS` (columns of
+        :func:`fragment_schema`). Consume it before the next call."""
         return self._rows(*self._segments(start, duration, utilization, power_w, kv_bytes))
 
-    def finish(self, end_s: float) -> dict | None:
+    def finish(self, end_s: float) -> Iterator[dict]:
         """Idle to ``end_s`` (the end of the run) and the last, possibly shorter, row."""
-        empty = np.zeros(0)
-        seg = self._segments(np.array([end_s]), np.zeros(1), np.zeros(1), np.zeros(1),
-                             np.zeros(1, np.int64)) if end_s > self.t else (
-            empty, empty, empty, empty, empty, np.zeros(0, np.int64))
-        return self._rows(*seg, final=True)
+        one = np.ones(1)
+        if end_s > self.t:
+            segments = self._segments(np.array([end_s]), 0 * one, 0 * one, 0 * one,
+                                      np.zeros(1, np.int64))
+        else:
+            segments = self._segments(*(np.zeros(0),) * 4, np.zeros(0, np.int64))
+        return self._rows(*segments, final=True)
 
     def _segments(self, start, duration, utilization, power_w, kv_bytes):
         """Idle gaps and intervals as contiguous segments from ``self.t``."""
@@ -108,54 +117,93 @@ class FragmentBuilder:
         kv = np.zeros(2 * n, np.int64)
         kv[1::2] = kv_bytes
         keep = seg_len > 0
-        return seg_start[keep], seg_len[keep], util[keep], power[keep], kv[keep], keep
+        return seg_start[keep], seg_len[keep], util[keep], power[keep], kv[keep]
 
     def _co2(self, power, t0, t1):
         if self.sus.carbon is None:
             return np.zeros(np.shape(t0))
         return self.sus.co2_g(power, t0, t1)
 
-    def _rows(self, s0, length, util, power, kv, _keep=None, final: bool = False):
-        seg_cum = np.stack([util * length, power * length, self._co2(power, s0, s0 + length)])
-        cum_end = self.cum[:, None] + np.cumsum(seg_cum, axis=1)
+    def _rows(self, s0, length, util, power, kv, final: bool = False) -> Iterator[dict]:
+        totals = [util * length, power * length, self._co2(power, s0, s0 + length)]
         if self.rate == 0:
-            rows = None if not s0.size else self._table(s0, length, seg_cum, kv)
+            rows = (self._table(s0[w], length[w], [x[w] for x in totals], kv[w])
+                    for w in _windows(s0.size))
         else:
-            rows = self._grid(s0, length, util, power, kv, cum_end, final)
+            rows = self._grid(s0, length, util, power, kv, totals, final)
+        yield from rows
         if s0.size:
             self.t = float(s0[-1] + length[-1])
-            self.cum = cum_end[:, -1].copy()
+            self.cum = self.cum + np.array([float(x.sum()) for x in totals])
             self.kv_last = int(kv[-1])
-        return rows
 
-    def _grid(self, s0, length, util, power, kv, cum_end, final):
+    def _grid(self, s0, length, util, power, kv, totals, final) -> Iterator[dict]:
+        """Rows of the regular grid that end within the segments (all of them at the end)."""
         rate = self.rate
         t_end = float(s0[-1] + length[-1]) if s0.size else self.t
         last = int(np.floor(t_end / rate + 1e-9))
         if final and t_end > last * rate * (1 + 1e-12):
             last += 1
-        if last <= self.emitted:
-            return None
-        grid = np.minimum(np.arange(self.emitted + 1, last + 1) * rate, t_end)
-        if not s0.size:
-            values = np.repeat(self.cum[:, None], grid.size, axis=1)
-            kv_at = np.full(grid.size, self.kv_last, np.int64)
-        else:
-            j = np.clip(np.searchsorted(s0, grid, side="left") - 1, 0, s0.size - 1)
-            before = np.concatenate((self.cum[:, None], cum_end[:, :-1]), axis=1)[:, j]
-            into = np.clip(grid - s0[j], 0.0, length[j])
-            values = before + np.stack([util[j] * into, power[j] * into,
-                                        self._co2(power[j], s0[j], s0[j] + into)])
-            kv_at = kv[j]
-        previous = np.concatenate((self.cum_emitted[:, None], values[:, :-1]), axis=1)
-        starts = np.concatenate(([self.emitted * rate], grid[:-1]))
-        self.emitted, self.cum_emitted = last, values[:, -1].copy()
-        return self._table(starts, grid - starts, values - previous, kv_at)
+        # cumulative utilization-s, J and g at each segment's start
+        at_start = [c + np.concatenate(([0.0], np.cumsum(x)[:-1])) for c, x in
+                    zip(self.cum, totals, strict=True)]
+        rates = [util, power]
+        carbon = self.sus.carbon is not None
 
-    def _table(self, time_s, duration, totals, kv) -> dict:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            util = np.where(duration > 0, totals[0] / duration, 0.0)
-            power = np.where(duration > 0, totals[1] / duration, self.sus.idle_w())
+        def cumulative(q: int, i: np.ndarray, g: np.ndarray) -> np.ndarray:
+            """Quantity ``q`` accumulated up to time ``g`` inside segments ``i``."""
+            if q == 2:
+                return at_start[2][i] + self._co2(power[i], s0[i], g)
+            return at_start[q][i] + rates[q][i] * (g - s0[i])
+
+        for w in _windows(last - self.emitted):
+            k = np.arange(self.emitted + w.start + 1, self.emitted + w.stop + 1)
+            grid = np.minimum(k * rate, t_end)
+            starts = np.concatenate(([(k[0] - 1) * rate], grid[:-1]))
+            duration = grid - starts
+            if not s0.size:          # the rest of a row the previous intervals began
+                values = [np.full(grid.size, c) for c in self.cum]
+                deltas = [_deltas(v, e) for v, e in zip(values, self.cum_emitted, strict=True)]
+                self.cum_emitted = self.cum.copy()
+                yield self._table(starts, duration, deltas,
+                                  np.full(grid.size, self.kv_last, np.int64))
+                continue
+            # segment of each grid point: grid points are sorted, so count them per segment
+            # (a search per segment of this window, not per point)
+            lo, hi = np.searchsorted(s0, [grid[0], grid[-1]], side="right")
+            lo, hi = max(int(lo) - 1, 0), max(int(hi), 1)
+            first = np.searchsorted(grid, s0[lo:hi], side="right")
+            j = lo + np.repeat(np.arange(hi - lo), np.diff(np.append(first, grid.size)))
+            j = np.concatenate((np.full(int(first[0]), lo, np.int64), j))
+            # a row inside one segment has its rates; a row across a boundary (or the first,
+            # which may start in the previous batch) gets the exact difference
+            mean = [util[j], power[j]]
+            cross = np.flatnonzero(np.concatenate(([True], j[1:] != j[:-1])))
+            ends = [cumulative(q, j[cross], grid[cross]) for q in range(2 + carbon)]
+            before = [cumulative(q, j[cross - 1], starts[cross]) for q in range(2 + carbon)]
+            for q in range(2 + carbon):
+                before[q][0] = self.cum_emitted[q] if cross[0] == 0 else before[q][0]
+            for q in range(2):
+                mean[q][cross] = (ends[q] - before[q]) / duration[cross]
+            co2 = None
+            if carbon:
+                at_grid = cumulative(2, j, grid)
+                co2 = _deltas(at_grid, self.cum_emitted[2])
+            self.cum_emitted = np.array([float(cumulative(q, j[-1:], grid[-1:])[0])
+                                         for q in range(2 + carbon)] + [0.0] * (1 - carbon))
+            yield self._table(starts, duration, [mean[0] * duration, mean[1] * duration, co2],
+                              kv[j], mean)
+        self.emitted = max(self.emitted, last)
+
+    def _table(self, time_s, duration, totals, kv, mean=None) -> dict:
+        """Rows from their totals (utilization-s, J, g), or with ``mean`` utilization and
+        power already known."""
+        if mean is not None:
+            util, power = mean
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                util = totals[0] / duration
+                power = totals[1] / duration
         out = {"replica": np.full(time_s.size, self.replica, np.int64), "time_s": time_s,
                "duration_s": duration, "gpu_utilization": util,
                "kv_cache_bytes": np.asarray(kv, np.int64), "power_w": power,
@@ -163,6 +211,18 @@ class FragmentBuilder:
         if self.sus.carbon is not None:
             out["co2_g"] = totals[2]
         return out
+
+
+def _deltas(values: np.ndarray, before: float) -> np.ndarray:
+    """Differences of consecutive cumulative values, the first against ``before``."""
+    out = np.empty_like(values)
+    out[0] = values[0] - before
+    np.subtract(values[1:], values[:-1], out=out[1:])
+    return out
+
+
+def _windows(n: int) -> list[slice]:
+    return [slice(i, min(i + MAX_ROWS, n)) for i in range(0, max(n, 0), MAX_ROWS)]
 
 
 def to_batch(rows: dict, schema: pa.Schema) -> pa.RecordBatch:

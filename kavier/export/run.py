@@ -9,6 +9,8 @@ written at once (``requests.parquet``, ``steps.parquet``, ``fragments.parquet``,
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +18,7 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
+from archive.arrow import to_numpy
 from kavier.export.fragments import (
     FRAGMENT_PARQUET_OPTIONS,
     FragmentBuilder,
@@ -86,6 +89,7 @@ class RunOutput:
         self.rows = {}
         self._stack = ExitStack()
         self._writers = {}
+        self._threads = {}
         self._fragments = ([FragmentBuilder(r, options.export_rate_s, sustainability)
                             for r in range(replicas)] if options.fragments else None)
         self._opendc = ([FragmentBuilder(r, 0.0, sustainability) for r in range(replicas)]
@@ -96,18 +100,19 @@ class RunOutput:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self._stack.__exit__(*exc)          # on an error, no file gets its final name
 
     def _write(self, name: str, data, schema: pa.Schema, **options) -> None:
+        """Queue ``data`` for ``name``'s writer thread (pyarrow encodes without the GIL, so
+        numpy builds the next rows meanwhile)."""
         if name not in self._writers:
             self._writers[name] = self._stack.enter_context(
                 self.out.parquet(name, schema, **options))
+            self._threads[name] = self._stack.enter_context(_Background())
             self.rows[name] = 0
         writer = self._writers[name]
-        if isinstance(data, pa.Table):
-            writer.write_table(data)
-        else:
-            writer.write_batch(data)
+        write = writer.write_table if isinstance(data, pa.Table) else writer.write_batch
+        self._threads[name].submit(write, data)
         self.rows[name] += data.num_rows
 
     def requests(self, table: pa.Table) -> None:
@@ -120,7 +125,7 @@ class RunOutput:
             self._write("steps.parquet", batch, batch.schema, **_PLAIN)
         if self._fragments is None and self._opendc is None:
             return
-        get = {n: np.asarray(batch.column(n)) for n in ("replica", "start_s", "duration_s",
+        get = {n: to_numpy(batch.column(n)) for n in ("replica", "start_s", "duration_s",
                                                          "kv_cache_bytes")}
         for r in np.unique(get["replica"]).tolist():
             mine = get["replica"] == r
@@ -130,13 +135,11 @@ class RunOutput:
 
     def _emit(self, r: int, call) -> None:
         if self._fragments is not None:
-            rows = call(self._fragments[r])
-            if rows is not None:
+            for rows in call(self._fragments[r]):
                 self._write("fragments.parquet", to_batch(rows, self._fragment_schema),
                             self._fragment_schema, **FRAGMENT_PARQUET_OPTIONS)
         if self._opendc is not None:
-            rows = call(self._opendc[r])
-            if rows is not None:
+            for rows in call(self._opendc[r]):
                 self._write("opendc/fragments.parquet", opendc_fragments(rows, self.gpu_mhz),
                             FRAGMENTS_SCHEMA)
 
@@ -151,3 +154,29 @@ class RunOutput:
         self._stack.close()
         return dict(self.rows)
 
+
+
+class _Background:
+    """Runs one file's writes on a thread of its own, in order, at most ``depth`` waiting;
+    errors surface on the next submit or on exit."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def submit(self, write, *args) -> None:
+        """Queue ``write(*args)``; waits while ``depth`` writes are pending."""
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(write, *args))
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from archive.arrow import column
+from archive.arrow import column, to_numpy
 from kavier.sim.stats import QuantileSketch
 
 
@@ -46,7 +46,7 @@ class Summary:
         if not t.num_rows:
             return
         c = self.counts
-        failed = np.asarray(t.column("status").combine_chunks().indices) == 1
+        failed = to_numpy(t.column("status").combine_chunks().indices) == 1
         ok = ~failed
         n_in = column(t, "n_input_tokens", np.int64)
         n_out = column(t, "n_output_tokens", np.int64)
@@ -78,7 +78,7 @@ class Summary:
     def add_steps(self, b: pa.RecordBatch) -> dict[str, np.ndarray]:
         """Add timeline intervals (:data:`~kavier.sim.timeline.STEP_COLUMNS`); returns their
         power (:meth:`Sustainability.intervals`) for the writers."""
-        get = {name: np.asarray(b.column(name)) for name in b.schema.names}
+        get = {name: to_numpy(b.column(name)) for name in b.schema.names}
         duration = get["duration_s"]
         self.busy_s += np.bincount(get["replica"], duration, minlength=self.replicas)
         pre, dec = get["prefill_tokens"], get["decode_tokens"]
