@@ -6,9 +6,47 @@
 >>> df = archive.load("a10-surf-vllm-llama3-8b")   # doctest: +SKIP
 """
 
-from archive.datasets import dataset_dir, info, list_datasets, load
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from archive.datasets import dataset_dir, info, list_datasets, resolve
 from archive.errors import InputError
 from archive.traces import read_trace, read_workload
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def load(name: str) -> pd.DataFrame:
+    """Load the main table of a bundled dataset (or dataset folder, or file) as a DataFrame.
+
+    Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns, workload datasets
+    the :data:`archive.schema.WORKLOAD` columns, carbon datasets ``timestamp`` and
+    ``carbon_intensity`` (its first country; see :func:`archive.carbon.read_carbon`).
+
+    Raises
+    ------
+    InputError
+        For an unknown name or an unreadable table.
+    """
+    import pyarrow as pa
+
+    path = resolve(name)
+    kind = info(name)["kind"] if name in list_datasets() else "measurements"
+    if kind == "carbon":
+        from archive.carbon import read_carbon
+
+        return read_carbon(path)
+    if kind != "measurements":
+        return read_workload(path)
+    import pandas as pd  # here: ``import archive`` must not cost pandas' import
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read measurements: {str(exc).splitlines()[0]}",
+                         path=path) from None
+
 __all__ = ["InputError", "dataset_dir", "info", "list_datasets", "load", "read_trace",
-           "read_workload"]
+           "read_workload", "resolve"]

@@ -27,17 +27,10 @@ def carbon_countries() -> list[str]:
 
 
 def _path(source: str | Path) -> Path:
-    from archive.datasets import dataset_dir, folder_main_table
+    from archive.datasets import dataset_dir, resolve
 
-    if str(source).upper() in carbon_countries() and not Path(source).exists():
-        return dataset_dir(CARBON_DATASET) / f"{str(source).upper()}.parquet"
-    path = Path(source)
-    if folder_main_table(path) is not None:
-        return folder_main_table(path)
-    if not path.exists():
-        raise InputError(f"no such file or bundled carbon trace (countries: "
-                         f"{', '.join(carbon_countries())})", path=source)
-    return path
+    countries = {c: dataset_dir(CARBON_DATASET) / f"{c}.parquet" for c in carbon_countries()}
+    return resolve(source, countries, "countries")
 
 
 def read_carbon(source: str | Path) -> pd.DataFrame:

@@ -56,26 +56,33 @@ def info(name: str) -> dict:
     return json.loads((dataset_dir(name) / "dataset.json").read_text())
 
 
-def load(name: str) -> pd.DataFrame:
-    """Load the main table of a bundled dataset as a DataFrame.
+def resolve(source: str | Path, aliases: dict[str, Path] | None = None,
+            alias_kind: str = "aliases") -> Path:
+    """The one resolver of dataset names and paths: the file behind ``source``.
 
-    Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns, workload datasets
-    the :data:`archive.schema.WORKLOAD` columns, carbon datasets ``timestamp`` and
-    ``carbon_intensity`` (its first country; see :func:`archive.carbon.read_carbon`).
+    In order: a name in ``aliases`` (e.g. carbon-trace country codes) that is not an existing
+    path; a dataset folder (its ``dataset.json``'s main table); an existing file; a bundled
+    dataset's name (its main table).
+
+    Raises
+    ------
+    InputError
+        When ``source`` is none of these (the message lists the bundled datasets, and the
+        aliases, called ``alias_kind``, when there are any).
     """
-    meta = info(name)
-    path = dataset_dir(name) / meta["main_table"]
-    if meta["kind"] == "measurements":
-        import pandas as pd  # here: ``import archive`` must not cost pandas' import
-
-        return pd.read_parquet(path)
-    if meta["kind"] == "carbon":
-        from archive.carbon import read_carbon
-
-        return read_carbon(path)
-    from archive.traces import read_workload
-
-    return read_workload(path)
+    path = Path(source)
+    if aliases and str(source).upper() in aliases and not path.exists():
+        return aliases[str(source).upper()]
+    if (main := folder_main_table(path)) is not None:
+        return main
+    if path.exists():
+        return path
+    if str(source) in list_datasets():
+        return dataset_dir(str(source)) / info(str(source))["main_table"]
+    known = f"datasets: {', '.join(list_datasets())}"
+    if aliases:
+        known += f"; {alias_kind}: {', '.join(sorted(aliases))}"
+    raise InputError(f"no such file or bundled dataset ({known})", path=source)
 
 
 def content_sha256(df: pd.DataFrame) -> str:

@@ -354,29 +354,6 @@ def _check_lengths(n_in: np.ndarray, content: PromptContent, path: Path, first_l
                          row=i + first_line, field=column)
 
 
-def resolve(source: str | Path) -> Path:
-    """The file behind ``source``: an existing file, a dataset folder (its main table), or a
-    bundled workload dataset's main table.
-
-    Raises
-    ------
-    InputError
-        When ``source`` is neither.
-    """
-    from archive.datasets import dataset_dir, folder_main_table, info, list_datasets
-
-    path = Path(source)
-    if folder_main_table(path) is not None:
-        return folder_main_table(path)
-    if path.exists():
-        return path
-
-    if str(source) in list_datasets():
-        return dataset_dir(str(source)) / info(str(source))["main_table"]
-    raise InputError(f"no such file or bundled dataset (datasets: {', '.join(list_datasets())})",
-                     path=source)
-
-
 def read_trace(source: str | Path) -> Workload:
     """Read a workload trace: request sizes, arrivals, sessions and prompt content.
 
@@ -395,6 +372,8 @@ def read_trace(source: str | Path) -> Workload:
         Unreadable file, missing columns, bad token counts, timestamps or lists, a token list
         whose length differs from the input token count, or an empty trace.
     """
+    from archive.datasets import resolve
+
     path = resolve(source)
     names, column_of, first_line, table = _read_table(path)
     n_in, n_out, ts, kind = _layout(names, path)

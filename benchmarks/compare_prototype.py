@@ -1,6 +1,7 @@
 """Whole-command speed against the published Kavier prototype, on the same file and machine.
 
-Writes the Marconi-shaped benchmark workload (:mod:`bench_simulate`, 96,584 requests) as the CSV
+Writes the Marconi-shaped benchmark workload
+(:func:`kavier.analysis.workloads.marconi_shaped`, 96,584 requests) as the CSV
 the prototype reads (``session_id, turn_id, ts, num_input_tokens, num_output_tokens``) and as
 Parquet, then runs, ``--rounds`` times and interleaved, each as a fresh process timed from
 launch to exit:

@@ -412,21 +412,8 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
 
 def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:
     """Measurements from a bundled dataset name, a Parquet file, or a dataset folder."""
-    path = Path(dataset)
-    if not path.exists():
-        if dataset not in archive.list_datasets():
-            raise InputError(f"no such file or bundled dataset (datasets: "
-                             f"{', '.join(archive.list_datasets())})", path=dataset)
-        return archive.load(dataset), dataset
-    if path.is_dir():
-        path = path / "measurements.parquet"
-    import pandas as pd
-
-    try:
-        return pd.read_parquet(path), str(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot read measurements: {str(exc).splitlines()[0]}",
-                         path=path) from None
+    return archive.load(dataset), (dataset if dataset in archive.list_datasets()
+                                   else str(archive.resolve(dataset)))
 
 
 def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> str:

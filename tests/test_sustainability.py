@@ -64,7 +64,7 @@ def test_carbon_traces_are_read_and_checked(tmp_path):
     carbon_table([1.0, 2.0]).iloc[::-1].to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(InputError, match="timestamps must increase"):
         read_carbon(tmp_path / "d.csv")
-    with pytest.raises(InputError, match="countries: NL"):
+    with pytest.raises(InputError, match="countries: BE, DE, FR, NL"):
         read_carbon("XX")
 
 

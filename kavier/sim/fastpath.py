@@ -76,7 +76,7 @@ class FastPath:
             self.free_s = float(end[-1])                     # the next request goes then
         elif gpu.any():
             self.free_s = float(end[gpu][-1])                # the GPU is free then
-        self._timeline(gpu, start, first, n_in, reused, n_out, prefill, decode, chunks)
+        self._timeline(gpu, start, first, n_in, n_out, decode, chunks)
         self._itl(n_in[gpu], n_out[gpu])
         return {"replica": np.zeros(n_in.size, np.int64), "arrival_s": send,
                 "scheduled_s": start, "queue_s": start - (send + o), "first_token_s": first,
@@ -146,7 +146,8 @@ class FastPath:
         prefill = type(costs)(*(np.bincount(owner, c, minlength=n_in.size) for c in costs))
         return prefill, timing.decode_costs(n_in, n_out), (owner, size, before, costs)
 
-    def _timeline(self, gpu, start, first, n_in, reused, n_out, prefill, decode, chunks) -> None:
+    def _timeline(self, gpu, start, first, n_in, n_out, decode, chunks) -> None:
+        """The requests' intervals: their prefill chunks, then one decode run each."""
         owner, size, before, costs = chunks
         keep = gpu[owner]
         owner, size, before = owner[keep], size[keep], before[keep]
@@ -158,12 +159,10 @@ class FastPath:
             steps = n_out if self.timing.kv_cache else n_out * (n_out + 1) // 2
         else:
             steps = np.maximum(n_out - 1, 0)
-        has_decode = gpu & (decode.duration_s > 0)
-        kv = self.timing.kv_cache
-        bs = self.block_size
+        d = gpu & (decode.duration_s > 0)
+        kv, bs = self.timing.kv_cache, self.block_size
         pre_blocks = -(-(before + size) // bs) if kv else np.zeros(size.size, np.int64)
-        dec_blocks = (-(-(n_in + n_out - 1) // bs) if kv else np.zeros(n_in.size, np.int64))
-        d = has_decode
+        dec_blocks = -(-(n_in + n_out - 1) // bs) if kv else np.zeros(n_in.size, np.int64)
         columns = {
             "replica": np.zeros(size.size + int(d.sum()), np.int64),
             "start_s": np.concatenate((start[owner] + offset, first[d])),
