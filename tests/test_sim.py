@@ -273,3 +273,27 @@ print("pandas imported:", "pandas" in sys.modules)
                           str(tmp_path / "sim")], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("pandas imported: False"), out.stdout + out.stderr
     assert pd.read_parquet(tmp_path / "sim" / "requests.parquet").shape[0] == 19_366
+
+
+@pytest.mark.parametrize("timing_cls", [RooflineTiming, ThesisTiming])
+def test_exact_match_hits_save_prefill_and_full_hits_skip_the_gpu(llama8b, a10, timing_cls):
+    from archive.traces import PromptContent
+
+    prompt = np.arange(600)
+    rows = [prompt, prompt, np.arange(1000, 1600)]
+    content = PromptContent("tokens", np.array([0, 600, 1200, 1800]), np.concatenate(rows))
+    t = pa.table({"n_input_tokens": [600, 600, 600], "n_output_tokens": [50, 50, 50]})
+    timing = timing_cls(llama8b, a10)
+    o = timing.params.request_overhead_s
+    base = run(t, timing, ONE)[0]
+    for policy in ("prefill", "full"):
+        cache = PrefixCache(PrefixCacheConfig(policy, 256), content)
+        r, _, s = run(t, timing, ONE, prefix=cache)
+        assert list(r["n_cached_tokens"]) == [0, 599, 0]
+        assert s["prefix_cache"]["hit_rate_tokens"] == pytest.approx(599 / 1800)
+        if policy == "prefill":         # the hit computes only its last prompt token
+            assert r["ttft_s"][1] == pytest.approx(o + float(timing.prefill_gpu_s(1, 599)))
+            assert r["ttft_s"][1] < base["ttft_s"][1] and r["e2e_s"][1] < base["e2e_s"][1]
+        else:                           # answered from the cache: no GPU work
+            assert r["ttft_s"][1] == pytest.approx(o) and r["e2e_s"][1] == pytest.approx(o)
+        assert r["e2e_s"][0] == pytest.approx(base["e2e_s"][0])

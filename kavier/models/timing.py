@@ -135,7 +135,7 @@ def sum_max_linear(g0, g1, h0, h1, m) -> np.ndarray:
     g0, g1, h0, h1, m = np.broadcast_arrays(*(_as_array(v) for v in (g0, g1, h0, h1, m)))
     base = m * h0 + h1 * _sum_k(np.ones_like(m), m)
     d0, d1 = g0 - h0, g1 - h1
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # ±inf roots clip
         root = np.where(d1 != 0, -d0 / np.where(d1 != 0, d1, 1.0), 0.0)
     lo = np.where(d1 > 0, np.maximum(1.0, np.floor(root) + 1), 1.0)
     hi = np.where(d1 < 0, np.minimum(m, np.ceil(root) - 1), m)
@@ -178,12 +178,13 @@ class ThesisTiming(_TimingBase):
     name = "thesis"
 
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
-        """Prefill time per request, s (eq. 4.2), front-end overhead ``O`` included;
-        ``n_cached`` is ignored (no context term)."""
+        """Prefill time of ``n_in`` computed tokens, s (eq. 4.2), front-end overhead ``O``
+        included; ``n_cached`` (tokens already in the KV cache) is ignored: eq. 4.2 has no
+        context term."""
         return self.prefill_gpu_s(n_in) + self.params.request_overhead_s
 
     def prefill_gpu_s(self, n_in, n_cached=0) -> np.ndarray:
-        """GPU part of eq. 4.2, ``n_i · 2·m_p / (F · C_e)``, s."""
+        """GPU part of eq. 4.2, ``n_i · 2·m_p / (F · C_e)``, s (``n_cached`` ignored)."""
         return _as_array(n_in) * self.llm.params * 2.0 / self._flops_per_s
 
     @property
@@ -191,12 +192,13 @@ class ThesisTiming(_TimingBase):
         return self.gpu.flops_per_s * self.params.compute_efficiency
 
     def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
-        """Prefill and decode :class:`Costs` per request (eqs. 4.2–4.6; ``n_cached`` unused).
+        """Prefill (of the ``n_in − n_cached`` tokens computed) and decode :class:`Costs`
+        per request (eqs. 4.2–4.6).
 
         Prefill is compute-bound by construction (eq. 4.2 has no memory term); a decode token
         costs ``T_t = max(C, M)`` with ``C`` and ``M`` the two terms of eqs. 4.5–4.6.
         """
-        n_i, n_o = _as_array(n_in), _as_array(n_out)
+        n_i, n_o = _as_array(n_in) - _as_array(n_cached), _as_array(n_out)
         w = self.llm.weight_bytes
         prefill_flops = 2.0 * self.llm.params * n_i
         prefill_s = prefill_flops / self._flops_per_s
@@ -318,7 +320,8 @@ class RooflineTiming(_TimingBase):
         return self.prefill_gpu_s(n_in, n_cached) + self.params.request_overhead_s
 
     def prefill_gpu_s(self, n_in, n_cached=0) -> np.ndarray:
-        """One prefill forward pass on the GPU, s (no front-end overhead)."""
+        """One prefill forward pass on the GPU computing ``n_in`` tokens after ``n_cached``
+        in the KV cache, s (no front-end overhead)."""
         return self.pass_costs(n_in, n_cached).duration_s
 
     def _soft_max(self, compute, memory):
