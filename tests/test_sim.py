@@ -297,3 +297,24 @@ def test_exact_match_hits_save_prefill_and_full_hits_skip_the_gpu(llama8b, a10, 
         else:                           # answered from the cache: no GPU work
             assert r["ttft_s"][1] == pytest.approx(o) and r["e2e_s"][1] == pytest.approx(o)
         assert r["e2e_s"][0] == pytest.approx(base["e2e_s"][0])
+
+
+def test_littles_law_on_the_gpu_timeline(azure, llama8b, a10):
+    """Time-averaged running sequences from the timeline = arrival rate × mean residence
+    (scheduled to end) from the request record: exactly under light load, and the timeline
+    never counts more than the records allow under heavy load (budget or preemption can leave
+    a running request out of a step)."""
+    rng = np.random.default_rng(3)
+    light = pa.table({"n_input_tokens": rng.integers(100, 500, 60),
+                      "n_output_tokens": rng.integers(20, 200, 60),
+                      "arrival_s": np.cumsum(rng.exponential(0.5, 60))})
+    timing = RooflineTiming(llama8b, a10)
+    for table, exact in ((light, True), (azure, False)):
+        r, steps, s = run(table, timing, EngineConfig(replicas=2, router="round-robin"))
+        window = s["timeline_s"]
+        in_steps = float((steps["n_seqs"] * steps["duration_s"]).sum()) / window
+        residence = float((r["end_s"] - r["scheduled_s"]).sum()) / window
+        if exact:
+            assert in_steps == pytest.approx(residence, rel=1e-9)
+        else:
+            assert in_steps <= residence * (1 + 1e-9) and in_steps > 0.5 * residence
