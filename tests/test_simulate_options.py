@@ -144,3 +144,33 @@ def test_option_changes_the_result_or_is_rejected(name, tmp_path, trace, files, 
         assert bad.exit_code == 2 and "Traceback" not in bad.output
         last = bad.output.strip().splitlines()[-1]      # ours: one line; click's: usage first
         assert last.lower().startswith("error:"), bad.output
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Options whose defaults also live in a config dataclass agree with it (the dataclass
+    is the home; the CLI builds the engine options from EngineConfig and is checked here for
+    the rest)."""
+    from dataclasses import fields
+
+    from kavier.export.run import ExportOptions
+    from kavier.sim.config import EngineConfig
+    from kavier.sim.prefix import PrefixCacheConfig
+    from kavier.sim.sustainability import Sustainability
+
+    params = {p.name: p for p in simulate.params}
+    engine = {f.name: f.default for f in fields(EngineConfig)}
+    for name, default in engine.items():
+        assert params[name].default == default, name
+        assert params[name].help.startswith(
+            EngineConfig.__dataclass_fields__[name].metadata["help"][:30]), name
+    pairs = [("export_rate", ExportOptions, "export_rate_s"), ("fragments", ExportOptions,
+             "fragments"), ("opendc", ExportOptions, "opendc"),
+             ("write_steps", ExportOptions, "steps"), ("pue", Sustainability, "pue"),
+             ("utilization_cap", Sustainability, "utilization_cap"),
+             ("memory_bound_utilization", Sustainability, "memory_bound_utilization"),
+             ("cache_scope", PrefixCacheConfig, "scope"),
+             ("prefix_cache_policy", PrefixCacheConfig, "policy")]
+    for option, cls, field in pairs:
+        assert params[option].default == cls.__dataclass_fields__[field].default, option
+    assert PrefixCacheConfig().min_tokens == 256 and "[256]" in params[
+        "prefix_cache_min_tokens"].help
