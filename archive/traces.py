@@ -206,20 +206,32 @@ def _numbers(values: np.ndarray) -> np.ndarray:
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
 
 
+MAX_TOKENS = 100_000_000
+"""Largest token count a request may have (100 M: 100× the longest context of any model in
+the library); beyond it a value is a unit or data error, and int64 arithmetic on it (KV bytes,
+FLOPs) would overflow or exhaust memory."""
+
+
 def token_column(values: np.ndarray, path: Path, column: str, first_line: int) -> np.ndarray:
-    """Validate a token-count column: non-negative integers only, as int64.
+    """Validate a token-count column: integers in ``[0, MAX_TOKENS]`` only, as int64.
 
     Raises
     ------
     InputError
-        At the first value that is missing, not a number, negative or fractional.
+        At the first value that is missing, not a number, negative, fractional, infinite or
+        larger than :data:`MAX_TOKENS`.
     """
-    numbers = values if values.dtype.kind in "iu" else _numbers(values)
-    with np.errstate(invalid="ignore"):
-        bad = ~(numbers >= 0) | (numbers != np.round(numbers))
+    if values.dtype.kind in "iu":
+        with np.errstate(invalid="ignore"):
+            bad = (values < 0) | (values > MAX_TOKENS)      # compared in the stored type
+        numbers = values
+    else:
+        numbers = _numbers(values)
+        with np.errstate(invalid="ignore"):
+            bad = ~((numbers >= 0) & (numbers <= MAX_TOKENS)) | (numbers != np.round(numbers))
     if bad.any():
         i = first_bad(bad)
-        raise InputError(f"expected a non-negative integer token count, got "
+        raise InputError(f"expected an integer token count from 0 to {MAX_TOKENS:,}, got "
                          f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
     return numbers.astype(np.int64)
 
@@ -239,10 +251,10 @@ def _arrivals(values: np.ndarray, kind: str, path: Path, column: str,
         return (stamps - stamps.min()).dt.total_seconds().to_numpy(np.float64)
     seconds = _numbers(values)
     with np.errstate(invalid="ignore"):
-        bad = ~(seconds >= 0)
+        bad = ~((seconds >= 0) & np.isfinite(seconds))
     if bad.any():
         i = first_bad(bad)
-        raise InputError(f"expected a non-negative number of {kind}, got "
+        raise InputError(f"expected a finite, non-negative number of {kind}, got "
                          f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
     return seconds / (1000.0 if kind == "milliseconds" else 1.0)
 

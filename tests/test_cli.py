@@ -101,3 +101,32 @@ def test_console_script_prints_error_without_traceback(tmp_path):
                            str(tmp_path / "absent.csv")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("cell", ["inf", "1e23", "9223372036854775808", "100000001", "nan"])
+def test_out_of_range_token_counts_are_rejected(tmp_path, cell):
+    trace = tmp_path / "t.csv"
+    trace.write_text(f"num_input_tokens,num_output_tokens\n5,3\n{cell},2\n")
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(tmp_path / "o"),
+                 "--no-fragments", "--no-opendc")
+    assert result.exit_code == 2, result.output
+    assert "line 3: field 'num_input_tokens'" in result.output and "Traceback" not in (
+        result.output)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_unsigned_parquet_overflow_and_infinite_arrival_are_rejected(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"n_input_tokens": pa.array([5, 2**64 - 1], pa.uint64()),
+                             "n_output_tokens": pa.array([3, 3], pa.uint64())}),
+                   tmp_path / "u.parquet")
+    result = run("simulate", "--trace", str(tmp_path / "u.parquet"), "--output-folder",
+                 str(tmp_path / "o"))
+    assert result.exit_code == 2 and "18446744073709551615" in result.output, result.output
+    pq.write_table(pa.table({"n_input_tokens": [5, 6], "n_output_tokens": [3, 3],
+                             "arrival_s": [0.0, float("inf")]}), tmp_path / "a.parquet")
+    result = run("simulate", "--trace", str(tmp_path / "a.parquet"), "--output-folder",
+                 str(tmp_path / "o"))
+    assert result.exit_code == 2 and "field 'arrival_s'" in result.output, result.output

@@ -3,6 +3,7 @@ problem reported."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,6 +85,18 @@ def test_bad_rows_are_rejected_or_dropped_and_counted(tmp_path):
     meta = json.loads((tmp_path / "b" / "dataset.json").read_text())
     assert meta["rows"] == 2
     assert meta["dropped_rows"] == {"invalid Request tokens": 1, "invalid Response tokens": 1}
+
+
+def test_infinite_and_huge_values_are_dropped_not_wrapped(tmp_path):
+    src = tmp_path / "burst.csv"
+    src.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                   "5,ChatGPT,472,18,490,x\n6,ChatGPT,inf,18,15,x\n7,ChatGPT,1e23,2,13,x\n"
+                   "inf,ChatGPT,12,4,16,x\n9,ChatGPT,12,4,16,x\n")
+    result = run(archive_cli, "import", "burstgpt", src, tmp_path / "b", "--drop-invalid")
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "b" / "workload.parquet")
+    assert len(table) == 2 and (table["n_input_tokens"] >= 0).all()
+    assert np.isfinite(table["arrival_s"]).all()
 
 
 def test_session_turns_must_increase(tmp_path):

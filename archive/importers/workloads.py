@@ -40,7 +40,7 @@ from tqdm import tqdm
 from archive.cards import finish
 from archive.errors import InputError
 from archive.schema import WORKLOAD
-from archive.traces import content_lengths, id_list, turns_not_increasing
+from archive.traces import MAX_TOKENS, content_lengths, id_list, turns_not_increasing
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,11 @@ def _chunks(path: Path, spec: Source, chunk_rows: int) -> Iterator[pd.DataFrame]
 
 
 def _integers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    numbers = pd.to_numeric(values, errors="coerce")
-    bad = (numbers.isna() | (numbers < 0) | (numbers != numbers.round())).to_numpy(copy=True)
+    """Token counts and which are bad: missing, negative, fractional, infinite or above
+    :data:`archive.traces.MAX_TOKENS` (the same rule as the trace readers)."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(np.float64)
+    bad = (numbers.isna() | (numbers < 0) | (numbers > MAX_TOKENS)
+           | (numbers != numbers.round())).to_numpy(copy=True)
     return np.where(bad, 0, numbers.fillna(0)).astype(np.int64), bad
 
 
@@ -130,7 +133,8 @@ def _times(values: pd.Series, kind: str, state: _State) -> tuple[np.ndarray, np.
         seconds = pd.to_numeric(values, errors="coerce") / (
             1000.0 if kind == "milliseconds" else 1.0)
         state.origin = "the trace's own time zero"
-    bad = (seconds.isna() | (seconds < 0)).to_numpy(copy=True)
+    bad = (seconds.isna() | (seconds < 0) | ~np.isfinite(seconds.astype(np.float64))
+           ).to_numpy(copy=True)
     return np.where(bad, 0.0, seconds.fillna(0.0)), bad
 
 
