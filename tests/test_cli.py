@@ -130,3 +130,40 @@ def test_unsigned_parquet_overflow_and_infinite_arrival_are_rejected(tmp_path):
     result = run("simulate", "--trace", str(tmp_path / "a.parquet"), "--output-folder",
                  str(tmp_path / "o"))
     assert result.exit_code == 2 and "field 'arrival_s'" in result.output, result.output
+
+
+def test_a_second_writer_into_one_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom kavier.export.output import run_folder\n"
+        f"with run_folder({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        trace = tmp_path / "t.csv"
+        trace.write_text("num_input_tokens,num_output_tokens\n5,3\n")
+        result = run("simulate", "--trace", str(trace), "--output-folder", str(out))
+        assert result.exit_code == 2 and "another run is writing" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert not (out / "summary.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:          # the kernel drops a dead process's lock
+        result = run("simulate", "--trace", str(trace), "--output-folder", str(out))
+        if result.exit_code == 0:
+            break
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").exists()
+
+
+def test_an_output_folder_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_input_tokens,num_output_tokens\n5,3\n")
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(tmp_path / "f" / "o"))
+    assert result.exit_code == 2 and "cannot create the output folder" in result.output

@@ -6,6 +6,7 @@ written last, so its presence marks a finished run. On failure the partial files
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from archive.errors import InputError
 
 
 class RunWriter:
@@ -71,17 +74,39 @@ class RunWriter:
             tmp.unlink(missing_ok=True)
 
 
+LOCK_FILE = ".kavier.lock"
+
+
 @contextmanager
 def run_folder(folder: str | Path):
     """Context manager yielding a :class:`RunWriter`; removes partial files on error.
 
-    A stale ``summary.json`` from an earlier run in the same folder is removed first, so an
-    interrupted run is never mistaken for a finished one.
+    The folder is held exclusively (an advisory ``flock`` on ``.kavier.lock``, which the kernel
+    releases when the process ends, however it ends): a second run into the same folder stops
+    at once with a one-line error instead of mixing its files with the first's. A stale
+    ``summary.json`` from an earlier run is removed first, so an interrupted run is never
+    mistaken for a finished one.
+
+    Raises
+    ------
+    InputError
+        When the folder cannot be created or another run holds it.
     """
     writer = RunWriter(folder)
-    writer.folder.mkdir(parents=True, exist_ok=True)
-    (writer.folder / "summary.json").unlink(missing_ok=True)
     try:
-        yield writer
-    finally:
-        writer.cleanup()
+        writer.folder.mkdir(parents=True, exist_ok=True)
+        lock = open(writer.folder / LOCK_FILE, "a")  # noqa: SIM115 (held for the run)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder: {exc.strerror}",
+                         path=folder) from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError("another run is writing into this folder; wait for it or choose "
+                             "another --output-folder", path=folder) from None
+        (writer.folder / "summary.json").unlink(missing_ok=True)
+        try:
+            yield writer
+        finally:
+            writer.cleanup()
