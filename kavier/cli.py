@@ -75,6 +75,12 @@ def _print_summary(summary: dict) -> None:
         ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s" if n else "—"),
         ("preemptions", f"{summary['preemptions']:,}"),
     ]
+    if summary["queue_last_tenth_s"] is not None:
+        rows.append(("mean queue, first / last tenth", f"{summary['queue_first_tenth_s']:.3g}"
+                     f" / {summary['queue_last_tenth_s']:.3g} s" + (
+                         ": BACKLOG — arrivals outpace service for the whole trace, so the "
+                         "latencies measure the queue, not serving (add --replicas, or see "
+                         "kavier capacity)" if summary["backlog"] else "")))
     if summary["output_throughput_tok_s"] is not None:
         rows.append(("throughput (output / total)", f"{summary['output_throughput_tok_s']:.1f}"
                      f" / {summary['total_throughput_tok_s']:.1f} tok/s"))

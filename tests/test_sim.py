@@ -318,3 +318,17 @@ def test_littles_law_on_the_gpu_timeline(azure, llama8b, a10):
             assert in_steps == pytest.approx(residence, rel=1e-9)
         else:
             assert in_steps <= residence * (1 + 1e-9) and in_steps > 0.5 * residence
+
+
+def test_backlog_is_flagged_when_arrivals_outpace_service(azure, llama8b, a10):
+    timing = RooflineTiming(llama8b, a10)
+    rng = np.random.default_rng(5)
+    light = pa.table({"n_input_tokens": rng.integers(100, 500, 80),
+                      "n_output_tokens": rng.integers(20, 100, 80),
+                      "arrival_s": np.cumsum(rng.exponential(1.0, 80))})
+    assert not run(light, timing, EngineConfig())[2]["backlog"]
+    heavy = light.set_column(2, "arrival_s", pa.array(np.linspace(0, 1, 80)))
+    s = run(heavy.set_column(1, "n_output_tokens", pa.array(np.full(80, 2000))), timing,
+            EngineConfig(max_num_seqs=4))[2]
+    assert s["backlog"] and s["queue_last_tenth_s"] > 10 * s["queue_first_tenth_s"]
+    assert not run(heavy, timing, ONE)[2]["backlog"]            # back to back: no arrivals

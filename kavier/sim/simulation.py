@@ -114,7 +114,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     arrival = column(table, "arrival_s", np.float64) if has_arrivals else np.zeros(n_in.size)
     sessions = table.column("session_id") if "session_id" in table.column_names else None
     summary = Summary(config.replicas, timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
-                      sustainability, slo_ttft_s, slo_tpot_s)
+                      sustainability, slo_ttft_s, slo_tpot_s, config.back_to_back)
     kv_block_bytes = timing.llm.kv_bytes_per_token * block_size if timing.kv_cache else 0.0
 
     def steps(batch: pa.RecordBatch) -> None:

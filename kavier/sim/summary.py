@@ -21,19 +21,22 @@ class Summary:
         Power model, PUE and carbon trace.
     slo_ttft_s, slo_tpot_s : float or None
         SLOs for goodput (a missing one is not checked).
+    closed_loop : bool
+        Requests were sent back to back (arrivals follow completions: no offered load).
     """
 
     def __init__(self, replicas: int, peak_flops_per_s: float, peak_bytes_per_s: float,
                  sustainability, slo_ttft_s: float | None = None,
-                 slo_tpot_s: float | None = None) -> None:
-        self.replicas, self.sus = replicas, sustainability
+                 slo_tpot_s: float | None = None, closed_loop: bool = False) -> None:
+        self.replicas, self.sus, self.closed_loop = replicas, sustainability, closed_loop
         self.peak_flops_per_s, self.peak_bytes_per_s = peak_flops_per_s, peak_bytes_per_s
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
         self.counts = dict.fromkeys(("n_requests", "n_finished", "n_failed", "n_input_tokens",
                                      "n_output_tokens", "n_cached_tokens", "preemptions",
                                      "requests_with_prefix_hit", "n_meeting_slos"), 0)
         self.queue_sum = 0.0
-        self.first_arrival, self.last_end = np.inf, 0.0
+        self.first_arrival, self.last_arrival, self.last_end = np.inf, -np.inf, 0.0
+        self._queues: list[tuple[np.ndarray, np.ndarray]] = []
         self.sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s")}
         self.busy_s = np.zeros(replicas)
         self.seconds = dict.fromkeys(("prefill", "decode"), 0.0)
@@ -71,8 +74,10 @@ class Summary:
             tpot = metrics["tpot_s"]
             meets &= np.isnan(tpot) | (tpot <= self.slo_tpot_s)
         c["n_meeting_slos"] += int(meets.sum())
-        self.first_arrival = min(self.first_arrival, float(column(t, "arrival_s",
-                                                                   np.float64).min()))
+        arrival = column(t, "arrival_s", np.float64)
+        self.first_arrival = min(self.first_arrival, float(arrival.min()))
+        self.last_arrival = max(self.last_arrival, float(arrival.max()))
+        self._queues.append((arrival, queue))
         self.last_end = max(self.last_end, float(np.nanmax(column(t, "end_s", np.float64))))
 
     def add_steps(self, b: pa.RecordBatch) -> dict[str, np.ndarray]:
@@ -126,11 +131,27 @@ class Summary:
             "goodput": c["n_meeting_slos"] / n if n else None,
             "goodput_req_s": c["n_meeting_slos"] / makespan if makespan > 0 else None,
             "slo_ttft_s": self.slo_ttft_s, "slo_tpot_s": self.slo_tpot_s,
+            **self._backlog(),
         }
         for name, sketch in self.sketches.items():
             out.update(sketch.percentiles(name))
         out["sustainability"] = self._energy(end, busy)
         return out
+
+    def _backlog(self) -> dict:
+        """Whether the queue drains: the mean queueing delay of the first and the last tenth
+        of the requests by arrival. ``backlog`` is true when the last tenth waits more than
+        1 s on average and over 10× the first tenth: arrivals outpace service for the whole
+        trace, and the latency percentiles measure the backlog, not serving (never back to
+        back, where arrivals follow completions)."""
+        if not self._queues:
+            return {"queue_first_tenth_s": None, "queue_last_tenth_s": None, "backlog": False}
+        arrival = np.concatenate([a for a, _ in self._queues])
+        queue = np.concatenate([q for _, q in self._queues])[np.argsort(arrival, kind="stable")]
+        tenth = max(queue.size // 10, 1)
+        first, last = float(np.nanmean(queue[:tenth])), float(np.nanmean(queue[-tenth:]))
+        backlog = (not self.closed_loop) and last > 1.0 and last > 10.0 * first
+        return {"queue_first_tenth_s": first, "queue_last_tenth_s": last, "backlog": backlog}
 
     def _energy(self, end: float, busy: float) -> dict:
         sus, w = self.sus, self.work
