@@ -46,9 +46,15 @@ def folder_main_table(path: str | Path) -> Path | None:
     """The main table of the dataset folder ``path`` (from its ``dataset.json``), or None when
     ``path`` is not a dataset folder."""
     path = Path(path)
-    if not (path.is_dir() and (path / "dataset.json").is_file()):
+    card = path / "dataset.json"
+    if not (path.is_dir() and card.is_file()):
         return None
-    return path / json.loads((path / "dataset.json").read_text())["main_table"]
+    try:
+        return path / json.loads(card.read_text())["main_table"]
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno}", path=card) from None
+    except (KeyError, TypeError):
+        raise InputError("no main_table", path=card, field="main_table") from None
 
 
 def info(name: str) -> dict:

@@ -148,21 +148,54 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
     try:
         if kind == "Parquet":
             table = pq.ParquetFile(path).read()
+            _unique_columns(table.column_names, path)
             return table.column_names, lambda c: to_numpy(table.column(c)), 1, table
         if kind == "CSV" and (csv := _read_csv(path)) is not None:
+            _unique_columns(csv.column_names, path)
             return csv.column_names, lambda c: to_numpy(csv.column(c)), 2, None
         import pandas as pd
 
         if kind == "JSON Lines":
+            _check_json_lines(path)
             df, first_line = pd.read_json(path, lines=True, dtype=False), 1
         else:
             df, first_line = pd.read_csv(path, keep_default_na=False), 2
         return list(df.columns), lambda c: df[c].to_numpy(), first_line, None
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError("no such file", path=path) from None
     except (OSError, ValueError, pa.ArrowException, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read as {kind}: {str(exc).splitlines()[0]}",
                          path=path) from None
+
+
+def _unique_columns(names: list[str], path: Path) -> None:
+    """Raise :class:`InputError` for a column name that appears more than once."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"column appears {names.count(name)} times", path=path,
+                             field=name)
+        seen.add(name)
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise :class:`InputError` naming the first line that is not one JSON object (pandas
+    reports a byte position)."""
+    import json
+
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"not JSON: {exc.msg} (column {exc.colno})", path=path,
+                                 row=number) from None
+            if not isinstance(value, dict):
+                raise InputError("expected one JSON object per line", path=path, row=number)
 
 
 def _read_csv(path: Path) -> pa.Table | None:

@@ -15,6 +15,7 @@ writes: ``{"model": {"name", "idle_w", "max_w", "shape"}, "mape_pct", "ranking",
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class Profile:
         if d["timing_model"] not in TIMING_MODELS:
             raise InputError(f"unknown timing model {d['timing_model']!r}", path=path,
                              field="timing_model")
+        if not isinstance(d["params"], dict):
+            raise InputError("expected an object of parameters", path=path, field="params")
+        _check_params(d["params"], path)
         try:
             d["params"] = TimingParams(**d["params"])
             return cls(**d)
@@ -91,6 +95,35 @@ class Profile:
             raise InputError("no power section (write one with kavier calibrate-power)",
                              path=path, field="power")
         return d["power"]
+
+
+_RANGES = {
+    "compute_efficiency": (0.0, 1.0, False), "memory_efficiency": (0.0, 1.0, False),
+    "attention_efficiency": (0.0, 1.0, True), "request_overhead_s": (0.0, None, False),
+    "token_overhead_s": (0.0, None, False), "prefill_floor_s": (0.0, None, True),
+    "prefill_sharpness": (1.0, None, True), "batch_step_overhead_s": (0.0, None, False),
+    "batch_seq_overhead_s": (0.0, None, False),
+}
+"""Physical range of each timing parameter: (low, high or None, may be null). Efficiencies are
+fractions of a peak, in (0, 1]; overheads and the floor non-negative seconds; the soft-maximum
+exponent >= 1."""
+
+
+def _check_params(params: dict, path: Path) -> None:
+    """Raise :class:`InputError` for a parameter that is not a finite number in its range."""
+    for name, value in params.items():
+        if name not in _RANGES:
+            continue                         # TimingParams reports unknown names
+        low, high, nullable = _RANGES[name]
+        if value is None and nullable:
+            continue
+        ok = (isinstance(value, int | float) and not isinstance(value, bool)
+              and math.isfinite(value) and value >= low and (high is None or value <= high)
+              and not (name.endswith("efficiency") and value == 0))
+        if not ok:
+            bound = f"in (0, {high:g}]" if name.endswith("efficiency") else f">= {low:g}"
+            raise InputError(f"expected a finite number {bound}, got {value!r}",
+                             path=path, field=f"params.{name}")
 
 
 def _read_json(path: Path) -> dict:

@@ -167,3 +167,41 @@ def test_an_output_folder_under_a_file_is_one_line(tmp_path):
     trace.write_text("num_input_tokens,num_output_tokens\n5,3\n")
     result = run("simulate", "--trace", str(trace), "--output-folder", str(tmp_path / "f" / "o"))
     assert result.exit_code == 2 and "cannot create the output folder" in result.output
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("dup.csv", "num_input_tokens,num_input_tokens,num_output_tokens\n5,6,3\n",
+     "field 'num_input_tokens': column appears 2 times"),
+    ("bad.jsonl", '{"n_input_tokens": 5, "n_output_tokens": 3}\n{"n_input_tokens": 5,\n',
+     "bad.jsonl: line 2: not JSON"),
+    ("list.jsonl", '{"n_input_tokens": 5, "n_output_tokens": 3}\n[1, 2]\n',
+     "line 2: expected one JSON object per line"),
+])
+def test_malformed_traces_are_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    result = run("simulate", "--trace", str(tmp_path / name), "--output-folder",
+                 str(tmp_path / "o"))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field,value", [("memory_efficiency", "fast"),
+                                         ("memory_efficiency", 0), ("compute_efficiency", 1.5),
+                                         ("request_overhead_s", -1.0),
+                                         ("prefill_sharpness", 0.5)])
+def test_profiles_with_unphysical_parameters_are_one_line(profile_dir, tmp_path, field, value):
+    profile = json.loads((profile_dir / "profile.json").read_text())
+    profile["params"][field] = value
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    (tmp_path / "t.csv").write_text("num_input_tokens,num_output_tokens\n5,3\n")
+    result = run("simulate", "--trace", str(tmp_path / "t.csv"), "--profile",
+                 str(tmp_path / "p.json"), "--output-folder", str(tmp_path / "o"))
+    assert result.exit_code == 2 and f"field 'params.{field}'" in result.output, result.output
+
+
+def test_a_broken_dataset_card_is_one_line(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text("{bad")
+    result = run("simulate", "--trace", str(tmp_path / "ds"), "--output-folder",
+                 str(tmp_path / "o"))
+    assert result.exit_code == 2 and "dataset.json: not valid JSON" in result.output
