@@ -401,9 +401,10 @@ class RooflineTiming(_TimingBase):
         j = np.arange(n_steps, dtype=np.float64)             # steps already done
         a_pos = self._attention_flops_per_position
         if self.kv_cache:
-            matmul = np.full(n_steps, n * float(self._matmul_flops(1)))
-            attention = a_pos * (float(c.sum()) + n * (j + 1))   # pairs: c_i + j + 1
-            kv = self.llm.kv_bytes_per_token * (float(c.sum()) + n * (j + 1))
+            matmul = n * (2.0 * self.llm.matmul_params + self.llm.lm_head_flops)
+            pairs = float(c.sum()) + n * (j + 1)                # Σ (c_i + j + 1)
+            attention = a_pos * pairs
+            kv = self.llm.kv_bytes_per_token * pairs
         else:                                   # sequence i re-runs m_i = c_i + j + 1 tokens
             s1, s2 = float(c.sum()), float((c * c).sum())
             m1 = s1 + n * (j + 1)                               # Σ m_i
@@ -415,9 +416,7 @@ class RooflineTiming(_TimingBase):
         memory = self.floor_s() + kv / self._bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
                      + self._batch_overhead_s(n))
-        return Costs(durations, np.broadcast_to(matmul + attention, durations.shape),
-                     self.llm.weight_bytes + kv, np.broadcast_to(compute, durations.shape),
-                     memory)
+        return Costs(durations, matmul + attention, self.llm.weight_bytes + kv, compute, memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after

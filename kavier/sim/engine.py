@@ -276,12 +276,16 @@ class SteppedEngine:
             return []
         decoding, wanted = self._wanted(ids)
         before = np.cumsum(wanted) - wanted
-        new = np.clip(self.config.max_num_batched_tokens - before, 0, wanted)
-        need = np.maximum(self._blocks_for(ids, new) - self.blocks[ids], 0)
-        if int(need.sum()) > replica.pool.free:
+        new = np.minimum(np.maximum(self.config.max_num_batched_tokens - before, 0), wanted)
+        held = self.blocks[ids]
+        target = self._blocks_for(ids, new)
+        extra = int(np.maximum(target - held, 0).sum())
+        if extra > replica.pool.free:
             return None
         keep = new > 0
-        self._allocate(replica, ids[keep], new[keep])      # before admissions take blocks
+        if extra:                               # allocated before admissions take blocks
+            replica.pool.allocate(extra)
+        self.blocks[ids] = np.maximum(target, held)
         return list(zip(ids[keep].tolist(), new[keep].tolist(), decoding[keep].tolist(),
                         strict=True))
 
