@@ -70,25 +70,49 @@ def resolve(source: str | Path, aliases: dict[str, Path] | None = None,
     path; a dataset folder (its ``dataset.json``'s main table); an existing file; a bundled
     dataset's name (its main table).
 
+    A dataset's table is checked against the SHA-256 its ``dataset.json`` records before it is
+    used (:func:`verified`).
+
     Raises
     ------
     InputError
         When ``source`` is none of these (the message lists the bundled datasets, and the
-        aliases, called ``alias_kind``, when there are any).
+        aliases, called ``alias_kind``, when there are any), or a dataset's table does not match
+        its checksum.
     """
     path = Path(source)
     if aliases and str(source).upper() in aliases and not path.exists():
         return aliases[str(source).upper()]
-    if (main := folder_main_table(path)) is not None:
-        return main
+    if folder_main_table(path) is not None:
+        return verified(path, json.loads((path / "dataset.json").read_text())["main_table"])
     if path.exists():
         return path
     if str(source) in list_datasets():
-        return dataset_dir(str(source)) / info(str(source))["main_table"]
+        return verified(dataset_dir(str(source)), info(str(source))["main_table"])
     known = f"datasets: {', '.join(list_datasets())}"
     if aliases:
         known += f"; {alias_kind}: {', '.join(sorted(aliases))}"
     raise InputError(f"no such file or bundled dataset ({known})", path=source)
+
+
+def verified(folder: Path, name: str) -> Path:
+    """``folder / name`` (a file of a dataset folder) after checking it against the SHA-256 in
+    the folder's ``dataset.json``; files without a recorded checksum pass unchecked.
+
+    Raises
+    ------
+    InputError
+        When the file's SHA-256 differs from the recorded one.
+    """
+    from archive.cards import file_sha256
+
+    table = Path(folder) / name
+    sums = json.loads((Path(folder) / "dataset.json").read_text()).get("sha256") or {}
+    expected = sums.get(name)
+    if expected is not None and table.is_file() and file_sha256(table) != expected:
+        raise InputError("SHA-256 differs from its dataset.json (the file changed); run "
+                         "archive validate", path=table)
+    return table
 
 
 def content_sha256(df: pd.DataFrame) -> str:

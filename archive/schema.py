@@ -10,6 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = "1.1"
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
+"""Schema versions this toolkit reads (1.1 added columns; 1.0 tables are a subset)."""
 """1.1: measurements gained ITL/TPOT statistics, error and run_id; workloads gained sessions,
 turns and prompt content; GPU samples added. Readers accept 1.0 tables (a subset)."""
 

@@ -4,8 +4,11 @@ Every problem found is reported, not just the first: missing or malformed ``data
 keys, missing files, checksum and row-count mismatches, main-table columns that are not in the
 kind's schema or have the wrong type, and bad values (negative token counts, arrivals before
 zero, session turns that do not increase, content lists of the wrong length, failed or
-non-positive latencies, unsorted carbon steps). Tables are read batch by batch, so a large
-dataset is checked in bounded memory.
+non-positive latencies, unsorted carbon steps), nulls in required columns, non-finite
+times and token counts past :data:`archive.traces.MAX_TOKENS` (the rules the readers enforce),
+schema versions this toolkit does not know, and tables that cannot be read (truncated or
+corrupt), one line each. Tables are read batch by batch, so a large dataset is checked in
+bounded memory.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from archive.cards import REQUIRED_KEYS, file_sha256
-from archive.schema import SCHEMAS
-from archive.traces import content_lengths, turns_not_increasing
+from archive.schema import KNOWN_SCHEMA_VERSIONS, SCHEMAS
+from archive.traces import MAX_TOKENS, content_lengths, turns_not_increasing
 
 
 def _meta(folder: Path) -> tuple[dict | None, list[str]]:
@@ -32,7 +35,12 @@ def _meta(folder: Path) -> tuple[dict | None, list[str]]:
         return None, [f"{folder / 'dataset.json'}: not valid JSON: {exc}"]
     if not isinstance(meta, dict):
         return None, [f"{folder / 'dataset.json'}: not a JSON object"]
-    return meta, [f"dataset.json: missing key '{k}'" for k in REQUIRED_KEYS if k not in meta]
+    problems = [f"dataset.json: missing key '{k}'" for k in REQUIRED_KEYS if k not in meta]
+    version = meta.get("schema_version")
+    if version is not None and str(version) not in KNOWN_SCHEMA_VERSIONS:
+        problems.append(f"dataset.json: schema_version {version!r} is not one this toolkit "
+                        f"knows ({', '.join(KNOWN_SCHEMA_VERSIONS)})")
+    return meta, problems
 
 
 def _files(folder: Path, meta: dict) -> list[str]:
@@ -47,9 +55,15 @@ def _files(folder: Path, meta: dict) -> list[str]:
         elif file_sha256(path) != sums[name]:
             problems.append(f"{name}: SHA-256 differs from dataset.json (file changed)")
     for name, rows in (meta.get("tables") or {}).items():
-        if (folder / name).is_file() and pq.ParquetFile(folder / name).metadata.num_rows != rows:
-            problems.append(f"{name}: {pq.ParquetFile(folder / name).metadata.num_rows} rows, "
-                            f"dataset.json says {rows}")
+        if not (folder / name).is_file():
+            continue
+        try:
+            found = pq.ParquetFile(folder / name).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"{name}: cannot read as Parquet: {str(exc).splitlines()[0]}")
+            continue
+        if found != rows:
+            problems.append(f"{name}: {found} rows, dataset.json says {rows}")
     if not (folder / "README.md").is_file():
         problems.append("README.md: missing dataset card")
     return problems
@@ -90,21 +104,32 @@ class _Checker:
             self.problems.append(f"{self.name}: {int(mask.sum())} row(s) with {what} "
                                  f"(rows {_first_rows(mask, offset)})")
 
-    def batch(self, b: pa.RecordBatch, offset: int) -> None:
+    def batch(self, b: pa.RecordBatch, offset: int, schema: pa.Schema) -> None:
+        for field in schema:
+            if not field.nullable and field.name in b.schema.names:
+                column = self._column(b, field.name)
+                if column.null_count:
+                    self.flag(pc.is_null(column).to_numpy(zero_copy_only=False), offset,
+                              f"a null in required column {field.name}")
         getattr(self, f"_{self.kind}")(b, offset)
+
+    def _tokens(self, b, offset, column):
+        values = self._column(b, column).to_numpy(zero_copy_only=False)
+        self.flag(values < 0, offset, f"negative {column}")
+        self.flag(values > MAX_TOKENS, offset, f"{column} above {MAX_TOKENS:,}")
+        return values
 
     def _column(self, b, name):
         return b.column(b.schema.get_field_index(name)) if name in b.schema.names else None
 
     def _workload(self, b, offset):
-        n_in = self._column(b, "n_input_tokens").to_numpy(zero_copy_only=False)
-        n_out = self._column(b, "n_output_tokens").to_numpy(zero_copy_only=False)
-        self.flag(n_in < 0, offset, "negative n_input_tokens")
-        self.flag(n_out < 0, offset, "negative n_output_tokens")
+        n_in = self._tokens(b, offset, "n_input_tokens")
+        self._tokens(b, offset, "n_output_tokens")
         arrival = self._column(b, "arrival_s")
         if arrival is not None:
-            self.flag(pc.fill_null(pc.less(arrival, 0.0), False).to_numpy(zero_copy_only=False),
-                      offset, "negative arrival_s")
+            values = pc.fill_null(arrival, 0.0).to_numpy(zero_copy_only=False)
+            self.flag(values < 0, offset, "negative arrival_s")
+            self.flag(~np.isfinite(values), offset, "a NaN or infinite arrival_s")
         sessions, turns = self._column(b, "session_id"), self._column(b, "turn_id")
         if sessions is not None and turns is not None and sessions.null_count < len(b):
             bad = turns_not_increasing(sessions.to_pylist(), turns.to_pylist(), self.last_turn)
@@ -128,8 +153,7 @@ class _Checker:
                   else pc.is_valid(error).to_numpy(zero_copy_only=False))
         self.flag(~(latency > 0) & ~failed, offset, "non-positive latency_s (and no error)")
         for column in ("n_input_tokens", "n_output_tokens"):
-            self.flag(self._column(b, column).to_numpy(zero_copy_only=False) < 0, offset,
-                      f"negative {column}")
+            self._tokens(b, offset, column)
 
     def _carbon(self, b, offset):
         stamps = self._column(b, "timestamp").cast(pa.int64()).to_numpy(zero_copy_only=False)
@@ -161,14 +185,19 @@ def validate(path: str | Path) -> list[str]:
     for name in tables:
         if not (folder / name).is_file():
             continue
-        file = pq.ParquetFile(folder / name)
-        columns = _columns(name, file.schema_arrow, schema)
-        problems += columns
-        if columns:
-            continue
-        checker, offset = _Checker(name, kind, meta), 0
-        for batch in file.iter_batches(batch_size=65_536):
-            checker.batch(batch, offset)
-            offset += batch.num_rows
+        checker = _Checker(name, kind, meta)
+        try:
+            file = pq.ParquetFile(folder / name)
+            columns = _columns(name, file.schema_arrow, schema)
+            problems += columns
+            if columns:
+                continue
+            offset = 0
+            for batch in file.iter_batches(batch_size=65_536):
+                checker.batch(batch, offset, schema)
+                offset += batch.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            checker.problems.append(f"{name}: cannot read as Parquet: "
+                                    f"{str(exc).splitlines()[0]}")
         problems += checker.problems
     return problems

@@ -156,3 +156,46 @@ def test_carbon_import_and_every_bundled_dataset_is_valid(tmp_path):
     assert co2 == pytest.approx(energy_kwh * 100.0, rel=1e-6)     # all inside the 100 g step
     for name in archive.list_datasets():
         assert validate(archive.dataset_dir(name)) == [], name
+
+
+def test_validate_catches_nulls_nans_versions_and_truncation(tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = archive.dataset_dir("azure-llm-inference-2023-conv")
+    main = json.loads((src / "dataset.json").read_text())["main_table"]
+    cases = {}
+    for case in ("null", "nan", "version", "truncated"):
+        dest = tmp_path / case
+        shutil.copytree(src, dest)
+        cases[case] = dest
+    table = pq.read_table(src / main)
+    n_in = table.column("n_input_tokens").to_pylist()
+    n_in[3] = None
+    pq.write_table(table.set_column(table.schema.get_field_index("n_input_tokens"),
+                                    table.schema.field("n_input_tokens").with_nullable(True),
+                                    pa.array(n_in, pa.int64())), cases["null"] / main)
+    arrival = table.column("arrival_s").to_numpy().copy()
+    arrival[5] = float("nan")
+    pq.write_table(table.set_column(table.schema.get_field_index("arrival_s"), "arrival_s",
+                                    pa.array(arrival)), cases["nan"] / main)
+    meta = json.loads((cases["version"] / "dataset.json").read_text())
+    meta["schema_version"] = "9.0"
+    (cases["version"] / "dataset.json").write_text(json.dumps(meta))
+    data = (src / main).read_bytes()
+    (cases["truncated"] / main).write_bytes(data[: len(data) // 2])
+    expected = {"null": "a null in required column n_input_tokens (rows 4)",
+                "nan": "a NaN or infinite arrival_s (rows 6)",
+                "version": "schema_version '9.0' is not one this toolkit knows",
+                "truncated": "cannot read as Parquet"}
+    for case, dest in cases.items():
+        problems = validate(dest)
+        assert any(expected[case] in p for p in problems), (case, problems)
+        result = run(archive_cli, "validate", dest)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+    # simulation and calibration check the checksum before use
+    result = run(kavier_cli, "simulate", "--trace", cases["nan"], "--output-folder",
+                 tmp_path / "sim")
+    assert result.exit_code == 2 and "SHA-256 differs" in result.output, result.output
