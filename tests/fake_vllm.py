@@ -147,14 +147,14 @@ class _Handler(BaseHTTPRequestHandler):
                      "choices": [{"index": 0, "text": " tok", "finish_reason": None}]}
             self._chunk(f"data: {json.dumps(chunk)}\n\n")
         end = time.perf_counter()
+        with s.lock:       # as vLLM, the engine's counters are updated before the stream ends
+            s.prefill_sum += first - start
+            s.decode_sum += end - first
+            s.requests += 1
         usage = {"id": "cmpl-fake", "choices": [], "usage": {
             "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
         self._chunk(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n")
         self._chunk("")
-        with s.lock:
-            s.prefill_sum += first - start
-            s.decode_sum += end - first
-            s.requests += 1
 
 
 def _write_chunk(handler: BaseHTTPRequestHandler, text: str) -> None:
