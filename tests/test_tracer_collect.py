@@ -81,6 +81,31 @@ def test_api_key_is_sent_and_never_shown(server, tmp_path):
     assert SECRET not in cli.output
 
 
+@pytest.mark.parametrize("url,message", [
+    ("127.0.0.1:8000", "expected a URL like http://node:8000"),
+    ("http://127.0.0.1:80x0", "port is not a number"),
+    (f"http://127.0.0.1:1/?api_key={SECRET}", "must not carry a query string"),
+])
+def test_bad_urls_are_one_line_and_never_show_a_key(tmp_path, url, message):
+    cli = CliRunner().invoke(tracer_cli, ["collect", "--url", url, "--output",
+                                          str(tmp_path / "run"), "--gpu", "A10"])
+    assert cli.exit_code == 2 and message in cli.output, cli.output
+    assert SECRET not in cli.output and "Traceback" not in cli.output
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(server, tmp_path):
+    state, url = server
+    host = url.removeprefix("http://")
+    client = VLLMClient(f"http://user:{SECRET}@{host}/")
+    assert client.base_url == url and client.session.auth == ("user", SECRET)
+    assert client.models()[0]["id"] == MODEL
+    cli = CliRunner().invoke(tracer_cli, [
+        "collect", "--url", f"http://user:{SECRET}@127.0.0.1:1", "--output",
+        str(tmp_path / "run"), "--gpu", "A10", "--timeout", "1"])
+    assert cli.exit_code == 2 and "cannot reach http://127.0.0.1:1" in cli.output, cli.output
+    assert SECRET not in cli.output
+
+
 def test_collect_end_to_end_with_gpu_sampling_then_calibrate(server, sshd, tmp_path):
     state, url = server
     state.fail_next = 0

@@ -21,10 +21,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from archive.errors import InputError
 
 LOREM = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
          "incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud "
@@ -74,6 +77,34 @@ class RequestResult:
                 "itl_p99_s": float(np.percentile(itl, 99))}
 
 
+def _split_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``url`` without credentials (what requests go to and errors may show), and the
+    ``user:password`` it carried (sent as HTTP basic auth, never shown).
+
+    Raises
+    ------
+    InputError
+        For a URL without an http(s) scheme or host, or with a query string (which could
+        carry a key into logs: use ``--api-key-env`` or ``--api-key-file``).
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError("expected a URL like http://node:8000 (with http:// or https://)",
+                         field="url")
+    if parts.query or parts.fragment:
+        raise InputError("the URL must not carry a query string; pass keys with --api-key-env "
+                         "or --api-key-file", field="url")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InputError("the URL's port is not a number", field="url") from None
+    host = parts.hostname + (f":{port}" if port else "")
+    clean = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    credentials = ((unquote(parts.username or ""), unquote(parts.password or ""))
+                   if parts.username or parts.password else None)
+    return clean, credentials
+
+
 class VLLMClient:
     """Talks to one vLLM server.
 
@@ -91,9 +122,11 @@ class VLLMClient:
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0,
                  retries: int = 3) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url, credentials = _split_url(base_url)
         self.timeout_s, self.retries = timeout_s, retries
         self.session = requests.Session()
+        if credentials:
+            self.session.auth = credentials
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
