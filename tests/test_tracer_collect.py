@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from fake_vllm import FakeState, FakeTiming, start
 from sshd import sshd_binary, start_sshd
 
+from archive.errors import InputError
 from archive.schema import GPU_SAMPLES
 from archive.validate import validate
 from tracer.cli import main as tracer_cli
@@ -154,6 +155,11 @@ def test_failures_are_recorded_and_resume_continues(server, tmp_path):
     kept = (out / "measurements.jsonl").read_text().splitlines()
     assert len(kept) == 3 and json.loads(kept[0])["error"] == "POST /v1/completions answered " \
                                                               "HTTP 500"
+    with pytest.raises(InputError, match="3 measured rows are already here; pass --resume"):
+        collect(VLLMClient(url), plan, setup, out)          # never deletes measurements
+    assert (out / "measurements.jsonl").read_text().splitlines() == kept
+    with open(out / "measurements.jsonl", "a") as log:       # a crash mid-line
+        log.write('{"sweep": "prefill", "n_inp')
     collect(VLLMClient(url), plan, setup, out, resume=True)
     m = pd.read_parquet(out / "measurements.parquet")
     keys = ["sweep", "n_input_tokens", "n_output_tokens_requested", "repetition"]
