@@ -332,3 +332,28 @@ def test_backlog_is_flagged_when_arrivals_outpace_service(azure, llama8b, a10):
             EngineConfig(max_num_seqs=4))[2]
     assert s["backlog"] and s["queue_last_tenth_s"] > 10 * s["queue_first_tenth_s"]
     assert not run(heavy, timing, ONE)[2]["backlog"]            # back to back: no arrivals
+
+
+def test_tpot_definition_and_billing_on_provisioned_time(tmp_path, azure):
+    """TPOT = (E2E − TTFT) / (n_out − 1), and `kavier efficiency` bills replicas × the whole
+    timeline (provisioned GPU time), not the busy time."""
+    import pyarrow.parquet as pq
+
+    from kavier.analysis.efficiency import read_run, report
+
+    pq.write_table(azure, tmp_path / "t.parquet")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(tmp_path / "t.parquet"),
+                                       "--gpu", "A100-80GB", "--replicas", "3",
+                                       "--output-folder", str(out), "--no-fragments",
+                                       "--no-opendc"])
+    assert result.exit_code == 0, result.output
+    r = pd.read_parquet(out / "requests.parquet")
+    many = r["n_output_tokens"] > 1
+    np.testing.assert_allclose(r.loc[many, "tpot_s"], (r.loc[many, "e2e_s"] - r.loc[many, "ttft_s"])
+                               / (r.loc[many, "n_output_tokens"] - 1), rtol=1e-9)
+    assert r.loc[~many, "tpot_s"].isna().all()
+    s = json.loads((out / "summary.json").read_text())
+    cost = report(read_run(out), price_per_gpu_hour=2.0)["cost"]
+    assert cost == pytest.approx(2.0 * 3 * s["timeline_s"] / 3600)
+    assert cost > 2.0 * s["gpu_hours"]              # idle replicas are paid for too
