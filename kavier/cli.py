@@ -33,6 +33,7 @@ from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, TimingParams, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig, block_size_for
+from kavier.sim.requests import timed_out
 from kavier.sim.simulation import simulate as run_engine
 from kavier.sim.stats import QUANTILES
 from kavier.sim.sustainability import CarbonTrace, Sustainability
@@ -669,7 +670,7 @@ def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
         ttft, tpot = [], []
 
         def keep(t):
-            ok = to_numpy(t.column("status").combine_chunks().indices) == 0
+            ok = ~timed_out(t)
             ttft.append(to_numpy(t.column("ttft_s"))[ok])
             tpot.append(to_numpy(t.column("tpot_s"), np.float64)[ok])
 

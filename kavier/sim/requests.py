@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from archive.arrow import from_numpy
+from archive.arrow import from_numpy, to_numpy
 
 REQUEST_COLUMNS = {
     "id": "row of the request in the trace (0-based)",
@@ -42,27 +42,40 @@ def _strings(words: list[str]) -> pa.Array:
 STATUS_VALUES = _strings([FINISHED, TIMEOUT])
 
 
-def request_table(rows: np.ndarray, sessions, replica, arrival, scheduled, queue, first, end,
-                  n_in, n_out, cached, preemptions, timed_out, kv_bytes_per_token) -> pa.Table:
-    """One table of :data:`REQUEST_COLUMNS` from per-request arrays (all of one length)."""
+def timed_out(table: pa.Table) -> np.ndarray:
+    """Which requests of a request-record table failed (``status == timeout``)."""
+    return to_numpy(table.column("status").combine_chunks().indices) == 1
+
+
+def request_table(rows: np.ndarray, sessions, n_in: np.ndarray, n_out: np.ndarray,
+                  record: dict[str, np.ndarray], kv_bytes_per_token: float) -> pa.Table:
+    """One table of :data:`REQUEST_COLUMNS` from per-request arrays (all of one length).
+
+    ``record`` is what an engine path returns per request: ``replica``, ``arrival_s``,
+    ``scheduled_s``, ``queue_s``, ``first_token_s``, ``end_s``, ``n_cached_tokens``,
+    ``preemptions`` and ``timed_out``; TTFT, TPOT and E2E are derived here.
+    """
+    arrival, first, end = record["arrival_s"], record["first_token_s"], record["end_s"]
+    failed = record["timed_out"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        tpot = np.where((n_out > 1) & ~timed_out, (end - first) / (n_out - 1), np.nan)
-    ttft = np.where(timed_out, np.nan, first - arrival)
+        tpot = np.where((n_out > 1) & ~failed, (end - first) / (n_out - 1), np.nan)
     columns = {"id": rows.astype(np.int64)}
     if sessions is not None:
         columns["session_id"] = sessions
     columns.update({
-        "replica": replica.astype(np.int64), "arrival_s": arrival, "scheduled_s": scheduled,
-        "queue_s": queue, "first_token_s": first, "end_s": end, "ttft_s": ttft,
-        "tpot_s": tpot, "e2e_s": end - arrival, "n_input_tokens": n_in,
-        "n_output_tokens": n_out, "n_cached_tokens": cached,
-        "preemptions": preemptions.astype(np.int64),
+        "replica": record["replica"].astype(np.int64), "arrival_s": arrival,
+        "scheduled_s": record["scheduled_s"], "queue_s": record["queue_s"],
+        "first_token_s": first, "end_s": end,
+        "ttft_s": np.where(failed, np.nan, first - arrival), "tpot_s": tpot,
+        "e2e_s": end - arrival, "n_input_tokens": n_in, "n_output_tokens": n_out,
+        "n_cached_tokens": record["n_cached_tokens"],
+        "preemptions": record["preemptions"].astype(np.int64),
     })
     arrays = [c if isinstance(c, pa.Array | pa.ChunkedArray) else from_numpy(
         np.ascontiguousarray(c)) for c in columns.values()]
     names = list(columns)
     status = pa.DictionaryArray.from_arrays(
-        from_numpy(timed_out.astype(np.int8)), STATUS_VALUES)
+        from_numpy(failed.astype(np.int8)), STATUS_VALUES)
     kv = from_numpy(np.round(kv_bytes_per_token * (n_in + n_out)).astype(np.int64))
     return pa.Table.from_arrays([*arrays, status, kv], names=[*names, "status",
                                                               "kv_cache_peak_bytes"])

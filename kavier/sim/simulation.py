@@ -95,8 +95,9 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     Raises
     ------
     InputError
-        For unsupported option combinations, a request whose KV cannot fit an empty pool, or
-        arrival times that are not finite.
+        For unsupported option combinations, or a request whose KV cannot fit an empty pool.
+    ValueError
+        For an unknown ``path``, or ``"stepped"`` with the thesis timing model.
     """
     config = resolve(config, timing.kv_cache)
     check_setup(timing, config, prefix)
@@ -115,7 +116,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     sessions = table.column("session_id") if "session_id" in table.column_names else None
     summary = Summary(config.replicas, timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
                       sustainability, slo_ttft_s, slo_tpot_s, config.back_to_back)
-    kv_block_bytes = timing.llm.kv_bytes_per_token * block_size if timing.kv_cache else 0.0
+    kv_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
 
     def steps(batch: pa.RecordBatch) -> None:
         on_steps(batch, summary.add_steps(batch))
@@ -124,11 +125,13 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         summary.add_requests(requests)
         on_requests(requests)
 
-    timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s, kv_block_bytes, steps)
-    kv_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
+    timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
+                        kv_per_token * block_size, steps)
     if path not in ("auto", "stepped"):
         raise ValueError(f"unknown engine path {path!r}")
-    if eligible(timing, config) and (path == "auto" or not isinstance(timing, RooflineTiming)):
+    if path == "stepped" and not isinstance(timing, RooflineTiming):
+        raise ValueError("the thesis timing model has no stepped path (no batch step)")
+    if eligible(timing, config) and path == "auto":
         itl = QuantileSketch()
         engine = FastPath(timing, config, blocks, block_size, prefix, timeline, itl)
         order = (np.argsort(arrival, kind="stable") if has_arrivals
@@ -139,8 +142,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
                               arrival[rows] if has_arrivals else None)
             timeline.flush()
             emit(request_table(rows, None if sessions is None else sessions.take(
-                from_numpy(rows)), n_in=n_in[rows], n_out=n_out[rows],
-                kv_bytes_per_token=kv_per_token, **_record(out)))
+                from_numpy(rows)), n_in[rows], n_out[rows], out, kv_per_token))
         counters = {"queries_tokens": engine.cache_queries, "hits_tokens": engine.cache_hits,
                     "evictions": engine.pool.evictions}
         used = "closed-form"
@@ -149,8 +151,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         out = engine.run(n_in, n_out, arrival, None if sessions is None
                          else np.asarray(sessions.to_numpy(zero_copy_only=False)))
         itl = engine.itl
-        emit(request_table(np.arange(n_in.size), sessions, n_in=n_in, n_out=n_out,
-                           kv_bytes_per_token=kv_per_token, **_record(out)))
+        emit(request_table(np.arange(n_in.size), sessions, n_in, n_out, out, kv_per_token))
         counters = engine.cache_counters()
         used = "stepped"
     result = summary.result()
@@ -158,13 +159,6 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     result.update({"engine_path": used, "kv_pool_blocks": blocks, "block_size": block_size,
                    "prefix_cache": _cache_stats(prefix, counters, summary)})
     return result
-
-
-def _record(out: dict) -> dict:
-    return {"replica": out["replica"], "arrival": out["arrival_s"],
-            "scheduled": out["scheduled_s"], "queue": out["queue_s"],
-            "first": out["first_token_s"], "end": out["end_s"], "cached": out["n_cached_tokens"],
-            "preemptions": out["preemptions"], "timed_out": out["timed_out"]}
 
 
 def _cache_stats(prefix: PrefixCache | None, counters: dict, summary: Summary) -> dict | None:

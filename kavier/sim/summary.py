@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from archive.arrow import column, to_numpy
+from kavier.sim.requests import timed_out
 from kavier.sim.stats import QuantileSketch
 
 
@@ -49,7 +50,7 @@ class Summary:
         if not t.num_rows:
             return
         c = self.counts
-        failed = to_numpy(t.column("status").combine_chunks().indices) == 1
+        failed = timed_out(t)
         ok = ~failed
         n_in = column(t, "n_input_tokens", np.int64)
         n_out = column(t, "n_output_tokens", np.int64)
