@@ -31,8 +31,8 @@ from kavier.export.run import ExportOptions, RunOutput
 from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, TimingParams, make_timing
-from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig
-from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig, block_size_for
+from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
+from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig
 from kavier.sim.requests import timed_out
 from kavier.sim.simulation import simulate as run_engine
 from kavier.sim.stats import QUANTILES
@@ -118,10 +118,6 @@ def _specs(llm: str, gpu: str, llm_lib: str | None, gpu_lib: str | None):
     return llm_library(llm_lib).get(llm), gpu_library(gpu_lib).get(gpu)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-").removesuffix("-s")
-
-
 def _given(name: str) -> bool:
     """Whether the option ``name`` was given on the command line (not its default)."""
     source = click.get_current_context().get_parameter_source(name)
@@ -133,7 +129,7 @@ def _reject_unused(pairs) -> None:
     ``pairs`` of (parameter name, condition under which it is unused, reason)."""
     for name, unused, why in pairs:
         if unused and _given(name):
-            raise InputError(f"{_flag(name)} has no effect {why}", field=_flag(name)[2:])
+            raise InputError(f"{flag(name)} has no effect {why}", field=flag(name)[2:])
 
 
 def engine_options(command):
@@ -141,7 +137,7 @@ def engine_options(command):
     default and help text (the dataclass is the one home of both)."""
     for f in reversed(fields(EngineConfig)):
         meta, default = f.metadata, f.default
-        flag = _flag(f.name)
+        name = flag(f.name)
         if f.name == "back_to_back":
             option = click.option("--back-to-back/--arrivals", "back_to_back", default=default,
                                   show_default=True, help=meta["help"])
@@ -149,14 +145,14 @@ def engine_options(command):
             option = click.option("--chunked-prefill/--no-chunked-prefill", f.name,
                                   default=None, help=meta["help"])
         elif "choices" in meta:
-            option = click.option(flag, f.name, type=click.Choice(meta["choices"]),
+            option = click.option(name, f.name, type=click.Choice(meta["choices"]),
                                   default=default, show_default=True, help=meta["help"])
         else:
             kind = click.IntRange if "int" in str(f.type) else click.FloatRange
             bounds = {"min": meta.get("min"), "max": meta.get("max")}
             if kind is click.FloatRange:
                 bounds["min_open"] = bool(meta.get("min_open"))
-            option = click.option(flag, f.name, type=kind(**bounds), default=default,
+            option = click.option(name, f.name, type=kind(**bounds), default=default,
                                   show_default=default is not None, help=meta["help"])
         command = option(command)
     return command
@@ -228,29 +224,22 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
     timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
                          kv_cache == "on")
     exact = prefix_cache_policy in ("prefill", "full")
-    for given, flag in ((max_cached_prompts is not None and not exact, "max-cached-prompts"),
-                        (prefix_cache_min_tokens is not None and not exact,
-                         "prefix-cache-min-tokens"),
-                        (cache_scope != "global" and prefix_cache_policy == "none",
-                         "cache-scope")):
-        if given:
-            raise InputError(f"--{flag} has no effect with --prefix-cache-policy "
-                             f"{prefix_cache_policy}", field=flag)
+    why = f"with --prefix-cache-policy {prefix_cache_policy}"
+    _reject_unused([("max_cached_prompts", not exact, why),
+                    ("prefix_cache_min_tokens", not exact, why),
+                    ("cache_scope", cache_scope != "global" and prefix_cache_policy == "none",
+                     why)])
     workload = archive.read_trace(trace)
     prefix = None
     if prefix_cache_policy != "none":
-        prefix = PrefixCache(PrefixCacheConfig(prefix_cache_policy, prefix_cache_min_tokens or 256,
-                                               max_cached_prompts, cache_scope, block_size),
-                             workload.content, workload.session_ids())
+        given = {} if prefix_cache_min_tokens is None else {"min_tokens": prefix_cache_min_tokens}
+        config = PrefixCacheConfig(prefix_cache_policy, max_cached_prompts=max_cached_prompts,
+                                   scope=cache_scope, block_size=block_size, **given)
+        prefix = PrefixCache(config, workload.content, workload.session_ids())
         block = prefix.block_size
-    elif workload.content is not None and block_size is None:
-        block = block_size_for(None, workload.content) if (
-            workload.content.kind == "tokens" or workload.content.block_size) else (
-            VLLM_BLOCK_SIZE)
-    else:
-        block = block_size or VLLM_BLOCK_SIZE
-    if block < 1:
-        raise InputError(f"block size must be >= 1 token, got {block}", field="block-size")
+    else:            # without a prefix cache a trace's hash_ids still say their block size
+        trace_block = workload.content.block_size if workload.content is not None else None
+        block = block_size or trace_block or VLLM_BLOCK_SIZE
     return timing, workload, prefix, block, profile
 
 

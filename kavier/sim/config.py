@@ -90,15 +90,18 @@ class EngineConfig:
                 continue
             if value < low or (f.metadata.get("min_open") and value == low) or (
                     "max" in f.metadata and value > f.metadata["max"]):
-                raise InputError(f"{f.name} = {value} is out of range", field=_flag(f.name))
+                raise InputError(f"{f.name} = {value} is out of range",
+                                 field=flag(f.name)[2:])
 
     def to_dict(self) -> dict:
         """Plain dict (for the run summary)."""
         return asdict(self)
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-").removesuffix("-s")
+def flag(name: str) -> str:
+    """The command-line option of config field ``name``: ``request_timeout_s`` →
+    ``--request-timeout`` (underscores to dashes, the unit suffix ``_s`` dropped)."""
+    return "--" + name.replace("_", "-").removesuffix("-s")
 
 
 def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
