@@ -101,8 +101,7 @@ class Summary:
             self.sus.carbon.check_covers(float(get["start_s"].min()),
                                          float((get["start_s"] + duration).max()))
             self.work["co2_busy_g"] += float(power["co2_g"].sum())
-            self.work["busy_ci_s"] += float(self.sus.carbon.integral(
-                get["start_s"], get["start_s"] + duration).sum())
+            self.work["busy_ci_s"] += float(power["carbon_s"].sum())
         return power
 
     def result(self) -> dict:
@@ -167,7 +166,7 @@ class Summary:
             if end > 0:
                 sus.carbon.check_covers(0.0, end)
             idle_ci = self.replicas * float(sus.carbon.integral(0.0, end)) - w["busy_ci_s"]
-            idle_co2 = sus.idle_w() * sus.pue * idle_ci / 3.6e6
+            idle_co2 = float(sus.co2_of(sus.idle_w(), idle_ci))
             out["co2_g"] = w["co2_busy_g"] + idle_co2
             out["co2_idle_g"] = idle_co2
         return out

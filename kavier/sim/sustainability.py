@@ -108,7 +108,11 @@ class Sustainability:
     def co2_g(self, power_w, t0, t1) -> np.ndarray:
         """Emissions of constant IT power ``power_w`` from ``t0`` to ``t1`` simulated seconds,
         g (facility energy, eq. 4.7 integrated)."""
-        return power_w * self.pue * self.carbon.integral(t0, t1) / J_PER_KWH
+        return self.co2_of(power_w, self.carbon.integral(t0, t1))
+
+    def co2_of(self, power_w, carbon_s) -> np.ndarray:
+        """Emissions of IT power ``power_w`` over ``carbon_s = ∫ CI dt`` (gCO2/kWh × s), g."""
+        return power_w * self.pue * carbon_s / J_PER_KWH
 
     def utilization(self, compute_s, memory_s, duration_s) -> np.ndarray:
         """Utilization the power model sees for intervals of these costs."""
@@ -117,12 +121,13 @@ class Sustainability:
 
     def intervals(self, start_s, duration_s, compute_s, memory_s) -> dict[str, np.ndarray]:
         """Per interval: ``utilization``, ``power_w``, GPU ``energy_j`` and, with a carbon
-        trace, ``co2_g``."""
+        trace, ``co2_g`` and ``carbon_s`` (``∫ CI dt`` over the interval, gCO2/kWh × s)."""
         u = self.utilization(compute_s, memory_s, duration_s)
         watts = self.power.power_w(u)
         out = {"utilization": u, "power_w": watts, "energy_j": watts * duration_s}
         if self.carbon is not None:
-            out["co2_g"] = self.co2_g(watts, start_s, start_s + duration_s)
+            out["carbon_s"] = self.carbon.integral(start_s, start_s + duration_s)
+            out["co2_g"] = self.co2_of(watts, out["carbon_s"])
         return out
 
     def idle_w(self) -> float:
