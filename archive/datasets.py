@@ -42,19 +42,25 @@ def dataset_dir(name: str) -> Path:
     return path
 
 
-def folder_main_table(path: str | Path) -> Path | None:
-    """The main table of the dataset folder ``path`` (from its ``dataset.json``), or None when
-    ``path`` is not a dataset folder."""
-    path = Path(path)
+def _folder_card(path: Path) -> dict | None:
+    """The ``dataset.json`` of the dataset folder ``path`` (with a ``main_table``), or None
+    when ``path`` is not a dataset folder.
+
+    Raises
+    ------
+    InputError
+        When the card is not valid JSON or names no main table.
+    """
     card = path / "dataset.json"
     if not (path.is_dir() and card.is_file()):
         return None
     try:
-        return path / json.loads(card.read_text())["main_table"]
+        meta = json.loads(card.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno}", path=card) from None
-    except (KeyError, TypeError):
-        raise InputError("no main_table", path=card, field="main_table") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("main_table"), str):
+        raise InputError("no main_table", path=card, field="main_table")
+    return meta
 
 
 def info(name: str) -> dict:
@@ -83,21 +89,21 @@ def resolve(source: str | Path, aliases: dict[str, Path] | None = None,
     path = Path(source)
     if aliases and str(source).upper() in aliases and not path.exists():
         return aliases[str(source).upper()]
-    if folder_main_table(path) is not None:
-        return verified(path, json.loads((path / "dataset.json").read_text())["main_table"])
+    if (meta := _folder_card(path)) is not None:
+        return verified(path, meta)
     if path.exists():
         return path
     if str(source) in list_datasets():
-        return verified(dataset_dir(str(source)), info(str(source))["main_table"])
+        return verified(dataset_dir(str(source)), info(str(source)))
     known = f"datasets: {', '.join(list_datasets())}"
     if aliases:
         known += f"; {alias_kind}: {', '.join(sorted(aliases))}"
     raise InputError(f"no such file or bundled dataset ({known})", path=source)
 
 
-def verified(folder: Path, name: str) -> Path:
-    """``folder / name`` (a file of a dataset folder) after checking it against the SHA-256 in
-    the folder's ``dataset.json``; files without a recorded checksum pass unchecked.
+def verified(folder: Path, meta: dict) -> Path:
+    """The main table of the dataset ``folder`` after checking it against the SHA-256 its
+    ``dataset.json`` (``meta``) records; a table without a recorded checksum passes unchecked.
 
     Raises
     ------
@@ -106,9 +112,8 @@ def verified(folder: Path, name: str) -> Path:
     """
     from archive.cards import file_sha256
 
-    table = Path(folder) / name
-    sums = json.loads((Path(folder) / "dataset.json").read_text()).get("sha256") or {}
-    expected = sums.get(name)
+    table = Path(folder) / meta["main_table"]
+    expected = (meta.get("sha256") or {}).get(meta["main_table"])
     if expected is not None and table.is_file() and file_sha256(table) != expected:
         raise InputError("SHA-256 differs from its dataset.json (the file changed); run "
                          "archive validate", path=table)
