@@ -156,8 +156,11 @@ def _read_table(path: Path) -> tuple[list[str], Callable[[str], np.ndarray], int
         import pandas as pd
 
         if kind == "JSON Lines":
-            _check_json_lines(path)
-            df, first_line = pd.read_json(path, lines=True, dtype=False), 1
+            try:
+                df, first_line = pd.read_json(path, lines=True, dtype=False), 1
+            except (ValueError, TypeError) as exc:
+                _check_json_lines(path)          # names the bad line (pandas gives a byte)
+                raise ValueError(str(exc)) from None
         else:
             df, first_line = pd.read_csv(path, keep_default_na=False), 2
         return list(df.columns), lambda c: df[c].to_numpy(), first_line, None
@@ -182,7 +185,8 @@ def _unique_columns(names: list[str], path: Path) -> None:
 
 def _check_json_lines(path: Path) -> None:
     """Raise :class:`InputError` naming the first line that is not one JSON object (pandas
-    reports a byte position)."""
+    reports a byte position, or fails with a TypeError on a line that is a list); called only
+    once pandas has failed."""
     import json
 
     with open(path, encoding="utf-8") as lines:
