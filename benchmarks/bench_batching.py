@@ -21,7 +21,7 @@ from kavier.sim.sustainability import Sustainability
 def run(label, table, config, block=16, prefix=None):
     timing = make_timing("roofline", llm_library().get("Llama-3-8B"),
                          gpu_library().get("A100-80GB"))
-    sus = Sustainability(PowerModel("linear", timing.gpu.idle_power_w, timing.gpu.max_power_w))
+    sus = Sustainability(PowerModel.linear_for(timing.gpu))
     start = time.perf_counter()
     s = simulate(table, timing, config, block, prefix, sus, lambda t: None, lambda b, p: None)
     wall = time.perf_counter() - start

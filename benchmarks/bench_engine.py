@@ -32,7 +32,7 @@ from kavier.sim.sustainability import Sustainability
 
 
 def timed(label: str, table: pa.Table, timing, config: EngineConfig) -> None:
-    sus = Sustainability(PowerModel("linear", timing.gpu.idle_power_w, timing.gpu.max_power_w))
+    sus = Sustainability(PowerModel.linear_for(timing.gpu))
     start = time.perf_counter()
     s = simulate(table, timing, config, 16, None, sus, lambda t: None, lambda b, p: None)
     wall = time.perf_counter() - start

@@ -59,7 +59,7 @@ def replay(folder: Path, gpu: str, params: TimingParams) -> tuple[dict, dict]:
                           num_gpu_blocks=meta.get("kv_cache", {}).get("num_gpu_blocks"))
     table = pa.table({"n_input_tokens": m["n_in"], "n_output_tokens": m["n_out"],
                       "arrival_s": m["arrival_s"]})
-    sus = Sustainability(PowerModel("linear", timing.gpu.idle_power_w, timing.gpu.max_power_w))
+    sus = Sustainability(PowerModel.linear_for(timing.gpu))
     tables = []
     summary = simulate(table, timing, config, meta.get("kv_cache", {}).get("block_size", 16),
                        None, sus, tables.append, lambda b, p: None)

@@ -643,16 +643,13 @@ def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
     (doubling, then bisection over simulations), and its cost per million tokens."""
     from dataclasses import replace
 
-    from kavier.models.power import PowerModel as _PowerModel
-
     if options["slo_ttft"] is None and options["slo_tpot"] is None:
         raise InputError("give --slo-ttft and/or --slo-tpot", field="slo-ttft")
     if options["replicas"] != 1:
         raise InputError("capacity searches the replica count; do not pass --replicas",
                          field="replicas")
     timing, workload, table, prefix, block, config, _, slos = _common(options)
-    sus = Sustainability(_PowerModel("linear", timing.gpu.idle_power_w,
-                                     timing.gpu.max_power_w))
+    sus = Sustainability(PowerModel.linear_for(timing.gpu))
     tried: dict[int, dict] = {}
 
     def meets(n: int) -> bool:

@@ -33,7 +33,7 @@ def mooncake():
 
 
 def linear(gpu):
-    return Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
+    return Sustainability(PowerModel.linear_for(gpu))
 
 
 def run(table, timing, config, block=16, prefix=None, sus=None, path="auto"):

@@ -110,7 +110,7 @@ ONE_AT_A_TIME = EngineConfig(max_num_seqs=1, back_to_back=True, num_gpu_blocks=1
 
 
 def _sustainability(gpu) -> Sustainability:
-    return Sustainability(PowerModel("linear", gpu.idle_power_w, gpu.max_power_w))
+    return Sustainability(PowerModel.linear_for(gpu))
 
 
 def speed(out: RunWriter, quick: bool = False, **_) -> dict:

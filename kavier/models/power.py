@@ -93,6 +93,12 @@ class PowerModel:
             raise InputError(f"shape parameter of '{self.name}' must be > 0, got {self.shape}",
                              field="power-model")
 
+    @classmethod
+    def linear_for(cls, gpu) -> PowerModel:
+        """The default model of a GPU: linear between its library ``idle_power_w`` and
+        ``max_power_w`` (what ``kavier simulate`` uses without a power option or profile)."""
+        return cls("linear", gpu.idle_power_w, gpu.max_power_w)
+
     def power_w(self, utilization) -> np.ndarray:
         """Power in W at utilization ``u`` (array, fractions in [0, 1]; clipped)."""
         u = np.clip(np.asarray(utilization, dtype=np.float64), 0.0, 1.0)
