@@ -34,7 +34,7 @@ def check_setup(timing, config: EngineConfig, prefix: PrefixCache | None) -> Non
     ------
     InputError
     """
-    if not isinstance(timing, RooflineTiming) and not eligible(timing, config):
+    if not isinstance(timing, RooflineTiming) and not eligible(config):
         raise InputError("the thesis timing model (eqs. 4.2-4.6) has no batch step: it runs "
                          "one request at a time on one replica without a timeout; use "
                          "--timing-model roofline", field="timing-model")
@@ -131,7 +131,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         raise ValueError(f"unknown engine path {path!r}")
     if path == "stepped" and not isinstance(timing, RooflineTiming):
         raise ValueError("the thesis timing model has no stepped path (no batch step)")
-    if eligible(timing, config) and path == "auto":
+    if eligible(config) and path == "auto":
         itl = QuantileSketch()
         engine = FastPath(timing, config, blocks, block_size, prefix, timeline, itl)
         order = (np.argsort(arrival, kind="stable") if has_arrivals

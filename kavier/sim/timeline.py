@@ -41,7 +41,9 @@ STEP_COLUMNS = {
 }
 """Columns of ``steps.parquet`` (one row per interval), in order."""
 
-_BASE = list(STEP_COLUMNS)[:-2]
+_DERIVED = ("kv_cache_bytes", "mfu", "mbu")
+_GIVEN = [k for k in STEP_COLUMNS if k not in _DERIVED]
+"""The columns an engine supplies; the rest are derived here."""
 FLUSH_INTERVALS = 65_536
 
 
@@ -98,7 +100,7 @@ class Timeline:
         """Many intervals at once (the fast path): arrays for every column of
         :data:`STEP_COLUMNS` but ``kv_cache_bytes``, ``mfu`` and ``mbu``."""
         self.flush()
-        self._emit({k: np.asarray(columns[k]) for k in _BASE if k != "kv_cache_bytes"})
+        self._emit({k: np.asarray(columns[k]) for k in _GIVEN})
 
     def flush(self) -> None:
         """Hand on the intervals collected so far."""
@@ -106,8 +108,7 @@ class Timeline:
             return
         cols = list(zip(*self._rows, strict=True))
         self._rows = []
-        names = [k for k in _BASE if k != "kv_cache_bytes"]
-        self._emit({k: np.asarray(v) for k, v in zip(names, cols, strict=True)})
+        self._emit({k: np.asarray(v) for k, v in zip(_GIVEN, cols, strict=True)})
 
     def _emit(self, c: dict[str, np.ndarray]) -> None:
         if not c["start_s"].size:
