@@ -22,8 +22,10 @@ def load(name: str) -> pd.DataFrame:
     """Load the main table of a bundled dataset (or dataset folder, or file) as a DataFrame.
 
     Measurement datasets give the :data:`archive.schema.MEASUREMENTS` columns, workload datasets
-    the :data:`archive.schema.WORKLOAD` columns, carbon datasets ``timestamp`` and
-    ``carbon_intensity`` (its first country; see :func:`archive.carbon.read_carbon`).
+    the :data:`archive.schema.WORKLOAD` columns, serving runs the :data:`archive.schema.SERVING`
+    columns (:func:`archive.serving.read_serving` has their engine section too), carbon
+    datasets ``timestamp`` and ``carbon_intensity`` (its first country; see
+    :func:`archive.carbon.read_carbon`).
 
     Raises
     ------
@@ -38,6 +40,10 @@ def load(name: str) -> pd.DataFrame:
         from archive.carbon import read_carbon
 
         return read_carbon(path)
+    if kind == "serving":
+        from archive.serving import read_serving
+
+        return read_serving(name).requests
     if kind != "measurements":
         return read_workload(path)
     import pandas as pd  # here: ``import archive`` must not cost pandas' import

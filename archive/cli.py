@@ -56,21 +56,59 @@ def rebuild(name):
     click.echo(f"wrote {out}")
 
 
+_SERVING_OPTIONS = {"gpu": ("llmservingsim",), "workload": ("llmservingsim",),
+                    "engine": ("vllm-bench",)}
+"""Import options that only some kinds take (any other kind rejects them)."""
+
+
 @main.command("import")
 @click.argument("kind", type=click.Choice(["azure", "mooncake", "burstgpt", "marconi",
-                                           "carbon"]))
-@click.argument("src", type=click.Path(dir_okay=False))
+                                           "carbon", "llmservingsim", "vllm-bench"]))
+@click.argument("src", type=click.Path(exists=True))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--drop-invalid", is_flag=True,
-              help="Drop bad rows (counted per reason in dataset.json) instead of stopping.")
+              help="Drop bad rows (counted per reason in dataset.json) instead of stopping "
+                   "(workload traces only).")
 @click.option("--name", default=None, help="Dataset name [default: DEST's folder name].")
+@click.option("--gpu", default=None, help="llmservingsim: the GPU, when meta.json does not "
+              "record hardware.device_name.")
+@click.option("--workload", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="llmservingsim: the JSON Lines workload that was sent (input_tok_ids), for "
+                   "the prompts' prefix-block hashes.")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="vllm-bench: JSON of the engine settings the result does not record "
+                   "(gpu, max_num_seqs, max_num_batched_tokens, ...).")
+@click.option("--licence", default="see source", help="Licence of the data, for the card.")
 @clean_errors
-def import_(kind, src, dest, drop_invalid, name):
-    """Convert a public trace into an archive dataset folder (Parquet, dataset.json, card)."""
+def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, licence):
+    """Convert a public trace or serving run into an archive dataset folder (Parquet,
+    dataset.json, card). SRC is a file, or for llmservingsim a run folder."""
+    from archive.errors import InputError
+
+    given = {"gpu": gpu, "workload": workload, "engine": engine}
+    for option, kinds in _SERVING_OPTIONS.items():
+        if given[option] is not None and kind not in kinds:
+            raise InputError(f"only for {', '.join(kinds)} imports", field=f"--{option}")
+    workload_kinds = ("azure", "mooncake", "burstgpt", "marconi")
+    if drop_invalid and kind not in workload_kinds:
+        raise InputError("only for workload traces", field="--drop-invalid")
+    if licence != "see source" and kind in workload_kinds:
+        raise InputError("a workload trace's licence is its publisher's (set by the importer)",
+                         field="--licence")
     if kind == "carbon":
         from archive.importers.carbon import import_carbon
 
-        meta = import_carbon(src, dest, name)
+        meta = import_carbon(src, dest, name, licence)
+    elif kind == "llmservingsim":
+        from archive.importers.serving import import_llmservingsim
+
+        meta = import_llmservingsim(src, dest, name, gpu, workload, licence)
+    elif kind == "vllm-bench":
+        from archive.importers.serving import import_vllm_bench
+
+        if engine is None:
+            raise InputError("vllm-bench imports need the engine settings", field="--engine")
+        meta = import_vllm_bench(src, dest, engine, name, licence)
     else:
         from archive.importers.workloads import import_workload
 
@@ -79,6 +117,9 @@ def import_(kind, src, dest, drop_invalid, name):
     click.echo(f"wrote {dest}: {meta['rows']:,} rows" + (f", {dropped:,} dropped ("
                + ", ".join(f"{n:,} {r}" for r, n in meta["dropped_rows"].items()) + ")"
                                                          if dropped else ""))
+    if meta.get("engine", {}).get("assumed"):
+        click.echo(f"not recorded by the run, vLLM defaults assumed: "
+                   f"{', '.join(meta['engine']['assumed'])}")
 
 
 @main.command()

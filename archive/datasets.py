@@ -101,6 +101,17 @@ def resolve(source: str | Path, aliases: dict[str, Path] | None = None,
     raise InputError(f"no such file or bundled dataset ({known})", path=source)
 
 
+def kind_of(source: str | Path) -> str | None:
+    """The ``kind`` of the dataset ``source`` names (a bundled name or a dataset folder), or
+    None for a plain file or an unknown name."""
+    path = Path(source)
+    if (meta := _folder_card(path)) is not None:
+        return meta.get("kind")
+    if not path.exists() and str(source) in list_datasets():
+        return info(str(source)).get("kind")
+    return None
+
+
 def verified(folder: Path, meta: dict) -> Path:
     """The main table of the dataset ``folder`` after checking it against the SHA-256 its
     ``dataset.json`` (``meta``) records; a table without a recorded checksum passes unchecked.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
-"""Schema versions this toolkit reads (1.1 added columns; 1.0 tables are a subset)."""
-"""1.1: measurements gained ITL/TPOT statistics, error and run_id; workloads gained sessions,
-turns and prompt content; GPU samples added. Readers accept 1.0 tables (a subset)."""
+SCHEMA_VERSION = "1.2"
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
+"""Schema versions this toolkit reads. 1.1: measurements gained ITL/TPOT statistics, error and
+run_id; workloads gained sessions, turns and prompt content; GPU samples added. 1.2: serving
+runs (requests under load with the engine's configuration, and a timeseries) added. Readers
+accept older tables (a subset)."""
 
 
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
@@ -121,8 +122,60 @@ CARBON = pa.schema(
 )
 """Carbon-intensity traces, OpenDC's carbon-trace columns."""
 
+SERVING = pa.schema(
+    [
+        _field("request_id", pa.string(), "The client's or engine's request id."),
+        _field("arrival_s", pa.float64(), "When the request reached the point the latencies "
+               "are measured from (the engine's queue, or the client's send; dataset.json "
+               "timestamps), s from the run's first arrival."),
+        _field("n_input_tokens", pa.int64(), "Prompt tokens (the server's tokenizer)."),
+        _field("n_output_tokens", pa.int64(), "Tokens generated, the first included."),
+        _field("scheduled_s", pa.float64(), "When the engine first scheduled the request, s "
+               "from the run's first arrival; null when not recorded.", nullable=True),
+        _field("first_token_s", pa.float64(), "When the first output token came out, s; null "
+               "when the request failed.", nullable=True),
+        _field("last_token_s", pa.float64(), "When the last output token came out, s; null "
+               "when the request failed.", nullable=True),
+        _field("ttft_s", pa.float64(), "Time to first token, first_token_s − arrival_s.",
+               nullable=True),
+        _field("tpot_s", pa.float64(), "Time per output token after the first, (last_token_s "
+               "− first_token_s) / (n_output_tokens − 1); null for one output token.",
+               nullable=True),
+        _field("e2e_s", pa.float64(), "End-to-end latency, last_token_s − arrival_s.",
+               nullable=True),
+        _field("itl_s", pa.list_(pa.float64()), "Inter-token latencies, s, when recorded.",
+               nullable=True),
+        _field("hash_ids", pa.list_(pa.int64()), "Prefix-block hashes of the prompt, one per "
+               "block of hash_block_size tokens, each naming the block and everything before "
+               "it (as in workloads); null when the prompt was not recorded.", nullable=True),
+        _field("error", pa.string(), "Why the request failed; null when it succeeded.",
+               nullable=True),
+    ],
+    metadata={"schema": "kavier-archive/serving", "version": SCHEMA_VERSION},
+)
+"""Serving runs: one row per request of a run under load. The engine's configuration is in
+``dataset.json`` (``engine``); a once-a-second timeseries may sit beside it."""
+
+SERVING_TIMESERIES = pa.schema(
+    [
+        _field("t_s", pa.float64(), "End of the sampling interval, s from the run's start."),
+        _field("prompt_throughput_tok_s", pa.float64(), "Prompt tokens computed per second.",
+               nullable=True),
+        _field("generation_throughput_tok_s", pa.float64(), "Tokens generated per second.",
+               nullable=True),
+        _field("num_requests_running", pa.int64(), "Requests running (vllm:"
+               "num_requests_running)."),
+        _field("num_requests_waiting", pa.int64(), "Requests waiting (vllm:"
+               "num_requests_waiting)."),
+        _field("kv_cache_usage_pct", pa.float64(), "KV-cache blocks in use, % of the pool "
+               "(vllm:kv_cache_usage_perc × 100).", nullable=True),
+    ],
+    metadata={"schema": "kavier-archive/serving-timeseries", "version": SCHEMA_VERSION},
+)
+"""The engine's state once a second during a serving run."""
+
 SCHEMAS = {"measurements": MEASUREMENTS, "workload": WORKLOAD, "gpu_samples": GPU_SAMPLES,
-           "carbon": CARBON}
+           "carbon": CARBON, "serving": SERVING}
 """Table kinds of the archive, by name."""
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from archive.cards import REQUIRED_KEYS, file_sha256
 from archive.schema import KNOWN_SCHEMA_VERSIONS, SCHEMAS
+from archive.serving import ENGINE_KEYS
 from archive.traces import MAX_TOKENS, content_lengths, turns_not_increasing
 
 
@@ -155,6 +156,20 @@ class _Checker:
         for column in ("n_input_tokens", "n_output_tokens"):
             self._tokens(b, offset, column)
 
+    def _serving(self, b, offset):
+        for column in ("n_input_tokens", "n_output_tokens"):
+            self._tokens(b, offset, column)
+        arrival = self._column(b, "arrival_s").to_numpy(zero_copy_only=False)
+        self.flag(~(np.isfinite(arrival) & (arrival >= 0)), offset,
+                  "a negative, NaN or infinite arrival_s")
+        error = self._column(b, "error")
+        ok = (np.ones(len(b), bool) if error is None
+              else pc.is_null(error).to_numpy(zero_copy_only=False))
+        ttft, e2e = (pc.fill_null(self._column(b, c), np.nan).to_numpy(zero_copy_only=False)
+                     for c in ("ttft_s", "e2e_s"))
+        self.flag(ok & ~(ttft >= 0), offset, "a missing or negative ttft_s (and no error)")
+        self.flag(ok & ~(e2e >= ttft), offset, "an e2e_s below ttft_s (and no error)")
+
     def _carbon(self, b, offset):
         stamps = self._column(b, "timestamp").cast(pa.int64()).to_numpy(zero_copy_only=False)
         previous = np.concatenate(([self.last_time if self.last_time is not None
@@ -178,6 +193,9 @@ def validate(path: str | Path) -> list[str]:
     schema = SCHEMAS.get(kind)
     if schema is None:
         return problems + [f"dataset.json: unknown kind {kind!r}; known: {', '.join(SCHEMAS)}"]
+    if kind == "serving":
+        problems += [f"dataset.json: engine.{key} is missing" for key in ENGINE_KEYS
+                     if key not in (meta.get("engine") or {})]
     tables = [f for f in meta.get("files", []) if f.endswith(".parquet")
               and (f == main or kind == "carbon")]
     if not main.endswith(".parquet"):

@@ -96,9 +96,11 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
 
     def initial_params(self) -> TimingParams:
         """The ``__init__`` values as :class:`TimingParams`."""
-        return TimingParams(self.compute_efficiency, self.memory_efficiency,
-                            self.request_overhead_s, self.token_overhead_s, self.prefill_floor_s,
-                            self.attention_efficiency, self.prefill_sharpness)
+        return TimingParams(
+            compute_efficiency=self.compute_efficiency, memory_efficiency=self.memory_efficiency,
+            request_overhead_s=self.request_overhead_s, token_overhead_s=self.token_overhead_s,
+            prefill_floor_s=self.prefill_floor_s, attention_efficiency=self.attention_efficiency,
+            prefill_sharpness=self.prefill_sharpness)
 
     def timing(self, params: TimingParams | None = None):
         """The timing model with ``params`` (default: fitted, else initial)."""

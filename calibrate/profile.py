@@ -99,7 +99,8 @@ class Profile:
 
 _RANGES = {
     "compute_efficiency": (0.0, 1.0, False), "memory_efficiency": (0.0, 1.0, False),
-    "attention_efficiency": (0.0, 1.0, True), "request_overhead_s": (0.0, None, False),
+    "attention_efficiency": (0.0, 1.0, True), "kv_memory_efficiency": (0.0, 1.0, True),
+    "request_overhead_s": (0.0, None, False),
     "token_overhead_s": (0.0, None, False), "prefill_floor_s": (0.0, None, True),
     "prefill_sharpness": (1.0, None, True), "batch_step_overhead_s": (0.0, None, False),
     "batch_seq_overhead_s": (0.0, None, False),

@@ -30,7 +30,7 @@ from kavier.export.output import run_folder
 from kavier.export.run import ExportOptions, RunOutput
 from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import POWER_MODELS, PowerModel
-from kavier.models.timing import TIMING_MODELS, TimingParams, make_timing
+from kavier.models.timing import TIMING_MODELS, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig
 from kavier.sim.requests import timed_out
@@ -211,7 +211,7 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
     """Timing, workload, prefix cache and block size from the common options."""
     from calibrate.profile import Profile
 
-    params, profile = TimingParams(), None
+    params, profile = None, None
     if profile_path:
         profile = Profile.read(profile_path)
         if gpu and gpu.lower() != profile.gpu.lower():
@@ -437,10 +437,37 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
               type=click.Path(file_okay=False))
 @click.option("--llm-library", type=click.Path(dir_okay=False), default=None)
 @click.option("--gpu-library", type=click.Path(dir_okay=False), default=None)
+@click.option("--fit", default=None,
+              help="Serving runs: timing parameters to fit, comma-separated "
+                   "[default: compute_efficiency,memory_efficiency,kv_memory_efficiency,"
+                   "batch_step_overhead_s,batch_seq_overhead_s].")
+@click.option("--split", type=float, default=None,
+              help="Serving runs: fit on the requests arriving in this first share of the run, "
+                   "score on the rest [0.5].")
+@click.option("--max-efficiency", type=float, default=None,
+              help="Serving runs: upper bound of every fitted efficiency [0.95].")
+@click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
+              help="Serving runs: replays the optimiser may run [400].")
+@click.option("--predict", multiple=True,
+              help="Serving runs: another serving run to predict with the fitted profile "
+                   "(repeatable).")
 @clean_errors
 def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, output_folder,
-              llm_library, gpu_library):
-    """Fit the timing model to measurements; write a profile and a validation report."""
+              llm_library, gpu_library, fit, split, max_efficiency, max_evaluations, predict):
+    """Fit the timing model to measurements (single-request sweeps, or a serving run under
+    load); write a profile and a validation report."""
+    from archive.datasets import kind_of
+
+    serving = {"fit": fit, "split": split, "max_efficiency": max_efficiency,
+               "max_evaluations": max_evaluations, "predict": predict or None}
+    if kind_of(dataset) == "serving":
+        _reject_unused([(name, True, "for a serving run (its engine section names them)")
+                        for name in ("setup_id", "llm", "gpu", "llm_library", "gpu_library")])
+        _reject_unused([("attention_efficiency", True, "for a serving run (use --fit)"),
+                        ("timing_model", True, "for a serving run (roofline only)")])
+        return _calibrate_serving(dataset, output_folder, **serving)
+    _reject_unused([(name, True, "for single-request measurements (serving runs only)")
+                    for name in serving])
     from archive.datasets import content_sha256
     from calibrate.batching import concurrent_groups, fit_batching
     from calibrate.estimator import TimingRegressor
@@ -500,6 +527,68 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                    f"{b['mape_after_pct']:.2f} %")
     click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in params.to_dict().items()
                                           if v is not None))
+    click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
+
+
+def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_evaluations,
+                       predict):
+    """``kavier calibrate --dataset <serving run>``: fit, report, profile."""
+    from archive.datasets import content_sha256
+    from calibrate.profile import Profile
+    from calibrate.serving import METRICS, SERVING_FIT_PARAMS, calibrate_serving
+    from calibrate.serving_report import (
+        predictions_table,
+        simulated_timeseries,
+        write_serving_report,
+    )
+
+    names = (tuple(p.strip() for p in fit.split(",") if p.strip()) if fit
+             else SERVING_FIT_PARAMS)
+    split = 0.5 if split is None else split
+    result = calibrate_serving(dataset, names, split,
+                               0.95 if max_efficiency is None else max_efficiency,
+                               max_evaluations or 400, tuple(predict or ()))
+    run, f = result.run, result.fit
+    engine = run.engine
+    table = predictions_table(result.measured, result.predicted, run.requests, result.mask)
+    ticks = (run.timeseries["t_s"].to_numpy() if run.timeseries is not None
+             else np.arange(1.0, float(result.predicted["end_s"].max()) + 1.0))
+    simulated = simulated_timeseries(result.predicted, result.steps,
+                                     result.summary["kv_pool_blocks"], ticks)
+    llm, gpu = llm_library().get(engine["llm"]).name, gpu_library().get(engine["gpu"]).name
+    profile = Profile(
+        gpu=gpu, llm=llm, engine=f"{engine['name']} {engine['version']}",
+        timing_model="roofline", params=f.params,
+        mape_pct={"fit": f.after["fit"], "heldout": f.after["heldout"],
+                  "defaults_heldout": f.before["heldout"]},
+        datasets=[dataset], data_sha256=content_sha256(run.requests[[
+            "request_id", "arrival_s", "n_input_tokens", "n_output_tokens", *METRICS]]),
+        cv=f"fit on the requests arriving in the first {split:.0%} of the run, scored on the "
+           "rest", created=datetime.now(UTC).isoformat(timespec="seconds"),
+        toolkit_version=toolkit_version())
+    scores = {"before": f.before, "after": f.after, "fitted": list(f.fitted),
+              "on_bound": f.on_bound, "evaluations": f.evaluations,
+              "preemptions": {"predicted": result.summary["preemptions"]},
+              "predicted_runs": result.predicted_runs}
+    with run_folder(output_folder) as out:
+        write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
+                             result.predicted_runs)
+        out.json("summary.json", {"profile": "profile.json", "scores": "scores.json"})
+    click.echo(f"calibrated roofline model for {llm} on {gpu} on the serving run {dataset} "
+               f"({len(run.requests)} requests, {f.evaluations} replays)")
+    click.echo(f"{'per-request MAPE [%]':<36}{'TTFT':>8}{'TPOT':>8}{'E2E':>8}")
+    rows = [("defaults, held out", f.before["heldout"]), ("calibrated, fit", f.after["fit"]),
+            ("calibrated, held out", f.after["heldout"])]
+    rows += [(f"predicting {n}", s) for n, s in result.predicted_runs.items()]
+    for label, s in rows:
+        click.echo(f"{label[:35]:<36}" + "".join(
+            f"{s[m]['mape_pct']:>8.2f}" if s[m]["n"] else f"{'—':>8}"
+            for m in ("ttft_s", "tpot_s", "e2e_s")))
+    click.echo(f"preemptions: simulated {result.summary['preemptions']:,}")
+    click.echo("parameters: " + ", ".join(f"{k}={getattr(f.params, k):.4g}" for k in f.fitted))
+    if f.on_bound:
+        click.echo(f"warning: on a bound, not identified by this run: {', '.join(f.on_bound)}",
+                   err=True)
     click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
 
 

@@ -36,8 +36,14 @@ class TimingParams:
         ``C_e``, achieved fraction of the GPU's dense FP16 peak (thesis default 0.30, eq. 4.2,
         4.5; Recasens et al. 2025 report at most 30–35 %).
     memory_efficiency : float
-        ``M_e``, achieved fraction of peak DRAM bandwidth (thesis default 0.60, eq. 4.6;
-        Recasens et al. measure 57.6 % on average).
+        ``M_e``, achieved fraction of peak DRAM bandwidth when streaming the weights (thesis
+        default 0.60, eq. 4.6; Recasens et al. measure 57.6 % on average).
+    kv_memory_efficiency : float or None
+        Roofline only: ``M_kv``, achieved fraction of peak bandwidth when reading and writing
+        the KV cache. Paged-attention kernels stream many sequences' KV blocks at once and
+        reach a different (under batched decode, higher) fraction of peak than the weight
+        GEMVs of a small batch, so one efficiency cannot fit both (vLLM serving runs under
+        load, docs/calibration.md); ``None`` means ``memory_efficiency``.
     request_overhead_s : float
         ``O``, fixed time per request outside the GPU passes: HTTP, tokenization,
         detokenization and streaming (thesis default 25 ms, eq. 4.2). The simulator charges it
@@ -71,6 +77,7 @@ class TimingParams:
 
     compute_efficiency: float = 0.30
     memory_efficiency: float = 0.60
+    kv_memory_efficiency: float | None = None
     request_overhead_s: float = 0.025
     token_overhead_s: float = 0.0
     prefill_floor_s: float | None = None
@@ -239,7 +246,9 @@ class ThesisTiming(_TimingBase):
 class RooflineTiming(_TimingBase):
     """Per-forward-pass roofline model.
 
-    Let ``F' = F · C_e`` and ``B' = B · M_e`` be the achieved FLOP/s and bytes/s, ``P_mm`` the
+    Let ``F' = F · C_e`` be the achieved FLOP/s, ``B' = B · M_e`` the achieved bytes/s of
+    weight streaming and ``B'_kv = B · M_kv`` that of KV-cache traffic
+    (``kv_memory_efficiency``), ``P_mm`` the
     parameters used in a matrix multiply for every token (all but embeddings), ``L`` layers,
     ``d_attn = n_heads × head_dim``, ``W`` weight bytes and ``kv`` KV bytes per token
     (eq. 4.1 with KV heads).
@@ -251,18 +260,18 @@ class RooflineTiming(_TimingBase):
       only compute logits where they sample; the third is ``QKᵀ`` and ``AV`` under a causal
       mask, which grows with n² (Chowdhery et al. 2022, PaLM, appendix B: ``4·L·d_attn`` per
       token per context position, halved on average by the causal mask).
-    * Memory time of a pass attending to ``c`` positions: ``floor + kv·c/B'``; ``floor`` is
+    * Memory time of a pass attending to ``c`` positions: ``floor + kv·c/B'_kv``; ``floor`` is
       the shortest a pass can take, by default one streaming of the weights ``W/B'`` (a pass
       cannot finish before every weight has been read), fittable as ``prefill_floor_s``.
     * Prefill: ``max(FLOPs/F', memory) + O`` (or a soft maximum, see
       ``TimingParams.prefill_sharpness``).
     * Decode with KV cache, one step per token after the first (the first token comes out of
       prefill), at context ``c = n_in + k``:
-      ``max((2·P_mm + 2·V·d + 4·L·d_attn·c)/F', floor + kv·c/B') + token_overhead`` (Williams
+      ``max((2·P_mm + 2·V·d + 4·L·d_attn·c)/F', floor + kv·c/B'_kv) + token_overhead`` (Williams
       et al. 2009, roofline; Recasens et al. 2025 for decode being bound by weights and KV
       reads). Summed in closed form (:func:`sum_max_linear`).
     * Decode without KV cache: every step re-runs a full forward pass over the ``c`` tokens so
-      far, ``max(FLOPs(c, 0)/F', floor + kv·c/B') + token_overhead``, summed in closed form
+      far, ``max(FLOPs(c, 0)/F', floor + kv·c/B'_kv) + token_overhead``, summed in closed form
       (the re-run writes and reads the K and V of all ``c`` positions, so it is never faster
       than a KV-cache step). Unlike the
       thesis's ``n(n+1)/2 · T_t``, short re-runs cost a weight streaming, not ``c`` decode
@@ -283,6 +292,11 @@ class RooflineTiming(_TimingBase):
     @property
     def _bytes_per_s(self) -> float:
         return self.gpu.bytes_per_s * self.params.memory_efficiency
+
+    @property
+    def _kv_bytes_per_s(self) -> float:
+        efficiency = self.params.kv_memory_efficiency or self.params.memory_efficiency
+        return self.gpu.bytes_per_s * efficiency
 
     @property
     def _attention_flops_per_position(self) -> float:
@@ -309,7 +323,7 @@ class RooflineTiming(_TimingBase):
         """Memory time of one forward pass that attends to ``n_context`` positions, s: the
         floor (one weight streaming) plus reading or writing their K and V."""
         return self.floor_s() + self.llm.kv_bytes_per_token * _as_array(n_context) / (
-            self._bytes_per_s)
+            self._kv_bytes_per_s)
 
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
         """Prefill time per request, s, including the front-end overhead ``O``.
@@ -344,7 +358,7 @@ class RooflineTiming(_TimingBase):
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         kv = self.llm.kv_bytes_per_token * (n + c)
-        memory = self.floor_s() + kv / self._bytes_per_s
+        memory = self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self._soft_max(compute, memory), matmul + attention,
                      self.llm.weight_bytes + kv, compute, memory)
 
@@ -366,7 +380,7 @@ class RooflineTiming(_TimingBase):
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         kv = self.llm.kv_bytes_per_token * float(np.sum(n + c))
-        memory = self.floor_s() + kv / self._bytes_per_s
+        memory = self.floor_s() + kv / self._kv_bytes_per_s
         high = (max(compute, memory) if n_decoding == n.size
                 else float(self._soft_max(compute, memory)))
         duration = (high + n_decoding * self.params.token_overhead_s
@@ -413,7 +427,7 @@ class RooflineTiming(_TimingBase):
             attention = a_pos * (m2 + m1) / 2.0
             kv = self.llm.kv_bytes_per_token * m1
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        memory = self.floor_s() + kv / self._bytes_per_s
+        memory = self.floor_s() + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
                      + self._batch_overhead_s(n))
         return Costs(durations, matmul + attention, self.llm.weight_bytes + kv, compute, memory)
@@ -437,7 +451,7 @@ class RooflineTiming(_TimingBase):
             attention = a_pos * (s2 + s1) / 2.0
             kv = kvb * s1
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        memory = m * self.floor_s() + kv / self._bytes_per_s
+        memory = m * self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
                      m * self.llm.weight_bytes + kv, compute, memory)
 
@@ -456,7 +470,7 @@ class RooflineTiming(_TimingBase):
         else:
             compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
                 self._attention_flops_per_s)
-        memory = self.floor_s() + kvb * c / self._bytes_per_s
+        memory = self.floor_s() + kvb * c / self._kv_bytes_per_s
         durations = np.maximum(compute, memory) + self.params.token_overhead_s
         return durations, np.ones(durations.size, np.int64)
 
@@ -478,7 +492,7 @@ class RooflineTiming(_TimingBase):
         llm = self.llm
         attn = self._attention_flops_per_position / self._attention_flops_per_s
         g0 = (2.0 * llm.matmul_params + llm.lm_head_flops) / self._flops_per_s + attn * n_in
-        m1 = llm.kv_bytes_per_token / self._bytes_per_s
+        m1 = llm.kv_bytes_per_token / self._kv_bytes_per_s
         return sum_max_linear(g0, attn, self.forward_memory_s(n_in), m1, steps)
 
     def _decode_kv_off(self, n_in, steps):
@@ -488,7 +502,7 @@ class RooflineTiming(_TimingBase):
         p = 2.0 * llm.matmul_params / self._flops_per_s
         lm = llm.lm_head_flops / self._flops_per_s
         a = self._attention_flops_per_position / self._attention_flops_per_s / 2.0
-        m1 = llm.kv_bytes_per_token / self._bytes_per_s
+        m1 = llm.kv_bytes_per_token / self._kv_bytes_per_s
         qa = p * n_in + lm + a * (n_in**2 + n_in)
         qb = p + a * (2.0 * n_in + 1.0)
         qc = a
@@ -509,10 +523,34 @@ class RooflineTiming(_TimingBase):
 
 TIMING_MODELS = {"thesis": ThesisTiming, "roofline": RooflineTiming}
 
+ROOFLINE_DEFAULTS = TimingParams(compute_efficiency=0.70, memory_efficiency=0.80,
+                                 kv_memory_efficiency=0.55)
+"""The library's roofline parameters for a GPU without a profile (``request_overhead_s``
+stays the thesis's 25 ms, the overheads 0).
+
+Re-derived from measurements rather than the thesis's 0.30 / 0.60, which describe one A10
+under eager PyTorch and leave current GPUs far too slow (an uncalibrated run overloads where
+the real GPU keeps up). The bundled vLLM 0.19 serving runs, fitted by ``kavier calibrate
+--dataset vllm-serving-…`` (docs/calibration.md), give compute 0.58–0.90 of the dense BF16
+peak, weight streaming 0.67–0.86 and KV streaming 0.55–0.76 of peak DRAM bandwidth (RTX PRO
+6000, RTX 4090); KV below weights on both, as paged attention gathers scattered blocks.
+Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth in batched decode on an H100. The
+values are round ones inside those ranges, picked on a coarse grid (0.05 steps,
+``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both runs,
+not fitted to either; the two GPUs' software maturity differs more than one set can cover."""
+
+
+def default_params(name: str) -> TimingParams:
+    """The parameters of timing model ``name`` when no profile is given: the thesis's
+    (eqs. 4.2–4.6: 0.30, 0.60, 25 ms) for ``thesis``, :data:`ROOFLINE_DEFAULTS` for
+    ``roofline``."""
+    return ROOFLINE_DEFAULTS if name == "roofline" else TimingParams()
+
 
 def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | None = None,
                 kv_cache: bool = True) -> ThesisTiming | RooflineTiming:
-    """Build the timing model called ``name`` (``thesis`` or ``roofline``).
+    """Build the timing model called ``name`` (``thesis`` or ``roofline``), with ``params``
+    or :func:`default_params`.
 
     Raises
     ------
@@ -524,4 +562,4 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
     except KeyError:
         raise ValueError(f"unknown timing model '{name}'; known: {', '.join(TIMING_MODELS)}"
                          ) from None
-    return cls(llm=llm, gpu=gpu, params=params or TimingParams(), kv_cache=kv_cache)
+    return cls(llm=llm, gpu=gpu, params=params or default_params(name), kv_cache=kv_cache)

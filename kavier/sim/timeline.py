@@ -35,7 +35,7 @@ STEP_COLUMNS = {
     "flops": "floating-point operations",
     "dram_bytes": "DRAM bytes read or written",
     "compute_s": "time the FLOPs take at the achieved compute rate F·C_e, s",
-    "memory_s": "time the bytes take at the achieved bandwidth B·M_e, s",
+    "memory_s": "time the bytes take at the achieved bandwidths (weights B·M_e, KV B·M_kv), s",
     "mfu": "model FLOPs utilization, FLOPs / (peak FLOP/s × duration)",
     "mbu": "model bandwidth utilization, bytes / (peak bytes/s × duration)",
 }

@@ -7,6 +7,7 @@ described straight from its Hugging Face ``config.json`` with :func:`llm_from_hf
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
 from dataclasses import MISSING, dataclass, fields
@@ -34,6 +35,8 @@ class LLMSpec:
         True when the LM head shares the input embedding matrix.
     source : str
         Where the figures come from.
+    aliases : tuple of str
+        Other names the entry answers to (Hugging Face model ids).
     """
 
     name: str
@@ -48,6 +51,7 @@ class LLMSpec:
     bytes_per_param: float = 2.0
     tie_word_embeddings: bool = False
     source: str = ""
+    aliases: tuple[str, ...] = ()
 
     @property
     def weight_bytes(self) -> float:
@@ -113,6 +117,8 @@ class GPUSpec:
         Maximum boost (SM) clock, MHz; OpenDC's unit of GPU capacity.
     source : str
         Where the figures come from.
+    aliases : tuple of str
+        Other names the entry answers to: the names ``nvidia-smi --query-gpu=name`` prints.
     """
 
     name: str
@@ -124,6 +130,7 @@ class GPUSpec:
     max_power_w: float
     boost_clock_mhz: float | None = None
     source: str = ""
+    aliases: tuple[str, ...] = ()
 
     @property
     def memory_bytes(self) -> float:
@@ -150,13 +157,17 @@ def _build(cls: type, name: str, entry: dict, path: str) -> LLMSpec | GPUSpec:
     missing = sorted(k for k in required if k not in entry)
     if missing:
         raise InputError(f"entry '{name}' lacks field(s) {missing}", path=path)
+    aliases = entry.pop("aliases", [])
+    if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+        raise InputError(f"entry '{name}': aliases must be a list of names", path=path,
+                         field="aliases")
     for key, value in entry.items():
         if key not in ("source", "vendor", "tie_word_embeddings") and (
             isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
         ):
             raise InputError(f"entry '{name}': must be a positive number, got {value!r}",
                              path=path, field=key)
-    return cls(name=name, **entry)
+    return cls(name=name, aliases=tuple(aliases), **entry)
 
 
 def _read_table_file(path: str | Path) -> dict:
@@ -201,12 +212,24 @@ class Library:
         return list(self._entries)
 
     def get(self, name: str) -> LLMSpec | GPUSpec:
-        """The spec called ``name`` (case-insensitive)."""
+        """The spec called ``name`` or one of its aliases (case-insensitive): ``RTX-4090``,
+        ``NVIDIA GeForce RTX 4090`` (as ``nvidia-smi`` prints it).
+
+        Raises
+        ------
+        InputError
+            For an unknown name, with the closest known names ("did you mean").
+        """
+        wanted = name.strip().lower()
         for key, spec in self._entries.items():
-            if key.lower() == name.lower():
+            if wanted in (key.lower(), *(a.lower() for a in spec.aliases)):
                 return spec
-        raise InputError(f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}",
-                         field=f"--{self.kind}")
+        names = {n.lower(): n for spec in self._entries.values()
+                 for n in (spec.name, *spec.aliases)}
+        close = [names[n] for n in difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise InputError(f"unknown {self.kind} '{name}'; {hint}known: "
+                         f"{', '.join(self.names())}", field=f"--{self.kind}")
 
 
 def _bundled(filename: str) -> Path:

@@ -1,0 +1,324 @@
+"""Import serving runs (requests measured under load) into archive datasets.
+
+Two formats:
+
+* ``llmservingsim``: the folders LLMServingSim (casys-kaist/LLMServingSim, ``bench/examples``)
+  records with vLLM: ``requests.jsonl`` (``request_id, input_toks, output_toks, arrival_time``
+  and the engine's monotonic ``queued_ts, scheduled_ts, first_token_ts, last_token_ts``),
+  ``meta.json`` (``engine_kwargs``, optional ``kv_cache`` and ``hardware``) and
+  ``timeseries.csv`` (``t, prompt_throughput, gen_throughput, running, waiting,
+  kv_cache_pct``), plus optionally the workload file that was sent (JSON Lines with
+  ``input_tok_ids``), from which the prompts' prefix-block hashes are computed. Latencies are
+  the engine's (TTFT = first_token − queued, as LLMServingSim scores them).
+* ``vllm-bench``: the JSON ``vllm bench serve --save-result --save-detailed`` writes
+  (``input_lens, output_lens, ttfts, itls, start_times, errors``; vLLM
+  ``vllm/benchmarks/serve.py``). Latencies are the client's; the engine settings the result
+  does not record come from a JSON file of :data:`archive.serving.ENGINE_KEYS`.
+
+Each import writes ``requests.parquet`` (:data:`archive.schema.SERVING`), ``timeseries.parquet``
+where there is one, the source files, ``dataset.json`` and the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from archive.cards import finish
+from archive.errors import InputError
+from archive.schema import SERVING, SERVING_TIMESERIES
+from archive.serving import ENGINE_KEYS
+
+VLLM_DEFAULTS = {"name": "vLLM", "tensor_parallel_size": 1, "block_size": 16,
+                 "num_gpu_blocks": None, "enable_prefix_caching": True,
+                 "enable_chunked_prefill": True}
+"""vLLM V1's defaults for the engine settings a run may not record (``--block-size`` 16;
+prefix caching and chunked prefill on in V1; the pool size unknown)."""
+HASH_BLOCK_SIZE = 16
+"""Tokens per prefix-block hash computed from token ids (vLLM's default block)."""
+
+
+def _json_lines(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"not valid JSON: {exc.msg}", path=path, row=i) from None
+            if not isinstance(row, dict):
+                raise InputError("expected a JSON object", path=path, row=i)
+            rows.append(row)
+    if not rows:
+        raise InputError("no requests", path=path)
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno}", path=path) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", path=path)
+    return data
+
+
+def _numbers(rows: list[dict], key: str, path: Path, integer: bool = False) -> np.ndarray:
+    """Column ``key`` of JSON rows as a float array, naming the first bad row."""
+    out = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(
+                value) or (integer and (value != int(value) or value < 0)):
+            what = "a non-negative integer" if integer else "a finite number"
+            raise InputError(f"expected {what}, got {value!r}", path=path, row=i + 1,
+                             field=key)
+        out[i] = value
+    return out
+
+
+def block_hashes(token_ids, block_size: int = HASH_BLOCK_SIZE) -> list[int]:
+    """Chained prefix-block hashes of a prompt: one per block of ``block_size`` token ids (the
+    last possibly partial), each the low 63 bits of a BLAKE2b of the previous hash and the
+    block's ids (non-negative, as archive hash ids are), so two prompts share their first ``k``
+    hashes exactly when they share their first ``k`` blocks (vLLM's block hashing,
+    ``vllm/v1/core/kv_cache_utils.py``, with BLAKE2b)."""
+    ids = np.asarray(token_ids, np.int64)
+    out, previous = [], b""
+    for start in range(0, ids.size, block_size):
+        digest = hashlib.blake2b(previous + ids[start:start + block_size].tobytes(),
+                                 digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") & (2**63 - 1))
+        previous = digest
+    return out
+
+
+def _requests_table(columns: dict) -> pa.Table:
+    n = len(columns["request_id"])
+    full = {f.name: columns.get(f.name, [None] * n) for f in SERVING}
+    return pa.Table.from_pydict(full, schema=SERVING)
+
+
+def _latencies(arrival, first, last, n_out) -> dict:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot = np.where(n_out > 1, (last - first) / (n_out - 1), np.nan)
+    return {"ttft_s": first - arrival, "tpot_s": tpot, "e2e_s": last - arrival}
+
+
+def _nan_to_none(values) -> list:
+    return [None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in values]
+
+
+def _write(dest: Path, requests: pa.Table, timeseries: pa.Table | None, sources: list[Path],
+           meta: dict) -> dict:
+    dest.mkdir(parents=True, exist_ok=True)
+    files = ["requests.parquet"]
+    tmp = dest / "requests.parquet.partial"
+    pq.write_table(requests, tmp)
+    tmp.replace(dest / "requests.parquet")
+    if timeseries is not None:
+        pq.write_table(timeseries, dest / "timeseries.parquet")
+        files.append("timeseries.parquet")
+    for src in sources:
+        if src.resolve() != (dest / src.name).resolve():
+            shutil.copyfile(src, dest / src.name)
+        files.append(src.name)
+    return finish(dest, {**meta, "kind": "serving", "main_table": "requests.parquet",
+                         "files": files})
+
+
+def _engine(given: dict, path: Path) -> dict:
+    """The engine section: ``given`` completed with :data:`VLLM_DEFAULTS`, the keys filled in
+    listed under ``assumed``."""
+    assumed = sorted(k for k in VLLM_DEFAULTS
+                     if given.get(k) is None and k not in ("name", "num_gpu_blocks"))
+    engine = {**VLLM_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    missing = [k for k in ENGINE_KEYS if k not in engine]
+    if missing:
+        raise InputError(f"the run does not record engine setting(s) {missing}", path=path)
+    return {**engine, "assumed": assumed}
+
+
+def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = None,
+                         gpu: str | None = None, workload: str | Path | None = None,
+                         licence: str = "see source", source: str | None = None) -> dict:
+    """Import an LLMServingSim vLLM run folder; returns the dataset metadata.
+
+    Parameters
+    ----------
+    src : folder with ``requests.jsonl`` and ``meta.json`` (``timeseries.csv`` optional)
+    dest : dataset folder to write
+    gpu : GPU name when ``meta.json`` has no ``hardware.device_name``
+    workload : the JSON Lines file that was sent (``input_tok_ids``), for prefix hashes
+
+    Raises
+    ------
+    InputError
+        Missing files or fields, bad values (naming file, line and field), no GPU name, or a
+        workload whose prompts do not match the requests.
+    """
+    src, dest = Path(src), Path(dest)
+    req_path, meta_path = src / "requests.jsonl", src / "meta.json"
+    for path in (req_path, meta_path):
+        if not path.is_file():
+            raise InputError("missing (an LLMServingSim run folder has requests.jsonl and "
+                             "meta.json)", path=path)
+    rows, meta = _json_lines(req_path), _read_json(meta_path)
+    n_in = _numbers(rows, "input_toks", req_path, integer=True).astype(np.int64)
+    n_out = _numbers(rows, "output_toks", req_path, integer=True).astype(np.int64)
+    queued, scheduled, first, last = (_numbers(rows, k, req_path) for k in (
+        "queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts"))
+    zero = queued.min()
+    columns = {"request_id": [str(r.get("request_id", i)) for i, r in enumerate(rows)],
+               "arrival_s": queued - zero, "n_input_tokens": n_in, "n_output_tokens": n_out,
+               "scheduled_s": scheduled - zero, "first_token_s": first - zero,
+               "last_token_s": last - zero, **_latencies(queued, first, last, n_out)}
+    columns["tpot_s"] = _nan_to_none(columns["tpot_s"])
+    if workload is not None:
+        columns["hash_ids"] = _workload_hashes(Path(workload), n_in)
+    kwargs, kv = meta.get("engine_kwargs") or {}, meta.get("kv_cache") or {}
+    device = (meta.get("hardware") or {}).get("device_name") or gpu
+    if device is None:
+        raise InputError("meta.json records no hardware.device_name; pass --gpu", path=meta_path,
+                         field="hardware.device_name")
+    engine = _engine({
+        "version": meta.get("vllm_version"), "model": meta.get("model"),
+        "llm": meta.get("model"), "gpu": device,
+        "gpu_count": (kwargs.get("tensor_parallel_size") or 1)
+        * (kwargs.get("data_parallel_size") or 1),
+        "dtype": kwargs.get("dtype"), "tensor_parallel_size": kwargs.get("tensor_parallel_size"),
+        "data_parallel_size": kwargs.get("data_parallel_size"),
+        "enable_expert_parallel": kwargs.get("enable_expert_parallel"),
+        "max_num_seqs": kwargs.get("max_num_seqs"),
+        "max_num_batched_tokens": kwargs.get("max_num_batched_tokens"),
+        "block_size": kv.get("block_size"), "num_gpu_blocks": kv.get("num_gpu_blocks"),
+        "gpu_memory_utilization": kv.get("gpu_memory_utilization"),
+        "enable_prefix_caching": kv.get("enable_prefix_caching"),
+        "enable_chunked_prefill": ((meta.get("resolved_config") or {}).get("scheduler_config")
+                                   or {}).get("enable_chunked_prefill"),
+        "timestamps": "engine"}, meta_path)
+    series_path = src / "timeseries.csv"
+    timeseries = _timeseries(series_path) if series_path.is_file() else None
+    sources = [p for p in (req_path, meta_path, series_path) if p.is_file()]
+    return _write(dest, _requests_table(columns), timeseries, sources, {
+        "name": name or dest.name, "version": "1.0.0",
+        "title": f"vLLM {engine['version']} serving {engine['model']} on {device} "
+                 f"({len(rows)} requests)",
+        "description": f"{len(rows):,} requests served under load by vLLM "
+                       f"{engine['version']} ({engine['model']}, {device}, max_num_seqs "
+                       f"{engine['max_num_seqs']}, max_num_batched_tokens "
+                       f"{engine['max_num_batched_tokens']}); the engine's per-request "
+                       "timestamps, recorded by LLMServingSim's benchmark harness.",
+        "creators": ["see source"], "licence": licence, "source": source or str(src),
+        "citation": "see source", "engine": engine, "time_origin": "the first queued request",
+        **({"hash_block_size": HASH_BLOCK_SIZE} if workload is not None else {})})
+
+
+def _workload_hashes(path: Path, n_in: np.ndarray) -> list[list[int]]:
+    rows = _json_lines(path)
+    if len(rows) != n_in.size:
+        raise InputError(f"{len(rows)} workload requests for {n_in.size} measured ones",
+                         path=path)
+    out = []
+    for i, (row, expected) in enumerate(zip(rows, n_in, strict=True)):
+        ids = row.get("input_tok_ids")
+        if not isinstance(ids, list) or len(ids) != expected:
+            got = len(ids) if isinstance(ids, list) else ids
+            raise InputError(f"expected {expected} token ids (input_toks of the request), got "
+                             f"{got!r}", path=path, row=i + 1, field="input_tok_ids")
+        out.append(block_hashes(ids))
+    return out
+
+
+def _timeseries(path: Path) -> pa.Table:
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read as CSV: {exc}", path=path) from None
+    renames = {"t": "t_s", "prompt_throughput": "prompt_throughput_tok_s",
+               "gen_throughput": "generation_throughput_tok_s",
+               "running": "num_requests_running", "waiting": "num_requests_waiting",
+               "kv_cache_pct": "kv_cache_usage_pct"}
+    missing = [c for c in renames if c not in df.columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", path=path)
+    df = df.rename(columns=renames)[list(renames.values())]
+    for column in df.columns:
+        values = pd.to_numeric(df[column], errors="coerce")
+        if values.isna().any() or (values < 0).any():
+            i = int((values.isna() | (values < 0)).to_numpy().argmax())
+            raise InputError(f"expected a non-negative number, got {df[column].iloc[i]!r}",
+                             path=path, row=i + 2, field=column)
+        df[column] = values
+    return pa.Table.from_pandas(df, schema=SERVING_TIMESERIES, preserve_index=False)
+
+
+def import_vllm_bench(src: str | Path, dest: str | Path, engine_file: str | Path,
+                      name: str | None = None, licence: str = "see source",
+                      source: str | None = None) -> dict:
+    """Import a ``vllm bench serve --save-result --save-detailed`` JSON; returns the metadata.
+
+    ``engine_file`` is a JSON object with the engine settings the result does not record
+    (:data:`archive.serving.ENGINE_KEYS`; at least ``gpu``, ``max_num_seqs`` and
+    ``max_num_batched_tokens``; ``llm`` defaults to the result's ``model_id``). Requests are
+    timed from the client's send (``start_times``): TTFT as measured, E2E = TTFT + Σ ITL.
+
+    Raises
+    ------
+    InputError
+        Missing or ragged per-request lists, bad values, or missing engine settings.
+    """
+    src, dest = Path(src), Path(dest)
+    result, given = _read_json(src), _read_json(Path(engine_file))
+    keys = ("input_lens", "output_lens", "ttfts", "itls", "start_times")
+    for key in keys:
+        if not isinstance(result.get(key), list):
+            raise InputError("missing: save the result with --save-detailed", path=src,
+                             field=key)
+    n = len(result["input_lens"])
+    for key in keys:
+        if len(result[key]) != n:
+            raise InputError(f"{len(result[key])} values for {n} requests", path=src, field=key)
+    errors = result.get("errors") or [""] * n
+    failed = np.array([bool(e) for e in errors])
+    rows = [{k: result[k][i] for k in keys} for i in range(n)]
+    start = _numbers(rows, "start_times", src)
+    n_in = _numbers(rows, "input_lens", src, integer=True).astype(np.int64)
+    n_out = _numbers(rows, "output_lens", src, integer=True).astype(np.int64)
+    ttft = np.array([np.nan if failed[i] else float(r["ttfts"]) for i, r in enumerate(rows)])
+    itl_sum = np.array([np.nan if failed[i] else float(np.sum(r["itls"]))
+                        for i, r in enumerate(rows)])
+    zero = start.min()
+    arrival = start - zero
+    first, last = arrival + ttft, arrival + ttft + itl_sum
+    lat = _latencies(arrival, first, last, n_out)
+    columns = {"request_id": [str(i) for i in range(n)], "arrival_s": arrival,
+               "n_input_tokens": n_in, "n_output_tokens": n_out,
+               "first_token_s": _nan_to_none(first), "last_token_s": _nan_to_none(last),
+               **{k: _nan_to_none(v) for k, v in lat.items()},
+               "itl_s": [None if failed[i] else [float(x) for x in r["itls"]]
+                         for i, r in enumerate(rows)],
+               "error": [str(e) if e else None for e in errors]}
+    engine = _engine({"version": result.get("vllm_version") or given.get("version"),
+                      "model": result.get("model_id"), "llm": result.get("model_id"),
+                      **given, "timestamps": "client"}, Path(engine_file))
+    return _write(dest, _requests_table(columns), None, [src], {
+        "name": name or dest.name, "version": "1.0.0",
+        "title": f"vllm bench serve: {engine['llm']} on {engine['gpu']} ({n} requests)",
+        "description": f"{n:,} requests ({int(failed.sum())} failed) sent by vllm bench serve "
+                       f"(request rate {result.get('request_rate')}, max concurrency "
+                       f"{result.get('max_concurrency')}); client-side timings.",
+        "creators": ["see source"], "licence": licence, "source": source or str(src),
+        "citation": "see source", "engine": engine, "time_origin": "the first request sent"})

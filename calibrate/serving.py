@@ -1,0 +1,360 @@
+"""Calibrate the step-time model on a serving run under load, and predict serving runs.
+
+A serving run (:mod:`archive.serving`) is replayed in the simulation core
+(:func:`kavier.sim.simulation.simulate`): its requests enter at their measured arrivals, with
+the run's engine configuration (``max_num_seqs``, ``max_num_batched_tokens``, chunked prefill,
+block size, the KV pool's ``num_gpu_blocks`` where recorded, else sized from GPU memory) and,
+when the run had prefix caching on and recorded its prompts, vLLM's block-level prefix cache in
+the same pool. The replay is scored per request on TTFT, TPOT and E2E.
+
+Fitting
+-------
+The timing parameters named in ``fit`` (default :data:`SERVING_FIT_PARAMS`) are fitted by
+minimising the mean of the three per-request MAPEs (thesis eq. 2.26) over the *fit requests*:
+those arriving in the first ``split`` share of the run. The rest are held out: the replay
+still simulates every request (arrivals and sizes are inputs a predictor has), but no held-out
+latency takes part in the fit. Bounds keep the fit physical: efficiencies in
+``[0.05, max_efficiency]`` (0.95 by default: no kernel streams or computes at its data sheet's
+peak), overheads positive. A parameter that ends within 1 % of a bound (or an overhead at ~0) is
+reported, since the data then did not pin it down. The optimiser is scipy's Nelder-Mead in
+coordinates that map onto those ranges (:class:`_Space`); the objective is piecewise constant
+in places — a request joins one step or the next — so a gradient method would stall.
+
+With engine timestamps (``engine.timestamps == "engine"``: vLLM's own ``queued_ts``) the API
+server's HTTP and tokenization are not in the latencies, so ``request_overhead_s`` is 0 and
+cannot be fitted; with client timestamps it is a parameter like the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from scipy.optimize import minimize
+
+from archive.errors import InputError
+from archive.serving import ServingRun
+from archive.traces import PromptContent
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.power import PowerModel
+from kavier.models.timing import RooflineTiming, TimingParams, default_params, make_timing
+from kavier.sim.config import EngineConfig
+from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
+from kavier.sim.simulation import simulate
+from kavier.sim.sustainability import Sustainability
+
+SERVING_FIT_PARAMS = ("compute_efficiency", "memory_efficiency", "kv_memory_efficiency",
+                      "batch_step_overhead_s", "batch_seq_overhead_s")
+"""Parameters fitted on a serving run by default: what a run under load identifies (prefill
+chunks identify compute, small and large batches separate weight from KV streaming, the step
+count and batch sizes the two overheads)."""
+FITTABLE = SERVING_FIT_PARAMS + ("request_overhead_s", "token_overhead_s", "prefill_floor_s",
+                                 "attention_efficiency")
+METRICS = ("ttft_s", "tpot_s", "e2e_s")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A serving run set up for the simulation core.
+
+    Attributes
+    ----------
+    run : ServingRun
+    timing : RooflineTiming
+        The library model and GPU with ``params`` (``request_overhead_s`` 0 for engine
+        timestamps).
+    config : EngineConfig
+    block_size : int
+    prefix_content : PromptContent or None
+        The prompts' block hashes when the run had prefix caching on (each replay starts
+        from an empty cache).
+    """
+
+    run: ServingRun
+    timing: RooflineTiming
+    config: EngineConfig
+    block_size: int
+    prefix_content: PromptContent | None
+
+    def with_params(self, params: TimingParams) -> Replay:
+        """The same replay with other timing parameters."""
+        return Replay(self.run, make_timing("roofline", self.timing.llm, self.timing.gpu,
+                                            self._own(params)),
+                      self.config, self.block_size, self.prefix_content)
+
+    def _own(self, params: TimingParams) -> TimingParams:
+        if self.run.engine["timestamps"] == "engine":
+            return params.with_(request_overhead_s=0.0)
+        return params
+
+    def predict(self) -> tuple[pd.DataFrame, dict, pa.Table]:
+        """Simulate the run: per-request predictions (the ``requests.parquet`` columns, in
+        the run's row order), the summary, and the GPU timeline (``steps.parquet``)."""
+        prefix = (None if self.prefix_content is None else PrefixCache(
+            PrefixCacheConfig("blocks", block_size=self.block_size), self.prefix_content,
+            None))
+        r = self.run.requests
+        table = pa.table({"n_input_tokens": r["n_input_tokens"].to_numpy(np.int64),
+                          "n_output_tokens": r["n_output_tokens"].to_numpy(np.int64),
+                          "arrival_s": r["arrival_s"].to_numpy(np.float64)})
+        requests, steps = [], []
+        summary = simulate(table, self.timing, self.config, self.block_size, prefix,
+                           Sustainability(PowerModel.linear_for(self.timing.gpu)),
+                           requests.append, lambda b, _p: steps.append(b))
+        predicted = pa.concat_tables(requests).to_pandas().sort_values("id")
+        return (predicted.reset_index(drop=True), summary,
+                pa.Table.from_batches(steps) if steps else None)
+
+
+def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
+    """Set ``run`` up for the simulation core with the library's LLM and GPU entries and
+    ``params`` (default :func:`~kavier.models.timing.default_params`).
+
+    Raises
+    ------
+    InputError
+        For a model or GPU the library does not know, tensor parallelism (not modelled yet),
+        a run without chunked prefill information, or prompts without a block size.
+    """
+    engine = run.engine
+    if engine["tensor_parallel_size"] != 1 or (engine.get("gpu_count") or 1) != 1:
+        raise InputError(f"the run uses {engine.get('gpu_count')} GPUs (tensor parallel size "
+                         f"{engine['tensor_parallel_size']}); the simulator models one GPU per "
+                         "replica so far", path=run.path, field="engine.tensor_parallel_size")
+    llm = llm_library().get(engine["llm"])
+    gpu = gpu_library().get(engine["gpu"])
+    block = engine["block_size"]
+    config = EngineConfig(max_num_seqs=engine["max_num_seqs"],
+                          max_num_batched_tokens=engine["max_num_batched_tokens"],
+                          chunked_prefill=bool(engine["enable_chunked_prefill"]),
+                          num_gpu_blocks=engine["num_gpu_blocks"],
+                          gpu_memory_utilization=engine.get("gpu_memory_utilization") or 0.9)
+    content = run.content() if engine["enable_prefix_caching"] else None
+    if content is not None and content.block_size != block:
+        raise InputError(f"hash_ids cover {content.block_size}-token blocks, the engine's are "
+                         f"{block}", path=run.path, field="hash_block_size")
+    replay = Replay(run, make_timing("roofline", llm, gpu), config, block, content)
+    return replay.with_params(params or default_params("roofline"))
+
+
+def measured(run: ServingRun) -> pd.DataFrame:
+    """The run's measured TTFT, TPOT and E2E per request (NaN where not defined or failed)."""
+    out = run.requests[list(METRICS)].astype(np.float64).copy()
+    out[~run.ok] = np.nan
+    return out
+
+
+def fit_mask(run: ServingRun, split: float) -> np.ndarray:
+    """Requests arriving in the first ``split`` share of the run's arrival span: the fit set.
+
+    Raises
+    ------
+    InputError
+        When ``split`` is not in (0, 1].
+    """
+    if not 0.0 < split <= 1.0:
+        raise InputError(f"must be in (0, 1], got {split}", field="--split")
+    arrival = run.requests["arrival_s"].to_numpy()
+    cut = arrival.min() + split * (arrival.max() - arrival.min())
+    return arrival <= cut if split < 1.0 else np.ones(arrival.size, bool)
+
+
+def _percent_errors(true: np.ndarray, pred: np.ndarray) -> dict:
+    ok = np.isfinite(true) & np.isfinite(pred) & (true > 0)
+    t, p = true[ok], pred[ok]
+    if not t.size:
+        return {"n": 0}
+    out = {"n": int(t.size), "mape_pct": float(np.mean(np.abs(p - t) / t) * 100),
+           "mean_error_pct": float((p.mean() / t.mean() - 1) * 100),
+           "measured_mean_s": float(t.mean()), "predicted_mean_s": float(p.mean())}
+    for q in (50, 90, 99):
+        out[f"p{q}_error_pct"] = float((np.percentile(p, q) / np.percentile(t, q) - 1) * 100)
+    return out
+
+
+def score(true: pd.DataFrame, pred: pd.DataFrame, mask: np.ndarray) -> dict:
+    """Per metric (``ttft_s``, ``tpot_s``, ``e2e_s``) over the requests in ``mask``: MAPE and
+    signed errors of the mean, p50, p90 and p99, in %, and the count scored."""
+    return {m: _percent_errors(true[m].to_numpy()[mask], pred[m].to_numpy()[mask])
+            for m in METRICS}
+
+
+def objective(s: dict) -> float:
+    """The fitted loss: the mean of the per-metric MAPEs, %."""
+    return float(np.mean([s[m]["mape_pct"] for m in METRICS if s[m]["n"]]))
+
+
+SCALES_S = {"batch_step_overhead_s": 1e-3, "batch_seq_overhead_s": 1e-5,
+            "token_overhead_s": 1e-5, "request_overhead_s": 1e-2, "prefill_floor_s": 1e-2}
+"""Typical size of each overhead, s: the optimiser works in ``log(value / scale)``, so a
+parameter of 10 µs and one of 10 ms move alike."""
+
+
+class _Space:
+    """The optimiser's unbounded coordinates ``z`` and the parameters they stand for: an
+    efficiency is ``lo + (hi − lo) · sigmoid(z)`` in ``[0.05, max_efficiency]``, an overhead
+    ``scale · exp(z)`` (positive; it reaches 0 in the limit)."""
+
+    def __init__(self, fit: tuple[str, ...], max_efficiency: float) -> None:
+        self.fit, self.hi = fit, max_efficiency
+
+    def value(self, name: str, z: float) -> float:
+        if name.endswith("efficiency"):
+            return float(0.05 + (self.hi - 0.05) / (1.0 + np.exp(-z)))
+        return SCALES_S[name] * float(np.exp(np.clip(z, -30.0, 30.0)))
+
+    def coordinate(self, name: str, value: float) -> float:
+        if name.endswith("efficiency"):
+            share = np.clip((value - 0.05) / (self.hi - 0.05), 0.02, 0.98)
+            return float(np.log(share / (1.0 - share)))
+        return float(np.log(max(value, 0.1 * SCALES_S[name]) / SCALES_S[name]))
+
+    def on_bound(self, name: str, value: float) -> bool:
+        """Within 1 % of the top of an efficiency's range, or an overhead at ~0."""
+        if name.endswith("efficiency"):
+            return self.hi - value <= 0.01 * (self.hi - 0.05) or value <= 0.06
+        return value <= 0.01 * SCALES_S[name]
+
+
+def _start(params: TimingParams, name: str) -> float:
+    value = getattr(params, name)
+    if value is None:            # kv_memory_efficiency and attention_efficiency fall back
+        value = (params.memory_efficiency if name.startswith("kv")
+                 else params.compute_efficiency if name.endswith("efficiency") else 0.0)
+    return float(value)
+
+
+@dataclass
+class ServingFit:
+    """What :func:`fit_serving` found.
+
+    Attributes
+    ----------
+    params : TimingParams
+        The fitted parameters.
+    fitted : tuple of str
+    before, after : dict
+        :func:`score` on the fit requests and held out, before (the starting parameters) and
+        after the fit: ``{"fit": {...}, "heldout": {...}}``.
+    on_bound : list of str
+        Fitted parameters within 1 % of a bound.
+    evaluations : int
+        Replays the optimiser ran.
+    """
+
+    params: TimingParams
+    fitted: tuple
+    before: dict
+    after: dict
+    on_bound: list
+    evaluations: int
+
+
+def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split: float = 0.5,
+                max_efficiency: float = 0.95, max_evaluations: int = 400) -> ServingFit:
+    """Fit ``fit`` on the requests arriving in the first ``split`` of the run.
+
+    Raises
+    ------
+    InputError
+        For a parameter that cannot be fitted (unknown, or ``request_overhead_s`` with engine
+        timestamps), a bad ``max_efficiency``, or no fit requests.
+    """
+    unknown = [p for p in fit if p not in FITTABLE]
+    if unknown or not fit:
+        raise InputError(f"cannot fit {unknown or 'nothing'}; choose from {', '.join(FITTABLE)}",
+                         field="--fit")
+    if "request_overhead_s" in fit and replay.run.engine["timestamps"] == "engine":
+        raise InputError("the run's latencies start at the engine's queue (engine timestamps), "
+                         "so they hold no front-end time to fit", field="--fit")
+    if not 0.05 < max_efficiency <= 1.0:
+        raise InputError(f"must be in (0.05, 1], got {max_efficiency}", field="--max-efficiency")
+    mask = fit_mask(replay.run, split)
+    true = measured(replay.run)
+    if not (mask & replay.run.ok).any():
+        raise InputError("no successful requests in the fit share of the run", field="--split")
+    space = _Space(tuple(fit), max_efficiency)
+    start = replay.timing.params
+    z0 = np.array([space.coordinate(p, _start(start, p)) for p in fit])
+    count = [0]
+
+    def params_at(z) -> TimingParams:
+        return start.with_(**{p: space.value(p, v) for p, v in zip(fit, z, strict=True)})
+
+    def loss(z) -> float:
+        count[0] += 1
+        pred, _, _ = replay.with_params(params_at(z)).predict()
+        return objective(score(true, pred, mask))
+
+    def scores(params) -> dict:
+        pred, _, _ = replay.with_params(params).predict()
+        return {"fit": score(true, pred, mask), "heldout": score(true, pred, ~mask)}
+
+    simplex = np.vstack([z0] + [z0 + np.eye(len(fit))[i] for i in range(len(fit))])
+    result = minimize(loss, z0, method="Nelder-Mead",
+                      options={"maxfev": max_evaluations, "initial_simplex": simplex,
+                               "xatol": 1e-2, "fatol": 1e-2})
+    params = params_at(result.x)
+    on_bound = [p for p in fit if space.on_bound(p, getattr(params, p))]
+    return ServingFit(params, tuple(fit), scores(start), scores(params), on_bound, count[0])
+
+
+@dataclass
+class ServingCalibration:
+    """Everything :func:`calibrate_serving` computed, for the report and the profile.
+
+    Attributes
+    ----------
+    run : ServingRun
+    fit : ServingFit
+    measured, predicted : pandas.DataFrame
+        Measured TTFT/TPOT/E2E (:func:`measured`) and the calibrated replay's request record.
+    mask : ndarray of bool
+        The fit requests (:func:`fit_mask`).
+    summary : dict
+        The calibrated replay's run summary.
+    steps : pyarrow.Table or None
+        Its GPU timeline.
+    predicted_runs : dict
+        Dataset name → :func:`score` of every request of another run predicted with the
+        fitted parameters.
+    """
+
+    run: ServingRun
+    fit: ServingFit
+    measured: pd.DataFrame
+    predicted: pd.DataFrame
+    mask: np.ndarray
+    summary: dict
+    steps: pa.Table | None
+    predicted_runs: dict
+
+
+def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
+                      split: float = 0.5, max_efficiency: float = 0.95,
+                      max_evaluations: int = 400, predict: tuple[str, ...] = (),
+                      start: TimingParams | None = None) -> ServingCalibration:
+    """Fit on ``dataset`` (:func:`fit_serving`) from ``start`` (default
+    :func:`kavier.models.timing.default_params`), then replay it and every run in
+    ``predict`` with the fitted parameters.
+
+    Raises
+    ------
+    InputError
+        As :func:`read_serving`, :func:`replay_for` and :func:`fit_serving`.
+    """
+    from archive.serving import read_serving
+
+    run = read_serving(dataset)
+    others = [(name, read_serving(name)) for name in predict]
+    replay = replay_for(run, start or default_params("roofline"))
+    result = fit_serving(replay, fit, split, max_efficiency, max_evaluations)
+    predicted, summary, steps = replay.with_params(result.params).predict()
+    scored = {}
+    for name, other in others:
+        pred, _, _ = replay_for(other, result.params).predict()
+        scored[name] = score(measured(other), pred, np.ones(len(pred), bool))
+    return ServingCalibration(run, result, measured(run), predicted, fit_mask(run, split),
+                              summary, steps, scored)

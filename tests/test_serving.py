@@ -1,0 +1,249 @@
+"""Serving runs: importers (LLMServingSim folders, vllm bench serve JSON), the archive kind,
+replay in the simulation core, calibration by MAPE with a held-out split, the report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from archive.cli import main as archive_cli
+from archive.importers.serving import block_hashes
+from archive.serving import read_serving
+from archive.validate import validate
+from calibrate.profile import Profile
+from calibrate.serving import (
+    METRICS,
+    fit_mask,
+    fit_serving,
+    measured,
+    objective,
+    replay_for,
+    score,
+)
+from kavier.cli import main as kavier_cli
+from kavier.models.library import gpu_library, llm_library
+from kavier.models.timing import TimingParams, make_timing
+
+PRO = "vllm-serving-rtxpro6000-llama3.1-8b"
+RTX4090 = "vllm-serving-rtx4090-llama3.1-8b"
+
+
+def run(cli, *args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _llmservingsim_folder(tmp_path, n=6, device="NVIDIA GeForce RTX 4090"):
+    """A run folder in LLMServingSim's format: requests.jsonl, meta.json, timeseries.csv,
+    and the workload that was sent (token ids; requests 0 and 1 share a 32-token prefix)."""
+    folder = tmp_path / "run"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shared = list(range(1000, 1032))
+    prompts = [shared + [int(x) for x in rng.integers(0, 5000, 20 + 7 * i)] for i in range(n)]
+    lines, t = [], 100.0
+    for i, prompt in enumerate(prompts):
+        out = 3 + i
+        lines.append({"request_id": f"bench-{i}", "input_toks": len(prompt),
+                      "output_toks": out, "arrival_time": 1.7e9 + t, "queued_ts": t,
+                      "scheduled_ts": t + 0.01, "first_token_ts": t + 0.05,
+                      "last_token_ts": t + 0.05 + 0.02 * (out - 1)})
+        t += 0.3
+    (folder / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    meta = {"model": "meta-llama/Llama-3.1-8B", "vllm_version": "0.19.0",
+            "engine_kwargs": {"tensor_parallel_size": 1, "max_num_seqs": 16,
+                              "max_num_batched_tokens": 2048, "dtype": "bfloat16"},
+            "kv_cache": {"block_size": 16, "num_gpu_blocks": 2588,
+                         "enable_prefix_caching": True}}
+    if device:
+        meta["hardware"] = {"device_name": device}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "timeseries.csv").write_text(
+        "t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct\n"
+        "1.0,300.0,20.0,3,0,1.5\n2.0,100.0,40.0,2,0,0.9\n")
+    workload = folder.parent / "workload.jsonl"
+    workload.write_text("".join(json.dumps({"input_toks": len(p), "output_toks": 3,
+                                            "input_tok_ids": p}) + "\n" for p in prompts))
+    return folder, workload, lines
+
+
+def test_llmservingsim_import_round_trip(tmp_path):
+    folder, workload, lines = _llmservingsim_folder(tmp_path)
+    dest = tmp_path / "dataset"
+    result = run(archive_cli, "import", "llmservingsim", folder, dest, "--workload", workload)
+    assert result.exit_code == 0, result.output
+    assert validate(dest) == []
+    r = read_serving(dest)
+    first = lines[0]
+    assert r.requests["arrival_s"].iloc[0] == 0.0
+    assert r.requests["ttft_s"].iloc[0] == pytest.approx(first["first_token_ts"]
+                                                         - first["queued_ts"])
+    assert r.requests["tpot_s"].iloc[2] == pytest.approx(0.02)
+    assert r.requests["e2e_s"].iloc[1] == pytest.approx(lines[1]["last_token_ts"]
+                                                        - lines[1]["queued_ts"])
+    assert r.engine["max_num_seqs"] == 16 and r.engine["timestamps"] == "engine"
+    assert r.engine["assumed"] == ["enable_chunked_prefill"]
+    assert list(r.timeseries["num_requests_running"]) == [3, 2]
+    hashes = r.requests["hash_ids"]
+    assert hashes.iloc[0][:2].tolist() == hashes.iloc[1][:2].tolist()      # shared 32 tokens
+    assert hashes.iloc[0][2] != hashes.iloc[1][2]
+    assert all(len(h) == -(-n // 16) for h, n in zip(hashes, r.requests["n_input_tokens"]))
+    assert min(min(h) for h in hashes) >= 0
+
+
+def test_llmservingsim_import_bad_input_is_one_line(tmp_path):
+    folder, workload, _ = _llmservingsim_folder(tmp_path, device=None)
+    result = run(archive_cli, "import", "llmservingsim", folder, tmp_path / "d")
+    assert result.exit_code == 2 and "pass --gpu" in result.output
+    assert "Traceback" not in result.output
+    text = (folder / "requests.jsonl").read_text().splitlines()
+    text[2] = text[2].replace('"output_toks": 5', '"output_toks": -5')
+    (folder / "requests.jsonl").write_text("\n".join(text) + "\n")
+    result = run(archive_cli, "import", "llmservingsim", folder, tmp_path / "d", "--gpu",
+                 "RTX-4090")
+    assert result.exit_code == 2
+    assert "requests.jsonl: line 3: field 'output_toks'" in result.output
+    folder2, workload2, _ = _llmservingsim_folder(tmp_path / "b")
+    rows = workload2.read_text().splitlines()
+    bad = json.loads(rows[1])
+    bad["input_tok_ids"] = bad["input_tok_ids"][:-1]
+    rows[1] = json.dumps(bad)
+    workload2.write_text("\n".join(rows) + "\n")
+    result = run(archive_cli, "import", "llmservingsim", folder2, tmp_path / "e",
+                 "--workload", workload2)
+    assert result.exit_code == 2 and "line 2: field 'input_tok_ids'" in result.output
+    result = run(archive_cli, "import", "azure", folder2 / "meta.json", tmp_path / "f",
+                 "--workload", workload2)
+    assert result.exit_code == 2 and "--workload" in result.output
+
+
+def test_vllm_bench_import(tmp_path):
+    result_json = {"model_id": "meta-llama/Llama-3.1-8B", "request_rate": 4.0,
+                   "max_concurrency": None, "input_lens": [100, 200, 50],
+                   "output_lens": [4, 3, 0], "ttfts": [0.1, 0.2, 0.0],
+                   "itls": [[0.02, 0.03, 0.02], [0.05, 0.04], []],
+                   "start_times": [10.0, 10.5, 11.0], "errors": ["", "", "timeout"]}
+    (tmp_path / "bench.json").write_text(json.dumps(result_json))
+    (tmp_path / "engine.json").write_text(json.dumps({
+        "gpu": "NVIDIA H100 80GB HBM3", "max_num_seqs": 256, "max_num_batched_tokens": 8192,
+        "version": "0.11.0"}))
+    dest = tmp_path / "bench"
+    result = run(archive_cli, "import", "vllm-bench", tmp_path / "bench.json", dest,
+                 "--engine", tmp_path / "engine.json")
+    assert result.exit_code == 0, result.output
+    assert "vLLM defaults assumed" in result.output
+    assert validate(dest) == []
+    r = read_serving(dest)
+    assert r.engine["timestamps"] == "client"
+    assert r.requests["e2e_s"].iloc[0] == pytest.approx(0.1 + 0.07)
+    assert r.requests["tpot_s"].iloc[1] == pytest.approx(0.09 / 2)
+    assert r.requests["arrival_s"].tolist() == [0.0, 0.5, 1.0]
+    assert r.requests["error"].iloc[2] == "timeout" and np.isnan(r.requests["ttft_s"].iloc[2])
+    assert list(r.ok) == [True, True, False]
+    assert gpu_library().get(r.engine["gpu"]).name == "H100-SXM"
+    missing = run(archive_cli, "import", "vllm-bench", tmp_path / "bench.json", tmp_path / "x")
+    assert missing.exit_code == 2 and "--engine" in missing.output
+
+
+def test_library_resolves_nvidia_smi_and_hugging_face_names():
+    assert gpu_library().get("NVIDIA GeForce RTX 4090").name == "RTX-4090"
+    assert llm_library().get("meta-llama/Llama-3.1-8B").name == "Llama-3.1-8B"
+    with pytest.raises(Exception, match="did you mean RTX-4090"):
+        gpu_library().get("RTX 4090")
+
+
+def test_block_hashes_chain_prefixes():
+    a, b = block_hashes(list(range(40))), block_hashes(list(range(32)) + [7] * 8)
+    assert len(a) == 3 and a[:2] == b[:2] and a[2] != b[2]
+    assert block_hashes([5] + list(range(1, 32)))[1] != a[1]     # a block names its prefix
+
+
+def test_kv_memory_efficiency_is_its_own_term():
+    llm, gpu = llm_library().get("Llama-3.1-8B"), gpu_library().get("RTX-4090")
+    same = make_timing("roofline", llm, gpu, TimingParams(memory_efficiency=0.8))
+    explicit = make_timing("roofline", llm, gpu, TimingParams(memory_efficiency=0.8,
+                                                              kv_memory_efficiency=0.8))
+    slow_kv = make_timing("roofline", llm, gpu, TimingParams(memory_efficiency=0.8,
+                                                             kv_memory_efficiency=0.4))
+    assert same.decode_s(2000, 50) == explicit.decode_s(2000, 50)
+    assert slow_kv.decode_s(2000, 50) > same.decode_s(2000, 50)
+    assert slow_kv.floor_s() == same.floor_s()             # weights stream at M_e
+    context = np.array([3000.0, 100.0, 900.0])
+    run_costs = slow_kv.decode_run(context, 4)
+    step = slow_kv.step_costs(np.ones(3), context + 2, 3)
+    assert run_costs.duration_s[2] == pytest.approx(step.duration_s, rel=1e-12)
+
+
+def test_replay_uses_the_runs_engine_and_prefix_cache():
+    r4090 = replay_for(read_serving(RTX4090))
+    assert r4090.config.num_gpu_blocks == 2588 and r4090.config.max_num_seqs == 256
+    predicted, summary, steps = r4090.predict()
+    assert len(predicted) == 300 and summary["preemptions"] > 0
+    assert summary["prefix_cache"]["hits_tokens"] > 0
+    assert steps.column("kv_blocks_used").to_numpy().max() <= 2588
+    pro = replay_for(read_serving(PRO))
+    assert pro.prefix_content is not None and pro.timing.params.request_overhead_s == 0.0
+    with pytest.raises(Exception, match="tensor parallel size 2"):
+        replay_for(read_serving("vllm-serving-rtxpro6000-qwen3-32b-tp2"))
+
+
+def test_fit_improves_the_fit_requests_and_keeps_bounds():
+    run_ = read_serving(PRO)
+    replay = replay_for(run_)
+    fit = fit_serving(replay, ("compute_efficiency", "kv_memory_efficiency"),
+                      max_evaluations=10)
+    assert objective(fit.after["fit"]) <= objective(fit.before["fit"])
+    assert 0.05 <= fit.params.compute_efficiency <= 0.95
+    assert 0.05 <= fit.params.kv_memory_efficiency <= 0.95
+    assert fit.params.memory_efficiency == replay.timing.params.memory_efficiency
+    mask = fit_mask(run_, 0.5)
+    assert 0 < mask.sum() < len(mask)
+    arrival = run_.requests["arrival_s"].to_numpy()
+    assert arrival[mask].max() < arrival[~mask].min()
+    assert fit.after["heldout"]["ttft_s"]["n"] == int((~mask).sum())
+    for bad, match in ((("request_overhead_s",), "engine timestamps"),
+                       (("nonsense",), "cannot fit")):
+        with pytest.raises(Exception, match=match):
+            fit_serving(replay, bad, max_evaluations=1)
+    with pytest.raises(Exception, match="--split"):
+        fit_mask(run_, 1.5)
+
+
+def test_score_matches_scikit_learn():
+    from sklearn.metrics import mean_absolute_percentage_error
+
+    run_ = read_serving(PRO)
+    predicted, _, _ = replay_for(run_).predict()
+    true = measured(run_)
+    s = score(true, predicted, np.ones(len(true), bool))
+    for m in METRICS:
+        ok = true[m].notna() & (true[m] > 0)
+        assert s[m]["mape_pct"] == pytest.approx(100 * mean_absolute_percentage_error(
+            true[m][ok], predicted[m][ok]))
+
+
+def test_calibrate_cli_on_a_serving_run(tmp_path):
+    out = tmp_path / "cal"
+    result = run(kavier_cli, "calibrate", "--dataset", PRO, "--fit",
+                 "compute_efficiency,memory_efficiency", "--max-evaluations", "6",
+                 "--predict", RTX4090, "--output-folder", out)
+    assert result.exit_code == 0, result.output
+    assert "calibrated, held out" in result.output and "predicting" in result.output
+    table = pd.read_csv(out / "predictions.csv")
+    assert len(table) == 300 and set(table["split"]) == {"fit", "heldout"}
+    for name in ("cdf.png", "cdf.pdf", "timeseries.png", "timeseries.pdf", "report.md"):
+        assert (out / name).stat().st_size > 1000
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["fitted"] == ["compute_efficiency", "memory_efficiency"]
+    profile = Profile.read(out / "profile.json")
+    assert profile.gpu == "RTX-PRO-6000" and profile.llm == "Llama-3.1-8B"
+    sim = run(kavier_cli, "simulate", "--trace", PRO, "--profile", out / "profile.json",
+              "--output-folder", tmp_path / "sim")
+    assert sim.exit_code == 0, sim.output
+    rejected = run(kavier_cli, "calibrate", "--dataset", PRO, "--setup-id", "x",
+                   "--output-folder", tmp_path / "r")
+    assert rejected.exit_code == 2 and "--setup-id has no effect" in rejected.output
+    rejected = run(kavier_cli, "calibrate", "--fit", "compute_efficiency",
+                   "--output-folder", tmp_path / "r2")
+    assert rejected.exit_code == 2 and "--fit has no effect" in rejected.output
