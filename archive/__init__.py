@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from archive.datasets import dataset_dir, info, list_datasets, resolve
+from archive.datasets import dataset_dir, info, kind_of, list_datasets, resolve
 from archive.errors import InputError
 from archive.traces import read_trace, read_workload
 
@@ -32,10 +32,8 @@ def load(name: str) -> pd.DataFrame:
     InputError
         For an unknown name or an unreadable table.
     """
-    import pyarrow as pa
-
     path = resolve(name)
-    kind = info(name)["kind"] if name in list_datasets() else "measurements"
+    kind = kind_of(name) or "measurements"
     if kind == "carbon":
         from archive.carbon import read_carbon
 
@@ -46,13 +44,10 @@ def load(name: str) -> pd.DataFrame:
         return read_serving(name).requests
     if kind != "measurements":
         return read_workload(path)
-    import pandas as pd  # here: ``import archive`` must not cost pandas' import
+    from archive.measurements import read_measurements
 
-    try:
-        return pd.read_parquet(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot read measurements: {str(exc).splitlines()[0]}",
-                         path=path) from None
+    return read_measurements(path)
+
 
 __all__ = ["InputError", "dataset_dir", "info", "list_datasets", "load", "read_trace",
            "read_workload", "resolve"]

@@ -63,7 +63,8 @@ _SERVING_OPTIONS = {"gpu": ("llmservingsim",), "workload": ("llmservingsim",),
 
 @main.command("import")
 @click.argument("kind", type=click.Choice(["azure", "mooncake", "burstgpt", "marconi",
-                                           "carbon", "llmservingsim", "vllm-bench"]))
+                                           "carbon", "measurements", "llmservingsim",
+                                           "vllm-bench"]))
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--drop-invalid", is_flag=True,
@@ -99,6 +100,10 @@ def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, licence)
         from archive.importers.carbon import import_carbon
 
         meta = import_carbon(src, dest, name, licence)
+    elif kind == "measurements":
+        from archive.measurements import import_measurements
+
+        meta = import_measurements(src, dest, name, licence)
     elif kind == "llmservingsim":
         from archive.importers.serving import import_llmservingsim
 

@@ -48,18 +48,23 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
     Rows that failed (``error`` set, when the column exists) and rows measured with other
     requests in flight (``concurrency`` > 1) are left out. Raises
-    :class:`InputError` naming ``source``, the row (1-based) and the field for missing
+    :class:`InputError` naming ``source``, the row (1-based; the file's line for a CSV table,
+    ``df.attrs["first_line"]`` being the line of its first row) and the field for missing
     columns, unknown sweeps, non-positive latencies or bad token counts, and when a stage has
     no rows.
     """
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {missing} for calibration", path=source)
-    if "error" in df.columns:
-        df = df[df["error"].isna() | (df["error"] == "")]
-    if "concurrency" in df.columns:          # the timing model is of one request at a time
-        df = df[df["concurrency"].isna() | (df["concurrency"] == 1)]
+    first_line = df.attrs.get("first_line", 1)
     df = df.reset_index(drop=True)
+    line = np.arange(len(df)) + first_line            # of each row, before any is left out
+    keep = np.ones(len(df), bool)
+    if "error" in df.columns:
+        keep &= (df["error"].isna() | (df["error"] == "")).to_numpy()
+    if "concurrency" in df.columns:          # the timing model is of one request at a time
+        keep &= (df["concurrency"].isna() | (df["concurrency"] == 1)).to_numpy()
+    df, line = df[keep].reset_index(drop=True), line[keep]
     checks = [
         ("sweep", ~df["sweep"].isin(STAGES), f"must be one of {STAGES}"),
         ("latency_s", ~(pd.to_numeric(df["latency_s"], errors="coerce") > 0),
@@ -72,8 +77,8 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
     for column, bad, what in checks:
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"{what}, got {df[column].iloc[i]!r}", path=source, row=i + 1,
-                             field=column)
+            raise InputError(f"{what}, got {df[column].iloc[i]!r}", path=source,
+                             row=int(line[i]), field=column)
     for stage in STAGES:
         if not (df["sweep"] == stage).any():
             raise InputError(f"no {stage}-sweep rows to calibrate with", path=source)

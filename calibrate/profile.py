@@ -7,7 +7,8 @@ A profile is a JSON file::
      "mape_pct": {...}, "datasets": [...], "data_sha256": "...", "cv": "...",
      "created": "2026-11-23T10:00:00+00:00", "toolkit_version": "0.1.0"}
 
-``kavier simulate --profile FILE`` reads ``timing_model`` and ``params`` from it, and the
+``kavier simulate --profile FILE`` (or the name of a profile shipped in ``calibrate/profiles/``,
+:func:`profile_path`) reads ``timing_model`` and ``params`` from it, and the
 power model from its optional ``power`` section, which ``kavier calibrate-power --profile FILE``
 writes: ``{"model": {"name", "idle_w", "max_w", "shape"}, "mape_pct", "ranking", ...}``.
 """
@@ -23,6 +24,38 @@ from archive.errors import InputError
 from kavier.models.timing import TIMING_MODELS, TimingParams
 
 PROFILE_VERSION = "1"
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the calibrated profiles shipped with the toolkit (``calibrate/profiles/``)."""
+    return sorted(p.stem for p in _profiles_dir().glob("*.json"))
+
+
+def _profiles_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("calibrate") / "profiles"))
+
+
+def profile_path(source: str | Path) -> Path:
+    """The profile file ``source`` names: an existing file, or a shipped profile's name.
+
+    Raises
+    ------
+    InputError
+        When it is neither (the message lists the shipped profiles, closest first).
+    """
+    import difflib
+
+    path = Path(source)
+    if path.is_file():
+        return path
+    if str(source) in shipped_profiles():
+        return _profiles_dir() / f"{source}.json"
+    close = difflib.get_close_matches(str(source), shipped_profiles(), n=2, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise InputError(f"no such profile file or shipped profile; {hint}shipped: "
+                     f"{', '.join(shipped_profiles())}", path=source, field="--profile")
 
 
 @dataclass
@@ -63,7 +96,7 @@ class Profile:
         InputError
             Unreadable file, invalid JSON, missing or unknown fields, unknown timing model.
         """
-        path = Path(path)
+        path = profile_path(path)
         d = _read_json(path)
         d.pop("profile_version", None)
         for key in ("gpu", "llm", "timing_model", "params"):

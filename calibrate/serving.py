@@ -236,8 +236,8 @@ class ServingFit:
         The fitted parameters.
     fitted : tuple of str
     before, after : dict
-        :func:`score` on the fit requests and held out, before (the starting parameters) and
-        after the fit: ``{"fit": {...}, "heldout": {...}}``.
+        :func:`score` on the fit requests, held out and on all requests, before (the starting
+        parameters) and after the fit: ``{"fit": {...}, "heldout": {...}, "all": {...}}``.
     on_bound : list of str
         Fitted parameters within 1 % of a bound.
     evaluations : int
@@ -290,7 +290,8 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
 
     def scores(params) -> dict:
         pred, _, _ = replay.with_params(params).predict()
-        return {"fit": score(true, pred, mask), "heldout": score(true, pred, ~mask)}
+        return {"fit": score(true, pred, mask), "heldout": score(true, pred, ~mask),
+                "all": score(true, pred, np.ones(mask.size, bool))}
 
     simplex = np.vstack([z0] + [z0 + np.eye(len(fit))[i] for i in range(len(fit))])
     result = minimize(loss, z0, method="Nelder-Mead",

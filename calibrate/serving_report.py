@@ -63,6 +63,20 @@ def simulated_timeseries(predicted: pd.DataFrame, steps, pool_blocks: int,
                          "num_requests_waiting": waiting, "kv_cache_usage_pct": usage})
 
 
+def timeseries_errors(measured: pd.DataFrame | None, simulated: pd.DataFrame) -> dict:
+    """Per timeseries column the run recorded: mean absolute error of the simulated series at
+    the measured ticks, and the measured mean (same unit: requests, or % of the pool)."""
+    if measured is None:
+        return {}
+    out = {}
+    for column in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_pct"):
+        if _recorded(measured, column):
+            m, s = measured[column].to_numpy(float), simulated[column].to_numpy(float)
+            out[column] = {"mae": float(np.mean(np.abs(s - m))),
+                           "measured_mean": float(m.mean())}
+    return out
+
+
 def cdf_figure(table: pd.DataFrame, title: str):
     """Measured vs predicted CDFs of TTFT, TPOT and E2E over the held-out requests."""
     import matplotlib.pyplot as plt
@@ -122,7 +136,7 @@ def _row(label: str, s: dict) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict) -> str:
+def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: dict) -> str:
     """The score tables and the fitted parameters as markdown."""
     lines = [f"# Serving calibration: {profile.llm} on {profile.gpu} ({profile.engine})", "",
              f"Data: {', '.join(profile.datasets)}; {profile.cv}.", "",
@@ -131,8 +145,13 @@ def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict) -> str:
              _row("defaults, fit requests", fit.before["fit"]),
              _row("defaults, held out", fit.before["heldout"]),
              _row("calibrated, fit requests", fit.after["fit"]),
-             _row("calibrated, held out", fit.after["heldout"])]
+             _row("calibrated, held out", fit.after["heldout"]),
+             _row("calibrated, all requests", fit.after["all"])]
     lines += [_row(f"calibrated, predicting {name}", s) for name, s in predicted_runs.items()]
+    if series:
+        lines += ["", "Engine state, simulated vs measured once a second (mean absolute error; "
+                  "measured mean):", ""]
+        lines += [f"- {k}: {v['mae']:.2f} ({v['measured_mean']:.2f})" for k, v in series.items()]
     lines += ["", "Fitted parameters:", ""]
     lines += [f"- `{k}` = {getattr(fit.params, k):.6g}" for k in fit.fitted]
     if fit.on_bound:
@@ -162,4 +181,4 @@ def write_serving_report(writer: RunWriter, fit: ServingFit, profile: Profile,
                 path, format=ext, dpi=150))
         plt.close(fig)
     writer.json("profile.json", profile.to_dict())
-    writer.text("report.md", markdown(fit, profile, predicted_runs))
+    writer.text("report.md", markdown(fit, profile, predicted_runs, scores["timeseries"]))

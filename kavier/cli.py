@@ -25,6 +25,7 @@ from archive.arrow import to_numpy
 from archive.errors import InputError, clean_errors
 from archive.provenance import toolkit_version
 from archive.smi import CAPTURE_FIELDS
+from calibrate.profile import shipped_profiles
 from kavier.export.opendc import DEFAULT_START
 from kavier.export.output import run_folder
 from kavier.export.run import ExportOptions, RunOutput
@@ -251,9 +252,10 @@ def common_options(command):
                      "bundled dataset name (e.g. azure-llm-inference-2023-conv)."),
         click.option("--llm", default=None, help="LLM from the library [default: Llama-3-8B, "
                      "or the profile's]."),
-        click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
-                     default=None, help="Calibrated profile (JSON) whose parameters replace "
-                     "the defaults."),
+        click.option("--profile", "profile_path", default=None,
+                     help="Calibrated profile whose parameters replace the defaults: a JSON "
+                     "file, or the name of a shipped one ("
+                     + ", ".join(shipped_profiles()) + ")."),
         click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default=None,
                      help="[default: the profile's, else roofline]; thesis runs one request "
                      "at a time only."),
@@ -407,7 +409,7 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
 
 
 def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:
-    """Measurements from a bundled dataset name, a Parquet file, or a dataset folder."""
+    """Measurements from a bundled dataset name, a Parquet or CSV file, or a dataset folder."""
     return archive.load(dataset), (dataset if dataset in archive.list_datasets()
                                    else str(archive.resolve(dataset)))
 
@@ -424,7 +426,8 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
 
 @main.command()
 @click.option("--dataset", default="a10-surf-vllm-llama3-8b", show_default=True,
-              help="Measurements: bundled dataset name, Parquet file or dataset folder.")
+              help="Single-request measurements (bundled name, dataset folder, Parquet or CSV "
+                   "file) or a serving run under load (bundled name or folder, kind serving).")
 @click.option("--setup-id", default=None, help="Use only rows of this setup_id.")
 @click.option("--llm", default=None, help="[default: the data's model column]")
 @click.option("--gpu", default=None, help="[default: the data's gpu column]")
@@ -539,6 +542,7 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
     from calibrate.serving_report import (
         predictions_table,
         simulated_timeseries,
+        timeseries_errors,
         write_serving_report,
     )
 
@@ -568,7 +572,9 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
         toolkit_version=toolkit_version())
     scores = {"before": f.before, "after": f.after, "fitted": list(f.fitted),
               "on_bound": f.on_bound, "evaluations": f.evaluations,
-              "preemptions": {"predicted": result.summary["preemptions"]},
+              "preemptions": {"predicted": result.summary["preemptions"],
+                              "measured": "not recorded by the run"},
+              "timeseries": timeseries_errors(run.timeseries, simulated),
               "predicted_runs": result.predicted_runs}
     with run_folder(output_folder) as out:
         write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
@@ -578,13 +584,21 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
                f"({len(run.requests)} requests, {f.evaluations} replays)")
     click.echo(f"{'per-request MAPE [%]':<36}{'TTFT':>8}{'TPOT':>8}{'E2E':>8}")
     rows = [("defaults, held out", f.before["heldout"]), ("calibrated, fit", f.after["fit"]),
-            ("calibrated, held out", f.after["heldout"])]
+            ("calibrated, held out", f.after["heldout"]),
+            ("calibrated, all requests", f.after["all"])]
     rows += [(f"predicting {n}", s) for n, s in result.predicted_runs.items()]
     for label, s in rows:
         click.echo(f"{label[:35]:<36}" + "".join(
             f"{s[m]['mape_pct']:>8.2f}" if s[m]["n"] else f"{'—':>8}"
             for m in ("ttft_s", "tpot_s", "e2e_s")))
-    click.echo(f"preemptions: simulated {result.summary['preemptions']:,}")
+    click.echo("signed error, calibrated, all requests: " + "; ".join(
+        f"{m[:-2].upper()} mean {f.after['all'][m]['mean_error_pct']:+.1f} %, p99 "
+        f"{f.after['all'][m]['p99_error_pct']:+.1f} %" for m in ("ttft_s", "tpot_s", "e2e_s")))
+    click.echo(f"preemptions: simulated {result.summary['preemptions']:,} (the run does not "
+               "record its own)")
+    for column, e in scores["timeseries"].items():
+        click.echo(f"{column}: simulated vs measured, mean absolute error {e['mae']:.2f} "
+                   f"(measured mean {e['measured_mean']:.2f})")
     click.echo("parameters: " + ", ".join(f"{k}={getattr(f.params, k):.4g}" for k in f.fitted))
     if f.on_bound:
         click.echo(f"warning: on a bound, not identified by this run: {', '.join(f.on_bound)}",

@@ -199,3 +199,30 @@ def test_validate_catches_nulls_nans_versions_and_truncation(tmp_path):
     result = run(kavier_cli, "simulate", "--trace", cases["nan"], "--output-folder",
                  tmp_path / "sim")
     assert result.exit_code == 2 and "SHA-256 differs" in result.output, result.output
+
+
+def test_measurements_from_csv_read_and_import(tmp_path):
+    from archive.measurements import read_measurements
+
+    df = archive.load("a10-surf-vllm-llama3-8b")
+    cols = ["sweep", "n_input_tokens", "n_output_tokens", "n_output_tokens_requested",
+            "latency_s", "gpu", "model", "engine", "engine_version"]
+    csv = tmp_path / "mine.csv"
+    df[cols].to_csv(csv, index=False)
+    back = read_measurements(csv)
+    assert back["n_input_tokens"].tolist() == df["n_input_tokens"].tolist()
+    assert np.allclose(back["latency_s"], df["latency_s"])
+    dest = tmp_path / "ds"
+    assert run(archive_cli, "import", "measurements", csv, dest).exit_code == 0
+    assert validate(dest) == []
+    imported = archive.load(dest)
+    assert (imported["setup_id"] == "ds").all() and imported["repetition"].max() == 9
+    lines = csv.read_text().splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[1], "12.5", 1)
+    csv.write_text("\n".join(lines) + "\n")
+    result = run(kavier_cli, "calibrate", "--dataset", csv, "--output-folder", tmp_path / "c")
+    assert result.exit_code == 2
+    assert "mine.csv: line 4: field 'n_input_tokens': expected an integer" in result.output
+    (tmp_path / "few.csv").write_text("sweep,latency_s\nprefill,1.0\n")
+    result = run(archive_cli, "import", "measurements", tmp_path / "few.csv", tmp_path / "f")
+    assert result.exit_code == 2 and "missing required column(s)" in result.output

@@ -88,7 +88,8 @@ def test_llmservingsim_import_round_trip(tmp_path):
     hashes = r.requests["hash_ids"]
     assert hashes.iloc[0][:2].tolist() == hashes.iloc[1][:2].tolist()      # shared 32 tokens
     assert hashes.iloc[0][2] != hashes.iloc[1][2]
-    assert all(len(h) == -(-n // 16) for h, n in zip(hashes, r.requests["n_input_tokens"]))
+    n_in = r.requests["n_input_tokens"]
+    assert all(len(h) == -(-n // 16) for h, n in zip(hashes, n_in, strict=True))
     assert min(min(h) for h in hashes) >= 0
 
 
