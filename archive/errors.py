@@ -55,6 +55,29 @@ class InputError(ValueError):
         return (": ".join(where) + ": " if where else "") + self.message
 
 
+def read_json_object(path: str | PathLike, what: str = "file") -> dict:
+    """The JSON object in the file ``path``.
+
+    Raises
+    ------
+    InputError
+        When the file cannot be read, is not JSON, or holds something other than an object;
+        ``what`` names the file's role in the message ("profile", "engine settings").
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read {what}: {exc.strerror}", path=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON: {exc}", path=path) from None
+    if not isinstance(data, dict):
+        raise InputError(f"a {what} must be a JSON object", path=path)
+    return data
+
+
 def first_bad(mask) -> int:
     """0-based position of the first True in a boolean Series or array (the row to report)."""
     return int(getattr(mask, "to_numpy", lambda: mask)().argmax())

@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from archive.errors import InputError
+from archive.errors import InputError, read_json_object
 from kavier.models.timing import TIMING_MODELS, TimingParams
 
 PROFILE_VERSION = "1"
@@ -97,7 +97,7 @@ class Profile:
             Unreadable file, invalid JSON, missing or unknown fields, unknown timing model.
         """
         path = profile_path(path)
-        d = _read_json(path)
+        d = read_json_object(path, "profile")
         d.pop("profile_version", None)
         for key in ("gpu", "llm", "timing_model", "params"):
             if key not in d:
@@ -123,7 +123,7 @@ class Profile:
         InputError
             Unreadable file, invalid JSON, or no ``power.model`` section.
         """
-        d = _read_json(Path(path))
+        d = read_json_object(profile_path(path), "profile")
         if not isinstance(d.get("power"), dict) or not isinstance(d["power"].get("model"), dict):
             raise InputError("no power section (write one with kavier calibrate-power)",
                              path=path, field="power")
@@ -158,15 +158,3 @@ def _check_params(params: dict, path: Path) -> None:
             bound = f"in (0, {high:g}]" if name.endswith("efficiency") else f">= {low:g}"
             raise InputError(f"expected a finite number {bound}, got {value!r}",
                              path=path, field=f"params.{name}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read profile: {exc.strerror}", path=path) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc}", path=path) from None
-    if not isinstance(d, dict):
-        raise InputError("a profile must be a JSON object", path=path)
-    return d

@@ -76,7 +76,7 @@ def test_fragment_totals_do_not_depend_on_export_rate(tmp_path):
     ("num_input_tokens,num_output_tokens\n5,3\n-4,2\n", [], "line 3: field 'num_input_tokens'"),
     ("num_input_tokens,num_output_tokens\n5,3\n", ["--llm", "GPT-9"], "known: Llama-3-8B"),
     ("num_input_tokens,num_output_tokens\n5,3\n", ["--gpu", "Z1"], "known: A10"),
-    ("num_input_tokens,num_output_tokens\n5,3\n", ["--profile", "nope.json"], "cannot read"),
+    ("num_input_tokens,num_output_tokens\n5,3\n", ["--profile", "nope.json"], "no such profile"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, content, args, message):
     trace = tmp_path / "t.csv"

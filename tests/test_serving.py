@@ -248,3 +248,23 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
     rejected = run(kavier_cli, "calibrate", "--fit", "compute_efficiency",
                    "--output-folder", tmp_path / "r2")
     assert rejected.exit_code == 2 and "--fit has no effect" in rejected.output
+
+
+def test_shipped_profiles_by_name(tmp_path):
+    from calibrate.profile import shipped_profiles
+
+    assert {"a10-llama-3-8b-vllm", "rtx-4090-llama-3.1-8b-vllm-0.19",
+            "rtx-pro-6000-llama-3.1-8b-vllm-0.19"} <= set(shipped_profiles())
+    for name in shipped_profiles():
+        profile = Profile.read(name)
+        assert profile.params.compute_efficiency <= 0.95 and profile.mape_pct
+    result = run(kavier_cli, "simulate", "--trace", RTX4090, "--profile",
+                 "rtx-4090-llama-3.1-8b-vllm-0.19", "--num-gpu-blocks", "2588",
+                 "--max-num-batched-tokens", "2048", "--output-folder", tmp_path / "sim")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    measured_median = read_serving(RTX4090).requests["e2e_s"].median()
+    assert summary["p50_e2e_s"] == pytest.approx(measured_median, rel=0.1)
+    wrong = run(kavier_cli, "simulate", "--trace", RTX4090, "--profile", "rtx-4090",
+                "--output-folder", tmp_path / "w")
+    assert wrong.exit_code == 2 and "did you mean rtx-4090-llama-3.1-8b-vllm-0.19" in wrong.output

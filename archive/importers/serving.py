@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from archive.cards import finish
-from archive.errors import InputError
+from archive.errors import InputError, read_json_object
 from archive.schema import SERVING, SERVING_TIMESERIES
 from archive.serving import ENGINE_KEYS
 
@@ -61,18 +61,6 @@ def _json_lines(path: Path) -> list[dict]:
     if not rows:
         raise InputError("no requests", path=path)
     return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", path=path) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON: {exc.msg} at line {exc.lineno}", path=path) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", path=path)
-    return data
 
 
 def _numbers(rows: list[dict], key: str, path: Path, integer: bool = False) -> np.ndarray:
@@ -175,7 +163,7 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
         if not path.is_file():
             raise InputError("missing (an LLMServingSim run folder has requests.jsonl and "
                              "meta.json)", path=path)
-    rows, meta = _json_lines(req_path), _read_json(meta_path)
+    rows, meta = _json_lines(req_path), read_json_object(meta_path, "meta.json")
     n_in = _numbers(rows, "input_toks", req_path, integer=True).astype(np.int64)
     n_out = _numbers(rows, "output_toks", req_path, integer=True).astype(np.int64)
     queued, scheduled, first, last = (_numbers(rows, k, req_path) for k in (
@@ -281,7 +269,8 @@ def import_vllm_bench(src: str | Path, dest: str | Path, engine_file: str | Path
         Missing or ragged per-request lists, bad values, or missing engine settings.
     """
     src, dest = Path(src), Path(dest)
-    result, given = _read_json(src), _read_json(Path(engine_file))
+    result = read_json_object(src, "benchmark result")
+    given = read_json_object(engine_file, "engine settings file")
     keys = ("input_lens", "output_lens", "ttfts", "itls", "start_times")
     for key in keys:
         if not isinstance(result.get(key), list):
