@@ -56,15 +56,16 @@ def rebuild(name):
     click.echo(f"wrote {out}")
 
 
+_CLIENT_RUNS = ("vllm-bench", "inference-perf", "guidellm")
 _SERVING_OPTIONS = {"gpu": ("llmservingsim",), "workload": ("llmservingsim",),
-                    "engine": ("vllm-bench",)}
+                    "engine": _CLIENT_RUNS, "benchmark": ("guidellm",)}
 """Import options that only some kinds take (any other kind rejects them)."""
 
 
 @main.command("import")
 @click.argument("kind", type=click.Choice(["azure", "mooncake", "burstgpt", "marconi",
                                            "carbon", "measurements", "llmservingsim",
-                                           "vllm-bench"]))
+                                           *_CLIENT_RUNS]))
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--drop-invalid", is_flag=True,
@@ -77,16 +78,19 @@ _SERVING_OPTIONS = {"gpu": ("llmservingsim",), "workload": ("llmservingsim",),
               help="llmservingsim: the JSON Lines workload that was sent (input_tok_ids), for "
                    "the prompts' prefix-block hashes.")
 @click.option("--engine", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="vllm-bench: JSON of the engine settings the result does not record "
-                   "(gpu, max_num_seqs, max_num_batched_tokens, ...).")
+              help="vllm-bench, inference-perf, guidellm: JSON of the engine settings the "
+                   "result does not record (gpu, version, max_num_seqs, "
+                   "max_num_batched_tokens, ...).")
+@click.option("--benchmark", type=click.IntRange(min=0), default=None,
+              help="guidellm: which benchmark of the report (0-based) [the only one].")
 @click.option("--licence", default="see source", help="Licence of the data, for the card.")
 @clean_errors
-def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, licence):
+def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, benchmark, licence):
     """Convert a public trace or serving run into an archive dataset folder (Parquet,
     dataset.json, card). SRC is a file, or for llmservingsim a run folder."""
     from archive.errors import InputError
 
-    given = {"gpu": gpu, "workload": workload, "engine": engine}
+    given = {"gpu": gpu, "workload": workload, "engine": engine, "benchmark": benchmark}
     for option, kinds in _SERVING_OPTIONS.items():
         if given[option] is not None and kind not in kinds:
             raise InputError(f"only for {', '.join(kinds)} imports", field=f"--{option}")
@@ -108,12 +112,17 @@ def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, licence)
         from archive.importers.serving import import_llmservingsim
 
         meta = import_llmservingsim(src, dest, name, gpu, workload, licence)
-    elif kind == "vllm-bench":
-        from archive.importers.serving import import_vllm_bench
+    elif kind in _CLIENT_RUNS:
+        from archive.importers import serving
 
         if engine is None:
-            raise InputError("vllm-bench imports need the engine settings", field="--engine")
-        meta = import_vllm_bench(src, dest, engine, name, licence)
+            raise InputError(f"{kind} imports need the engine settings", field="--engine")
+        if kind == "guidellm":
+            meta = serving.import_guidellm(src, dest, engine, benchmark, name, licence)
+        else:
+            importer = {"vllm-bench": serving.import_vllm_bench,
+                        "inference-perf": serving.import_inference_perf}[kind]
+            meta = importer(src, dest, engine, name, licence)
     else:
         from archive.importers.workloads import import_workload
 

@@ -268,3 +268,73 @@ def test_shipped_profiles_by_name(tmp_path):
     wrong = run(kavier_cli, "simulate", "--trace", RTX4090, "--profile", "rtx-4090",
                 "--output-folder", tmp_path / "w")
     assert wrong.exit_code == 2 and "did you mean rtx-4090-llama-3.1-8b-vllm-0.19" in wrong.output
+
+
+def _engine_file(tmp_path):
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "llm": "Llama-3.1-8B",
+                                "version": "0.10.1", "max_num_seqs": 64,
+                                "max_num_batched_tokens": 4096}))
+    return path
+
+
+def test_inference_perf_import(tmp_path):
+    records = [
+        {"start_time": 100.0, "end_time": 100.5, "request": "...", "response": "...",
+         "info": {"input_tokens": 120, "output_tokens": 3,
+                  "output_token_times": [100.2, 100.3, 100.45]}, "error": None},
+        {"start_time": 100.4, "end_time": 101.0, "request": "...", "response": None,
+         "info": {"input_tokens": 80, "output_tokens": 0, "output_token_times": []},
+         "error": {"error_type": "timeout", "error_msg": "read timed out"}},
+    ]
+    (tmp_path / "per_request_lifecycle_metrics.json").write_text(json.dumps(records))
+    dest = tmp_path / "ip"
+    result = run(archive_cli, "import", "inference-perf",
+                 tmp_path / "per_request_lifecycle_metrics.json", dest, "--engine",
+                 _engine_file(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert validate(dest) == []
+    r = read_serving(dest)
+    assert r.requests["ttft_s"].iloc[0] == pytest.approx(0.2)
+    assert r.requests["e2e_s"].iloc[0] == pytest.approx(0.45)
+    assert r.requests["tpot_s"].iloc[0] == pytest.approx(0.125)
+    assert r.requests["itl_s"].iloc[0].tolist() == pytest.approx([0.1, 0.15])
+    assert r.requests["arrival_s"].tolist() == pytest.approx([0.0, 0.4])
+    assert r.requests["error"].iloc[1] == "read timed out"
+    assert r.engine["timestamps"] == "client" and r.engine["llm"] == "Llama-3.1-8B"
+    (tmp_path / "bad.json").write_text(json.dumps([{"start_time": 1.0}]))
+    bad = run(archive_cli, "import", "inference-perf", tmp_path / "bad.json", tmp_path / "b",
+              "--engine", _engine_file(tmp_path))
+    assert bad.exit_code == 2 and "line 1: field 'info'" in bad.output
+
+
+def test_guidellm_import(tmp_path):
+    def stats(i, start, first, last, n_out):
+        return {"request_id": f"r{i}", "prompt_tokens": 64 * (i + 1), "output_tokens": n_out,
+                "info": {"timings": {"request_start": start, "first_token_iteration": first,
+                                     "last_token_iteration": last, "request_end": last}}}
+
+    report = {"benchmarks": [{"config": {"model": "meta-llama/Llama-3.1-8B"}, "requests": {
+        "successful": [stats(0, 50.0, 50.1, 50.9, 9), stats(1, 50.5, 50.8, 51.2, 5)],
+        "incomplete": [stats(2, 51.0, None, None, 0)], "errored": []}}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    dest = tmp_path / "g"
+    result = run(archive_cli, "import", "guidellm", tmp_path / "report.json", dest,
+                 "--engine", _engine_file(tmp_path))
+    assert result.exit_code == 0, result.output
+    r = read_serving(dest)
+    assert validate(dest) == []
+    assert r.requests["ttft_s"].tolist()[:2] == pytest.approx([0.1, 0.3])
+    assert r.requests["tpot_s"].iloc[0] == pytest.approx(0.1)
+    assert r.requests["error"].iloc[2] == "incomplete" and list(r.ok) == [True, True, False]
+    report["benchmarks"].append(report["benchmarks"][0])
+    (tmp_path / "two.json").write_text(json.dumps(report))
+    two = run(archive_cli, "import", "guidellm", tmp_path / "two.json", tmp_path / "t",
+              "--engine", _engine_file(tmp_path))
+    assert two.exit_code == 2 and "--benchmark" in two.output
+    one = run(archive_cli, "import", "guidellm", tmp_path / "two.json", tmp_path / "t",
+              "--engine", _engine_file(tmp_path), "--benchmark", "1")
+    assert one.exit_code == 0, one.output
+    misplaced = run(archive_cli, "import", "inference-perf", tmp_path / "two.json",
+                    tmp_path / "m", "--engine", _engine_file(tmp_path), "--benchmark", "1")
+    assert misplaced.exit_code == 2 and "--benchmark" in misplaced.output

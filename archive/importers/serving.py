@@ -253,13 +253,40 @@ def _timeseries(path: Path) -> pa.Table:
     return pa.Table.from_pandas(df, schema=SERVING_TIMESERIES, preserve_index=False)
 
 
+def _client_run(src: Path, dest: Path, start, n_in, n_out, first, last, itls, errors,
+                engine: dict, meta: dict) -> dict:
+    """Write a run timed by a benchmark client: absolute ``start``, ``first`` and ``last``
+    token times (s, NaN when the request failed), per-request ITL lists (or None) and error
+    texts (None on success)."""
+    zero = float(np.nanmin(start))
+    arrival, first, last = start - zero, first - zero, last - zero
+    columns = {"request_id": [str(i) for i in range(len(start))], "arrival_s": arrival,
+               "n_input_tokens": n_in, "n_output_tokens": n_out,
+               "first_token_s": _nan_to_none(first), "last_token_s": _nan_to_none(last),
+               **{k: _nan_to_none(v) for k, v in
+                  _latencies(arrival, first, last, n_out).items()},
+               "itl_s": itls, "error": errors}
+    failed = sum(e is not None for e in errors)
+    return _write(dest, _requests_table(columns), None, [src], {
+        **meta, "version": "1.0.0", "engine": engine, "time_origin": "the first request sent",
+        "title": f"{meta['title']}: {engine['llm']} on {engine['gpu']} ({len(start)} requests)",
+        "description": f"{len(start):,} requests ({failed} failed) {meta['description']}; "
+                       "client-side timings.",
+        "creators": ["see source"], "citation": "see source"})
+
+
+def _client_engine(given: dict, model, engine_file) -> dict:
+    return _engine({"model": model, "llm": model, **given, "timestamps": "client"},
+                   Path(engine_file))
+
+
 def import_vllm_bench(src: str | Path, dest: str | Path, engine_file: str | Path,
                       name: str | None = None, licence: str = "see source",
                       source: str | None = None) -> dict:
     """Import a ``vllm bench serve --save-result --save-detailed`` JSON; returns the metadata.
 
     ``engine_file`` is a JSON object with the engine settings the result does not record
-    (:data:`archive.serving.ENGINE_KEYS`; at least ``gpu``, ``max_num_seqs`` and
+    (:data:`archive.serving.ENGINE_KEYS`; at least ``gpu``, ``version``, ``max_num_seqs`` and
     ``max_num_batched_tokens``; ``llm`` defaults to the result's ``model_id``). Requests are
     timed from the client's send (``start_times``): TTFT as measured, E2E = TTFT + Σ ITL.
 
@@ -280,34 +307,130 @@ def import_vllm_bench(src: str | Path, dest: str | Path, engine_file: str | Path
     for key in keys:
         if len(result[key]) != n:
             raise InputError(f"{len(result[key])} values for {n} requests", path=src, field=key)
-    errors = result.get("errors") or [""] * n
-    failed = np.array([bool(e) for e in errors])
+    errors = [str(e) if e else None for e in (result.get("errors") or [""] * n)]
     rows = [{k: result[k][i] for k in keys} for i in range(n)]
     start = _numbers(rows, "start_times", src)
-    n_in = _numbers(rows, "input_lens", src, integer=True).astype(np.int64)
-    n_out = _numbers(rows, "output_lens", src, integer=True).astype(np.int64)
-    ttft = np.array([np.nan if failed[i] else float(r["ttfts"]) for i, r in enumerate(rows)])
-    itl_sum = np.array([np.nan if failed[i] else float(np.sum(r["itls"]))
+    ttft = np.array([np.nan if errors[i] else float(r["ttfts"]) for i, r in enumerate(rows)])
+    itl_sum = np.array([np.nan if errors[i] else float(np.sum(r["itls"]))
                         for i, r in enumerate(rows)])
-    zero = start.min()
-    arrival = start - zero
-    first, last = arrival + ttft, arrival + ttft + itl_sum
-    lat = _latencies(arrival, first, last, n_out)
-    columns = {"request_id": [str(i) for i in range(n)], "arrival_s": arrival,
-               "n_input_tokens": n_in, "n_output_tokens": n_out,
-               "first_token_s": _nan_to_none(first), "last_token_s": _nan_to_none(last),
-               **{k: _nan_to_none(v) for k, v in lat.items()},
-               "itl_s": [None if failed[i] else [float(x) for x in r["itls"]]
-                         for i, r in enumerate(rows)],
-               "error": [str(e) if e else None for e in errors]}
-    engine = _engine({"version": result.get("vllm_version") or given.get("version"),
-                      "model": result.get("model_id"), "llm": result.get("model_id"),
-                      **given, "timestamps": "client"}, Path(engine_file))
-    return _write(dest, _requests_table(columns), None, [src], {
-        "name": name or dest.name, "version": "1.0.0",
-        "title": f"vllm bench serve: {engine['llm']} on {engine['gpu']} ({n} requests)",
-        "description": f"{n:,} requests ({int(failed.sum())} failed) sent by vllm bench serve "
-                       f"(request rate {result.get('request_rate')}, max concurrency "
-                       f"{result.get('max_concurrency')}); client-side timings.",
-        "creators": ["see source"], "licence": licence, "source": source or str(src),
-        "citation": "see source", "engine": engine, "time_origin": "the first request sent"})
+    itls = [None if errors[i] else [float(x) for x in r["itls"]] for i, r in enumerate(rows)]
+    return _client_run(
+        src, dest, start, _numbers(rows, "input_lens", src, integer=True).astype(np.int64),
+        _numbers(rows, "output_lens", src, integer=True).astype(np.int64), start + ttft,
+        start + ttft + itl_sum, itls, errors,
+        _client_engine(given, result.get("model_id"), engine_file),
+        {"name": name or dest.name, "title": "vllm bench serve", "licence": licence,
+         "source": source or str(src),
+         "description": f"sent by vllm bench serve (request rate {result.get('request_rate')}, "
+                        f"max concurrency {result.get('max_concurrency')})"})
+
+
+def import_inference_perf(src: str | Path, dest: str | Path, engine_file: str | Path,
+                          name: str | None = None, licence: str = "see source",
+                          source: str | None = None) -> dict:
+    """Import inference-perf's ``per_request_lifecycle_metrics.json`` (kubernetes-sigs/
+    inference-perf, ``report.request_lifecycle.per_request``): a list of ``{start_time,
+    end_time, info: {input_tokens, output_tokens, output_token_times}, error}``. TTFT is the
+    first output token time − ``start_time``, the last token time ends the request (else
+    ``end_time``), ITLs are the gaps between token times. Engine settings as
+    :func:`import_vllm_bench` (``llm`` is required there: the file does not name the model).
+
+    Raises
+    ------
+    InputError
+        Not a list of request objects, missing fields or bad values (naming the request).
+    """
+    src, dest = Path(src), Path(dest)
+    import json
+
+    try:
+        records = json.loads(src.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not readable as JSON: {exc}", path=src) from None
+    if not isinstance(records, list) or not records:
+        raise InputError("expected a non-empty list of per-request records", path=src)
+    given = read_json_object(engine_file, "engine settings file")
+    rows, itls, errors, first, last = [], [], [], [], []
+    for i, r in enumerate(records):
+        info = r.get("info") if isinstance(r, dict) else None
+        if not isinstance(info, dict):
+            raise InputError("a record needs an info object", path=src, row=i + 1, field="info")
+        rows.append({"start_time": r.get("start_time"), "end_time": r.get("end_time"),
+                     "input_tokens": info.get("input_tokens"),
+                     "output_tokens": info.get("output_tokens")})
+        times = info.get("output_token_times") or []
+        error = r.get("error")
+        if isinstance(error, dict):             # inference-perf's ErrorResponseInfo
+            error = error.get("error_msg") or error.get("error_type") or str(error)
+        errors.append(str(error) if error else None)
+        ok = errors[-1] is None and times
+        first.append(float(times[0]) if ok else np.nan)
+        last.append(float(times[-1]) if ok else np.nan)
+        itls.append([float(b - a) for a, b in zip(times, times[1:], strict=False)]
+                    if ok else None)
+    start = _numbers(rows, "start_time", src)
+    return _client_run(
+        src, dest, start, _numbers(rows, "input_tokens", src, integer=True).astype(np.int64),
+        _numbers(rows, "output_tokens", src, integer=True).astype(np.int64), np.array(first),
+        np.array(last), itls, errors, _client_engine(given, given.get("llm"), engine_file),
+        {"name": name or dest.name, "title": "inference-perf", "licence": licence,
+         "source": source or str(src), "description": "sent by inference-perf"})
+
+
+def import_guidellm(src: str | Path, dest: str | Path, engine_file: str | Path,
+                    benchmark: int | None = None, name: str | None = None,
+                    licence: str = "see source", source: str | None = None) -> dict:
+    """Import one benchmark of a guidellm report (``guidellm benchmark --output-path
+    report.json``; vllm-project/guidellm ``GenerativeBenchmark``): its ``requests``
+    (``successful``, ``incomplete``, ``errored``) of ``GenerativeRequestStats``, with
+    ``prompt_tokens``, ``output_tokens`` and ``info.timings`` (``request_start``,
+    ``first_token_iteration``, ``last_token_iteration``, ``request_end``). Incomplete and
+    errored requests are kept as failed. ``benchmark`` picks one of several (a sweep).
+
+    Raises
+    ------
+    InputError
+        No benchmarks, several without ``benchmark``, or records without timings.
+    """
+    src, dest = Path(src), Path(dest)
+    report = read_json_object(src, "guidellm report")
+    benchmarks = report.get("benchmarks")
+    if not isinstance(benchmarks, list) or not benchmarks:
+        raise InputError("no benchmarks in the report", path=src, field="benchmarks")
+    if benchmark is None and len(benchmarks) > 1:
+        raise InputError(f"the report holds {len(benchmarks)} benchmarks; choose one with "
+                         "--benchmark (0-based)", path=src, field="benchmarks")
+    index = benchmark or 0
+    if not 0 <= index < len(benchmarks):
+        raise InputError(f"no benchmark {index} (the report holds {len(benchmarks)})",
+                         path=src, field="--benchmark")
+    requests = benchmarks[index].get("requests") or {}
+    records = [(r, status) for status in ("successful", "incomplete", "errored")
+               for r in (requests.get(status) or [])]
+    if not records:
+        raise InputError("the benchmark kept no per-request records", path=src,
+                         field="requests")
+    given = read_json_object(engine_file, "engine settings file")
+    rows, errors, first, last = [], [], [], []
+    for i, (r, status) in enumerate(records):
+        if not isinstance(r, dict):
+            raise InputError(f"{status} request {i} is not an object", path=src,
+                             field="requests")
+        timings = (r.get("info") or {}).get("timings") or {}
+        rows.append({"start": timings.get("request_start", r.get("request_start_time")),
+                     "prompt_tokens": r.get("prompt_tokens"),
+                     "output_tokens": r.get("output_tokens") or 0})
+        ok = status == "successful" and timings.get("first_token_iteration") is not None
+        errors.append(None if ok else status)
+        first.append(float(timings["first_token_iteration"]) if ok else np.nan)
+        last.append(float(timings.get("last_token_iteration") or timings.get("request_end"))
+                    if ok else np.nan)
+    start = _numbers(rows, "start", src)
+    model = (benchmarks[index].get("config") or {}).get("model") or given.get("llm")
+    return _client_run(
+        src, dest, start, _numbers(rows, "prompt_tokens", src, integer=True).astype(np.int64),
+        _numbers(rows, "output_tokens", src, integer=True).astype(np.int64), np.array(first),
+        np.array(last), [None] * len(rows), errors,
+        _client_engine(given, model, engine_file),
+        {"name": name or dest.name, "title": "guidellm", "licence": licence,
+         "source": source or str(src), "description": f"of guidellm benchmark {index}"})
