@@ -338,3 +338,28 @@ def test_guidellm_import(tmp_path):
     misplaced = run(archive_cli, "import", "inference-perf", tmp_path / "two.json",
                     tmp_path / "m", "--engine", _engine_file(tmp_path), "--benchmark", "1")
     assert misplaced.exit_code == 2 and "--benchmark" in misplaced.output
+
+
+def test_fit_recovers_parameters_a_client_timed_run_was_made_with():
+    """A run simulated with known parameters (front-end overhead 30 ms, compute 0.5) and
+    client timestamps: fitting from other starting values finds them again."""
+    from archive.serving import ServingRun
+    from calibrate.serving import Replay
+
+    base = read_serving(PRO)
+    requests = base.requests.iloc[:120].copy()
+    engine = {**base.engine, "timestamps": "client"}
+    truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
+                         kv_memory_efficiency=0.6, request_overhead_s=0.03)
+    made = replay_for(ServingRun(requests, engine, None, 16, "made"), truth)
+    predicted, _, _ = made.predict()
+    for m in METRICS:
+        requests[m] = predicted[m].to_numpy()
+    run_ = ServingRun(requests, engine, None, 16, "made")
+    replay: Replay = replay_for(run_, truth.with_(compute_efficiency=0.3,
+                                                  request_overhead_s=0.005))
+    fit = fit_serving(replay, ("compute_efficiency", "request_overhead_s"),
+                      max_evaluations=100)
+    assert fit.params.request_overhead_s == pytest.approx(0.03, rel=0.03)
+    assert fit.params.compute_efficiency == pytest.approx(0.5, rel=0.03)
+    assert objective(fit.after["heldout"]) < objective(fit.before["heldout"]) / 10
