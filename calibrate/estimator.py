@@ -26,6 +26,15 @@ DEFAULT_FIT_PARAMS = {
 single-request sweeps it is indistinguishable from memory efficiency (both are a constant per
 decode step), so fitting both is ill-posed; add it when you have data that separates them."""
 
+FITTABLE = {
+    "thesis": ("compute_efficiency", "memory_efficiency", "request_overhead_s"),
+    "roofline": ("compute_efficiency", "memory_efficiency", "request_overhead_s",
+                 "token_overhead_s", "prefill_floor_s", "attention_efficiency",
+                 "prefill_sharpness"),
+}
+"""What single-request sweeps can fit per timing model (``kv_memory_efficiency`` and the
+batch overheads need requests in flight together: a serving run)."""
+
 _EFFICIENCIES = ("compute_efficiency", "attention_efficiency", "memory_efficiency")
 
 

@@ -79,10 +79,14 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
             i = first_bad(bad)
             raise InputError(f"{what}, got {df[column].iloc[i]!r}", path=source,
                              row=int(line[i]), field=column)
-    for stage in STAGES:
-        if not (df["sweep"] == stage).any():
-            raise InputError(f"no {stage}-sweep rows to calibrate with", path=source)
+    if df.empty:
+        raise InputError("no successful single-request rows to calibrate with", path=source)
     return df
+
+
+def present_stages(df: pd.DataFrame) -> tuple[str, ...]:
+    """The sweeps (of :data:`STAGES`) that ``df`` has rows of, in order."""
+    return tuple(st for st in STAGES if (df["sweep"] == st).any())
 
 
 def nominal_size(df: pd.DataFrame) -> np.ndarray:
@@ -104,14 +108,16 @@ def _mape_pct(measured, predicted) -> float:
 
 def size_medians(df: pd.DataFrame) -> pd.DataFrame:
     """Per (sweep, size): median latency and the median request ``(n_in, n_out)``, the way
-    Tables 6.5/6.6 summarize a sweep. Only sizes that both sweeps share are kept (64…16384 on
-    the A10 data: the nine rows of each table)."""
+    Tables 6.5/6.6 summarize a sweep. With both sweeps only the sizes they share are kept
+    (64…16384 on the A10 data: the nine rows of each table); with one, all its sizes."""
     frame = df.assign(size=nominal_size(df))
     med = (frame.groupby(["sweep", "size"])
            .agg(median_latency_s=("latency_s", "median"),
                 median_n_input_tokens=("n_input_tokens", "median"),
                 median_n_output_tokens=("n_output_tokens", "median"))
            .reset_index())
+    if len(present_stages(df)) < 2:
+        return med
     common = set(med.loc[med["sweep"] == "prefill", "size"]) & set(
         med.loc[med["sweep"] == "decode", "size"])
     return med[med["size"].isin(common)].reset_index(drop=True)
@@ -130,7 +136,7 @@ def stage_scores(df: pd.DataFrame, predicted: np.ndarray, med: pd.DataFrame,
     (:func:`size_medians`), the prediction at each size's median request.
     """
     scores = {}
-    for stage in STAGES:
+    for stage in present_stages(df):
         rows, at = (df["sweep"] == stage).to_numpy(), (med["sweep"] == stage).to_numpy()
         scores[stage] = {
             "per_request": _mape_pct(df["latency_s"].to_numpy(float)[rows], predicted[rows]),
@@ -151,7 +157,7 @@ def thesis_scoring(med: pd.DataFrame, timing) -> dict:
     and 4.00 % with m_p = 8.0e9 instead of Llama-3-8B's 8.03e9 parameters).
     """
     out = {}
-    for stage in STAGES:
+    for stage in present_stages(med):
         m = med[med["sweep"] == stage]
         if stage == "prefill":
             pred = timing.e2e_s(m["size"].to_numpy(float), 0.0)
@@ -204,9 +210,12 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
     y = df["latency_s"].to_numpy(np.float64)
     groups = nominal_size(df)
     med = size_medians(df)
-    if med["sweep"].nunique() < 2:
-        raise InputError("the prefill and decode sweeps share no size; calibration fits "
-                         "per-size medians of sizes both sweeps have", path=source)
+    if med["sweep"].nunique() < len(present_stages(df)):
+        raise InputError("the prefill and decode sweeps share no size; with both sweeps "
+                         "calibration fits per-size medians of the sizes they share",
+                         path=source)
+    if med["size"].nunique() < 2:
+        raise InputError("one size only: leave-one-size-out needs at least two", path=source)
     med_X, med_y = _median_points(med), med["median_latency_s"].to_numpy(np.float64)
     med_w = stage_weights(med)
     fitted = clone(estimator).fit(med_X, med_y, sample_weight=med_w)

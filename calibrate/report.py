@@ -26,8 +26,9 @@ def figure(result: CalibrationResult, title: str):
     """Thesis Figure 6.2 redrawn: per-size median measured time and the held-out calibrated
     and thesis-default predictions, for prefill (vs prompt tokens) and decode (vs generated
     tokens), log-log, with each line's per-size-median MAPE in the legend."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, stage in zip(axes, STAGES, strict=True):
+    stages = [st for st in STAGES if st in result.scores["heldout"]]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
         m = result.medians[result.medians["sweep"] == stage]
         x = m["median_n_input_tokens"] if stage == "prefill" else m["median_n_output_tokens"]
         scores = {"predicted_heldout_s": result.scores["heldout"][stage]["per_size_median"],
@@ -61,13 +62,14 @@ def markdown(result: CalibrationResult, profile: Profile) -> str:
     ]
     for key, label in (("fit", "calibrated, on the fit"), ("heldout", "calibrated, held out"),
                        ("thesis_defaults", "thesis model, thesis defaults")):
-        row = [f"{s[key][st][kind]:.2f}" for st in STAGES
+        row = [f"{s[key][st][kind]:.2f}" if st in s[key] else "—" for st in STAGES
                for kind in ("per_size_median", "per_request")]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     t = s["thesis_defaults_thesis_scoring"]
-    lines += ["", f"Thesis model with thesis defaults, scored the thesis's way (prefill sweep as "
-              f"n_out = 0, decode sweep as n_in = 0, against per-size medians): prefill "
-              f"{t['prefill']:.2f} %, decode {t['decode']:.2f} % (thesis: 7.39 %, 4.00 %).",
+    lines += ["", "Thesis model with thesis defaults, scored the thesis's way (prefill sweep as "
+              "n_out = 0, decode sweep as n_in = 0, against per-size medians): "
+              + ", ".join(f"{st} {v:.2f} %" for st, v in t.items())
+              + " (thesis: prefill 7.39 %, decode 4.00 %).",
               "", "Fitted parameters:", ""]
     lines += [f"- `{k}` = {v}" for k, v in profile.params.to_dict().items()]
     return "\n".join(lines) + "\n"

@@ -441,9 +441,10 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
 @click.option("--llm-library", type=click.Path(dir_okay=False), default=None)
 @click.option("--gpu-library", type=click.Path(dir_okay=False), default=None)
 @click.option("--fit", default=None,
-              help="Serving runs: timing parameters to fit, comma-separated "
-                   "[default: compute_efficiency,memory_efficiency,kv_memory_efficiency,"
-                   "batch_step_overhead_s,batch_seq_overhead_s].")
+              help="Timing parameters to fit, comma-separated [serving runs: "
+                   "compute_efficiency,memory_efficiency,kv_memory_efficiency,"
+                   "batch_step_overhead_s,batch_seq_overhead_s; sweeps: the timing model's "
+                   "defaults, docs/calibration.md].")
 @click.option("--split", type=float, default=None,
               help="Serving runs: fit on the requests arriving in this first share of the run, "
                    "score on the rest [0.5].")
@@ -470,7 +471,7 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                         ("timing_model", True, "for a serving run (roofline only)")])
         return _calibrate_serving(dataset, output_folder, **serving)
     _reject_unused([(name, True, "for single-request measurements (serving runs only)")
-                    for name in serving])
+                    for name in serving if name != "fit"])
     from archive.datasets import content_sha256
     from calibrate.batching import concurrent_groups, fit_batching
     from calibrate.estimator import TimingRegressor
@@ -487,7 +488,8 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                                 _single(df, "gpu", gpu, source), llm_library, gpu_library)
     estimator = TimingRegressor(
         llm=llm_spec, gpu=gpu_spec, timing_model=timing_model,
-        attention_efficiency=attention_efficiency if timing_model == "roofline" else None)
+        attention_efficiency=attention_efficiency if timing_model == "roofline" else None,
+        fit_params=_sweep_fit(fit, timing_model))
     reference = None
     if dataset == "a10-surf-vllm-llama3-8b":
         from archive.importers.a10_surf import table_medians
@@ -518,10 +520,11 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
     for key, label in (("fit", "calibrated, on the fit"), ("heldout", "calibrated, held out"),
                        ("thesis_defaults", "thesis defaults")):
         cells = [f"{s[key][st]['per_size_median']:.2f} | {s[key][st]['per_request']:.2f}"
-                 for st in ("prefill", "decode")]
+                 if st in s[key] else "—" for st in ("prefill", "decode")]
         click.echo(f"{label:<32}{cells[0]:>15}{cells[1]:>17}")
     t = s["thesis_defaults_thesis_scoring"]
-    click.echo(f"{'thesis defaults, thesis scoring':<32}{t['prefill']:>10.2f}{t['decode']:>10.2f}")
+    click.echo(f"{'thesis defaults, thesis scoring':<32}" + "".join(
+        f"{t[st]:>10.2f}" if st in t else f"{'—':>10}" for st in ("prefill", "decode")))
     if batching:
         b = batching
         click.echo(f"batching overheads from {b['groups']} concurrent groups: step "
@@ -531,6 +534,21 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
     click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in params.to_dict().items()
                                           if v is not None))
     click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
+
+
+def _sweep_fit(fit: str | None, timing_model: str) -> tuple[str, ...] | None:
+    """The ``--fit`` list for single-request sweeps, checked against what the model has."""
+    from calibrate.estimator import FITTABLE
+
+    if not fit:
+        return None
+    names = tuple(p.strip() for p in fit.split(",") if p.strip())
+    unknown = [p for p in names if p not in FITTABLE[timing_model]]
+    if unknown or not names:
+        raise InputError(f"cannot fit {unknown or 'nothing'} with the {timing_model} model on "
+                         f"single-request sweeps; choose from "
+                         f"{', '.join(FITTABLE[timing_model])}", field="fit")
+    return names
 
 
 def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_evaluations,

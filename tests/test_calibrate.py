@@ -90,3 +90,30 @@ def test_profile_round_trip_and_bad_profiles(result, tmp_path):
     from archive.errors import InputError
     with pytest.raises(InputError, match="llm"):
         Profile.read(path)
+
+
+def test_one_stage_sweeps_calibrate_and_fit_is_chosen(a10_data, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from kavier.cli import main
+
+    prefill = a10_data[a10_data["sweep"] == "prefill"]
+    only = calibrate(prefill, TimingRegressor(attention_efficiency=1.0))
+    assert set(only.scores["heldout"]) == {"prefill"}
+    assert only.scores["heldout"]["prefill"]["per_size_median"] < 5.0
+    assert set(size_medians(prefill)["size"]) == set(prefill["n_input_tokens"])
+    csv = tmp_path / "prefill.csv"
+    prefill.to_csv(csv, index=False)
+    out = tmp_path / "cal"
+    result = CliRunner().invoke(main, ["calibrate", "--dataset", str(csv), "--fit",
+                                       "compute_efficiency,prefill_floor_s",
+                                       "--output-folder", str(out)])
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "profile.json").read_text())["params"]
+    assert params["prefill_floor_s"] > 0 and params["memory_efficiency"] == 0.6
+    rejected = CliRunner().invoke(main, ["calibrate", "--dataset", str(csv), "--fit",
+                                         "kv_memory_efficiency", "--output-folder",
+                                         str(tmp_path / "r")])
+    assert rejected.exit_code == 2 and "single-request sweeps" in rejected.output
