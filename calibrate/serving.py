@@ -51,7 +51,8 @@ SERVING_FIT_PARAMS = ("compute_efficiency", "memory_efficiency", "kv_memory_effi
 chunks identify compute, small and large batches separate weight from KV streaming, the step
 count and batch sizes the two overheads)."""
 FITTABLE = SERVING_FIT_PARAMS + ("request_overhead_s", "token_overhead_s", "prefill_floor_s",
-                                 "attention_efficiency")
+                                 "attention_efficiency", "allreduce_latency_s",
+                                 "link_efficiency")
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
 
@@ -80,9 +81,9 @@ class Replay:
 
     def with_params(self, params: TimingParams) -> Replay:
         """The same replay with other timing parameters."""
-        return Replay(self.run, make_timing("roofline", self.timing.llm, self.timing.gpu,
-                                            self._own(params)),
-                      self.config, self.block_size, self.prefix_content)
+        timing = make_timing("roofline", self.timing.llm, self.timing.gpu, self._own(params),
+                             tensor_parallel_size=self.config.tensor_parallel_size)
+        return Replay(self.run, timing, self.config, self.block_size, self.prefix_content)
 
     def _own(self, params: TimingParams) -> TimingParams:
         if self.run.engine["timestamps"] == "engine":
@@ -101,7 +102,8 @@ class Replay:
                           "arrival_s": r["arrival_s"].to_numpy(np.float64)})
         requests, steps = [], []
         summary = simulate(table, self.timing, self.config, self.block_size, prefix,
-                           Sustainability(PowerModel.linear_for(self.timing.gpu)),
+                           Sustainability(PowerModel.linear_for(self.timing.gpu),
+                                          gpus_per_replica=self.config.tensor_parallel_size),
                            requests.append, lambda b, _p: steps.append(b))
         predicted = pa.concat_tables(requests).to_pandas().sort_values("id")
         return (predicted.reset_index(drop=True), summary,
@@ -112,21 +114,26 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     """Set ``run`` up for the simulation core with the library's LLM and GPU entries and
     ``params`` (default :func:`~kavier.models.timing.default_params`).
 
+    The run's tensor-parallel size becomes the replica's, its data-parallel size the number
+    of replicas (least-outstanding routing, as vLLM's internal data-parallel load balancer).
+
     Raises
     ------
     InputError
-        For a model or GPU the library does not know, tensor parallelism (not modelled yet),
-        a run without chunked prefill information, or prompts without a block size.
+        For a model or GPU the library does not know, expert parallelism (not modelled yet),
+        or prompts hashed with another block size than the engine's.
     """
     engine = run.engine
-    if engine["tensor_parallel_size"] != 1 or (engine.get("gpu_count") or 1) != 1:
-        raise InputError(f"the run uses {engine.get('gpu_count')} GPUs (tensor parallel size "
-                         f"{engine['tensor_parallel_size']}); the simulator models one GPU per "
-                         "replica so far", path=run.path, field="engine.tensor_parallel_size")
+    if engine.get("enable_expert_parallel"):
+        raise InputError("the run uses expert parallelism (experts split across GPUs with "
+                         "all-to-all traffic), which the simulator does not model yet",
+                         path=run.path, field="engine.enable_expert_parallel")
     llm = llm_library().get(engine["llm"])
     gpu = gpu_library().get(engine["gpu"])
     block = engine["block_size"]
-    config = EngineConfig(max_num_seqs=engine["max_num_seqs"],
+    config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,
+                          tensor_parallel_size=engine["tensor_parallel_size"],
+                          max_num_seqs=engine["max_num_seqs"],
                           max_num_batched_tokens=engine["max_num_batched_tokens"],
                           chunked_prefill=bool(engine["enable_chunked_prefill"]),
                           num_gpu_blocks=engine["num_gpu_blocks"],
@@ -135,7 +142,8 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     if content is not None and content.block_size != block:
         raise InputError(f"hash_ids cover {content.block_size}-token blocks, the engine's are "
                          f"{block}", path=run.path, field="hash_block_size")
-    replay = Replay(run, make_timing("roofline", llm, gpu), config, block, content)
+    replay = Replay(run, make_timing("roofline", llm, gpu, tensor_parallel_size=config.
+                                     tensor_parallel_size), config, block, content)
     return replay.with_params(params or default_params("roofline"))
 
 
@@ -187,7 +195,8 @@ def objective(s: dict) -> float:
 
 
 SCALES_S = {"batch_step_overhead_s": 1e-3, "batch_seq_overhead_s": 1e-5,
-            "token_overhead_s": 1e-5, "request_overhead_s": 1e-2, "prefill_floor_s": 1e-2}
+            "token_overhead_s": 1e-5, "request_overhead_s": 1e-2, "prefill_floor_s": 1e-2,
+            "allreduce_latency_s": 1e-5}
 """Typical size of each overhead, s: the optimiser works in ``log(value / scale)``, so a
 parameter of 10 µs and one of 10 ms move alike."""
 
@@ -201,7 +210,7 @@ class _Space:
         self.fit, self.hi = fit, max_efficiency
 
     def value(self, name: str, z: float) -> float:
-        if name.endswith("efficiency"):
+        if name.endswith("efficiency"):      # link_efficiency too: a share of a peak
             return float(0.05 + (self.hi - 0.05) / (1.0 + np.exp(-z)))
         return SCALES_S[name] * float(np.exp(np.clip(z, -30.0, 30.0)))
 

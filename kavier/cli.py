@@ -208,7 +208,7 @@ def _arrivals(table: pa.Table, rate_scale, poisson_rate, seed, back_to_back) -> 
 
 def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
            prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
-           block_size):
+           block_size, tensor_parallel_size=1):
     """Timing, workload, prefix cache and block size from the common options."""
     from calibrate.profile import Profile
 
@@ -223,7 +223,7 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
         params = profile.params
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
     timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
-                         kv_cache == "on")
+                         kv_cache == "on", tensor_parallel_size)
     exact = prefix_cache_policy in ("prefill", "full")
     why = f"with --prefix-cache-policy {prefix_cache_policy}"
     _reject_unused([("max_cached_prompts", not exact, why),
@@ -304,7 +304,8 @@ def _common(o: dict):
         o.pop("trace"), o.pop("llm"), o.pop("gpu"), o.pop("kv_cache"), o.pop("timing_model"),
         o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
         o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
-        o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"))
+        o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"),
+        config.tensor_parallel_size)
     _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
     table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
                       o.pop("seed"), config.back_to_back)
@@ -380,7 +381,8 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
         from archive.carbon import read_carbon
 
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
-    sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization)
+    sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization,
+                         config.tensor_parallel_size)
     export = ExportOptions(export_rate, fragments, opendc, write_steps, start)
     memory = timing.llm.weight_bytes
     with run_folder(output_folder) as out:
@@ -770,7 +772,8 @@ def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
         raise InputError("capacity searches the replica count; do not pass --replicas",
                          field="replicas")
     timing, workload, table, prefix, block, config, _, slos = _common(options)
-    sus = Sustainability(PowerModel.linear_for(timing.gpu))
+    sus = Sustainability(PowerModel.linear_for(timing.gpu),
+                         gpus_per_replica=config.tensor_parallel_size)
     tried: dict[int, dict] = {}
 
     def meets(n: int) -> bool:

@@ -102,6 +102,8 @@ CASES = {
     "activation_reserve_gib": (["--activation-reserve-gib", "3"],
                                ["--activation-reserve-gib", "3", "--num-gpu-blocks", "300"]),
     "request_timeout_s": (["--request-timeout", "1"], ["--request-timeout", "0"]),
+    "tensor_parallel_size": (["--tensor-parallel-size", "2"], ["--tensor-parallel-size", "3"]),
+    "pipeline_parallel_size": None,          # only 1: test_pipeline_parallel_is_rejected
     "back_to_back": (["--back-to-back"], None),
     "output_folder": None,                   # where everything is written (every case)
     "export_rate": (["--export-rate", "1"], ["--export-rate", "1", "--no-fragments"]),
@@ -174,3 +176,9 @@ def test_cli_defaults_are_the_config_defaults():
         assert params[option].default == cls.__dataclass_fields__[field].default, option
     assert PrefixCacheConfig().min_tokens == 256 and "[256]" in params[
         "prefix_cache_min_tokens"].help
+
+
+def test_pipeline_parallel_is_rejected(tmp_path, trace):
+    bad = outcome(tmp_path, trace, ["--pipeline-parallel-size", "2"])
+    assert not isinstance(bad, dict) and bad.exit_code == 2
+    assert "pipeline parallelism is not modelled" in bad.output

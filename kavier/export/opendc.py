@@ -64,9 +64,10 @@ def opendc_fragments(rows: dict, gpu_mhz: float) -> pa.RecordBatch:
 
 
 def opendc_tasks(replicas: int, end_s: float, gpu_mhz: float, memory_bytes: float,
-                 start: datetime = DEFAULT_START, cpu_mhz: float = HOST_CPU_MHZ
-                 ) -> pa.RecordBatch:
-    """One task per replica from time 0 to ``end_s``; ``memory_bytes`` per replica."""
+                 start: datetime = DEFAULT_START, cpu_mhz: float = HOST_CPU_MHZ,
+                 gpus: int = 1) -> pa.RecordBatch:
+    """One task per replica from time 0 to ``end_s``; ``memory_bytes`` and ``gpus`` (the
+    tensor-parallel size) per replica."""
     epoch_ms = (start - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
     n = replicas
     return pa.RecordBatch.from_arrays([
@@ -75,5 +76,5 @@ def opendc_tasks(replicas: int, end_s: float, gpu_mhz: float, memory_bytes: floa
         from_numpy(np.full(n, int(np.rint(end_s * 1000.0)), np.int64)),
         from_numpy(np.ones(n, np.int32)), from_numpy(np.full(n, cpu_mhz)),
         from_numpy(np.full(n, int(np.ceil(memory_bytes / 1024.0)), np.int64)),
-        from_numpy(np.ones(n, np.int32)), from_numpy(np.full(n, float(gpu_mhz))),
+        from_numpy(np.full(n, gpus, np.int32)), from_numpy(np.full(n, float(gpu_mhz))),
     ], schema=TASKS_SCHEMA)

@@ -149,8 +149,8 @@ class RunOutput:
             self._emit(r, lambda builder: builder.finish(end_s))
         if self._opendc is not None:
             self._write("opendc/tasks.parquet", opendc_tasks(
-                self.replicas, end_s, self.gpu_mhz, self.memory_bytes, self.options.start),
-                TASKS_SCHEMA)
+                self.replicas, end_s, self.gpu_mhz, self.memory_bytes, self.options.start,
+                gpus=self.sus.gpus_per_replica), TASKS_SCHEMA)
         self._stack.close()
         return dict(self.rows)
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from archive.errors import InputError
 from kavier.models.library import GPUSpec, LLMSpec
 
 
@@ -68,6 +69,14 @@ class TimingParams:
         measurements where the hard maximum misses by up to 16 %. Decode steps (one token,
         about 1 FLOP per byte) sit far below the ridge and keep the hard maximum, which has a
         closed-form sum.
+    allreduce_latency_s : float
+        Tensor parallelism only: fixed time of one all-reduce (NCCL's launch and
+        synchronisation; nccl-tests measure 5–10 µs over NVLink, 10–30 µs over PCIe for small
+        messages). Default 10 µs.
+    link_efficiency : float
+        Tensor parallelism only: achieved share of the interconnect's bandwidth in a ring
+        all-reduce (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
+        messages). Default 0.7.
     batch_step_overhead_s, batch_seq_overhead_s : float
         Continuous batching only: extra time of a step that batches two or more sequences, and
         per sequence beyond the first (scheduling, sampling, kernels less efficient on ragged
@@ -85,6 +94,8 @@ class TimingParams:
     prefill_sharpness: float | None = None
     batch_step_overhead_s: float = 0.0
     batch_seq_overhead_s: float = 0.0
+    allreduce_latency_s: float = 1e-5
+    link_efficiency: float = 0.7
 
     def to_dict(self) -> dict:
         """Plain dict of the parameters (for profiles and reports)."""
@@ -158,6 +169,7 @@ class _TimingBase:
     gpu: GPUSpec
     params: TimingParams = field(default_factory=TimingParams)
     kv_cache: bool = True
+    tensor_parallel_size: int = 1
 
     name = "base"
 
@@ -300,21 +312,62 @@ class RooflineTiming(_TimingBase):
 
     @property
     def _attention_flops_per_position(self) -> float:
-        """``4·L·d_attn``: FLOPs of ``QKᵀ`` and ``AV`` per (query, key) pair."""
-        return 4.0 * self.llm.n_layers * self.llm.attention_dim
+        """``4·L·d_attn / TP``: FLOPs of ``QKᵀ`` and ``AV`` per (query, key) pair on one
+        tensor-parallel rank (the heads are split across ranks)."""
+        return 4.0 * self.llm.n_layers * self.llm.attention_dim / self.tensor_parallel_size
 
-    def floor_s(self) -> float:
-        """Shortest forward pass, s: ``prefill_floor_s`` or the weight-streaming time."""
+    @property
+    def _matmul_params(self) -> float:
+        """Weight-matmul parameters per token on one rank: active, non-embedding, ``/ TP``."""
+        return self.llm.matmul_params / self.tensor_parallel_size
+
+    @property
+    def _lm_head_flops(self) -> float:
+        """One logits computation on one rank (the vocabulary is split across ranks)."""
+        return self.llm.lm_head_flops / self.tensor_parallel_size
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes per token on one rank: eq. 4.1 with the rank's KV heads,
+        ``n_kv_heads / TP``, or one replicated head when there are fewer heads than ranks
+        (vLLM replicates them)."""
+        return kv_bytes_per_token_per_rank(self.llm, self.tensor_parallel_size)
+
+    def weight_bytes(self, n_tokens=1.0):
+        """Weight bytes one rank streams in a pass over ``n_tokens`` tokens: all its weights
+        (``W / TP``) for a dense model; the shared ones plus the experts the tokens are routed
+        to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`)."""
+        return self.llm.weight_bytes_read(n_tokens) / self.tensor_parallel_size
+
+    def floor_s(self, n_tokens=1.0):
+        """Shortest forward pass over ``n_tokens`` tokens, s: ``prefill_floor_s`` or the time
+        to stream the weights it reads, ``weight_bytes(n) / B'`` (a constant for a dense
+        model)."""
         if self.params.prefill_floor_s is not None:
             return self.params.prefill_floor_s
-        return self.llm.weight_bytes / self._bytes_per_s
+        if not self.llm.n_experts:
+            return self.llm.weight_bytes / self.tensor_parallel_size / self._bytes_per_s
+        return self.weight_bytes(n_tokens) / self._bytes_per_s
+
+    def allreduce_s(self, n_tokens):
+        """Tensor-parallel communication of one pass over ``n_tokens`` tokens, s: two ring
+        all-reduces per layer (after attention and after the MLP; Shoeybi et al. 2019,
+        Megatron-LM) of ``n × hidden × bytes``, each ``latency + 2·(TP − 1)/TP × bytes /
+        (link × η)``; 0 without tensor parallelism. Linear in ``n``."""
+        tp = self.tensor_parallel_size
+        if tp == 1:
+            return np.zeros(np.shape(n_tokens)) if np.ndim(n_tokens) else 0.0
+        link = self.gpu.interconnect_gbps * 1e9 * self.params.link_efficiency
+        size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
+        per = self.params.allreduce_latency_s + 2.0 * (tp - 1) / tp * size / link
+        return 2.0 * self.llm.n_layers * per
 
     def forward_compute_s(self, n_new, n_cached=0) -> np.ndarray:
         """Compute time of one forward pass over ``n_new`` tokens after ``n_cached`` cached
         ones, s: weight matmuls and LM head at ``C_e``, attention at the attention efficiency.
         """
         n, c = _as_array(n_new), _as_array(n_cached)
-        matmul = 2.0 * self.llm.matmul_params * n + self.llm.lm_head_flops
+        matmul = 2.0 * self._matmul_params * n + self._lm_head_flops
         pairs = n * c + n * (n + 1) / 2.0
         return (matmul / self._flops_per_s
                 + self._attention_flops_per_position * pairs / self._attention_flops_per_s)
@@ -322,7 +375,7 @@ class RooflineTiming(_TimingBase):
     def forward_memory_s(self, n_context) -> np.ndarray:
         """Memory time of one forward pass that attends to ``n_context`` positions, s: the
         floor (one weight streaming) plus reading or writing their K and V."""
-        return self.floor_s() + self.llm.kv_bytes_per_token * _as_array(n_context) / (
+        return self.floor_s() + self.kv_bytes_per_token * _as_array(n_context) / (
             self._kv_bytes_per_s)
 
     def prefill_s(self, n_in, n_cached=0) -> np.ndarray:
@@ -348,7 +401,7 @@ class RooflineTiming(_TimingBase):
         return high * (1.0 + ratio**p) ** (1.0 / p)
 
     def _matmul_flops(self, n_new):
-        return 2.0 * self.llm.matmul_params * _as_array(n_new) + self.llm.lm_head_flops
+        return 2.0 * self._matmul_params * _as_array(n_new) + self._lm_head_flops
 
     def pass_costs(self, n_new, n_cached=0) -> Costs:
         """:class:`Costs` of one prefill pass per element (one sequence alone on the GPU):
@@ -357,10 +410,10 @@ class RooflineTiming(_TimingBase):
         matmul = self._matmul_flops(n)
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        kv = self.llm.kv_bytes_per_token * (n + c)
-        memory = self.floor_s() + kv / self._kv_bytes_per_s
-        return Costs(self._soft_max(compute, memory), matmul + attention,
-                     self.llm.weight_bytes + kv, compute, memory)
+        kv = self.kv_bytes_per_token * (n + c)
+        memory = self.floor_s(n) + kv / self._kv_bytes_per_s
+        return Costs(self._soft_max(compute, memory) + self.allreduce_s(n), matmul + attention,
+                     self.weight_bytes(n) + kv, compute, memory)
 
     def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int) -> Costs:
         """:class:`Costs` of one engine step over a batch of sequences (iteration-level
@@ -379,13 +432,15 @@ class RooflineTiming(_TimingBase):
         matmul = float(np.sum(self._matmul_flops(n)))
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        kv = self.llm.kv_bytes_per_token * float(np.sum(n + c))
-        memory = self.floor_s() + kv / self._kv_bytes_per_s
+        kv = self.kv_bytes_per_token * float(np.sum(n + c))
+        tokens = float(np.sum(n))
+        memory = float(self.floor_s(tokens)) + kv / self._kv_bytes_per_s
         high = (max(compute, memory) if n_decoding == n.size
                 else float(self._soft_max(compute, memory)))
         duration = (high + n_decoding * self.params.token_overhead_s
-                    + self._batch_overhead_s(n.size))
-        return Costs(duration, matmul + attention, self.llm.weight_bytes + kv, compute, memory)
+                    + self._batch_overhead_s(n.size) + float(self.allreduce_s(tokens)))
+        return Costs(duration, matmul + attention, float(self.weight_bytes(tokens)) + kv,
+                     compute, memory)
 
     def _batch_overhead_s(self, n_seqs: int) -> float:
         """``batch_step_overhead_s`` plus ``batch_seq_overhead_s`` per sequence beyond the
@@ -415,22 +470,24 @@ class RooflineTiming(_TimingBase):
         j = np.arange(n_steps, dtype=np.float64)             # steps already done
         a_pos = self._attention_flops_per_position
         if self.kv_cache:
-            matmul = n * (2.0 * self.llm.matmul_params + self.llm.lm_head_flops)
+            matmul = n * (2.0 * self._matmul_params + self._lm_head_flops)
             pairs = float(c.sum()) + n * (j + 1)                # Σ (c_i + j + 1)
             attention = a_pos * pairs
-            kv = self.llm.kv_bytes_per_token * pairs
+            kv = self.kv_bytes_per_token * pairs
         else:                                   # sequence i re-runs m_i = c_i + j + 1 tokens
             s1, s2 = float(c.sum()), float((c * c).sum())
             m1 = s1 + n * (j + 1)                               # Σ m_i
             m2 = s2 + 2 * (j + 1) * s1 + n * (j + 1) ** 2       # Σ m_i²
-            matmul = 2.0 * self.llm.matmul_params * m1 + n * self.llm.lm_head_flops
+            matmul = 2.0 * self._matmul_params * m1 + n * self._lm_head_flops
             attention = a_pos * (m2 + m1) / 2.0
-            kv = self.llm.kv_bytes_per_token * m1
+            kv = self.kv_bytes_per_token * m1
+        tokens = float(n)           # one per sequence (MoE and TP need the KV cache)
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        memory = self.floor_s() + kv / self._kv_bytes_per_s
+        memory = self.floor_s(tokens) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
-                     + self._batch_overhead_s(n))
-        return Costs(durations, matmul + attention, self.llm.weight_bytes + kv, compute, memory)
+                     + self._batch_overhead_s(n) + self.allreduce_s(tokens))
+        return Costs(durations, matmul + attention, self.weight_bytes(tokens) + kv, compute,
+                     memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after
@@ -438,7 +495,7 @@ class RooflineTiming(_TimingBase):
         n_in = _as_array(n_in)
         m = np.maximum(_as_array(n_out) - 1.0, 0.0)
         k1 = _sum_k(np.ones_like(m), m)                      # Σ k, k = 1..m
-        a_pos, kvb = self._attention_flops_per_position, self.llm.kv_bytes_per_token
+        a_pos, kvb = self._attention_flops_per_position, self.kv_bytes_per_token
         if self.kv_cache:                                    # step k: context n_in + k
             matmul = m * float(self._matmul_flops(1))
             attention = a_pos * (m * n_in + k1)
@@ -447,13 +504,13 @@ class RooflineTiming(_TimingBase):
             k2 = _sum_k2(np.ones_like(m), m)
             s1 = m * n_in + k1                               # Σ (n_in + k)
             s2 = m * n_in**2 + 2 * n_in * k1 + k2            # Σ (n_in + k)²
-            matmul = 2.0 * self.llm.matmul_params * s1 + m * self.llm.lm_head_flops
+            matmul = 2.0 * self._matmul_params * s1 + m * self._lm_head_flops
             attention = a_pos * (s2 + s1) / 2.0
             kv = kvb * s1
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         memory = m * self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
-                     m * self.llm.weight_bytes + kv, compute, memory)
+                     m * self.weight_bytes() + kv, compute, memory)
 
     def inter_token_latencies(self, n_in, n_out) -> tuple[np.ndarray, np.ndarray]:
         """Every decode step's duration, request after request (``n_out − 1`` each, at
@@ -463,7 +520,7 @@ class RooflineTiming(_TimingBase):
         m = np.maximum(n_out - 1, 0)
         first = np.cumsum(m) - m
         c = (np.repeat(n_in, m) + np.arange(int(m.sum())) - np.repeat(first, m) + 1.0)
-        a_pos, kvb = self._attention_flops_per_position, self.llm.kv_bytes_per_token
+        a_pos, kvb = self._attention_flops_per_position, self.kv_bytes_per_token
         if self.kv_cache:
             compute = float(self._matmul_flops(1)) / self._flops_per_s + a_pos * c / (
                 self._attention_flops_per_s)
@@ -471,7 +528,8 @@ class RooflineTiming(_TimingBase):
             compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
                 self._attention_flops_per_s)
         memory = self.floor_s() + kvb * c / self._kv_bytes_per_s
-        durations = np.maximum(compute, memory) + self.params.token_overhead_s
+        durations = (np.maximum(compute, memory) + self.params.token_overhead_s
+                     + self.allreduce_s(1.0))
         return durations, np.ones(durations.size, np.int64)
 
     def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
@@ -486,23 +544,22 @@ class RooflineTiming(_TimingBase):
         steps = np.maximum(_as_array(n_out) - 1.0, 0.0)
         body = self._decode_kv_on(n_in, steps) if self.kv_cache else self._decode_kv_off(
             n_in, steps)
-        return body + steps * self.params.token_overhead_s
+        comm = steps * self.allreduce_s(1.0)      # one token per step (TP needs the KV cache)
+        return body + steps * self.params.token_overhead_s + comm
 
     def _decode_kv_on(self, n_in, steps):
-        llm = self.llm
         attn = self._attention_flops_per_position / self._attention_flops_per_s
-        g0 = (2.0 * llm.matmul_params + llm.lm_head_flops) / self._flops_per_s + attn * n_in
-        m1 = llm.kv_bytes_per_token / self._kv_bytes_per_s
+        g0 = (2.0 * self._matmul_params + self._lm_head_flops) / self._flops_per_s + attn * n_in
+        m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
         return sum_max_linear(g0, attn, self.forward_memory_s(n_in), m1, steps)
 
     def _decode_kv_off(self, n_in, steps):
         # step k re-runs a pass over c = n_in + k tokens:
         #   compute q(k) = p·c + lm + a·(c² + c),  memory r(k) = floor + m1·c
-        llm = self.llm
-        p = 2.0 * llm.matmul_params / self._flops_per_s
-        lm = llm.lm_head_flops / self._flops_per_s
+        p = 2.0 * self._matmul_params / self._flops_per_s
+        lm = self._lm_head_flops / self._flops_per_s
         a = self._attention_flops_per_position / self._attention_flops_per_s / 2.0
-        m1 = llm.kv_bytes_per_token / self._kv_bytes_per_s
+        m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
         qa = p * n_in + lm + a * (n_in**2 + n_in)
         qb = p + a * (2.0 * n_in + 1.0)
         qc = a
@@ -547,8 +604,40 @@ def default_params(name: str) -> TimingParams:
     return ROOFLINE_DEFAULTS if name == "roofline" else TimingParams()
 
 
+def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> float:
+    """KV-cache bytes per token on one tensor-parallel rank: eq. 4.1 (GQA-aware) with
+    ``n_kv_heads / TP`` heads, or one replicated head when ``TP > n_kv_heads`` (vLLM)."""
+    heads = max(llm.n_kv_heads // tensor_parallel_size, 1)
+    return llm.kv_bytes_per_token * heads / llm.n_kv_heads
+
+
+def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int) -> None:
+    """Reject a tensor-parallel degree vLLM would refuse, or one the GPU has no link for.
+
+    Raises
+    ------
+    InputError
+        When ``n_heads`` is not divisible by TP, KV heads neither divide nor are a multiple of
+        it, or the GPU entry has no ``interconnect_gbps``.
+    """
+    tp = tensor_parallel_size
+    if tp < 1:
+        raise InputError(f"must be >= 1, got {tp}", field="tensor-parallel-size")
+    if tp == 1:
+        return
+    kv = llm.n_kv_heads
+    if llm.n_heads % tp or (kv % tp and tp % kv):
+        raise InputError(f"{llm.name} has {llm.n_heads} attention and {kv} KV heads, which "
+                         f"{tp} ranks cannot split (vLLM requires divisibility)",
+                         field="tensor-parallel-size")
+    if gpu.interconnect_gbps is None:
+        raise InputError(f"the {gpu.name} entry has no interconnect_gbps for tensor-parallel "
+                         "all-reduces", field="tensor-parallel-size")
+
+
 def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | None = None,
-                kv_cache: bool = True) -> ThesisTiming | RooflineTiming:
+                kv_cache: bool = True,
+                tensor_parallel_size: int = 1) -> ThesisTiming | RooflineTiming:
     """Build the timing model called ``name`` (``thesis`` or ``roofline``), with ``params``
     or :func:`default_params`.
 
@@ -556,10 +645,23 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
     ------
     ValueError
         For an unknown model name.
+    InputError
+        For what the model cannot express: the thesis model with tensor parallelism or a
+        mixture of experts (eqs. 4.2–4.6 have one GPU and dense weights), a mixture of experts
+        without the KV cache, or a tensor-parallel degree :func:`check_parallel` rejects.
     """
     try:
         cls = TIMING_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown timing model '{name}'; known: {', '.join(TIMING_MODELS)}"
                          ) from None
-    return cls(llm=llm, gpu=gpu, params=params or default_params(name), kv_cache=kv_cache)
+    if name == "thesis" and (tensor_parallel_size != 1 or llm.n_experts):
+        raise InputError("the thesis timing model (eqs. 4.2-4.6) has one GPU and dense "
+                         "weights; use --timing-model roofline for tensor parallelism or a "
+                         "mixture of experts", field="timing-model")
+    if (llm.n_experts or tensor_parallel_size > 1) and not kv_cache:
+        raise InputError("a mixture of experts or tensor parallelism without the KV cache is "
+                         "not modelled", field="kv-cache")
+    check_parallel(llm, gpu, tensor_parallel_size)
+    return cls(llm=llm, gpu=gpu, params=params or default_params(name), kv_cache=kv_cache,
+               tensor_parallel_size=tensor_parallel_size)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from archive.errors import InputError
 from kavier.models.library import GPUSpec, LLMSpec
+from kavier.models.timing import kv_bytes_per_token_per_rank
 
 ROUTERS = ("round-robin", "least-outstanding", "prefix-affinity")
 VLLM_BLOCK_SIZE = 16
@@ -30,6 +31,12 @@ class EngineConfig:
         GPU replicas behind the router (each one engine and one KV pool).
     router : str
         One of :data:`ROUTERS`.
+    tensor_parallel_size : int
+        GPUs per replica that split every layer (vLLM's ``--tensor-parallel-size``): weights,
+        heads and KV heads divided across them, two all-reduces per layer.
+    pipeline_parallel_size : int
+        Pipeline stages per replica (vLLM's ``--pipeline-parallel-size``); only 1 is modelled
+        so far, larger values are rejected.
     max_num_seqs : int
         Requests running at once per replica (vLLM's default 256; 1 is the thesis's
         one-request-at-a-time mode).
@@ -58,6 +65,11 @@ class EngineConfig:
         "Replica choice for each request: round-robin, least-outstanding (fewest waiting or "
         "running) or prefix-affinity (same session or first prompt block → same replica).",
         choices=ROUTERS))
+    tensor_parallel_size: int = field(default=1, metadata=_help(
+        "GPUs per replica splitting every layer (weights, heads, KV heads; two all-reduces "
+        "per layer over the GPU's interconnect).", min=1))
+    pipeline_parallel_size: int = field(default=1, metadata=_help(
+        "Pipeline stages per replica (only 1 is modelled so far).", min=1))
     max_num_seqs: int = field(default=256, metadata=_help(
         "Requests running at once per replica (1: the thesis's one-at-a-time mode).", min=1))
     max_num_batched_tokens: int = field(default=8192, metadata=_help(
@@ -81,6 +93,9 @@ class EngineConfig:
         "(trace arrival times ignored)."))
 
     def __post_init__(self):
+        if self.pipeline_parallel_size != 1:
+            raise InputError("pipeline parallelism is not modelled yet; only 1 stage",
+                             field="pipeline-parallel-size")
         if self.router not in ROUTERS:
             raise InputError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}",
                              field="router")
@@ -106,23 +121,29 @@ def flag(name: str) -> str:
 
 def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
                    gpu_memory_utilization: float = 0.9,
-                   activation_reserve_gib: float = 0.0) -> int:
+                   activation_reserve_gib: float = 0.0, tensor_parallel_size: int = 1) -> int:
     """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
 
-    ``floor((memory × utilization − weights − activation reserve) / (block_size × KV bytes
-    per token))`` with the GQA-aware bytes per token of eq. 4.1 (vLLM's
-    ``determine_available_memory`` then ``get_num_blocks``).
+    ``floor((memory × utilization − weights / TP − activation reserve) / (block_size × KV
+    bytes per token per rank))`` with the GQA-aware bytes per token of eq. 4.1 on one rank
+    (``n_kv_heads / TP`` heads, at least one: vLLM's ``determine_available_memory`` then
+    ``get_num_blocks``, per worker; every rank holds the same blocks, so the pool is the same
+    count of blocks for the replica). Llama-3.1-70B on 4 × A100-80GB at 0.9: (72 GiB −
+    32.9 GiB) / (16 × 80 KiB) = 32,029 blocks, 512 k tokens.
 
     Raises
     ------
     InputError
         When the weights and the reserve alone do not fit, or not one block does.
     """
-    free = (gpu.memory_bytes * gpu_memory_utilization - llm.weight_bytes
-            - activation_reserve_gib * 2**30)
-    blocks = int(free // (block_size * llm.kv_bytes_per_token)) if free > 0 else 0
+    weights = llm.weight_bytes / tensor_parallel_size
+    free = gpu.memory_bytes * gpu_memory_utilization - weights - activation_reserve_gib * 2**30
+    per_token = kv_bytes_per_token_per_rank(llm, tensor_parallel_size)
+    blocks = int(free // (block_size * per_token)) if free > 0 else 0
     if blocks < 1:
-        raise InputError(f"{llm.name} weights ({llm.weight_bytes / 2**30:.1f} GiB) and "
+        on = (f" per GPU with tensor parallel size {tensor_parallel_size}"
+              if tensor_parallel_size > 1 else "")
+        raise InputError(f"{llm.name} weights ({weights / 2**30:.1f} GiB{on}) and "
                          f"{activation_reserve_gib:g} GiB of activations leave no KV block in "
                          f"{gpu_memory_utilization:.0%} of the {gpu.name}'s "
                          f"{gpu.memory_gib:g} GiB", field="gpu")

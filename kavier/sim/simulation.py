@@ -52,7 +52,7 @@ def pool_blocks(timing, config: EngineConfig, block_size: int) -> int:
     if config.num_gpu_blocks is not None:
         return config.num_gpu_blocks
     return kv_pool_blocks(timing.llm, timing.gpu, block_size, config.gpu_memory_utilization,
-                          config.activation_reserve_gib)
+                          config.activation_reserve_gib, config.tensor_parallel_size)
 
 
 def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
@@ -100,6 +100,11 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         For an unknown ``path``, or ``"stepped"`` with the thesis timing model.
     """
     config = resolve(config, timing.kv_cache)
+    tp = getattr(timing, "tensor_parallel_size", 1)
+    if not tp == config.tensor_parallel_size == sustainability.gpus_per_replica:
+        raise ValueError(f"tensor parallel size differs: timing {tp}, config "
+                         f"{config.tensor_parallel_size}, sustainability "
+                         f"{sustainability.gpus_per_replica}")
     check_setup(timing, config, prefix)
     blocks = pool_blocks(timing, config, block_size)
     n_in = column(table, "n_input_tokens", np.int64)
@@ -126,7 +131,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         on_requests(requests)
 
     timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
-                        kv_per_token * block_size, steps)
+                        kv_per_token * block_size, steps, getattr(timing, "allreduce_s", None))
     if path not in ("auto", "stepped"):
         raise ValueError(f"unknown engine path {path!r}")
     if path == "stepped" and not isinstance(timing, RooflineTiming):

@@ -41,8 +41,8 @@ class Summary:
         self.sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s")}
         self.busy_s = np.zeros(replicas)
         self.seconds = dict.fromkeys(("prefill", "decode"), 0.0)
-        self.work = dict.fromkeys(("flops", "dram_bytes", "energy_busy_j", "co2_busy_g",
-                                   "busy_ci_s"), 0.0)
+        self.work = dict.fromkeys(("flops", "dram_bytes", "allreduce_s", "energy_busy_j",
+                                   "co2_busy_g", "busy_ci_s"), 0.0)
         self.peak_kv_blocks = 0
 
     def add_requests(self, t: pa.Table) -> None:
@@ -94,6 +94,7 @@ class Summary:
         self.seconds["decode"] += float((duration * (1.0 - share)).sum())
         self.work["flops"] += float(get["flops"].sum())
         self.work["dram_bytes"] += float(get["dram_bytes"].sum())
+        self.work["allreduce_s"] += float(get["allreduce_s"].sum())
         self.peak_kv_blocks = max(self.peak_kv_blocks, int(get["kv_blocks_used"].max()))
         power = self.sus.intervals(get["start_s"], duration, get["compute_s"], get["memory_s"])
         self.work["energy_busy_j"] += float(power["energy_j"].sum())
@@ -111,14 +112,16 @@ class Summary:
         start = self.first_arrival if n else 0.0
         makespan = end - start
         busy = float(self.busy_s.sum())
+        gpus = self.sus.gpus_per_replica             # GPU-hours count every GPU of a replica
         out = {
             **{k: c[k] for k in ("n_requests", "n_finished", "n_failed", "n_input_tokens",
                                  "n_output_tokens", "n_cached_tokens", "preemptions")},
-            "replicas": self.replicas, "makespan_s": makespan, "timeline_s": end,
-            "gpu_hours": busy / 3600.0,
-            "prefill_gpu_hours": self.seconds["prefill"] / 3600.0,
-            "decode_gpu_hours": self.seconds["decode"] / 3600.0,
-            "provisioned_gpu_hours": self.replicas * end / 3600.0,
+            "replicas": self.replicas, "gpus": self.replicas * gpus,
+            "makespan_s": makespan, "timeline_s": end,
+            "gpu_hours": gpus * busy / 3600.0,
+            "prefill_gpu_hours": gpus * self.seconds["prefill"] / 3600.0,
+            "decode_gpu_hours": gpus * self.seconds["decode"] / 3600.0,
+            "provisioned_gpu_hours": gpus * self.replicas * end / 3600.0,
             "output_throughput_tok_s": c["n_output_tokens"] / makespan if makespan > 0
             else None,
             "total_throughput_tok_s": (c["n_input_tokens"] + c["n_output_tokens"]) / makespan
@@ -127,6 +130,7 @@ class Summary:
             "busy_fraction": [float(b / end) if end > 0 else None for b in self.busy_s],
             "mfu": self.work["flops"] / (self.peak_flops_per_s * busy) if busy else None,
             "mbu": self.work["dram_bytes"] / (self.peak_bytes_per_s * busy) if busy else None,
+            "allreduce_share": self.work["allreduce_s"] / busy if busy else None,
             "peak_kv_blocks_used": self.peak_kv_blocks,
             "goodput": c["n_meeting_slos"] / n if n else None,
             "goodput_req_s": c["n_meeting_slos"] / makespan if makespan > 0 else None,
@@ -161,7 +165,8 @@ class Summary:
         out = {**sus.to_dict(), "energy_busy_wh": w["energy_busy_j"] / 3600.0,
                "energy_idle_wh": idle_j / 3600.0, "energy_gpu_wh": gpu_j / 3600.0,
                "energy_gpu_j": gpu_j, "energy_facility_wh": gpu_j * sus.pue / 3600.0,
-               "mean_power_w": gpu_j / (self.replicas * end) if end > 0 else None}
+               "mean_power_w": gpu_j / (self.replicas * sus.gpus_per_replica * end)
+               if end > 0 else None}
         if sus.carbon is not None:
             if end > 0:
                 sus.carbon.check_covers(0.0, end)

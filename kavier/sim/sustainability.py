@@ -86,6 +86,9 @@ class Sustainability:
     memory_bound_utilization : float
         Utilization of a fully memory-bound step, in [0, 1]
         (:func:`~kavier.sim.timeline.power_utilization`).
+    gpus_per_replica : int
+        GPUs that run each step together (the tensor-parallel size): a replica's power is
+        this many times one GPU's, busy and idle. ``simulate`` checks it against the timing.
     """
 
     power: PowerModel
@@ -93,6 +96,7 @@ class Sustainability:
     pue: float = 1.0
     utilization_cap: float = 1.0
     memory_bound_utilization: float = 0.5
+    gpus_per_replica: int = 1
 
     def __post_init__(self):
         if not self.pue >= 1.0:
@@ -120,10 +124,11 @@ class Sustainability:
                                  self.memory_bound_utilization, self.utilization_cap)
 
     def intervals(self, start_s, duration_s, compute_s, memory_s) -> dict[str, np.ndarray]:
-        """Per interval: ``utilization``, ``power_w``, GPU ``energy_j`` and, with a carbon
-        trace, ``co2_g`` and ``carbon_s`` (``∫ CI dt`` over the interval, gCO2/kWh × s)."""
+        """Per interval: ``utilization``, the replica's ``power_w`` (all its GPUs), GPU
+        ``energy_j`` and, with a carbon trace, ``co2_g`` and ``carbon_s`` (``∫ CI dt`` over the
+        interval, gCO2/kWh × s)."""
         u = self.utilization(compute_s, memory_s, duration_s)
-        watts = self.power.power_w(u)
+        watts = self.power.power_w(u) * self.gpus_per_replica
         out = {"utilization": u, "power_w": watts, "energy_j": watts * duration_s}
         if self.carbon is not None:
             out["carbon_s"] = self.carbon.integral(start_s, start_s + duration_s)
@@ -131,8 +136,8 @@ class Sustainability:
         return out
 
     def idle_w(self) -> float:
-        """``P_idle``: the power model at utilization 0, W."""
-        return float(self.power.power_w(0.0))
+        """A replica's ``P_idle``: the power model at utilization 0, W, times its GPUs."""
+        return float(self.power.power_w(0.0)) * self.gpus_per_replica
 
     def to_dict(self) -> dict:
         """Settings for the run summary."""

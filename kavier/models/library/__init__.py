@@ -14,6 +14,8 @@ from dataclasses import MISSING, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from archive.errors import InputError
 
 
@@ -28,7 +30,14 @@ class LLMSpec:
         Total parameter count, embeddings and LM head included.
     n_layers, n_heads, n_kv_heads, head_dim, hidden_dim, intermediate_dim, vocab_size : int
         Shapes as in the model's Hugging Face ``config.json``; ``n_kv_heads < n_heads`` is
-        grouped-query attention, ``n_kv_heads == 1`` multi-query attention.
+        grouped-query attention, ``n_kv_heads == 1`` multi-query attention. For a
+        mixture-of-experts model ``intermediate_dim`` is one expert's width
+        (``moe_intermediate_size``, Mixtral's ``intermediate_size``).
+    n_experts, n_experts_per_token : int
+        Mixture of experts: routed experts per layer (``num_local_experts`` /
+        ``num_experts``) and experts each token is routed to (``num_experts_per_tok``); 0 for a
+        dense model. Every layer's MLP is the expert layer (Mixtral; Qwen3-MoE with
+        ``decoder_sparse_step`` 1).
     bytes_per_param : float
         Bytes per weight and per KV-cache element (2 for FP16/BF16).
     tie_word_embeddings : bool
@@ -50,8 +59,54 @@ class LLMSpec:
     vocab_size: int
     bytes_per_param: float = 2.0
     tie_word_embeddings: bool = False
+    n_experts: int = 0
+    n_experts_per_token: int = 0
     source: str = ""
     aliases: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if (self.n_experts > 0) != (self.n_experts_per_token > 0) or (
+                self.n_experts_per_token > self.n_experts):
+            raise InputError(f"entry '{self.name}': n_experts_per_token must be in "
+                             f"[1, n_experts] for a mixture of experts and both 0 for a dense "
+                             f"model (got {self.n_experts_per_token} of {self.n_experts})",
+                             field="n_experts_per_token")
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert in one layer: ``3 × hidden × intermediate`` (gate, up and
+        down projections of a SwiGLU MLP); 0 for a dense model."""
+        return 3 * self.hidden_dim * self.intermediate_dim if self.n_experts else 0
+
+    @property
+    def inactive_params(self) -> int:
+        """Parameters a token does not use: ``L × (E − k)`` experts; 0 for a dense model."""
+        return self.n_layers * (self.n_experts - self.n_experts_per_token) * self.expert_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters used per token: all for a dense model, ``params − L·(E − k)·expert``
+        for a mixture of experts (Qwen3-30B-A3B: 30.5 B total, 3.3 B active)."""
+        return self.params - self.inactive_params
+
+    def experts_touched(self, n_tokens) -> np.ndarray:
+        """Expected distinct experts per layer that ``n_tokens`` tokens are routed to,
+        ``E·(1 − (1 − k/E)^t)``, under the assumption of uniform, independent routing (real
+        routers are skewed, which touches fewer); ``E`` for a dense model's one MLP."""
+        t = np.asarray(n_tokens, np.float64)
+        if not self.n_experts:
+            return np.ones_like(t)
+        e, k = self.n_experts, self.n_experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** t)
+
+    def weight_bytes_read(self, n_tokens) -> np.ndarray:
+        """Weight bytes a forward pass over ``n_tokens`` tokens streams: all of them for a
+        dense model; the shared weights plus the experts touched for a mixture of experts."""
+        if not self.n_experts:
+            return np.full(np.shape(n_tokens), float(self.weight_bytes))
+        shared = self.params - self.n_layers * self.n_experts * self.expert_params
+        touched = self.n_layers * self.experts_touched(n_tokens) * self.expert_params
+        return (shared + touched) * self.bytes_per_param
 
     @property
     def weight_bytes(self) -> float:
@@ -66,12 +121,13 @@ class LLMSpec:
 
     @property
     def matmul_params(self) -> int:
-        """Parameters that take part in a matrix multiply for every token: all but embeddings.
+        """Parameters that take part in a matrix multiply for every token: all active ones but
+        embeddings (a mixture of experts counts the ``k`` experts a token is routed to).
 
         The LM head is counted separately (:attr:`lm_head_flops`) because an inference engine
         computes logits only for the positions it samples from.
         """
-        return self.params - self.embedding_params
+        return self.active_params - self.embedding_params
 
     @property
     def lm_head_flops(self) -> float:
@@ -117,6 +173,12 @@ class GPUSpec:
         Maximum boost (SM) clock, MHz; OpenDC's unit of GPU capacity.
     source : str
         Where the figures come from.
+    interconnect : str
+        The link tensor-parallel collectives run over between GPUs of one node (``NVLink 4``,
+        ``PCIe 4.0 x16``).
+    interconnect_gbps : float or None
+        Its bandwidth per GPU and direction, GB/s (the figure a ring all-reduce's bus
+        bandwidth is measured against); None when unknown (no tensor parallelism then).
     aliases : tuple of str
         Other names the entry answers to: the names ``nvidia-smi --query-gpu=name`` prints.
     """
@@ -129,6 +191,8 @@ class GPUSpec:
     idle_power_w: float
     max_power_w: float
     boost_clock_mhz: float | None = None
+    interconnect: str = ""
+    interconnect_gbps: float | None = None
     source: str = ""
     aliases: tuple[str, ...] = ()
 
@@ -162,7 +226,7 @@ def _build(cls: type, name: str, entry: dict, path: str) -> LLMSpec | GPUSpec:
         raise InputError(f"entry '{name}': aliases must be a list of names", path=path,
                          field="aliases")
     for key, value in entry.items():
-        if key not in ("source", "vendor", "tie_word_embeddings") and (
+        if key not in ("source", "vendor", "tie_word_embeddings", "interconnect") and (
             isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
         ):
             raise InputError(f"entry '{name}': must be a positive number, got {value!r}",
@@ -251,6 +315,33 @@ def gpu_library(extra: str | Path | None = None) -> Library:
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "int8": 1}
 
 
+_UNMODELLED = (
+    ("quantization_config", lambda v: v, "quantized weights"),
+    ("kv_lora_rank", lambda v: v, "multi-head latent attention (MLA)"),
+    ("q_lora_rank", lambda v: v, "multi-head latent attention (MLA)"),
+    ("linear_num_value_heads", lambda v: v, "linear attention"),
+    ("layer_types", lambda v: v and any("linear" in str(t) or "sliding" in str(t) for t in v),
+     "linear or sliding-window attention layers"),
+    ("shared_expert_intermediate_size", lambda v: v, "shared experts"),
+    ("n_shared_experts", lambda v: v, "shared experts"),
+    ("decoder_sparse_step", lambda v: v not in (None, 1), "dense layers between expert layers"),
+    ("mlp_only_layers", lambda v: v, "dense layers between expert layers"),
+    ("first_k_dense_replace", lambda v: v, "dense layers before the expert layers"),
+)
+"""config.json fields of architecture features the timing model does not model: a model that
+has one is refused rather than simulated as a different model."""
+
+
+def _refuse_unmodelled(config: dict, path) -> None:
+    for key, present, what in _UNMODELLED:
+        if key in config and present(config[key]):
+            raise InputError(f"{what} are not modelled; this model would be simulated as a "
+                             "different one", path=path, field=key)
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        raise InputError("sliding-window attention is not modelled; this model would be "
+                         "simulated as a different one", path=path, field="sliding_window")
+
+
 def _first(config: dict, *keys: str, default=None):
     for key in keys:
         if config.get(key) is not None:
@@ -267,12 +358,17 @@ def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LL
     The parameter count is computed from the shapes: embeddings (``vocab × hidden``, twice when
     untied), attention projections (``hidden × (n_heads + 2·n_kv_heads + n_heads) × head_dim``)
     and the MLP (three matrices for gated SiLU MLPs, two otherwise); norms and biases are
-    ignored (< 0.1 % of the total).
+    ignored (< 0.1 % of the total). Mixtures of experts (Mixtral ``num_local_experts``,
+    Qwen-MoE ``num_experts`` and ``moe_intermediate_size``; ``num_experts_per_tok``) count
+    every expert and the router in ``params``; :attr:`LLMSpec.active_params` is what a token
+    uses.
 
     Raises
     ------
     InputError
-        When a required shape is missing.
+        When a required shape is missing, or the config has an architecture feature the timing
+        model does not model (quantization, MLA, linear or sliding-window attention, shared
+        experts, dense layers between expert layers), naming the field.
     """
     path = None
     if not isinstance(config, dict):
@@ -294,8 +390,14 @@ def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LL
     tied = bool(config.get("tie_word_embeddings", True))
     gated = config.get("hidden_act", config.get("activation_function", "")) in (
         "silu", "swiglu", "swish")
+    _refuse_unmodelled(config, path)
+    experts = int(_first(config, "num_local_experts", "num_experts", default=0) or 0)
+    per_token = int(config.get("num_experts_per_tok") or 0) if experts else 0
+    if experts:
+        inter = _first(config, "moe_intermediate_size", default=inter)
     attn = hidden * (2 * heads + 2 * kv_heads) * head_dim
-    mlp = (3 if gated else 2) * hidden * inter
+    mlp = (experts * 3 * hidden * inter + hidden * experts if experts
+           else (3 if gated else 2) * hidden * inter)
     params = layers * (attn + mlp) + (1 if tied else 2) * vocab * hidden
     dtype = str(config.get("torch_dtype", "bfloat16"))
     return LLMSpec(
@@ -303,5 +405,6 @@ def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LL
         params=int(params), n_layers=int(layers), n_heads=int(heads), n_kv_heads=int(kv_heads),
         head_dim=int(head_dim), hidden_dim=int(hidden), intermediate_dim=int(inter),
         vocab_size=int(vocab), bytes_per_param=_DTYPE_BYTES.get(dtype, 2),
+        n_experts=experts, n_experts_per_token=per_token,
         tie_word_embeddings=tied, source=f"Hugging Face config.json{f' ({path})' if path else ''}",
     )

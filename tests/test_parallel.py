@@ -1,0 +1,151 @@
+"""Tensor parallelism and mixture of experts in the timing model, the pool and the engine."""
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kavier.models.library import gpu_library, llm_from_hf_config, llm_library
+from kavier.models.power import PowerModel
+from kavier.models.timing import TimingParams, make_timing
+from kavier.sim.config import EngineConfig, kv_pool_blocks
+from kavier.sim.simulation import simulate
+from kavier.sim.sustainability import Sustainability
+
+PARAMS = TimingParams(compute_efficiency=0.6, memory_efficiency=0.8, kv_memory_efficiency=0.7,
+                      request_overhead_s=0.0)
+
+
+def _timing(llm, gpu, tp=1):
+    return make_timing("roofline", llm_library().get(llm), gpu_library().get(gpu), PARAMS,
+                       tensor_parallel_size=tp)
+
+
+def test_tp2_shortens_compute_and_memory_bound_passes_and_reports_the_allreduce():
+    one, two = _timing("Llama-3.1-8B", "H100-SXM"), _timing("Llama-3.1-8B", "H100-SXM", 2)
+    for n in (4096.0, 1.0):                 # compute-bound prefill, weight-bound decode step
+        a, b = one.pass_costs(n).duration_s, two.pass_costs(n).duration_s
+        assert b < a
+        assert b == pytest.approx(a / 2 + two.allreduce_s(n), rel=0.05)
+    # the all-reduce: 2 per layer of n × hidden × 2 bytes over NVLink 4 at 450 GB/s × 0.7
+    n = 1000.0
+    ring = 2 * 1 / 2 * n * 4096 * 2 / (450e9 * 0.7)
+    assert two.allreduce_s(n) == pytest.approx(2 * 32 * (1e-5 + ring))
+    assert one.allreduce_s(n) == 0.0
+    assert two.kv_bytes_per_token == one.kv_bytes_per_token / 2
+
+
+def test_kv_heads_are_replicated_past_their_count_and_bad_degrees_are_refused():
+    llm = llm_library().get("Llama-3.1-70B")             # 8 KV heads
+    eight = _timing("Llama-3.1-70B", "H100-SXM", 8)
+    assert eight.kv_bytes_per_token == llm.kv_bytes_per_token / 8
+    sixteen = dataclasses.replace(llm, n_heads=128)
+    t16 = make_timing("roofline", sixteen, gpu_library().get("H100-SXM"), PARAMS,
+                      tensor_parallel_size=16)
+    assert t16.kv_bytes_per_token == llm.kv_bytes_per_token / 8     # one head per rank
+    with pytest.raises(Exception, match="cannot split"):
+        _timing("Llama-3.1-8B", "H100-SXM", 3)
+    with pytest.raises(Exception, match="thesis"):
+        make_timing("thesis", llm, gpu_library().get("H100-SXM"), tensor_parallel_size=2)
+
+
+def test_a_70b_model_fits_four_80gb_gpus_with_the_pool_vllm_would_size():
+    llm, gpu = llm_library().get("Llama-3.1-70B"), gpu_library().get("A100-80GB")
+    with pytest.raises(Exception, match="leave no KV block"):
+        kv_pool_blocks(llm, gpu, 16)
+    blocks = kv_pool_blocks(llm, gpu, 16, 0.9, 0.0, 4)
+    per_token = 2 * 80 * 2 * 128 * 2                      # 2 of 8 KV heads per rank
+    expected = int((80 * 2**30 * 0.9 - llm.weight_bytes / 4) // (16 * per_token))
+    assert blocks == expected and 31_000 < blocks < 33_000
+
+
+def test_one_expert_moe_equals_the_dense_model():
+    dense = llm_library().get("Llama-3.1-8B")
+    moe = dataclasses.replace(dense, name="one-expert", n_experts=1, n_experts_per_token=1)
+    gpu = gpu_library().get("A100-80GB")
+    a, b = (make_timing("roofline", m, gpu, PARAMS) for m in (dense, moe))
+    for n in (1.0, 300.0, 5000.0):
+        assert b.pass_costs(n, 100.0).duration_s == pytest.approx(a.pass_costs(n, 100.0)
+                                                                  .duration_s, rel=1e-12)
+    assert b.decode_s(700, 90) == pytest.approx(a.decode_s(700, 90), rel=1e-12)
+    ctx = np.array([100.0, 2000.0, 50.0])
+    assert np.allclose(b.decode_run(ctx, 5).duration_s, a.decode_run(ctx, 5).duration_s,
+                       rtol=1e-12)
+
+
+def test_moe_active_flops_and_distinct_expert_traffic_by_hand():
+    llm = llm_library().get("Qwen3-30B-A3B")
+    expert = 3 * 2048 * 768
+    shared = llm.params - 48 * 128 * expert
+    assert llm.active_params == llm.params - 48 * 120 * expert
+    assert abs(llm.active_params / 1e9 - 3.35) < 0.01                   # model card: 3.3 B
+    timing = make_timing("roofline", llm, gpu_library().get("H100-SXM"), PARAMS)
+    one = timing.pass_costs(1.0)
+    embeddings = 2 * 151936 * 2048
+    attention = 4 * 48 * 32 * 128 * 1                                   # one (q, k) pair
+    assert one.flops == pytest.approx(2 * (llm.active_params - embeddings)
+                                      + 2 * 151936 * 2048 + attention)
+    assert one.bytes == pytest.approx((shared + 48 * 8 * expert) * 2 + llm.kv_bytes_per_token)
+    t = 64.0
+    touched = 128 * (1 - (1 - 8 / 128) ** t)
+    assert timing.weight_bytes(t) == pytest.approx((shared + 48 * touched * expert) * 2)
+    assert timing.weight_bytes(1e6) == pytest.approx(llm.weight_bytes)  # every expert
+
+
+def test_hf_config_moe_and_refusals():
+    mixtral = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "hidden_size": 4096, "vocab_size": 32000, "intermediate_size": 14336,
+               "num_local_experts": 8, "num_experts_per_tok": 2, "hidden_act": "silu",
+               "tie_word_embeddings": False, "sliding_window": None}
+    spec = llm_from_hf_config(mixtral)
+    assert spec.n_experts == 8 and spec.params / 1e9 == pytest.approx(46.7, abs=0.05)
+    assert spec.active_params / 1e9 == pytest.approx(12.9, abs=0.05)
+    for field, value in (("quantization_config", {"bits": 4}), ("kv_lora_rank", 512),
+                         ("sliding_window", 4096), ("shared_expert_intermediate_size", 5632),
+                         ("decoder_sparse_step", 2)):
+        with pytest.raises(Exception, match=f"field '{field}'"):
+            llm_from_hf_config({**mixtral, field: value})
+
+
+def _run(tp, path="auto", gpus=None):
+    llm, gpu = llm_library().get("Llama-3.1-8B"), gpu_library().get("A100-80GB")
+    timing = make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=tp)
+    config = EngineConfig(tensor_parallel_size=tp, max_num_seqs=1 if path != "batched" else 64)
+    rng = np.random.default_rng(3)
+    table = pa.table({"n_input_tokens": rng.integers(50, 3000, 40),
+                      "n_output_tokens": rng.integers(1, 300, 40),
+                      "arrival_s": np.cumsum(rng.exponential(0.5, 40))})
+    sus = Sustainability(PowerModel.linear_for(gpu), gpus_per_replica=gpus or tp)
+    tables, steps = [], []
+    summary = simulate(table, timing, config, 16, None, sus, tables.append,
+                       lambda b, p: steps.append((b, p)), path="stepped" if path == "stepped"
+                       else "auto")
+    return summary, pa.Table.from_batches([b for b, _ in steps]), steps
+
+
+def test_tp_runs_count_every_gpu_and_both_paths_agree():
+    one, _, _ = _run(1)
+    two, steps, batches = _run(2)
+    stepped, steps_stepped, _ = _run(2, "stepped")
+    assert two["gpus"] == 2 and one["gpus"] == 1
+    assert two["makespan_s"] == pytest.approx(stepped["makespan_s"], rel=1e-9)
+    assert steps.column("duration_s").to_numpy().sum() == pytest.approx(
+        steps_stepped.column("duration_s").to_numpy().sum(), rel=1e-9)
+    busy = steps.column("duration_s").to_numpy().sum()
+    assert two["gpu_hours"] == pytest.approx(2 * busy / 3600)
+    share = steps.column("allreduce_s").to_numpy().sum() / busy
+    assert two["allreduce_share"] == pytest.approx(share) and 0 < share < 0.5
+    assert one["allreduce_share"] == 0.0
+    energy = sum(float(p["energy_j"].sum()) for _, p in batches)     # two GPUs' power
+    single = Sustainability(PowerModel.linear_for(gpu_library().get("A100-80GB")))
+    per_gpu = sum(float(single.intervals(b.column("start_s").to_numpy(),
+                                         b.column("duration_s").to_numpy(),
+                                         b.column("compute_s").to_numpy(),
+                                         b.column("memory_s").to_numpy())["energy_j"].sum())
+                  for b, _ in batches)
+    assert energy == pytest.approx(2 * per_gpu, rel=1e-12)
+    batched, _, _ = _run(2, "batched")
+    assert batched["allreduce_share"] > 0
+    with pytest.raises(ValueError, match="tensor parallel size differs"):
+        _run(2, gpus=1)
