@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 
 import archive
-from archive.arrow import to_numpy
 from archive.errors import InputError, clean_errors
 from archive.provenance import toolkit_version
 from archive.smi import CAPTURE_FIELDS
@@ -34,7 +33,6 @@ from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig
-from kavier.sim.requests import timed_out
 from kavier.sim.simulation import simulate as run_engine
 from kavier.sim.stats import QUANTILES
 from kavier.sim.sustainability import CarbonTrace, Sustainability
@@ -751,66 +749,86 @@ def reproduce(experiment, output_folder, scheduler, workers, quick):
         click.echo(f"{name}: wrote {folder}/report.md and its data and figures")
 
 
+def _number_list(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"expected a comma-separated list of numbers, got {text!r}",
+                         field=name) from None
+    if not values or any(v <= 0 for v in values):
+        raise InputError(f"expected positive numbers, got {text!r}", field=name)
+    return values
+
+
 @main.command()
 @common_options
-@click.option("--gpu", default="A100-80GB", show_default=True)
+@click.option("--gpu", "gpus", default="A100-80GB", show_default=True,
+              help="GPU types to compare, comma-separated (library names).")
+@click.option("--tensor-parallel-sizes", default="1,2,4,8", show_default=True,
+              help="Tensor-parallel sizes to try per GPU type, comma-separated.")
 @click.option("--percentile", type=click.FloatRange(0, 100), default=99.0, show_default=True,
               help="The SLOs hold at this percentile of TTFT and TPOT.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--price-per-gpu-hour", type=click.FloatRange(min=0), default=1.2,
-              show_default=True)
+@click.option("--price-per-gpu-hour", default="1.2", show_default=True,
+              help="Price of one GPU-hour: one value, or one per --gpu, comma-separated.")
 @click.option("--currency", default="EUR", show_default=True)
+@click.option("--scheduler", default=None,
+              help="Dask scheduler address (tcp://host:8786) for the candidates [default: "
+                   "local worker processes].")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes [default: one per CPU].")
 @clean_errors
-def capacity(percentile, max_replicas, price_per_gpu_hour, currency, **options):
-    """Smallest number of replicas whose TTFT and TPOT meet the SLOs at a percentile
-    (doubling, then bisection over simulations), and its cost per million tokens."""
-    from dataclasses import replace
+def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gpu_hour,
+             currency, scheduler, workers, **options):
+    """Cheapest deployment (GPU type × tensor-parallel size × replicas) whose TTFT and TPOT
+    meet the SLOs at a percentile; every candidate's replicas, GPUs, SLO attainment and cost
+    per million tokens, cheapest first."""
+    from kavier.analysis.capacity import plan_candidate, ranked
+    from kavier.analysis.sweep import run_points
 
     if options["slo_ttft"] is None and options["slo_tpot"] is None:
         raise InputError("give --slo-ttft and/or --slo-tpot", field="slo-ttft")
-    if options["replicas"] != 1:
-        raise InputError("capacity searches the replica count; do not pass --replicas",
-                         field="replicas")
-    timing, workload, table, prefix, block, config, _, slos = _common(options)
-    sus = Sustainability(PowerModel.linear_for(timing.gpu),
-                         gpus_per_replica=config.tensor_parallel_size)
-    tried: dict[int, dict] = {}
-
-    def meets(n: int) -> bool:
-        ttft, tpot = [], []
-
-        def keep(t):
-            ok = ~timed_out(t)
-            ttft.append(to_numpy(t.column("ttft_s"))[ok])
-            tpot.append(to_numpy(t.column("tpot_s"), np.float64)[ok])
-
-        cache = None if prefix is None else PrefixCache(prefix.config, prefix.content,
-                                                        workload.session_ids())
-        summary = run_engine(table, timing, replace(config, replicas=n), block, cache, sus,
-                             keep, lambda b, p: None, *slos)
-        ok, values = summary["n_failed"] == 0, {}
-        for slo, name, parts in ((slos[0], "ttft_s", ttft), (slos[1], "tpot_s", tpot)):
-            if slo is not None:
-                values[name] = float(np.nanpercentile(np.concatenate(parts), percentile))
-                ok &= values[name] <= slo
-        tried[n] = {**summary, "ok": ok}
-        click.echo(f"{n:>5} replicas: TTFT p{percentile:g} "
-                   f"{values.get('ttft_s', float('nan')):.3f} s, TPOT p{percentile:g} "
-                   f"{values.get('tpot_s', float('nan')):.4f} s -> "
-                   f"{'meets' if ok else 'misses'} the SLOs")
-        return ok
-
-    low, high = 0, 1
-    while not meets(high):
-        low, high = high, high * 2
-        if high > max_replicas:
-            raise InputError(f"even {low} replicas miss the SLOs (raise --max-replicas)")
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if meets(mid) else (mid, high)
-    s = tried[high]
-    tokens = s["n_input_tokens"] + s["n_output_tokens"]
-    cost = price_per_gpu_hour * s["provisioned_gpu_hours"]
-    click.echo(f"smallest: {high} × {timing.gpu.name}; cost {cost:.2f} {currency} per run, "
-               f"{cost / tokens * 1e6:.4f} {currency} per million tokens at "
-               f"{price_per_gpu_hour:g} {currency}/GPU-h")
+    for name in ("replicas", "tensor_parallel_size"):
+        if _given(name):
+            raise InputError(f"capacity searches it; do not pass {flag(name)}",
+                             field=flag(name)[2:])
+    names = [g.strip() for g in gpus.split(",") if g.strip()]
+    sizes = _number_list(tensor_parallel_sizes, int, "tensor-parallel-sizes")
+    prices = _number_list(price_per_gpu_hour, float, "price-per-gpu-hour")
+    if len(prices) not in (1, len(names)):
+        raise InputError(f"{len(prices)} prices for {len(names)} GPU types",
+                         field="price-per-gpu-hour")
+    prices = prices * len(names) if len(prices) == 1 else prices
+    specs = [gpu_library(options["gpu_library"]).get(n) for n in names]
+    options["gpu"] = names[0]
+    timing, workload, table, prefix, block, config, profile, slos = _common(options)
+    if profile is not None and any(g.name != profile.gpu for g in specs):
+        raise InputError(f"the profile is for {profile.gpu}; compare other GPUs without it",
+                         field="profile")
+    points = [{"llm": timing.llm, "gpu": gpu, "tensor_parallel_size": tp,
+               "params": timing.params, "kv_cache": timing.kv_cache,
+               "timing_model": timing.name, "config": config, "table": table, "block": block,
+               "prefix": prefix, "sessions": workload.session_ids(), "slo_ttft_s": slos[0],
+               "slo_tpot_s": slos[1], "percentile": percentile, "max_replicas": max_replicas,
+               "price_per_gpu_hour": price}
+              for gpu, price in zip(specs, prices, strict=True) for tp in sizes]
+    results = ranked(run_points(plan_candidate, points, scheduler, workers))
+    p = f"p{percentile:g}"
+    click.echo(f"{'GPU':<14}{'TP':>3}{'replicas':>9}{'GPUs':>6}{p + ' TTFT s':>14}"
+               f"{p + ' TPOT s':>14}{'SLO attain.':>12}{currency + '/Mtok':>11}  tried")
+    for r in results:
+        tried = " ".join(f"{n}{'+' if ok else '-'}" for n, ok in r["tried"].items())
+        if r["status"] != "ok":
+            click.echo(f"{r['gpu']:<14}{r['tensor_parallel_size']:>3}  {r['status']}"
+                       + (f"  ({tried})" if tried else ""))
+            continue
+        cells = [f"{r.get(f'p_{m}', float('nan')):>14.4g}" for m in ("ttft_s", "tpot_s")]
+        click.echo(f"{r['gpu']:<14}{r['tensor_parallel_size']:>3}{r['replicas']:>9}"
+                   f"{r['gpus']:>6}{''.join(cells)}{r['slo_attainment']:>12.3f}"
+                   f"{r['cost_per_mtok']:>11.4f}  {tried}")
+    best = next((r for r in results if r["status"] == "ok"), None)
+    if best is None:
+        raise InputError("no candidate meets the SLOs (raise --max-replicas or try other GPUs)")
+    click.echo(f"cheapest: {best['replicas']} × {best['tensor_parallel_size']} × "
+               f"{best['gpu']} ({best['gpus']} GPUs), {best['cost_per_run']:.2f} {currency} "
+               f"per run, {best['cost_per_mtok']:.4f} {currency} per million tokens")

@@ -1,0 +1,52 @@
+"""``kavier capacity``: GPU types × tensor-parallel sizes × replicas, cheapest first."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kavier.cli import main
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    rng = np.random.default_rng(5)
+    path = tmp_path_factory.mktemp("cap") / "trace.csv"
+    pd.DataFrame({"arrival_s": np.cumsum(rng.exponential(0.05, 300)),
+                  "n_input_tokens": rng.integers(100, 2000, 300),
+                  "n_output_tokens": rng.integers(10, 200, 300)}).to_csv(path, index=False)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["capacity", *map(str, args)])
+
+
+def test_capacity_ranks_candidates_and_reports_the_ones_that_cannot_run(trace):
+    result = run("--trace", trace, "--gpu", "A10,H100-SXM", "--tensor-parallel-sizes", "1,2,3",
+                 "--price-per-gpu-hour", "0.8,3.0", "--slo-ttft", "1", "--slo-tpot", "0.05",
+                 "--workers", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    rows = [line.split() for line in lines[1:-1]]
+    ok = [r for r in rows if "cannot" not in " ".join(r) and "misses" not in " ".join(r)]
+    costs = [float(r[7]) for r in ok]
+    assert len(ok) == 4 and costs == sorted(costs)
+    assert sum("cannot run" in line and "cannot split" in line for line in lines) == 2
+    for r in ok:                                      # GPUs = replicas × TP
+        assert int(r[3]) == int(r[2]) * int(r[1])
+    assert lines[-1].startswith("cheapest:")
+    best = ok[0]
+    assert f"{best[2]} × {best[1]} × {best[0]}" in lines[-1]
+
+
+def test_capacity_rejects_what_it_searches_and_bad_lists(trace):
+    base = ["--trace", trace, "--slo-ttft", "1"]
+    for extra, message in ((["--replicas", "2"], "--replicas"),
+                           (["--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+                           (["--gpu", "A10,L4", "--price-per-gpu-hour", "1,2,3"],
+                            "3 prices for 2 GPU types"),
+                           (["--tensor-parallel-sizes", "1,x"], "comma-separated list")):
+        result = run(*base, *extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert "give --slo-ttft" in run("--trace", trace).output
