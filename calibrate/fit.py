@@ -203,7 +203,9 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
     requests. ``reference_medians`` (published per-size medians) are what the thesis-way
     score of the thesis defaults uses; by default the data's own. Requests of sizes that only
     one sweep has (the decode sweep's 16 and 32 on the
-    A10 data) never take part in any fit; their held-out prediction is the full fit's.
+    A10 data) never take part in any fit; their held-out prediction is the full fit's. With
+    a single size there is nothing to hold out: the held-out predictions are NaN and the
+    held-out scores None (reported as not available, never as a number).
     """
     df = check_measurements(df, source)
     X = df[["n_input_tokens", "n_output_tokens"]].astype(np.float64)
@@ -214,14 +216,13 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
         raise InputError("the prefill and decode sweeps share no size; with both sweeps "
                          "calibration fits per-size medians of the sizes they share",
                          path=source)
-    if med["size"].nunique() < 2:
-        raise InputError("one size only: leave-one-size-out needs at least two", path=source)
+    cross_validated = med["size"].nunique() >= 2   # leave-one-size-out needs two sizes
     med_X, med_y = _median_points(med), med["median_latency_s"].to_numpy(np.float64)
     med_w = stage_weights(med)
     fitted = clone(estimator).fit(med_X, med_y, sample_weight=med_w)
-    heldout = fitted.predict(X)
-    med_heldout = np.empty_like(med_y)
-    for size in med["size"].unique():
+    heldout = fitted.predict(X) if cross_validated else np.full(len(y), np.nan)
+    med_heldout = np.full(len(med_y), np.nan)
+    for size in med["size"].unique() if cross_validated else ():
         train = (med["size"] != size).to_numpy()
         fold = clone(estimator).fit(med_X[train], med_y[train], sample_weight=med_w[train])
         med_heldout[~train] = fold.predict(med_X[~train])
@@ -241,7 +242,9 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
     scores = {
         "fit": stage_scores(df, points["predicted_fit_s"].to_numpy(), med,
                             medians["predicted_fit_s"].to_numpy()),
-        "heldout": stage_scores(df, heldout, med, med_heldout),
+        "heldout": (stage_scores(df, heldout, med, med_heldout) if cross_validated else
+                    {st: {"per_request": None, "per_size_median": None}
+                     for st in present_stages(df)}),
         "thesis_defaults": stage_scores(df, thesis_pred, med,
                                         medians["predicted_thesis_defaults_s"].to_numpy()),
         "thesis_defaults_thesis_scoring": thesis_scoring(

@@ -35,8 +35,11 @@ def figure(result: CalibrationResult, title: str):
                   "predicted_thesis_defaults_s":
                       result.scores["thesis_defaults"][stage]["per_size_median"]}
         ax.loglog(x, m["median_latency_s"], "o", color="black", label="measured (median)")
-        ax.loglog(x, m["predicted_heldout_s"], "s--", color="tab:blue",
-                  label=f"calibrated, held out (MAPE {scores['predicted_heldout_s']:.2f} %)")
+        held = scores["predicted_heldout_s"]
+        ax.loglog(x, m["predicted_heldout_s"] if held is not None else m["predicted_fit_s"],
+                  "s--", color="tab:blue",
+                  label=f"calibrated, held out (MAPE {held:.2f} %)" if held is not None
+                  else "calibrated, on the fit (one size: nothing held out)")
         ax.loglog(x, m["predicted_thesis_defaults_s"], "^:", color="tab:orange",
                   label=f"thesis defaults (MAPE {scores['predicted_thesis_defaults_s']:.2f} %)")
         ax.set_xlabel("prompt tokens" if stage == "prefill" else "generated tokens")
@@ -62,8 +65,8 @@ def markdown(result: CalibrationResult, profile: Profile) -> str:
     ]
     for key, label in (("fit", "calibrated, on the fit"), ("heldout", "calibrated, held out"),
                        ("thesis_defaults", "thesis model, thesis defaults")):
-        row = [f"{s[key][st][kind]:.2f}" if st in s[key] else "—" for st in STAGES
-               for kind in ("per_size_median", "per_request")]
+        row = [f"{s[key][st][kind]:.2f}" if st in s[key] and s[key][st][kind] is not None
+               else "—" for st in STAGES for kind in ("per_size_median", "per_request")]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     t = s["thesis_defaults_thesis_scoring"]
     lines += ["", "Thesis model with thesis defaults, scored the thesis's way (prefill sweep as "

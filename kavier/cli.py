@@ -519,7 +519,7 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                "per request)")
     for key, label in (("fit", "calibrated, on the fit"), ("heldout", "calibrated, held out"),
                        ("thesis_defaults", "thesis defaults")):
-        cells = [f"{s[key][st]['per_size_median']:.2f} | {s[key][st]['per_request']:.2f}"
+        cells = [f"{_pct(s[key][st]['per_size_median'])} | {_pct(s[key][st]['per_request'])}"
                  if st in s[key] else "—" for st in ("prefill", "decode")]
         click.echo(f"{label:<32}{cells[0]:>15}{cells[1]:>17}")
     t = s["thesis_defaults_thesis_scoring"]
@@ -534,6 +534,11 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
     click.echo("parameters: " + ", ".join(f"{k}={v:.4g}" for k, v in params.to_dict().items()
                                           if v is not None))
     click.echo(f"wrote {Path(output_folder) / 'profile.json'} and the validation report")
+
+
+def _pct(value: float | None) -> str:
+    """A MAPE for the table, or "—" where there is none (nothing held out)."""
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _sweep_fit(fit: str | None, timing_model: str) -> tuple[str, ...] | None:

@@ -117,3 +117,17 @@ def test_one_stage_sweeps_calibrate_and_fit_is_chosen(a10_data, tmp_path):
                                          "kv_memory_efficiency", "--output-folder",
                                          str(tmp_path / "r")])
     assert rejected.exit_code == 2 and "single-request sweeps" in rejected.output
+
+
+def test_one_size_holds_nothing_out_and_says_so(a10_data):
+    import warnings
+
+    sizes = nominal_size(a10_data)
+    one = a10_data[sizes == 64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # no NaN from an empty fold
+        result = calibrate(one, TimingRegressor(attention_efficiency=1.0))
+    assert all(v == {"per_request": None, "per_size_median": None}
+               for v in result.scores["heldout"].values())
+    assert result.points["predicted_heldout_s"].isna().all()
+    assert result.scores["fit"]["prefill"]["per_request"] >= 0

@@ -247,9 +247,8 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
     rejected = run(kavier_cli, "calibrate", "--dataset", PRO, "--setup-id", "x",
                    "--output-folder", tmp_path / "r")
     assert rejected.exit_code == 2 and "--setup-id has no effect" in rejected.output
-    rejected = run(kavier_cli, "calibrate", "--fit", "compute_efficiency",
-                   "--output-folder", tmp_path / "r2")
-    assert rejected.exit_code == 2 and "--fit has no effect" in rejected.output
+    rejected = run(kavier_cli, "calibrate", "--split", "0.3", "--output-folder", tmp_path / "r2")
+    assert rejected.exit_code == 2 and "--split has no effect" in rejected.output
 
 
 def test_shipped_profiles_by_name(tmp_path):
