@@ -82,7 +82,8 @@ class Replay:
     def with_params(self, params: TimingParams) -> Replay:
         """The same replay with other timing parameters."""
         timing = make_timing("roofline", self.timing.llm, self.timing.gpu, self._own(params),
-                             tensor_parallel_size=self.config.tensor_parallel_size)
+                             True, self.config.tensor_parallel_size,
+                             self.config.expert_parallel_size)
         return Replay(self.run, timing, self.config, self.block_size, self.prefix_content)
 
     def _own(self, params: TimingParams) -> TimingParams:
@@ -115,24 +116,22 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     ``params`` (default :func:`~kavier.models.timing.default_params`).
 
     The run's tensor-parallel size becomes the replica's, its data-parallel size the number
-    of replicas (least-outstanding routing, as vLLM's internal data-parallel load balancer).
+    of replicas (least-outstanding routing, as vLLM's internal data-parallel load balancer),
+    and expert parallelism splits the experts over all of their GPUs.
 
     Raises
     ------
     InputError
-        For a model or GPU the library does not know, expert parallelism (not modelled yet),
-        or prompts hashed with another block size than the engine's.
+        For a model or GPU the library does not know, a parallel layout it rejects, or prompts
+        hashed with another block size than the engine's.
     """
     engine = run.engine
-    if engine.get("enable_expert_parallel"):
-        raise InputError("the run uses expert parallelism (experts split across GPUs with "
-                         "all-to-all traffic), which the simulator does not model yet",
-                         path=run.path, field="engine.enable_expert_parallel")
     llm = llm_library().get(engine["llm"])
     gpu = gpu_library().get(engine["gpu"])
     block = engine["block_size"]
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,
                           tensor_parallel_size=engine["tensor_parallel_size"],
+                          enable_expert_parallel=bool(engine.get("enable_expert_parallel")),
                           max_num_seqs=engine["max_num_seqs"],
                           max_num_batched_tokens=engine["max_num_batched_tokens"],
                           chunked_prefill=bool(engine["enable_chunked_prefill"]),
@@ -142,8 +141,9 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     if content is not None and content.block_size != block:
         raise InputError(f"hash_ids cover {content.block_size}-token blocks, the engine's are "
                          f"{block}", path=run.path, field="hash_block_size")
-    replay = Replay(run, make_timing("roofline", llm, gpu, tensor_parallel_size=config.
-                                     tensor_parallel_size), config, block, content)
+    replay = Replay(run, make_timing("roofline", llm, gpu, None, True,
+                                     config.tensor_parallel_size,
+                                     config.expert_parallel_size), config, block, content)
     return replay.with_params(params or default_params("roofline"))
 
 

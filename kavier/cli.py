@@ -143,6 +143,9 @@ def engine_options(command):
         elif f.name == "chunked_prefill":
             option = click.option("--chunked-prefill/--no-chunked-prefill", f.name,
                                   default=None, help=meta["help"])
+        elif f.type in (bool, "bool"):
+            option = click.option(name, f.name, is_flag=True, default=default,
+                                  help=meta["help"])
         elif "choices" in meta:
             option = click.option(name, f.name, type=click.Choice(meta["choices"]),
                                   default=default, show_default=True, help=meta["help"])
@@ -206,7 +209,7 @@ def _arrivals(table: pa.Table, rate_scale, poisson_rate, seed, back_to_back) -> 
 
 def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
            prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
-           block_size, tensor_parallel_size=1):
+           block_size, tensor_parallel_size=1, expert_parallel_size=1):
     """Timing, workload, prefix cache and block size from the common options."""
     from calibrate.profile import Profile
 
@@ -221,7 +224,7 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
         params = profile.params
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
     timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
-                         kv_cache == "on", tensor_parallel_size)
+                         kv_cache == "on", tensor_parallel_size, expert_parallel_size)
     exact = prefix_cache_policy in ("prefill", "full")
     why = f"with --prefix-cache-policy {prefix_cache_policy}"
     _reject_unused([("max_cached_prompts", not exact, why),
@@ -303,7 +306,7 @@ def _common(o: dict):
         o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
         o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
         o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"),
-        config.tensor_parallel_size)
+        config.tensor_parallel_size, config.expert_parallel_size)
     _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
     table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
                       o.pop("seed"), config.back_to_back)

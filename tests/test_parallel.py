@@ -27,12 +27,12 @@ def test_tp2_shortens_compute_and_memory_bound_passes_and_reports_the_allreduce(
     for n in (4096.0, 1.0):                 # compute-bound prefill, weight-bound decode step
         a, b = one.pass_costs(n).duration_s, two.pass_costs(n).duration_s
         assert b < a
-        assert b == pytest.approx(a / 2 + two.allreduce_s(n), rel=0.05)
+        assert b == pytest.approx(a / 2 + two.comm_s(n), rel=0.05)
     # the all-reduce: 2 per layer of n × hidden × 2 bytes over NVLink 4 at 450 GB/s × 0.7
     n = 1000.0
     ring = 2 * 1 / 2 * n * 4096 * 2 / (450e9 * 0.7)
-    assert two.allreduce_s(n) == pytest.approx(2 * 32 * (1e-5 + ring))
-    assert one.allreduce_s(n) == 0.0
+    assert two.comm_s(n) == pytest.approx(2 * 32 * (1e-5 + ring))
+    assert one.comm_s(n) == 0.0
     assert two.kv_bytes_per_token == one.kv_bytes_per_token / 2
 
 
@@ -134,9 +134,9 @@ def test_tp_runs_count_every_gpu_and_both_paths_agree():
         steps_stepped.column("duration_s").to_numpy().sum(), rel=1e-9)
     busy = steps.column("duration_s").to_numpy().sum()
     assert two["gpu_hours"] == pytest.approx(2 * busy / 3600)
-    share = steps.column("allreduce_s").to_numpy().sum() / busy
-    assert two["allreduce_share"] == pytest.approx(share) and 0 < share < 0.5
-    assert one["allreduce_share"] == 0.0
+    share = steps.column("comm_s").to_numpy().sum() / busy
+    assert two["comm_share"] == pytest.approx(share) and 0 < share < 0.5
+    assert one["comm_share"] == 0.0
     energy = sum(float(p["energy_j"].sum()) for _, p in batches)     # two GPUs' power
     single = Sustainability(PowerModel.linear_for(gpu_library().get("A100-80GB")))
     per_gpu = sum(float(single.intervals(b.column("start_s").to_numpy(),
@@ -146,6 +146,31 @@ def test_tp_runs_count_every_gpu_and_both_paths_agree():
                   for b, _ in batches)
     assert energy == pytest.approx(2 * per_gpu, rel=1e-12)
     batched, _, _ = _run(2, "batched")
-    assert batched["allreduce_share"] > 0
+    assert batched["comm_share"] > 0
     with pytest.raises(ValueError, match="tensor parallel size differs"):
         _run(2, gpus=1)
+
+
+def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    alone = make_timing("roofline", llm, gpu, PARAMS)
+    split = make_timing("roofline", llm, gpu, PARAMS, expert_parallel_size=2)
+    expert = 3 * 2048 * 768
+    shared = llm.params - 48 * 128 * expert
+    assert llm.resident_weight_bytes(2) == pytest.approx((shared + 48 * 64 * expert) * 2)
+    t = 16.0                                  # a GPU's experts touched by both ranks' tokens
+    local = 64 * (1 - (1 - 8 / 128) ** (2 * t))
+    assert split.weight_bytes(t) == pytest.approx((shared + 48 * local * expert) * 2)
+    assert split.weight_bytes(t) < alone.weight_bytes(t)
+    size = t * 2048 * 2                       # all-gather + reduce-scatter per layer
+    expected = 2 * 48 * (1e-5 + size / (64e9 * 0.7))
+    assert split.comm_s(t) == pytest.approx(expected) and alone.comm_s(t) == 0.0
+    dense_blocks = kv_pool_blocks(llm, gpu, 16)
+    assert kv_pool_blocks(llm, gpu, 16, expert_parallel_size=2) > dense_blocks
+    with pytest.raises(Exception, match="mixture of experts"):
+        make_timing("roofline", llm_library().get("Llama-3.1-8B"), gpu, PARAMS,
+                    expert_parallel_size=2)
+    config = EngineConfig(replicas=2, enable_expert_parallel=True)
+    assert config.expert_parallel_size == 2
+    assert EngineConfig(replicas=2, tensor_parallel_size=2,
+                        enable_expert_parallel=True).expert_parallel_size == 4

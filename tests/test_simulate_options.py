@@ -104,6 +104,8 @@ CASES = {
     "request_timeout_s": (["--request-timeout", "1"], ["--request-timeout", "0"]),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], ["--tensor-parallel-size", "3"]),
     "pipeline_parallel_size": None,          # only 1: test_pipeline_parallel_is_rejected
+    "enable_expert_parallel": (["--llm", "Qwen3-30B-A3B", "--gpu", "H100-SXM", "--replicas",
+                                "2", "--enable-expert-parallel"], ["--enable-expert-parallel"]),
     "back_to_back": (["--back-to-back"], None),
     "output_folder": None,                   # where everything is written (every case)
     "export_rate": (["--export-rate", "1"], ["--export-rate", "1", "--no-fragments"]),

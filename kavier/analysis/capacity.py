@@ -73,13 +73,15 @@ def plan_candidate(point: dict) -> dict:
     tp = point["tensor_parallel_size"]
     out = {"gpu": point["gpu"].name, "tensor_parallel_size": tp, "tried": {}}
     try:
-        timing = make_timing(point["timing_model"], point["llm"], point["gpu"],
-                             point["params"], point["kv_cache"], tp)
         config = replace(point["config"], tensor_parallel_size=tp)
         results: dict[int, tuple] = {}
 
         def meets(n: int) -> bool:
-            summary, values = _percentiles(point, replace(config, replicas=n), timing)
+            at = replace(config, replicas=n)       # expert parallelism spans the replicas
+            timing = make_timing(point["timing_model"], point["llm"], point["gpu"],
+                                 point["params"], point["kv_cache"], tp,
+                                 at.expert_parallel_size)
+            summary, values = _percentiles(point, at, timing)
             results[n] = (summary, values)
             out["tried"][n] = _meets(point, values, summary)
             return out["tried"][n]
@@ -101,7 +103,7 @@ def plan_candidate(point: dict) -> dict:
             **{f"p_{k}": v for k, v in values.items()},
             "slo_attainment": summary["goodput"], "gpu_hours": summary["gpu_hours"],
             "provisioned_gpu_hours": summary["provisioned_gpu_hours"],
-            "allreduce_share": summary["allreduce_share"], "cost_per_run": cost,
+            "comm_share": summary["comm_share"], "cost_per_run": cost,
             "cost_per_mtok": cost / tokens * 1e6 if tokens else None}
 
 

@@ -70,12 +70,12 @@ class TimingParams:
         about 1 FLOP per byte) sit far below the ridge and keep the hard maximum, which has a
         closed-form sum.
     allreduce_latency_s : float
-        Tensor parallelism only: fixed time of one all-reduce (NCCL's launch and
+        Tensor and expert parallelism only: fixed time of one collective (NCCL's launch and
         synchronisation; nccl-tests measure 5–10 µs over NVLink, 10–30 µs over PCIe for small
         messages). Default 10 µs.
     link_efficiency : float
-        Tensor parallelism only: achieved share of the interconnect's bandwidth in a ring
-        all-reduce (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
+        Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
+        a ring collective (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
         messages). Default 0.7.
     batch_step_overhead_s, batch_seq_overhead_s : float
         Continuous batching only: extra time of a step that batches two or more sequences, and
@@ -170,6 +170,7 @@ class _TimingBase:
     params: TimingParams = field(default_factory=TimingParams)
     kv_cache: bool = True
     tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
 
     name = "base"
 
@@ -337,7 +338,8 @@ class RooflineTiming(_TimingBase):
         """Weight bytes one rank streams in a pass over ``n_tokens`` tokens: all its weights
         (``W / TP``) for a dense model; the shared ones plus the experts the tokens are routed
         to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`)."""
-        return self.llm.weight_bytes_read(n_tokens) / self.tensor_parallel_size
+        return (self.llm.weight_bytes_read(n_tokens, self.expert_parallel_size)
+                / self.tensor_parallel_size)
 
     def floor_s(self, n_tokens=1.0):
         """Shortest forward pass over ``n_tokens`` tokens, s: ``prefill_floor_s`` or the time
@@ -349,18 +351,33 @@ class RooflineTiming(_TimingBase):
             return self.llm.weight_bytes / self.tensor_parallel_size / self._bytes_per_s
         return self.weight_bytes(n_tokens) / self._bytes_per_s
 
-    def allreduce_s(self, n_tokens):
-        """Tensor-parallel communication of one pass over ``n_tokens`` tokens, s: two ring
-        all-reduces per layer (after attention and after the MLP; Shoeybi et al. 2019,
-        Megatron-LM) of ``n × hidden × bytes``, each ``latency + 2·(TP − 1)/TP × bytes /
-        (link × η)``; 0 without tensor parallelism. Linear in ``n``."""
-        tp = self.tensor_parallel_size
-        if tp == 1:
+    def comm_s(self, n_tokens):
+        """Collective communication of one pass over ``n_tokens`` tokens, s; linear in ``n``.
+
+        * Tensor parallelism: two ring all-reduces per layer (after attention and after the
+          MLP; Shoeybi et al. 2019, Megatron-LM) of ``n × hidden × bytes``, each ``latency +
+          2·(TP − 1)/TP × bytes / (link × η)``.
+        * Expert parallelism over ``EP`` GPUs: per expert layer an all-gather of the hidden
+          states of all ranks' tokens and a reduce-scatter of the expert outputs (vLLM's
+          default ``allgather_reducescatter`` all-to-all backend), each ``latency + (EP − 1) ×
+          n × hidden × bytes / (link × η)`` with balanced ranks.
+
+        0 without either. ``link`` is the GPU's ``interconnect_gbps``, ``η``
+        ``link_efficiency``, the latency ``allreduce_latency_s``.
+        """
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp == 1 and ep == 1:
             return np.zeros(np.shape(n_tokens)) if np.ndim(n_tokens) else 0.0
         link = self.gpu.interconnect_gbps * 1e9 * self.params.link_efficiency
         size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
-        per = self.params.allreduce_latency_s + 2.0 * (tp - 1) / tp * size / link
-        return 2.0 * self.llm.n_layers * per
+        latency = self.params.allreduce_latency_s
+        total = 0.0
+        if tp > 1:
+            total = total + 2.0 * self.llm.n_layers * (latency + 2.0 * (tp - 1) / tp * size
+                                                       / link)
+        if ep > 1:
+            total = total + 2.0 * self.llm.n_layers * (latency + (ep - 1) * size / link)
+        return total
 
     def forward_compute_s(self, n_new, n_cached=0) -> np.ndarray:
         """Compute time of one forward pass over ``n_new`` tokens after ``n_cached`` cached
@@ -412,7 +429,7 @@ class RooflineTiming(_TimingBase):
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         kv = self.kv_bytes_per_token * (n + c)
         memory = self.floor_s(n) + kv / self._kv_bytes_per_s
-        return Costs(self._soft_max(compute, memory) + self.allreduce_s(n), matmul + attention,
+        return Costs(self._soft_max(compute, memory) + self.comm_s(n), matmul + attention,
                      self.weight_bytes(n) + kv, compute, memory)
 
     def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int) -> Costs:
@@ -438,7 +455,7 @@ class RooflineTiming(_TimingBase):
         high = (max(compute, memory) if n_decoding == n.size
                 else float(self._soft_max(compute, memory)))
         duration = (high + n_decoding * self.params.token_overhead_s
-                    + self._batch_overhead_s(n.size) + float(self.allreduce_s(tokens)))
+                    + self._batch_overhead_s(n.size) + float(self.comm_s(tokens)))
         return Costs(duration, matmul + attention, float(self.weight_bytes(tokens)) + kv,
                      compute, memory)
 
@@ -485,7 +502,7 @@ class RooflineTiming(_TimingBase):
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         memory = self.floor_s(tokens) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
-                     + self._batch_overhead_s(n) + self.allreduce_s(tokens))
+                     + self._batch_overhead_s(n) + self.comm_s(tokens))
         return Costs(durations, matmul + attention, self.weight_bytes(tokens) + kv, compute,
                      memory)
 
@@ -529,7 +546,7 @@ class RooflineTiming(_TimingBase):
                 self._attention_flops_per_s)
         memory = self.floor_s() + kvb * c / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + self.params.token_overhead_s
-                     + self.allreduce_s(1.0))
+                     + self.comm_s(1.0))
         return durations, np.ones(durations.size, np.int64)
 
     def request_costs(self, n_in, n_cached, n_out) -> tuple[Costs, Costs]:
@@ -544,7 +561,7 @@ class RooflineTiming(_TimingBase):
         steps = np.maximum(_as_array(n_out) - 1.0, 0.0)
         body = self._decode_kv_on(n_in, steps) if self.kv_cache else self._decode_kv_off(
             n_in, steps)
-        comm = steps * self.allreduce_s(1.0)      # one token per step (TP needs the KV cache)
+        comm = steps * self.comm_s(1.0)      # one token per step (TP needs the KV cache)
         return body + steps * self.params.token_overhead_s + comm
 
     def _decode_kv_on(self, n_in, steps):
@@ -611,18 +628,27 @@ def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> 
     return llm.kv_bytes_per_token * heads / llm.n_kv_heads
 
 
-def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int) -> None:
-    """Reject a tensor-parallel degree vLLM would refuse, or one the GPU has no link for.
+def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
+                   expert_parallel_size: int = 1) -> None:
+    """Reject a parallel layout vLLM would refuse, or one the GPU has no link for.
 
     Raises
     ------
     InputError
         When ``n_heads`` is not divisible by TP, KV heads neither divide nor are a multiple of
-        it, or the GPU entry has no ``interconnect_gbps``.
+        it, expert parallelism is asked of a dense model or does not divide the experts, or
+        the GPU entry has no ``interconnect_gbps``.
     """
-    tp = tensor_parallel_size
-    if tp < 1:
-        raise InputError(f"must be >= 1, got {tp}", field="tensor-parallel-size")
+    tp, ep = tensor_parallel_size, expert_parallel_size
+    if tp < 1 or ep < 1:
+        raise InputError(f"must be >= 1, got {min(tp, ep)}", field="tensor-parallel-size")
+    if ep > 1 and (not llm.n_experts or llm.n_experts % ep):
+        raise InputError(f"expert parallelism over {ep} GPUs needs a mixture of experts whose "
+                         f"experts they divide ({llm.name} has {llm.n_experts})",
+                         field="enable-expert-parallel")
+    if ep > 1 and gpu.interconnect_gbps is None:
+        raise InputError(f"the {gpu.name} entry has no interconnect_gbps for expert-parallel "
+                         "traffic", field="enable-expert-parallel")
     if tp == 1:
         return
     kv = llm.n_kv_heads
@@ -636,8 +662,8 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int) -> Non
 
 
 def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | None = None,
-                kv_cache: bool = True,
-                tensor_parallel_size: int = 1) -> ThesisTiming | RooflineTiming:
+                kv_cache: bool = True, tensor_parallel_size: int = 1,
+                expert_parallel_size: int = 1) -> ThesisTiming | RooflineTiming:
     """Build the timing model called ``name`` (``thesis`` or ``roofline``), with ``params``
     or :func:`default_params`.
 
@@ -662,6 +688,7 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
     if (llm.n_experts or tensor_parallel_size > 1) and not kv_cache:
         raise InputError("a mixture of experts or tensor parallelism without the KV cache is "
                          "not modelled", field="kv-cache")
-    check_parallel(llm, gpu, tensor_parallel_size)
+    check_parallel(llm, gpu, tensor_parallel_size, expert_parallel_size)
     return cls(llm=llm, gpu=gpu, params=params or default_params(name), kv_cache=kv_cache,
-               tensor_parallel_size=tensor_parallel_size)
+               tensor_parallel_size=tensor_parallel_size,
+               expert_parallel_size=expert_parallel_size)

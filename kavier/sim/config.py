@@ -37,6 +37,10 @@ class EngineConfig:
     pipeline_parallel_size : int
         Pipeline stages per replica (vLLM's ``--pipeline-parallel-size``); only 1 is modelled
         so far, larger values are rejected.
+    enable_expert_parallel : bool
+        Split a mixture of experts' experts over all ``replicas × tensor_parallel_size`` GPUs
+        (vLLM's ``--enable-expert-parallel`` with data parallelism: the replicas are its
+        data-parallel ranks; :attr:`expert_parallel_size`).
     max_num_seqs : int
         Requests running at once per replica (vLLM's default 256; 1 is the thesis's
         one-request-at-a-time mode).
@@ -70,6 +74,9 @@ class EngineConfig:
         "per layer over the GPU's interconnect).", min=1))
     pipeline_parallel_size: int = field(default=1, metadata=_help(
         "Pipeline stages per replica (only 1 is modelled so far).", min=1))
+    enable_expert_parallel: bool = field(default=False, metadata=_help(
+        "Split the experts of a mixture of experts over all replicas × TP GPUs (vLLM's "
+        "data + expert parallelism; the replicas are the data-parallel ranks)."))
     max_num_seqs: int = field(default=256, metadata=_help(
         "Requests running at once per replica (1: the thesis's one-at-a-time mode).", min=1))
     max_num_batched_tokens: int = field(default=8192, metadata=_help(
@@ -108,6 +115,12 @@ class EngineConfig:
                 raise InputError(f"{f.name} = {value} is out of range",
                                  field=flag(f.name)[2:])
 
+    @property
+    def expert_parallel_size(self) -> int:
+        """GPUs the experts are split over: ``replicas × TP`` with expert parallelism, else
+        1."""
+        return self.replicas * self.tensor_parallel_size if self.enable_expert_parallel else 1
+
     def to_dict(self) -> dict:
         """Plain dict (for the run summary)."""
         return asdict(self)
@@ -121,7 +134,8 @@ def flag(name: str) -> str:
 
 def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
                    gpu_memory_utilization: float = 0.9,
-                   activation_reserve_gib: float = 0.0, tensor_parallel_size: int = 1) -> int:
+                   activation_reserve_gib: float = 0.0, tensor_parallel_size: int = 1,
+                   expert_parallel_size: int = 1) -> int:
     """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
 
     ``floor((memory × utilization − weights / TP − activation reserve) / (block_size × KV
@@ -129,14 +143,15 @@ def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
     (``n_kv_heads / TP`` heads, at least one: vLLM's ``determine_available_memory`` then
     ``get_num_blocks``, per worker; every rank holds the same blocks, so the pool is the same
     count of blocks for the replica). Llama-3.1-70B on 4 × A100-80GB at 0.9: (72 GiB −
-    32.9 GiB) / (16 × 80 KiB) = 32,029 blocks, 512 k tokens.
+    32.9 GiB) / (16 × 80 KiB) = 32,029 blocks, 512 k tokens. With expert parallelism a GPU
+    holds the shared weights and ``E / EP`` experts (:meth:`LLMSpec.resident_weight_bytes`).
 
     Raises
     ------
     InputError
         When the weights and the reserve alone do not fit, or not one block does.
     """
-    weights = llm.weight_bytes / tensor_parallel_size
+    weights = llm.resident_weight_bytes(expert_parallel_size) / tensor_parallel_size
     free = gpu.memory_bytes * gpu_memory_utilization - weights - activation_reserve_gib * 2**30
     per_token = kv_bytes_per_token_per_rank(llm, tensor_parallel_size)
     blocks = int(free // (block_size * per_token)) if free > 0 else 0

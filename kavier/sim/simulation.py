@@ -38,6 +38,12 @@ def check_setup(timing, config: EngineConfig, prefix: PrefixCache | None) -> Non
         raise InputError("the thesis timing model (eqs. 4.2-4.6) has no batch step: it runs "
                          "one request at a time on one replica without a timeout; use "
                          "--timing-model roofline", field="timing-model")
+    if config.enable_expert_parallel and (not timing.llm.n_experts
+                                          or config.expert_parallel_size == 1):
+        why = ("is not a mixture of experts" if not timing.llm.n_experts
+               else "runs on one GPU (replicas × tensor parallel size = 1)")
+        raise InputError(f"expert parallelism has no effect: {timing.llm.name} {why}",
+                         field="enable-expert-parallel")
     if not timing.kv_cache:
         if prefix is not None and prefix.config.policy == "blocks":
             raise InputError("prefix-cache policy 'blocks' keeps KV blocks; it needs "
@@ -52,7 +58,8 @@ def pool_blocks(timing, config: EngineConfig, block_size: int) -> int:
     if config.num_gpu_blocks is not None:
         return config.num_gpu_blocks
     return kv_pool_blocks(timing.llm, timing.gpu, block_size, config.gpu_memory_utilization,
-                          config.activation_reserve_gib, config.tensor_parallel_size)
+                          config.activation_reserve_gib, config.tensor_parallel_size,
+                          config.expert_parallel_size)
 
 
 def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
@@ -105,6 +112,9 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         raise ValueError(f"tensor parallel size differs: timing {tp}, config "
                          f"{config.tensor_parallel_size}, sustainability "
                          f"{sustainability.gpus_per_replica}")
+    if getattr(timing, "expert_parallel_size", 1) != config.expert_parallel_size:
+        raise ValueError(f"expert parallel size differs: timing {timing.expert_parallel_size}"
+                         f", config {config.expert_parallel_size}")
     check_setup(timing, config, prefix)
     blocks = pool_blocks(timing, config, block_size)
     n_in = column(table, "n_input_tokens", np.int64)
@@ -131,7 +141,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         on_requests(requests)
 
     timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
-                        kv_per_token * block_size, steps, getattr(timing, "allreduce_s", None))
+                        kv_per_token * block_size, steps, getattr(timing, "comm_s", None))
     if path not in ("auto", "stepped"):
         raise ValueError(f"unknown engine path {path!r}")
     if path == "stepped" and not isinstance(timing, RooflineTiming):

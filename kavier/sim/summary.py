@@ -41,7 +41,7 @@ class Summary:
         self.sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s")}
         self.busy_s = np.zeros(replicas)
         self.seconds = dict.fromkeys(("prefill", "decode"), 0.0)
-        self.work = dict.fromkeys(("flops", "dram_bytes", "allreduce_s", "energy_busy_j",
+        self.work = dict.fromkeys(("flops", "dram_bytes", "comm_s", "energy_busy_j",
                                    "co2_busy_g", "busy_ci_s"), 0.0)
         self.peak_kv_blocks = 0
 
@@ -94,7 +94,7 @@ class Summary:
         self.seconds["decode"] += float((duration * (1.0 - share)).sum())
         self.work["flops"] += float(get["flops"].sum())
         self.work["dram_bytes"] += float(get["dram_bytes"].sum())
-        self.work["allreduce_s"] += float(get["allreduce_s"].sum())
+        self.work["comm_s"] += float(get["comm_s"].sum())
         self.peak_kv_blocks = max(self.peak_kv_blocks, int(get["kv_blocks_used"].max()))
         power = self.sus.intervals(get["start_s"], duration, get["compute_s"], get["memory_s"])
         self.work["energy_busy_j"] += float(power["energy_j"].sum())
@@ -130,7 +130,7 @@ class Summary:
             "busy_fraction": [float(b / end) if end > 0 else None for b in self.busy_s],
             "mfu": self.work["flops"] / (self.peak_flops_per_s * busy) if busy else None,
             "mbu": self.work["dram_bytes"] / (self.peak_bytes_per_s * busy) if busy else None,
-            "allreduce_share": self.work["allreduce_s"] / busy if busy else None,
+            "comm_share": self.work["comm_s"] / busy if busy else None,
             "peak_kv_blocks_used": self.peak_kv_blocks,
             "goodput": c["n_meeting_slos"] / n if n else None,
             "goodput_req_s": c["n_meeting_slos"] / makespan if makespan > 0 else None,

@@ -38,12 +38,13 @@ STEP_COLUMNS = {
     "memory_s": "time the bytes take at the achieved bandwidths (weights B·M_e, KV B·M_kv), s",
     "mfu": "model FLOPs utilization, FLOPs / (peak FLOP/s × duration)",
     "mbu": "model bandwidth utilization, bytes / (peak bytes/s × duration)",
-    "allreduce_s": "tensor-parallel all-reduce time in the interval (two per layer per step), "
-                   "part of duration_s; 0 without tensor parallelism, s",
+    "comm_s": "collective communication in the interval (tensor-parallel all-reduces, "
+              "expert-parallel all-gathers and reduce-scatters), part of duration_s; 0 on one "
+              "GPU, s",
 }
 """Columns of ``steps.parquet`` (one row per interval), in order."""
 
-_DERIVED = ("kv_cache_bytes", "mfu", "mbu", "allreduce_s")
+_DERIVED = ("kv_cache_bytes", "mfu", "mbu", "comm_s")
 _GIVEN = [k for k in STEP_COLUMNS if k not in _DERIVED]
 """The columns an engine supplies; the rest are derived here."""
 FLUSH_INTERVALS = 65_536
@@ -78,10 +79,10 @@ class Timeline:
     peak_flops_per_s, peak_bytes_per_s : float
         The GPU's dense FP16 peak and DRAM bandwidth (for MFU and MBU).
     kv_bytes_per_block : float
-    allreduce : callable or None
-        ``allreduce(n_tokens)`` of the timing (:meth:`RooflineTiming.allreduce_s`), linear in
-        the tokens a step computes: an interval of ``k`` steps over ``T`` tokens spends
-        ``k·a(0) + (a(1) − a(0))·T`` in all-reduces. None: 0.
+    comm : callable or None
+        ``comm(n_tokens)`` of the timing (:meth:`RooflineTiming.comm_s`), linear in the
+        tokens a step computes: an interval of ``k`` steps over ``T`` tokens spends ``k·c(0) +
+        (c(1) − c(0))·T`` in collectives. None: 0.
     sink : callable
         Receives each :class:`pyarrow.RecordBatch`, in the order intervals were added; each
         replica's intervals arrive in time order.
@@ -89,11 +90,11 @@ class Timeline:
 
     def __init__(self, peak_flops_per_s: float, peak_bytes_per_s: float,
                  kv_bytes_per_block: float, sink: Callable[[pa.RecordBatch], None],
-                 allreduce: Callable | None = None) -> None:
+                 comm: Callable | None = None) -> None:
         self.peak_flops_per_s, self.peak_bytes_per_s = peak_flops_per_s, peak_bytes_per_s
         self.kv_bytes_per_block, self.sink = kv_bytes_per_block, sink
-        a0 = float(allreduce(0.0)) if allreduce else 0.0
-        self._allreduce = (a0, float(allreduce(1.0)) - a0) if allreduce else (0.0, 0.0)
+        c0 = float(comm(0.0)) if comm else 0.0
+        self._comm = (c0, float(comm(1.0)) - c0) if comm else (0.0, 0.0)
         self._rows: list[tuple] = []
 
     def add(self, replica: int, start: float, duration: float, n_steps: int, n_seqs: int,
@@ -138,7 +139,7 @@ class Timeline:
             **{k: c[k].astype(np.float64) for k in ("flops", "dram_bytes", "compute_s",
                                                      "memory_s")},
             "mfu": mfu, "mbu": mbu,
-            "allreduce_s": (self._allreduce[0] * c["n_steps"] + self._allreduce[1]
+            "comm_s": (self._comm[0] * c["n_steps"] + self._comm[1]
                             * (c["prefill_tokens"] + c["decode_tokens"])).astype(np.float64)}
         self.sink(pa.RecordBatch.from_arrays([from_numpy(np.ascontiguousarray(v))
                                               for v in out.values()], names=list(out)))

@@ -99,14 +99,26 @@ class LLMSpec:
         e, k = self.n_experts, self.n_experts_per_token
         return e * (1.0 - (1.0 - k / e) ** t)
 
-    def weight_bytes_read(self, n_tokens) -> np.ndarray:
-        """Weight bytes a forward pass over ``n_tokens`` tokens streams: all of them for a
-        dense model; the shared weights plus the experts touched for a mixture of experts."""
+    def weight_bytes_read(self, n_tokens, expert_parallel_size: int = 1) -> np.ndarray:
+        """Weight bytes one GPU streams in a forward pass over ``n_tokens`` tokens: all of them
+        for a dense model; for a mixture of experts the shared weights plus the distinct
+        experts the tokens touch. With expert parallelism over ``EP`` GPUs (each holding
+        ``E / EP`` experts and, balanced, receiving the tokens of all ``EP`` ranks) it is the
+        GPU's own experts touched by ``EP × n`` tokens: ``(E/EP)·(1 − (1 − k/E)^(EP·n))``."""
         if not self.n_experts:
             return np.full(np.shape(n_tokens), float(self.weight_bytes))
+        ep = expert_parallel_size
+        tokens = np.asarray(n_tokens, np.float64) * ep
+        touched = self.experts_touched(tokens) / ep
         shared = self.params - self.n_layers * self.n_experts * self.expert_params
-        touched = self.n_layers * self.experts_touched(n_tokens) * self.expert_params
-        return (shared + touched) * self.bytes_per_param
+        return (shared + self.n_layers * touched * self.expert_params) * self.bytes_per_param
+
+    def resident_weight_bytes(self, expert_parallel_size: int = 1) -> float:
+        """Weight bytes one GPU holds: all for a dense model; the shared weights and its
+        ``E / EP`` experts per layer with expert parallelism."""
+        ep = expert_parallel_size
+        held = self.params - self.n_layers * self.n_experts * self.expert_params * (1 - 1 / ep)
+        return held * self.bytes_per_param
 
     @property
     def weight_bytes(self) -> float:
