@@ -56,7 +56,7 @@ def rebuild(name):
     click.echo(f"wrote {out}")
 
 
-_CLIENT_RUNS = ("vllm-bench", "inference-perf", "guidellm")
+_CLIENT_RUNS = ("vllm-bench", "inference-perf", "guidellm", "tracer-bench")
 _SERVING_OPTIONS = {"gpu": ("llmservingsim",), "workload": ("llmservingsim",),
                     "engine": _CLIENT_RUNS, "benchmark": ("guidellm",)}
 """Import options that only some kinds take (any other kind rejects them)."""
@@ -121,7 +121,8 @@ def import_(kind, src, dest, drop_invalid, name, gpu, workload, engine, benchmar
             meta = serving.import_guidellm(src, dest, engine, benchmark, name, licence)
         else:
             importer = {"vllm-bench": serving.import_vllm_bench,
-                        "inference-perf": serving.import_inference_perf}[kind]
+                        "inference-perf": serving.import_inference_perf,
+                        "tracer-bench": serving.import_tracer_bench}[kind]
             meta = importer(src, dest, engine, name, licence)
     else:
         from archive.importers.workloads import import_workload

@@ -132,6 +132,105 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 
 
 @main.command()
+@click.option("--url", required=True, help="OpenAI-compatible server, e.g. http://node:8000.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Serving-run dataset folder to write (requests.jsonl as requests complete).")
+@click.option("--engine", "engine_file", required=True, type=click.Path(dir_okay=False),
+              help="JSON of the engine settings the server does not report (gpu, "
+                   "max_num_seqs, max_num_batched_tokens, ...; docs/tracer.md).")
+@click.option("--model", default=None, help="Served model id [default: the first served].")
+@click.option("--trace", default=None,
+              help="Replay this archive workload's arrivals and sizes (bundled name or file) "
+                   "instead of a Poisson schedule.")
+@click.option("--rate-scale", type=float, default=None,
+              help="--trace: divide its arrival times by this [1].")
+@click.option("--request-rate", type=float, default=None,
+              help="Poisson schedule: requests per second (inf: all at once) [1].")
+@click.option("--burstiness", type=float, default=None,
+              help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson) [1].")
+@click.option("--input-len", type=click.IntRange(min=1), default=None,
+              help="Poisson schedule: prompt tokens per request [512].")
+@click.option("--output-len", type=click.IntRange(min=1), default=None,
+              help="Poisson schedule: output tokens per request [128].")
+@click.option("--seed", type=int, default=None, help="Poisson schedule: seed [0].")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Requests to send (the first ones of a --trace).")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+              help="Most requests in flight at once [no limit].")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Requests sent before the schedule and not recorded.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=600.0, show_default=True, help="Per-request timeout, s.")
+@click.option("--allow-failures", is_flag=True,
+              help="Exit 0 even when requests failed (they are recorded either way).")
+@click.option("--api-key-env", default="TRACER_API_KEY", show_default=True,
+              help="Environment variable holding the API key.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the API key (never pass keys on the command line).")
+@clean_errors
+def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
+          input_len, output_len, seed, num_prompts, max_concurrency, warmup, timeout_s,
+          allow_failures, api_key_env, api_key_file):
+    """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
+    dataset for kavier calibrate --dataset."""
+    import json
+    import sys
+
+    from archive.errors import read_json_object
+    from archive.importers.serving import import_tracer_bench
+    from tracer import bench as load
+    from tracer.client import ServerError, VLLMClient
+
+    poisson = {"request_rate": request_rate, "burstiness": burstiness,
+               "input_len": input_len, "output_len": output_len, "seed": seed}
+    if trace is not None:
+        given = [k for k, v in poisson.items() if v is not None]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} has no effect with --trace "
+                             "(its arrivals and sizes are replayed)",
+                             field=given[0].replace("_", "-"))
+        from archive import read_trace
+
+        schedule = load.trace_schedule(read_trace(trace).table, num_prompts,
+                                       1.0 if rate_scale is None else rate_scale)
+    else:
+        if rate_scale is not None:
+            raise InputError("--rate-scale has no effect without --trace", field="rate-scale")
+        schedule = load.poisson_schedule(
+            num_prompts, 1.0 if request_rate is None else request_rate, input_len or 512,
+            output_len or 128, 1.0 if burstiness is None else burstiness, seed or 0)
+    given = read_json_object(engine_file, "engine settings file")
+    key = _api_key(api_key_env, api_key_file)
+    folder = Path(output)
+    try:
+        client = VLLMClient(url, key, timeout_s)
+        served = model or client.models()[0]["id"]
+        engine = {**given, "llm": given.get("llm") or served, "model": served,
+                  "version": given.get("version") or client.version() or "unknown"}
+        with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
+            records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
+                               timeout_s, lambda r: bar.update(1))
+    except ServerError as exc:
+        raise InputError(str(exc)) from None
+    (folder / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
+    import_tracer_bench(folder / "requests.jsonl", folder, folder / "engine.json",
+                        source=f"tracer bench against {served}")
+    s = load.summary(records)
+    click.echo(f"{s['requests'] - s['failed']} of {s['requests']} requests succeeded in "
+               f"{s['duration_s']:.1f} s ({s['request_throughput_req_s'] or 0:.2f} req/s)")
+    for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        if s[metric]:
+            click.echo(f"  {metric[:-2].upper():<5} mean {s[metric]['mean'] * 1e3:9.2f} ms   "
+                       f"median {s[metric]['median'] * 1e3:9.2f} ms   p99 "
+                       f"{s[metric]['p99'] * 1e3:9.2f} ms")
+    for reason, n in s["failures"].items():
+        click.echo(f"  failed: {n} × {reason}")
+    click.echo(f"wrote {folder} (requests.jsonl, requests.parquet, dataset.json)")
+    if s["failed"] and not allow_failures:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--cluster", "profile_path", required=True, type=click.Path(dir_okay=False),
               help="Cluster profile (TOML; see tracer/clusters/example-slurm.toml).")
 @click.option("--model", required=True, help="Model for vllm serve (e.g. a Hugging Face id).")

@@ -10,6 +10,7 @@ Two formats:
   kv_cache_pct``), plus optionally the workload file that was sent (JSON Lines with
   ``input_tok_ids``), from which the prompts' prefix-block hashes are computed. Latencies are
   the engine's (TTFT = first_token − queued, as LLMServingSim scores them).
+* ``tracer-bench``: the ``requests.jsonl`` of ``tracer bench`` (:func:`import_tracer_bench`).
 * ``vllm-bench``: the JSON ``vllm bench serve --save-result --save-detailed`` writes
   (``input_lens, output_lens, ttfts, itls, start_times, errors``; vLLM
   ``vllm/benchmarks/serve.py``). Latencies are the client's; the engine settings the result
@@ -434,3 +435,39 @@ def import_guidellm(src: str | Path, dest: str | Path, engine_file: str | Path,
         _client_engine(given, model, engine_file),
         {"name": name or dest.name, "title": "guidellm", "licence": licence,
          "source": source or str(src), "description": f"of guidellm benchmark {index}"})
+
+
+def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Path,
+                        name: str | None = None, licence: str = "see source",
+                        source: str | None = None) -> dict:
+    """Import the ``requests.jsonl`` of ``tracer bench``: one JSON object per completed
+    request, ``request_id, start_s, n_input_tokens, n_output_tokens, ttft_s, itl_s, error``
+    (times in seconds from the run's start, ``error`` null on success). Engine settings as
+    :func:`import_vllm_bench`.
+
+    Raises
+    ------
+    InputError
+        Bad JSON lines or values (naming the line and field), or missing engine settings.
+    """
+    src, dest = Path(src), Path(dest)
+    rows = sorted(_json_lines(src), key=lambda r: float(r.get("start_s") or 0.0))
+    given = read_json_object(engine_file, "engine settings file")
+    start = _numbers(rows, "start_s", src)
+    errors = [None if r.get("error") is None else str(r["error"]) for r in rows]
+    first, last, itls = [], [], []
+    for i, (row, error) in enumerate(zip(rows, errors, strict=True)):
+        itl = row.get("itl_s") or []
+        if error is None and (not isinstance(row.get("ttft_s"), int | float)
+                              or not isinstance(itl, list)):
+            raise InputError("a successful request needs ttft_s and an itl_s list", path=src,
+                             row=i + 1, field="ttft_s")
+        first.append(start[i] + row["ttft_s"] if error is None else np.nan)
+        last.append(first[-1] + float(np.sum(itl)) if error is None else np.nan)
+        itls.append([float(x) for x in itl] if error is None else None)
+    return _client_run(
+        src, dest, start, _numbers(rows, "n_input_tokens", src, integer=True).astype(np.int64),
+        _numbers(rows, "n_output_tokens", src, integer=True).astype(np.int64), np.array(first),
+        np.array(last), itls, errors, _client_engine(given, given.get("llm"), engine_file),
+        {"name": name or dest.name, "title": "tracer bench", "licence": licence,
+         "source": source or str(src), "description": "sent by tracer bench"})

@@ -1,0 +1,114 @@
+"""``tracer bench``: load against a real HTTP server on loopback, written as a serving run
+that ``kavier calibrate`` takes."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fake_vllm import FakeState, FakeTiming, start
+
+from archive.serving import read_serving
+from archive.validate import validate
+from tracer.bench import poisson_schedule
+from tracer.cli import main as tracer_cli
+
+MODEL = "Llama-3-8B"
+
+
+@pytest.fixture()
+def server():
+    state = FakeState(model=MODEL, timing=FakeTiming(0.004, 2e-6, 0.002))
+    srv, url = start(state)
+    yield state, url
+    srv.shutdown()
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"gpu": "A10", "max_num_seqs": 8, "max_num_batched_tokens": 2048,
+                                "llm": "Llama-3-8B"}))
+    return path
+
+
+def test_poisson_schedule_has_the_rate_and_burstiness():
+    s = poisson_schedule(4000, 10.0, 100, 20, burstiness=1.0, seed=1)
+    gaps = np.diff(s.offset_s)
+    assert s.offset_s[0] == 0 and abs(gaps.mean() - 0.1) < 0.005
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.05             # exponential: CV 1
+    bursty = np.diff(poisson_schedule(4000, 10.0, 100, 20, burstiness=0.25, seed=1).offset_s)
+    assert abs(bursty.std() / bursty.mean() - 2.0) < 0.15          # gamma(k): CV 1/sqrt(k)
+    assert (poisson_schedule(5, float("inf"), 10, 2).offset_s == 0).all()
+
+
+def test_bench_writes_a_serving_run_that_calibrates(server, engine, tmp_path):
+    state, url = server
+    out = tmp_path / "run"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine),
+        "--request-rate", "40", "--num-prompts", "24", "--input-len", "64",
+        "--output-len", "6", "--max-concurrency", "4", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "24 of 24 requests succeeded" in result.output and "TTFT" in result.output
+    assert validate(out) == []
+    run = read_serving(out)
+    r = run.requests
+    assert len(r) == 24 and r["error"].isna().all() and (r["n_output_tokens"] == 6).all()
+    assert (r["n_input_tokens"] == 64).all()
+    assert all(len(x) == 5 for x in r["itl_s"])
+    planned = poisson_schedule(24, 40.0, 64, 6, seed=3).offset_s
+    assert np.allclose(r["arrival_s"].to_numpy(), planned, atol=0.05)  # sent on schedule
+    decode = state.timing.decode_per_token_s
+    assert r["tpot_s"].median() == pytest.approx(decode, rel=0.5)
+    assert run.engine["timestamps"] == "client" and run.engine["version"] == "0.0.0-fake"
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 24                                        # warm-up not recorded
+    from kavier.cli import main as kavier_cli
+
+    cal = CliRunner().invoke(kavier_cli, [
+        "calibrate", "--dataset", str(out), "--fit", "request_overhead_s,compute_efficiency",
+        "--max-evaluations", "8", "--output-folder", str(tmp_path / "cal")])
+    assert cal.exit_code == 0, cal.output
+    again = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine),
+        "--num-prompts", "2"])
+    assert again.exit_code == 2 and "holds a run already" in again.output
+
+
+def test_bench_failures_exit_non_zero_and_options_are_checked(server, engine, tmp_path):
+    state, url = server
+    state.fail_next = 2 + 1                                  # the warm-up and two requests
+    args = ["bench", "--url", url, "--engine", str(engine), "--num-prompts", "5",
+            "--input-len", "16", "--output-len", "3", "--request-rate", "inf"]
+    failed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "f")])
+    assert failed.exit_code == 1 and "failed: 2 ×" in failed.output
+    rows = read_serving(tmp_path / "f").requests
+    assert rows["error"].notna().sum() == 2
+    state.fail_next = 1 + 1
+    allowed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "a"),
+                                              "--allow-failures"])
+    assert allowed.exit_code == 0, allowed.output
+    bad = CliRunner().invoke(tracer_cli, ["bench", "--url", url, "--engine", str(engine),
+                                          "--output", str(tmp_path / "b"), "--trace",
+                                          "azure-llm-inference-2023-conv", "--input-len", "9"])
+    assert bad.exit_code == 2 and "--input-len has no effect with --trace" in bad.output
+    long = CliRunner().invoke(tracer_cli, [*args[:-6], "--input-len", "9000", "--output",
+                                           str(tmp_path / "l")])
+    assert long.exit_code == 2 and "max_model_len" in long.output
+
+
+def test_bench_replays_a_trace(server, engine, tmp_path):
+    _, url = server
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrival_s,n_input_tokens,n_output_tokens\n"
+                     "10.0,40,3\n10.5,80,4\n11.0,20,2\n14.0,60,5\n")
+    out = tmp_path / "replay"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine), "--trace",
+        str(trace), "--rate-scale", "10", "--num-prompts", "3"])
+    assert result.exit_code == 0, result.output
+    r = read_serving(out).requests
+    assert r["n_input_tokens"].tolist() == [40, 80, 20]
+    assert r["n_output_tokens"].tolist() == [3, 4, 2]
+    assert np.allclose(r["arrival_s"], [0.0, 0.05, 0.1], atol=0.03)
