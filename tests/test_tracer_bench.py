@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fake_vllm import FakeState, FakeTiming, start
 
 from archive.serving import read_serving
 from archive.validate import validate
@@ -14,14 +13,6 @@ from tracer.bench import poisson_schedule
 from tracer.cli import main as tracer_cli
 
 MODEL = "Llama-3-8B"
-
-
-@pytest.fixture()
-def server():
-    state = FakeState(model=MODEL, timing=FakeTiming(0.004, 2e-6, 0.002))
-    srv, url = start(state)
-    yield state, url
-    srv.shutdown()
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from fake_vllm import FakeState, FakeTiming, start
 from sshd import sshd_binary, start_sshd
 
 from archive.errors import InputError
@@ -20,14 +19,6 @@ from tracer.sampler import NvidiaSmiSampler, SamplerError, SSHTarget
 
 MODEL = "Llama-3-8B"
 SECRET = "sk-test-0123456789abcdef"
-
-
-@pytest.fixture()
-def server():
-    state = FakeState(model=MODEL, timing=FakeTiming(0.004, 2e-6, 0.002))
-    srv, url = start(state)
-    yield state, url
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -254,11 +254,14 @@ def _timeseries(path: Path) -> pa.Table:
     return pa.Table.from_pandas(df, schema=SERVING_TIMESERIES, preserve_index=False)
 
 
-def _client_run(src: Path, dest: Path, start, n_in, n_out, first, last, itls, errors,
-                engine: dict, meta: dict) -> dict:
-    """Write a run timed by a benchmark client: absolute ``start``, ``first`` and ``last``
-    token times (s, NaN when the request failed), per-request ITL lists (or None) and error
-    texts (None on success)."""
+def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str], start,
+                first, last, itls, errors, engine: dict, meta: dict) -> dict:
+    """Write a run timed by a benchmark client: its ``rows`` with the prompt and output
+    token counts under the keys ``sizes``, absolute ``start``, ``first`` and ``last`` token
+    times (s, NaN when the request failed), per-request ITL lists (or None) and error texts
+    (None on success)."""
+    n_in, n_out = (_numbers(rows, key, src, integer=True).astype(np.int64) for key in sizes)
+    first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
     zero = float(np.nanmin(start))
     arrival, first, last = start - zero, first - zero, last - zero
     columns = {"request_id": [str(i) for i in range(len(start))], "arrival_s": arrival,
@@ -316,8 +319,7 @@ def import_vllm_bench(src: str | Path, dest: str | Path, engine_file: str | Path
                         for i, r in enumerate(rows)])
     itls = [None if errors[i] else [float(x) for x in r["itls"]] for i, r in enumerate(rows)]
     return _client_run(
-        src, dest, start, _numbers(rows, "input_lens", src, integer=True).astype(np.int64),
-        _numbers(rows, "output_lens", src, integer=True).astype(np.int64), start + ttft,
+        src, dest, rows, ("input_lens", "output_lens"), start, start + ttft,
         start + ttft + itl_sum, itls, errors,
         _client_engine(given, result.get("model_id"), engine_file),
         {"name": name or dest.name, "title": "vllm bench serve", "licence": licence,
@@ -371,9 +373,8 @@ def import_inference_perf(src: str | Path, dest: str | Path, engine_file: str | 
                     if ok else None)
     start = _numbers(rows, "start_time", src)
     return _client_run(
-        src, dest, start, _numbers(rows, "input_tokens", src, integer=True).astype(np.int64),
-        _numbers(rows, "output_tokens", src, integer=True).astype(np.int64), np.array(first),
-        np.array(last), itls, errors, _client_engine(given, given.get("llm"), engine_file),
+        src, dest, rows, ("input_tokens", "output_tokens"), start, first, last, itls, errors,
+        _client_engine(given, given.get("llm"), engine_file),
         {"name": name or dest.name, "title": "inference-perf", "licence": licence,
          "source": source or str(src), "description": "sent by inference-perf"})
 
@@ -429,9 +430,8 @@ def import_guidellm(src: str | Path, dest: str | Path, engine_file: str | Path,
     start = _numbers(rows, "start", src)
     model = (benchmarks[index].get("config") or {}).get("model") or given.get("llm")
     return _client_run(
-        src, dest, start, _numbers(rows, "prompt_tokens", src, integer=True).astype(np.int64),
-        _numbers(rows, "output_tokens", src, integer=True).astype(np.int64), np.array(first),
-        np.array(last), [None] * len(rows), errors,
+        src, dest, rows, ("prompt_tokens", "output_tokens"), start, first, last,
+        [None] * len(rows), errors,
         _client_engine(given, model, engine_file),
         {"name": name or dest.name, "title": "guidellm", "licence": licence,
          "source": source or str(src), "description": f"of guidellm benchmark {index}"})
@@ -466,8 +466,7 @@ def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Pa
         last.append(first[-1] + float(np.sum(itl)) if error is None else np.nan)
         itls.append([float(x) for x in itl] if error is None else None)
     return _client_run(
-        src, dest, start, _numbers(rows, "n_input_tokens", src, integer=True).astype(np.int64),
-        _numbers(rows, "n_output_tokens", src, integer=True).astype(np.int64), np.array(first),
-        np.array(last), itls, errors, _client_engine(given, given.get("llm"), engine_file),
+        src, dest, rows, ("n_input_tokens", "n_output_tokens"), start, first, last, itls,
+        errors, _client_engine(given, given.get("llm"), engine_file),
         {"name": name or dest.name, "title": "tracer bench", "licence": licence,
          "source": source or str(src), "description": "sent by tracer bench"})
