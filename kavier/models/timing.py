@@ -19,6 +19,7 @@ generated tokens, counting the first token, which the prefill pass itself produc
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -334,10 +335,16 @@ class RooflineTiming(_TimingBase):
         (vLLM replicates them)."""
         return kv_bytes_per_token_per_rank(self.llm, self.tensor_parallel_size)
 
+    @cached_property
+    def _dense_weight_bytes(self) -> float:
+        return self.llm.weight_bytes / self.tensor_parallel_size
+
     def weight_bytes(self, n_tokens=1.0):
         """Weight bytes one rank streams in a pass over ``n_tokens`` tokens: all its weights
-        (``W / TP``) for a dense model; the shared ones plus the experts the tokens are routed
-        to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`)."""
+        (``W / TP``, a float) for a dense model; the shared ones plus the experts the tokens
+        are routed to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`)."""
+        if not self.llm.n_experts:
+            return self._dense_weight_bytes
         return (self.llm.weight_bytes_read(n_tokens, self.expert_parallel_size)
                 / self.tensor_parallel_size)
 
@@ -347,8 +354,6 @@ class RooflineTiming(_TimingBase):
         model)."""
         if self.params.prefill_floor_s is not None:
             return self.params.prefill_floor_s
-        if not self.llm.n_experts:
-            return self.llm.weight_bytes / self.tensor_parallel_size / self._bytes_per_s
         return self.weight_bytes(n_tokens) / self._bytes_per_s
 
     def comm_s(self, n_tokens):
@@ -367,7 +372,7 @@ class RooflineTiming(_TimingBase):
         """
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
         if tp == 1 and ep == 1:
-            return np.zeros(np.shape(n_tokens)) if np.ndim(n_tokens) else 0.0
+            return 0.0
         link = self.gpu.interconnect_gbps * 1e9 * self.params.link_efficiency
         size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
         latency = self.params.allreduce_latency_s
