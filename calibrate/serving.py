@@ -189,6 +189,26 @@ def score(true: pd.DataFrame, pred: pd.DataFrame, mask: np.ndarray) -> dict:
             for m in METRICS}
 
 
+def itl_scores(run: ServingRun, predicted: pd.DataFrame, summary: dict) -> dict:
+    """Inter-token latencies of the whole run, measured vs simulated: the token-weighted mean
+    (``Σ (last − first token) / Σ (n_out − 1)``, exact on both sides) and, where the run
+    recorded every gap (``itl_s``), its p50, p90 and p99 against the simulation's (its
+    quantile sketch); signed errors in %. ITL has no per-request MAPE: it is per token."""
+    ok = run.ok & (run.requests["n_output_tokens"].to_numpy() > 1)
+    r, p = run.requests[ok], predicted[ok]
+    gaps = (r["n_output_tokens"] - 1).sum()
+    measured = {"mean": float((r["e2e_s"] - r["ttft_s"]).sum() / gaps) if gaps else None}
+    simulated = {"mean": float((p["e2e_s"] - p["ttft_s"]).sum() / gaps) if gaps else None}
+    lists = r["itl_s"].dropna()
+    values = np.concatenate([np.asarray(v, np.float64) for v in lists]) if len(lists) else []
+    for q in (50, 90, 99):
+        measured[f"p{q}"] = float(np.percentile(values, q)) if len(values) else None
+        simulated[f"p{q}"] = summary.get(f"p{q}_itl_s") if len(values) else None
+    error = {k: (simulated[k] / measured[k] - 1) * 100 if measured[k] and simulated[k]
+             is not None else None for k in measured}
+    return {"measured_s": measured, "predicted_s": simulated, "error_pct": error}
+
+
 def objective(s: dict) -> float:
     """The fitted loss: the mean of the per-metric MAPEs, %."""
     return float(np.mean([s[m]["mape_pct"] for m in METRICS if s[m]["n"]]))
@@ -330,6 +350,8 @@ class ServingCalibration:
     predicted_runs : dict
         Dataset name → :func:`score` of every request of another run predicted with the
         fitted parameters.
+    itl : dict
+        :func:`itl_scores` of the calibrated replay.
     """
 
     run: ServingRun
@@ -340,6 +362,7 @@ class ServingCalibration:
     summary: dict
     steps: pa.Table | None
     predicted_runs: dict
+    itl: dict
 
 
 def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
@@ -367,4 +390,4 @@ def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
         pred, _, _ = replay_for(other, result.params).predict()
         scored[name] = score(measured(other), pred, np.ones(len(pred), bool))
     return ServingCalibration(run, result, measured(run), predicted, fit_mask(run, split),
-                              summary, steps, scored)
+                              summary, steps, scored, itl_scores(run, predicted, summary))

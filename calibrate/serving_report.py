@@ -5,7 +5,8 @@ Folder layout::
     profile.json      the calibrated profile (calibrate.profile.Profile)
     predictions.csv   per request: fit or held out, measured and predicted TTFT, TPOT, E2E
     scores.json       MAPE and signed errors of mean/p50/p90/p99, before and after the fit,
-                      on the fit requests and held out, and for every predicted run
+                      on the fit requests and held out, and for every predicted run; ITL
+                      (mean, and p50/p90/p99 where the run recorded every gap)
     cdf.png, .pdf     measured vs predicted CDFs of TTFT, TPOT and E2E (held-out requests)
     timeseries.png, .pdf
                       running and waiting requests and KV-cache usage, measured (the engine's
@@ -136,7 +137,8 @@ def _row(label: str, s: dict) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: dict) -> str:
+def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: dict,
+             scores_itl: dict) -> str:
     """The score tables and the fitted parameters as markdown."""
     lines = [f"# Serving calibration: {profile.llm} on {profile.gpu} ({profile.engine})", "",
              f"Data: {', '.join(profile.datasets)}; {profile.cv}.", "",
@@ -148,6 +150,12 @@ def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: di
              _row("calibrated, held out", fit.after["heldout"]),
              _row("calibrated, all requests", fit.after["all"])]
     lines += [_row(f"calibrated, predicting {name}", s) for name, s in predicted_runs.items()]
+    itl = scores_itl
+    lines += ["", "Inter-token latency, all requests (measured → simulated, s; signed error):",
+              ""]
+    lines += [f"- {k}: {itl['measured_s'][k]:.4g} → {itl['predicted_s'][k]:.4g} "
+              f"({itl['error_pct'][k]:+.1f} %)" for k in itl["measured_s"]
+              if itl["error_pct"][k] is not None]
     if series:
         lines += ["", "Engine state, simulated vs measured once a second (mean absolute error; "
                   "measured mean):", ""]
@@ -181,4 +189,5 @@ def write_serving_report(writer: RunWriter, fit: ServingFit, profile: Profile,
                 path, format=ext, dpi=150))
         plt.close(fig)
     writer.json("profile.json", profile.to_dict())
-    writer.text("report.md", markdown(fit, profile, predicted_runs, scores["timeseries"]))
+    writer.text("report.md", markdown(fit, profile, predicted_runs, scores["timeseries"],
+                                      scores["itl"]))

@@ -601,7 +601,7 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
               "preemptions": {"predicted": result.summary["preemptions"],
                               "measured": "not recorded by the run"},
               "timeseries": timeseries_errors(run.timeseries, simulated),
-              "predicted_runs": result.predicted_runs}
+              "itl": result.itl, "predicted_runs": result.predicted_runs}
     with run_folder(output_folder) as out:
         write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
                              result.predicted_runs)
@@ -620,6 +620,10 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
     click.echo("signed error, calibrated, all requests: " + "; ".join(
         f"{m[:-2].upper()} mean {f.after['all'][m]['mean_error_pct']:+.1f} %, p99 "
         f"{f.after['all'][m]['p99_error_pct']:+.1f} %" for m in ("ttft_s", "tpot_s", "e2e_s")))
+    itl = result.itl["error_pct"]
+    click.echo("ITL, calibrated, signed error: " + ", ".join(
+        f"{k} {v:+.1f} %" for k, v in itl.items() if v is not None)
+        + ("" if itl["p50"] is not None else " (the run records no per-token gaps)"))
     click.echo(f"preemptions: simulated {result.summary['preemptions']:,} (the run does not "
                "record its own)")
     for column, e in scores["timeseries"].items():

@@ -239,6 +239,12 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
         assert (out / name).stat().st_size > 1000
     scores = json.loads((out / "scores.json").read_text())
     assert scores["fitted"] == ["compute_efficiency", "memory_efficiency"]
+    measured_tpot = read_serving(PRO).requests
+    ok = measured_tpot["n_output_tokens"] > 1
+    token_mean = ((measured_tpot["e2e_s"] - measured_tpot["ttft_s"])[ok].sum()
+                  / (measured_tpot["n_output_tokens"][ok] - 1).sum())
+    assert scores["itl"]["measured_s"]["mean"] == pytest.approx(token_mean)
+    assert scores["itl"]["measured_s"]["p50"] is None           # no per-token gaps recorded
     profile = Profile.read(out / "profile.json")
     assert profile.gpu == "RTX-PRO-6000" and profile.llm == "Llama-3.1-8B"
     sim = run(kavier_cli, "simulate", "--trace", PRO, "--profile", out / "profile.json",

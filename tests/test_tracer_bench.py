@@ -61,6 +61,11 @@ def test_bench_writes_a_serving_run_that_calibrates(server, engine, tmp_path):
         "calibrate", "--dataset", str(out), "--fit", "request_overhead_s,compute_efficiency",
         "--max-evaluations", "8", "--output-folder", str(tmp_path / "cal")])
     assert cal.exit_code == 0, cal.output
+    itl = json.loads((tmp_path / "cal" / "scores.json").read_text())["itl"]
+    gaps = np.concatenate([np.asarray(x) for x in r["itl_s"]])
+    assert itl["measured_s"]["mean"] == pytest.approx(gaps.mean(), rel=1e-9)
+    assert itl["measured_s"]["p99"] == pytest.approx(np.percentile(gaps, 99))
+    assert itl["predicted_s"]["p50"] > 0 and itl["error_pct"]["p90"] is not None
     again = CliRunner().invoke(tracer_cli, [
         "bench", "--url", url, "--output", str(out), "--engine", str(engine),
         "--num-prompts", "2"])
