@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils import check_array, check_consistent_length, column_or_1d
+from sklearn.utils.validation import check_is_fitted, check_non_negative
 
 from kavier.models.library import GPUSpec, LLMSpec, gpu_library, llm_library
 from kavier.models.timing import TimingParams, make_timing
@@ -39,18 +41,29 @@ _EFFICIENCIES = ("compute_efficiency", "attention_efficiency", "memory_efficienc
 
 
 def _features(X) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_in, n_out)`` from ``X``, checked with scikit-learn's validation: two columns
+    (``n_input_tokens``, ``n_output_tokens`` by name in a DataFrame), finite, non-negative.
+
+    Raises
+    ------
+    ValueError
+        For another shape, NaN or infinite values, or negative token counts.
+    """
     if hasattr(X, "columns"):
-        return (X["n_input_tokens"].to_numpy(np.float64),
-                X["n_output_tokens"].to_numpy(np.float64))
-    arr = np.asarray(X, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 2:
+        X = X[["n_input_tokens", "n_output_tokens"]].to_numpy(np.float64)
+    arr = check_array(X, dtype=np.float64, ensure_all_finite=True)
+    if arr.shape[1] != 2:
         raise ValueError(f"X must have shape (n_requests, 2), got {arr.shape}")
+    check_non_negative(arr, "TimingRegressor")
     return arr[:, 0], arr[:, 1]
 
 
 def weighted_mape(y_true, y_pred, sample_weight=None) -> float:
     """Mean absolute percentage error as a fraction, weighted: ``Σ w|p − y|/y / Σ w``
-    (thesis eq. 2.26 with weights)."""
+    (thesis eq. 2.26 with weights). This is the fit's objective, evaluated hundreds of
+    thousands of times: it equals scikit-learn's ``mean_absolute_percentage_error`` for
+    positive ``y_true`` (a test checks it) at 1/40 of its cost per call; every reported score
+    uses scikit-learn's."""
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
     w = np.ones_like(y_true) if sample_weight is None else np.asarray(sample_weight, float)
     return float(np.sum(w * np.abs(y_pred - y_true) / y_true) / np.sum(w))
@@ -118,8 +131,16 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         return make_timing(self.timing_model, llm, gpu, params, self.kv_cache)
 
     def predict(self, X) -> np.ndarray:
-        """End-to-end latency per request, s; shape ``(n_requests,)``. Before ``fit`` the
-        initial parameters are used."""
+        """End-to-end latency per request, s; shape ``(n_requests,)``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            Before ``fit`` (the initial parameters are :meth:`timing` with no argument).
+        ValueError
+            For an ``X`` :func:`_features` rejects.
+        """
+        check_is_fitted(self, "params_")
         n_in, n_out = _features(X)
         return self.timing().e2e_s(n_in, n_out)
 
@@ -131,7 +152,11 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         collapse.
         """
         n_in, n_out = _features(X)
-        y = np.asarray(y, dtype=np.float64)
+        y = column_or_1d(np.asarray(y, dtype=np.float64))
+        check_consistent_length(n_in, y)
+        if not np.all(np.isfinite(y) & (y > 0)):
+            raise ValueError("y must be finite, positive latencies in seconds")
+        self.n_features_in_ = 2
         names = tuple(self.fit_params or DEFAULT_FIT_PARAMS[self.timing_model])
         start = self.initial_params()
         if "prefill_floor_s" in names and start.prefill_floor_s is None:

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
+from sklearn.metrics import mean_absolute_percentage_error
 
 from archive.errors import InputError, first_bad
-from calibrate.estimator import TimingRegressor, weighted_mape
+from calibrate.estimator import TimingRegressor
 
 STAGES = ("prefill", "decode")
 REQUIRED = ("sweep", "n_input_tokens", "n_output_tokens", "n_output_tokens_requested",
@@ -103,7 +104,7 @@ def stage_weights(df: pd.DataFrame) -> np.ndarray:
 
 
 def _mape_pct(measured, predicted) -> float:
-    return 100.0 * weighted_mape(measured, predicted)
+    return 100.0 * float(mean_absolute_percentage_error(measured, predicted))
 
 
 def size_medians(df: pd.DataFrame) -> pd.DataFrame:
@@ -230,7 +231,11 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
         heldout[rows] = fold.predict(X[rows])
     defaults = TimingRegressor(llm=estimator.llm, gpu=estimator.gpu, timing_model="thesis",
                                kv_cache=estimator.kv_cache)
-    thesis_pred = defaults.predict(X)
+    def thesis(points: pd.DataFrame) -> np.ndarray:      # the thesis defaults, unfitted
+        return defaults.timing().e2e_s(points["n_input_tokens"].to_numpy(np.float64),
+                                       points["n_output_tokens"].to_numpy(np.float64))
+
+    thesis_pred = thesis(X)
     points = pd.DataFrame({
         "sweep": df["sweep"].to_numpy(), "size": groups,
         "n_input_tokens": df["n_input_tokens"].to_numpy(), "n_output_tokens":
@@ -238,7 +243,7 @@ def calibrate(df: pd.DataFrame, estimator: TimingRegressor, source: str = "measu
         "predicted_heldout_s": heldout, "predicted_thesis_defaults_s": thesis_pred,
     })
     medians = med.assign(predicted_fit_s=fitted.predict(med_X), predicted_heldout_s=med_heldout,
-                         predicted_thesis_defaults_s=defaults.predict(med_X))
+                         predicted_thesis_defaults_s=thesis(med_X))
     scores = {
         "fit": stage_scores(df, points["predicted_fit_s"].to_numpy(), med,
                             medians["predicted_fit_s"].to_numpy()),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
+from sklearn.metrics import mean_absolute_percentage_error
 
 from archive.errors import InputError
 from kavier.models.power import DEFAULT_SHAPE, POWER_MODELS, SHAPES, PowerModel
@@ -29,8 +30,14 @@ WIDE_SPREAD = 0.25
 
 
 def mape_pct(predicted: np.ndarray, observed: np.ndarray) -> float:
-    """Mean absolute percentage error, %."""
+    """Mean absolute percentage error, % (the fit's objective; equal to scikit-learn's for
+    positive observations, which :func:`score_pct` reports)."""
     return float(np.mean(np.abs(predicted - observed) / observed) * 100.0)
+
+
+def score_pct(predicted: np.ndarray, observed: np.ndarray) -> float:
+    """Reported MAPE, %: scikit-learn's ``mean_absolute_percentage_error``."""
+    return 100.0 * float(mean_absolute_percentage_error(observed, predicted))
 
 
 def _unpack(name: str, x: np.ndarray, clock: bool):
@@ -101,12 +108,12 @@ def _folds(n: int, k: int):
 
 
 def _heldout(name, u, power, f_ratio, folds, clock=False) -> float:
-    errors = []
+    """MAPE (%) of every sample predicted by the fit of the other folds."""
+    predicted = np.empty_like(power)
     for train, test in _folds(u.size, folds):
         x = _fit(name, u[train], power[train], f_ratio[train], clock)
-        errors.append(np.abs(_predict(name, x, u[test], f_ratio[test], clock) - power[test])
-                      / power[test])
-    return float(np.mean(np.concatenate(errors)) * 100.0)
+        predicted[test] = _predict(name, x, u[test], f_ratio[test], clock)
+    return score_pct(predicted, power)
 
 
 def calibrate_power(samples: pd.DataFrame, folds: int = 5,
@@ -144,7 +151,7 @@ def calibrate_power(samples: pd.DataFrame, folds: int = 5,
         x = _fit(name, u, power, f_ratio)
         idle, top, shape, _ = _unpack(name, x, False)
         rows.append({"model": name, "idle_w": idle, "max_w": top, "shape": shape,
-                     "mape_fit_pct": mape_pct(_predict(name, x, u, f_ratio, False), power),
+                     "mape_fit_pct": score_pct(_predict(name, x, u, f_ratio, False), power),
                      "mape_heldout_pct": _heldout(name, u, power, f_ratio, folds)})
     ranking = pd.DataFrame(rows).sort_values("mape_heldout_pct", ignore_index=True)
     top_row = ranking.iloc[0]
@@ -167,6 +174,6 @@ def calibrate_power(samples: pd.DataFrame, folds: int = 5,
         x = _fit(best.name, u, power, f_ratio, clock=True)
         clock = {"model": best.name, "gamma": float(x[-1]),
                  "clock_max_mhz": float(samples["clock_sm_mhz"].max()),
-                 "mape_fit_pct": mape_pct(_predict(best.name, x, u, f_ratio, True), power),
+                 "mape_fit_pct": score_pct(_predict(best.name, x, u, f_ratio, True), power),
                  "mape_heldout_pct": _heldout(best.name, u, power, f_ratio, folds, True)}
     return PowerCalibration(ranking, best, spread, clock, warnings)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from scipy.optimize import minimize
+from sklearn.metrics import mean_absolute_percentage_error
 
 from archive.errors import InputError
 from archive.serving import ServingRun
@@ -174,7 +175,7 @@ def _percent_errors(true: np.ndarray, pred: np.ndarray) -> dict:
     t, p = true[ok], pred[ok]
     if not t.size:
         return {"n": 0}
-    out = {"n": int(t.size), "mape_pct": float(np.mean(np.abs(p - t) / t) * 100),
+    out = {"n": int(t.size), "mape_pct": 100 * float(mean_absolute_percentage_error(t, p)),
            "mean_error_pct": float((p.mean() / t.mean() - 1) * 100),
            "measured_mean_s": float(t.mean()), "predicted_mean_s": float(p.mean())}
     for q in (50, 90, 99):

@@ -75,7 +75,8 @@ def test_fit_recovers_known_parameters(llama8b, a10):
                             compute_efficiency=0.4, memory_efficiency=0.5, request_overhead_s=0.05)
     X = np.array([[n, 1] for n in (64, 256, 1024, 4096)] + [[10, m] for m in (50, 500, 5000)],
                  dtype=float)
-    fitted = TimingRegressor(llm=llama8b, gpu=a10, timing_model="thesis").fit(X, truth.predict(X))
+    y = truth.timing().e2e_s(X[:, 0], X[:, 1])
+    fitted = TimingRegressor(llm=llama8b, gpu=a10, timing_model="thesis").fit(X, y)
     assert fitted.params_.compute_efficiency == pytest.approx(0.4, rel=1e-3)
     assert fitted.params_.memory_efficiency == pytest.approx(0.5, rel=1e-3)
     assert fitted.train_mape_ < 1e-4
@@ -131,3 +132,26 @@ def test_one_size_holds_nothing_out_and_says_so(a10_data):
                for v in result.scores["heldout"].values())
     assert result.points["predicted_heldout_s"].isna().all()
     assert result.scores["fit"]["prefill"]["per_request"] >= 0
+
+
+def test_estimator_contract_and_mape_equal_scikit_learns(llama8b, a10):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.metrics import mean_absolute_percentage_error
+
+    from calibrate.estimator import weighted_mape
+
+    rng = np.random.default_rng(0)
+    y, p, w = rng.uniform(0.1, 5, 50), rng.uniform(0.1, 5, 50), rng.uniform(0, 2, 50)
+    assert weighted_mape(y, p, w) == pytest.approx(mean_absolute_percentage_error(y, p,
+                                                                                 sample_weight=w))
+    est = TimingRegressor(llm=llama8b, gpu=a10, timing_model="thesis")
+    X = np.array([[64.0, 1.0], [10.0, 100.0], [512.0, 1.0]])
+    with pytest.raises(NotFittedError):
+        est.predict(X)
+    for bad_X, bad_y in ((np.array([[np.nan, 1.0]] * 3), [1.0, 1.0, 1.0]),
+                         (np.array([[-5.0, 1.0]] * 3), [1.0, 1.0, 1.0]),
+                         (X, [1.0, 2.0]), (X, [1.0, -2.0, 1.0]), (X[:, :1], [1.0] * 3)):
+        with pytest.raises(ValueError):
+            clone(est).fit(bad_X, bad_y)
+    fitted = clone(est).fit(X, [0.1, 4.0, 0.2])
+    assert fitted.n_features_in_ == 2 and fitted.predict(X).shape == (3,)
