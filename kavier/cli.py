@@ -86,6 +86,8 @@ def _print_summary(summary: dict) -> None:
                      f" / {summary['total_throughput_tok_s']:.1f} tok/s"))
     if summary["mfu"] is not None:
         rows.append(("MFU / MBU (busy time)", f"{summary['mfu']:.3f} / {summary['mbu']:.3f}"))
+    if summary.get("comm_share"):
+        rows.append(("collectives (share of busy time)", f"{summary['comm_share']:.3f}"))
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
         if values[0] is not None:
@@ -403,7 +405,11 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
             "toolkit_version": toolkit_version(),
         }
         out.json("summary.json", summary)
-    click.echo(f"{timing.llm.name} on {config.replicas} × {timing.gpu.name}, {timing.name} "
+    layout = (f"{config.replicas} × {config.tensor_parallel_size} (tensor parallel)"
+              if config.tensor_parallel_size > 1 else f"{config.replicas}")
+    experts = (f", experts over {config.expert_parallel_size} GPUs"
+               if config.expert_parallel_size > 1 else "")
+    click.echo(f"{timing.llm.name} on {layout} × {timing.gpu.name}{experts}, {timing.name} "
                f"model, {summary['engine_path']} engine (max_num_seqs {config.max_num_seqs}, "
                f"KV pool {summary['kv_pool_blocks']:,} blocks of {block}), prefix cache "
                f"{prefix.config.policy if prefix else 'none'}: {trace}")
