@@ -105,6 +105,12 @@ def test_llmservingsim_import_bad_input_is_one_line(tmp_path):
                  "RTX-4090")
     assert result.exit_code == 2
     assert "requests.jsonl: line 3: field 'output_toks'" in result.output
+    text[2] = text[2].replace('"output_toks": -5', '"output_toks": 1e23')     # past MAX_TOKENS
+    (folder / "requests.jsonl").write_text("\n".join(text) + "\n")
+    result = run(archive_cli, "import", "llmservingsim", folder, tmp_path / "d", "--gpu",
+                 "RTX-4090")
+    assert result.exit_code == 2 and "line 3: field 'output_toks'" in result.output
+    assert "100,000,000" in result.output
     folder2, workload2, _ = _llmservingsim_folder(tmp_path / "b")
     rows = workload2.read_text().splitlines()
     bad = json.loads(rows[1])

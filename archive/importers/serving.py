@@ -36,6 +36,7 @@ from archive.cards import finish
 from archive.errors import InputError, read_json_object
 from archive.schema import SERVING, SERVING_TIMESERIES
 from archive.serving import ENGINE_KEYS
+from archive.traces import token_column
 
 VLLM_DEFAULTS = {"name": "vLLM", "tensor_parallel_size": 1, "block_size": 16,
                  "num_gpu_blocks": None, "enable_prefix_caching": True,
@@ -64,18 +65,23 @@ def _json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def _numbers(rows: list[dict], key: str, path: Path, integer: bool = False) -> np.ndarray:
+def _numbers(rows: list[dict], key: str, path: Path) -> np.ndarray:
     """Column ``key`` of JSON rows as a float array, naming the first bad row."""
     out = np.empty(len(rows))
     for i, row in enumerate(rows):
         value = row.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(
-                value) or (integer and (value != int(value) or value < 0)):
-            what = "a non-negative integer" if integer else "a finite number"
-            raise InputError(f"expected {what}, got {value!r}", path=path, row=i + 1,
+                value):
+            raise InputError(f"expected a finite number, got {value!r}", path=path, row=i + 1,
                              field=key)
         out[i] = value
     return out
+
+
+def _tokens(rows: list[dict], key: str, path: Path) -> np.ndarray:
+    """Token counts of JSON rows as int64, checked as every archive reader checks them
+    (:func:`archive.traces.token_column`: integers from 0 to ``MAX_TOKENS``)."""
+    return token_column(_numbers(rows, key, path), path, key, 1)
 
 
 def block_hashes(token_ids, block_size: int = HASH_BLOCK_SIZE) -> list[int]:
@@ -165,8 +171,7 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
             raise InputError("missing (an LLMServingSim run folder has requests.jsonl and "
                              "meta.json)", path=path)
     rows, meta = _json_lines(req_path), read_json_object(meta_path, "meta.json")
-    n_in = _numbers(rows, "input_toks", req_path, integer=True).astype(np.int64)
-    n_out = _numbers(rows, "output_toks", req_path, integer=True).astype(np.int64)
+    n_in, n_out = (_tokens(rows, key, req_path) for key in ("input_toks", "output_toks"))
     queued, scheduled, first, last = (_numbers(rows, k, req_path) for k in (
         "queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts"))
     zero = queued.min()
@@ -260,7 +265,7 @@ def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str],
     token counts under the keys ``sizes``, absolute ``start``, ``first`` and ``last`` token
     times (s, NaN when the request failed), per-request ITL lists (or None) and error texts
     (None on success)."""
-    n_in, n_out = (_numbers(rows, key, src, integer=True).astype(np.int64) for key in sizes)
+    n_in, n_out = (_tokens(rows, key, src) for key in sizes)
     first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
     zero = float(np.nanmin(start))
     arrival, first, last = start - zero, first - zero, last - zero
