@@ -352,9 +352,14 @@ class RooflineTiming(_TimingBase):
         """Shortest forward pass over ``n_tokens`` tokens, s: ``prefill_floor_s`` or the time
         to stream the weights it reads, ``weight_bytes(n) / B'`` (a constant for a dense
         model)."""
+        return self._floor_of(self.weight_bytes(n_tokens))
+
+    def _floor_of(self, weight_bytes):
+        """:meth:`floor_s` of a pass that streams ``weight_bytes`` (computed once per pass by
+        the callers that also report the bytes)."""
         if self.params.prefill_floor_s is not None:
             return self.params.prefill_floor_s
-        return self.weight_bytes(n_tokens) / self._bytes_per_s
+        return weight_bytes / self._bytes_per_s
 
     def comm_s(self, n_tokens):
         """Collective communication of one pass over ``n_tokens`` tokens, s; linear in ``n``.
@@ -433,9 +438,10 @@ class RooflineTiming(_TimingBase):
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         kv = self.kv_bytes_per_token * (n + c)
-        memory = self.floor_s(n) + kv / self._kv_bytes_per_s
+        weights = self.weight_bytes(n)
+        memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
         return Costs(self._soft_max(compute, memory) + self.comm_s(n), matmul + attention,
-                     self.weight_bytes(n) + kv, compute, memory)
+                     weights + kv, compute, memory)
 
     def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int) -> Costs:
         """:class:`Costs` of one engine step over a batch of sequences (iteration-level
@@ -456,12 +462,13 @@ class RooflineTiming(_TimingBase):
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
         kv = self.kv_bytes_per_token * float(np.sum(n + c))
         tokens = float(np.sum(n))
-        memory = float(self.floor_s(tokens)) + kv / self._kv_bytes_per_s
+        weights = float(self.weight_bytes(tokens))
+        memory = float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
         high = (max(compute, memory) if n_decoding == n.size
                 else float(self._soft_max(compute, memory)))
         duration = (high + n_decoding * self.params.token_overhead_s
                     + self._batch_overhead_s(n.size) + float(self.comm_s(tokens)))
-        return Costs(duration, matmul + attention, float(self.weight_bytes(tokens)) + kv,
+        return Costs(duration, matmul + attention, weights + kv,
                      compute, memory)
 
     def _batch_overhead_s(self, n_seqs: int) -> float:
@@ -505,11 +512,11 @@ class RooflineTiming(_TimingBase):
             kv = self.kv_bytes_per_token * m1
         tokens = float(n)           # one per sequence (MoE and TP need the KV cache)
         compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
-        memory = self.floor_s(tokens) + kv / self._kv_bytes_per_s
+        weights = self.weight_bytes(tokens)
+        memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
                      + self._batch_overhead_s(n) + self.comm_s(tokens))
-        return Costs(durations, matmul + attention, self.weight_bytes(tokens) + kv, compute,
-                     memory)
+        return Costs(durations, matmul + attention, weights + kv, compute, memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after
