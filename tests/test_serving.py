@@ -376,3 +376,13 @@ def test_fit_recovers_parameters_a_client_timed_run_was_made_with():
     assert fit.params.request_overhead_s == pytest.approx(0.03, rel=0.03)
     assert fit.params.compute_efficiency == pytest.approx(0.5, rel=0.03)
     assert objective(fit.after["heldout"]) < objective(fit.before["heldout"]) / 10
+
+
+def test_max_efficiency_bounds_the_fit_and_is_checked():
+    replay = replay_for(read_serving(PRO))
+    fit = fit_serving(replay, ("compute_efficiency",), max_efficiency=0.3, max_evaluations=4)
+    assert 0.05 <= fit.params.compute_efficiency <= 0.3
+    with pytest.raises(Exception, match="--max-efficiency"):
+        fit_serving(replay, ("compute_efficiency",), max_efficiency=1.5, max_evaluations=1)
+    with pytest.raises(Exception, match="--split"):
+        fit_serving(replay, ("compute_efficiency",), split=0.0, max_evaluations=1)
