@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from archive.errors import InputError, first_bad
+from archive.errors import InputError, first_bad, shown
 
 CARBON_DATASET = "carbon-intensity-entsoe-2022"
 
@@ -67,7 +67,7 @@ def read_carbon(source: str | Path) -> pd.DataFrame:
     for bad, column, message in checks:
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"{message}, got {df[column].iloc[i]!r}", path=path,
+            raise InputError(f"{message}, got {shown(df[column].iloc[i])}", path=path,
                              row=i + first_line, field=column)
     if len(df) < 2:
         raise InputError("a carbon trace needs at least two rows", path=path)

@@ -55,6 +55,17 @@ class InputError(ValueError):
         return (": ".join(where) + ": " if where else "") + self.message
 
 
+def shown(value, width: int = 40) -> str:
+    """``repr`` of a value a user wrote, for error messages: numpy scalars as the Python value
+    (``-1.25``, not ``np.float64(-1.25)``), cut to ``width`` characters."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def read_json_object(path: str | PathLike, what: str = "file") -> dict:
     """The JSON object in the file ``path``.
 

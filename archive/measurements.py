@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from archive.errors import InputError
+from archive.errors import InputError, shown
 from archive.schema import MEASUREMENTS
 
 
@@ -75,7 +75,7 @@ def _convert(values: pd.Series, arrow_type: pa.DataType, path: Path, column: str
 def _first_error(bad: pd.Series, values: pd.Series, path: Path, column: str, what: str) -> None:
     if bad.any():
         i = int(bad.to_numpy().argmax())
-        raise InputError(f"expected {what}, got {values.iloc[i]!r}", path=path, row=i + 2,
+        raise InputError(f"expected {what}, got {shown(values.iloc[i])}", path=path, row=i + 2,
                          field=column)
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from archive.errors import InputError, first_bad
+from archive.errors import InputError, first_bad, shown
 from archive.schema import GPU_SAMPLES
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
         if parsed.isna().any():
             i = first_bad(parsed.isna())
             raise InputError(f"not a {'timestamp' if kind == 'time' else 'number'}: "
-                             f"{table[field].iloc[i]!r}", path=source, row=rows[i][0],
+                             f"{shown(table[field].iloc[i])}", path=source, row=rows[i][0],
                              field=field)
         out[column] = parsed.astype("int32") if kind == "int" else parsed
     return out

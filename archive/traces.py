@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from archive.arrow import from_numpy, to_numpy
 from archive.arrow import table as arrow_table
-from archive.errors import InputError, first_bad
+from archive.errors import InputError, first_bad, shown
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -227,12 +227,6 @@ def _layout(columns, path: Path) -> tuple[str | None, str | None, str | None, st
                      path=path)
 
 
-def _cell(values: np.ndarray, i: int):
-    """Value ``i`` as written (a Python scalar, not a numpy one), for error messages."""
-    value = values[i]
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _numbers(values: np.ndarray) -> np.ndarray:
     """``values`` as float64, NaN where a cell is missing or not a number (text columns, as
     pandas reads a CSV column holding any non-numeric cell, go through pandas' parser)."""
@@ -269,7 +263,7 @@ def token_column(values: np.ndarray, path: Path, column: str, first_line: int) -
     if bad.any():
         i = first_bad(bad)
         raise InputError(f"expected an integer token count from 0 to {MAX_TOKENS:,}, got "
-                         f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
+                         f"{shown(values[i])}", path=path, row=i + first_line, field=column)
     return numbers.astype(np.int64)
 
 
@@ -283,7 +277,7 @@ def _arrivals(values: np.ndarray, kind: str, path: Path, column: str,
         bad = stamps.isna()
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"unparsable timestamp {_cell(values, i)!r}", path=path,
+            raise InputError(f"unparsable timestamp {shown(values[i])}", path=path,
                              row=i + first_line, field=column)
         return (stamps - stamps.min()).dt.total_seconds().to_numpy(np.float64)
     seconds = _numbers(values)
@@ -292,7 +286,7 @@ def _arrivals(values: np.ndarray, kind: str, path: Path, column: str,
     if bad.any():
         i = first_bad(bad)
         raise InputError(f"expected a finite, non-negative number of {kind}, got "
-                         f"{_cell(values, i)!r}", path=path, row=i + first_line, field=column)
+                         f"{shown(values[i])}", path=path, row=i + first_line, field=column)
     return seconds / (1000.0 if kind == "milliseconds" else 1.0)
 
 

@@ -36,7 +36,7 @@ import pandas as pd
 from sklearn.base import clone
 from sklearn.metrics import mean_absolute_percentage_error
 
-from archive.errors import InputError, first_bad
+from archive.errors import InputError, first_bad, shown
 from calibrate.estimator import TimingRegressor
 
 STAGES = ("prefill", "decode")
@@ -78,7 +78,7 @@ def check_measurements(df: pd.DataFrame, source: str) -> pd.DataFrame:
     for column, bad, what in checks:
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"{what}, got {df[column].iloc[i]!r}", path=source,
+            raise InputError(f"{what}, got {shown(df[column].iloc[i])}", path=source,
                              row=int(line[i]), field=column)
     if df.empty:
         raise InputError("no successful single-request rows to calibrate with", path=source)

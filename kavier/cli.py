@@ -11,6 +11,7 @@ CSV files pyarrow cannot type, carbon traces, batching, calibration) imports it 
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,31 @@ def entry() -> None:
         gc.freeze()
 
 
+def significant(value: float, digits: int = 4) -> str:
+    """``value`` to ``digits`` significant digits, without an exponent (``11,700``,
+    ``0.1652``): the run summaries' quantile sketch is exact to 1e-4 relative, so four digits
+    are all true and no more are printed."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    places = digits - 1 - math.floor(math.log10(abs(value)))
+    return f"{round(value, places):,.{max(places, 0)}f}"
+
+
+def _offered_load_row(summary: dict) -> list[tuple[str, str]]:
+    """The offered load (:mod:`kavier.sim.load`) in numbers and words; none back to back."""
+    rho = summary.get("offered_load")
+    if rho is None:
+        return []
+    b = summary["offered_load_decode_batch"]
+    how = (f"at best batching (decode batch {b})" if summary["offered_load_batched"]
+           else "one request at a time")
+    verdict = ("more than the replicas can serve: the queue grows while requests arrive"
+               if rho >= 1 else "within capacity")
+    return [("offered load", f"{rho:.2f} — {summary['service_demand_s'] / 3600:.3g} GPU-hours "
+             f"of work {how} arriving over {summary['arrival_span_s'] / 3600:.3g} h on "
+             f"{summary['replicas']} replica(s); {verdict}")]
+
+
 def _print_summary(summary: dict) -> None:
     n = summary["n_requests"]
     rows = [
@@ -72,6 +98,7 @@ def _print_summary(summary: dict) -> None:
          f"({summary['prefill_gpu_hours']:.3f} + {summary['decode_gpu_hours']:.3f}) of "
          f"{summary['provisioned_gpu_hours']:.3f} provisioned"),
         ("makespan", f"{summary['makespan_s']:.1f} s"),
+        *_offered_load_row(summary),
         ("mean queueing delay", f"{summary['mean_queue_s']:.2f} s" if n else "—"),
         ("preemptions", f"{summary['preemptions']:,}"),
     ]
@@ -92,7 +119,7 @@ def _print_summary(summary: dict) -> None:
         values = [summary[f"p{q}_{metric}"] for q in QUANTILES]
         if values[0] is not None:
             rows.append((f"{metric[:-2].upper()} p50 / p90 / p99",
-                         " / ".join(f"{v:.4g}" for v in values) + " s"))
+                         " / ".join(significant(v) for v in values) + " s"))
     if summary["slo_ttft_s"] is not None or summary["slo_tpot_s"] is not None:
         rows.append(("goodput (requests meeting the SLOs)", f"{summary['goodput']:.4f}"))
     cache = summary.get("prefix_cache")

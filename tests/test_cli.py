@@ -205,3 +205,46 @@ def test_a_broken_dataset_card_is_one_line(tmp_path):
     result = run("simulate", "--trace", str(tmp_path / "ds"), "--output-folder",
                  str(tmp_path / "o"))
     assert result.exit_code == 2 and "dataset.json: not valid JSON" in result.output
+
+
+def readme_main_job() -> list[list[str]]:
+    """The ``kavier`` commands of the README's first command, as argument lists."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    line = text.split("```bash", 1)[1].split("# 1.", 1)[1].splitlines()[1]
+    return [shlex.split(c)[1:] for c in line.split(" && ") if c.startswith("kavier ")]
+
+
+def test_readme_main_job_keeps_up_conserves_and_names_its_offered_load(tmp_path, monkeypatch,
+                                                                       llama8b, a10):
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for args in readme_main_job():
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.output)
+        outputs.append(result.output)
+    assert len(outputs) == 3          # calibrate, the batched run, the one-at-a-time run
+    batched = json.loads((tmp_path / "runs/simulation/summary.json").read_text())
+    alone = json.loads((tmp_path / "runs/one-at-a-time/summary.json").read_text())
+    # the batched run keeps up, and says so with a number; one at a time is the thesis's 54x
+    assert "offered load" in outputs[1] and "within capacity" in outputs[1]
+    assert batched["offered_load"] < 1 and not batched["backlog"]
+    assert alone["offered_load"] > 50 and alone["backlog"] and "BACKLOG" in outputs[2]
+    for s, folder in ((batched, "simulation"), (alone, "one-at-a-time")):
+        req = pd.read_parquet(tmp_path / "runs" / folder / "requests.parquet")
+        frag = pd.read_parquet(tmp_path / "runs" / folder / "fragments.parquet")
+        energy = s["sustainability"]
+        assert s["gpu_hours"] == pytest.approx(s["prefill_gpu_hours"] + s["decode_gpu_hours"])
+        assert s["gpu_hours"] <= s["provisioned_gpu_hours"] * (1 + 1e-12)
+        assert s["output_throughput_tok_s"] * s["makespan_s"] == pytest.approx(
+            s["n_output_tokens"]) and req["n_output_tokens"].sum() == s["n_output_tokens"]
+        assert frag["energy_wh"].sum() == pytest.approx(energy["energy_gpu_wh"], rel=1e-9)
+        assert frag["duration_s"].sum() == pytest.approx(s["timeline_s"] * s["replicas"])
+        provisioned_s = s["provisioned_gpu_hours"] * 3600
+        assert energy["energy_gpu_j"] / provisioned_s <= energy["power_model"]["max_w"]
+        # no token faster than streaming the weights once at peak bandwidth
+        floor = llama8b.weight_bytes / a10.bytes_per_s
+        assert req["tpot_s"].dropna().min() >= floor
+    assert alone["service_demand_s"] == pytest.approx(alone["gpu_hours"] * 3600, rel=1e-6)

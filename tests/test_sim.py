@@ -357,3 +357,35 @@ def test_tpot_definition_and_billing_on_provisioned_time(tmp_path, azure):
     cost = report(read_run(out), price_per_gpu_hour=2.0)["cost"]
     assert cost == pytest.approx(2.0 * 3 * s["timeline_s"] / 3600)
     assert cost > 2.0 * s["gpu_hours"]              # idle replicas are paid for too
+
+
+def test_offered_load_one_at_a_time_is_the_service_time_per_second_of_arrivals(azure, llama8b,
+                                                                                  a10):
+    timing = RooflineTiming(llama8b, a10)
+    config = EngineConfig(max_num_seqs=1, chunked_prefill=False)
+    r, _, s = run(azure, timing, config)
+    span = r["arrival_s"].max() - r["arrival_s"].min()
+    # one at a time, the GPU is busy exactly for the requests' service times
+    assert s["service_demand_s"] == pytest.approx(s["gpu_hours"] * 3600.0, rel=1e-9)
+    assert s["offered_load"] == pytest.approx(s["service_demand_s"] / span, rel=1e-12)
+    assert not s["offered_load_batched"]
+    _, _, two = run(azure, timing, EngineConfig(max_num_seqs=1, chunked_prefill=False,
+                                                replicas=2))
+    assert two["offered_load"] == pytest.approx(s["offered_load"] / 2, rel=1e-12)
+    _, _, closed = run(azure, timing, ONE)
+    assert closed["offered_load"] is None           # back to back: no arrival process
+
+
+def test_offered_load_under_batching_bounds_the_busy_time_and_predicts_the_backlog(llama8b,
+                                                                                     a10):
+    table = archive.read_trace("azure-llm-inference-2023-conv").table.slice(0, 3000)
+    timing = RooflineTiming(llama8b, a10)
+    _, _, one = run(table, timing, EngineConfig())
+    assert one["offered_load_batched"] and 1 <= one["offered_load_decode_batch"] <= 256
+    # a lower bound on the GPU time the work needs: a saturated replica is busy longer
+    assert one["offered_load"] > 1 and one["backlog"]
+    assert one["service_demand_s"] <= one["gpu_hours"] * 3600.0
+    replicas = int(np.ceil(one["offered_load"] / 0.7))
+    _, _, enough = run(table, timing, EngineConfig(replicas=replicas))
+    assert enough["offered_load"] == pytest.approx(one["offered_load"] / replicas, rel=1e-12)
+    assert enough["offered_load"] < 0.7 and not enough["backlog"]

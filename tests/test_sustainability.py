@@ -57,9 +57,10 @@ def carbon_table(values, step="15min"):
 def test_carbon_traces_are_read_and_checked(tmp_path):
     nl = read_carbon("NL")
     assert len(nl) == 34944 and str(nl["timestamp"].dt.tz) == "UTC"
-    bad = carbon_table([100.0, -1.0])
+    bad = carbon_table([100.0, -1.25])
     bad.to_csv(tmp_path / "c.csv", index=False)
-    with pytest.raises(InputError, match="line 3: field 'carbon_intensity'"):
+    # the value as the user wrote it, not numpy's repr (np.float64(-1.25))
+    with pytest.raises(InputError, match=r"line 3: field 'carbon_intensity'.*got -1\.25$"):
         read_carbon(tmp_path / "c.csv")
     carbon_table([1.0, 2.0]).iloc[::-1].to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(InputError, match="timestamps must increase"):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from archive.cards import finish
-from archive.errors import InputError, first_bad
+from archive.errors import InputError, first_bad, shown
 from archive.schema import MEASUREMENTS
 
 DECODE_PROMPT_TOKENS = 10
@@ -55,7 +55,7 @@ def _read(path: Path, size_column: str) -> pd.DataFrame:
         if bad.any():
             i = first_bad(bad)
             kind = "number" if column == "latency_s" else "integer"
-            raise InputError(f"expected a non-negative {kind}, got {df[column].iloc[i]!r}",
+            raise InputError(f"expected a non-negative {kind}, got {shown(df[column].iloc[i])}",
                              path=path, row=i + 2, field=column)
         df[column] = values
     return df

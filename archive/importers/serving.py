@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from archive.cards import finish
-from archive.errors import InputError, read_json_object
+from archive.errors import InputError, read_json_object, shown
 from archive.schema import SERVING, SERVING_TIMESERIES
 from archive.serving import ENGINE_KEYS
 from archive.traces import token_column
@@ -253,7 +253,7 @@ def _timeseries(path: Path) -> pa.Table:
         values = pd.to_numeric(df[column], errors="coerce")
         if values.isna().any() or (values < 0).any():
             i = int((values.isna() | (values < 0)).to_numpy().argmax())
-            raise InputError(f"expected a non-negative number, got {df[column].iloc[i]!r}",
+            raise InputError(f"expected a non-negative number, got {shown(df[column].iloc[i])}",
                              path=path, row=i + 2, field=column)
         df[column] = values
     return pa.Table.from_pandas(df, schema=SERVING_TIMESERIES, preserve_index=False)

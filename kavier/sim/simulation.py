@@ -17,6 +17,7 @@ from kavier.models.timing import RooflineTiming
 from kavier.sim.config import EngineConfig, kv_pool_blocks, resolve
 from kavier.sim.engine import SteppedEngine
 from kavier.sim.fastpath import FastPath, eligible
+from kavier.sim.load import OfferedLoad
 from kavier.sim.prefix import PrefixCache
 from kavier.sim.requests import request_table
 from kavier.sim.stats import QuantileSketch
@@ -132,12 +133,15 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     summary = Summary(config.replicas, timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
                       sustainability, slo_ttft_s, slo_tpot_s, config.back_to_back)
     kv_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
+    load = OfferedLoad(timing, config.max_num_seqs, blocks * block_size, config.replicas)
 
     def steps(batch: pa.RecordBatch) -> None:
         on_steps(batch, summary.add_steps(batch))
 
     def emit(requests: pa.Table) -> None:
         summary.add_requests(requests)
+        load.add(*(column(requests, c, np.int64) for c in
+                   ("n_input_tokens", "n_cached_tokens", "n_output_tokens")))
         on_requests(requests)
 
     timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
@@ -171,6 +175,8 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         used = "stepped"
     result = summary.result()
     result.update(itl.percentiles("itl_s"))
+    span = summary.last_arrival - summary.first_arrival if has_arrivals and n_in.size else 0.0
+    result.update(load.result(span))
     result.update({"engine_path": used, "kv_pool_blocks": blocks, "block_size": block_size,
                    "prefix_cache": _cache_stats(prefix, counters, summary)})
     return result
