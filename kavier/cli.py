@@ -28,7 +28,7 @@ from archive.smi import CAPTURE_FIELDS
 from calibrate.profile import shipped_profiles
 from kavier.export.opendc import DEFAULT_START
 from kavier.export.output import run_folder
-from kavier.export.run import ExportOptions, RunOutput
+from kavier.export.run import ExportOptions, RunOutput, replica_memory_bytes
 from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, make_timing
@@ -414,13 +414,12 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
     sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization,
                          config.tensor_parallel_size)
     export = ExportOptions(export_rate, fragments, opendc, write_steps, start)
-    memory = timing.llm.weight_bytes
     with run_folder(output_folder) as out:
-        output = RunOutput(out, export, sus, timing.gpu, config.replicas, memory)
+        output = RunOutput(out, export, sus, timing.gpu, config.replicas)
         with output:
             summary = run_engine(table, timing, config, block, prefix, sus, output.requests,
                                  output.steps, *slos)
-            rows = output.finish(summary["timeline_s"])
+            rows = output.finish(summary["timeline_s"], replica_memory_bytes(timing, summary))
         summary = {
             "trace": str(trace), "llm": timing.llm.name, "gpu": timing.gpu.name,
             "timing_model": timing.name, "kv_cache": timing.kv_cache,

@@ -248,3 +248,29 @@ def test_readme_main_job_keeps_up_conserves_and_names_its_offered_load(tmp_path,
         floor = llama8b.weight_bytes / a10.bytes_per_s
         assert req["tpot_s"].dropna().min() >= floor
     assert alone["service_demand_s"] == pytest.approx(alone["gpu_hours"] * 3600, rel=1e-6)
+
+
+def test_opendc_tasks_carry_weights_and_kv_pool_in_kb_and_no_file_needs_parquet_mr_1_14(
+        tmp_path, llama8b):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "o"
+    trace = tmp_path / "t.csv"
+    pd.DataFrame({"num_input_tokens": [100, 2000], "num_output_tokens": [50, 3]}
+                 ).to_csv(trace, index=False)
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(out), "--replicas",
+                 "2", "--steps")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    tasks = pd.read_parquet(out / "opendc" / "tasks.parquet")
+    pool = summary["kv_pool_blocks"] * summary["block_size"] * llama8b.kv_bytes_per_token
+    # OpenDC's TaskColumns.kt: mem_capacity in KB; its loaders divide by 1000 to get MB
+    assert (tasks["mem_capacity"] == np.ceil((llama8b.weight_bytes + pool) / 1000)).all()
+    assert list(tasks["id"]) == [0, 1]
+    for path in out.rglob("*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(g).column(c)
+                if col.physical_type in ("INT32", "INT64"):
+                    assert "BYTE_STREAM_SPLIT" not in col.encodings, (path, col.path_in_schema)

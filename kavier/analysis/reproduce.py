@@ -37,7 +37,7 @@ from archive.traces import Workload  # noqa: E402
 from kavier.analysis.sweep import run_points  # noqa: E402
 from kavier.analysis.workloads import marconi_shaped  # noqa: E402
 from kavier.export.output import RunWriter, run_folder  # noqa: E402
-from kavier.export.run import ExportOptions, RunOutput  # noqa: E402
+from kavier.export.run import ExportOptions, RunOutput, replica_memory_bytes  # noqa: E402
 from kavier.models.library import gpu_library, llm_library  # noqa: E402
 from kavier.models.power import PowerModel  # noqa: E402
 from kavier.models.timing import make_timing  # noqa: E402
@@ -123,11 +123,12 @@ def speed(out: RunWriter, quick: bool = False, **_) -> dict:
         sus = _sustainability(timing.gpu)
         with tempfile.TemporaryDirectory() as tmp, run_folder(tmp) as folder:
             start = time.perf_counter()
-            with RunOutput(folder, ExportOptions(export_rate_s=rate), sus, timing.gpu, 1,
-                           timing.llm.weight_bytes) as output:
+            with RunOutput(folder, ExportOptions(export_rate_s=rate), sus, timing.gpu,
+                           1) as output:
                 summary = simulate(workload.table, timing, ONE_AT_A_TIME, 16, None, sus,
                                    output.requests, output.steps)
-                written = output.finish(summary["timeline_s"])
+                written = output.finish(summary["timeline_s"],
+                                        replica_memory_bytes(timing, summary))
             wall = time.perf_counter() - start
         rows.append({"export_rate_s": rate, "requests": workload.table.num_rows,
                      "gpu_hours": summary["gpu_hours"],

@@ -1,17 +1,24 @@
 """OpenDC workload export: ``opendc/tasks.parquet`` and ``opendc/fragments.parquet``.
 
-The schemas are OpenDC's current workload format (``opendc-trace``, ``TaskSchemas.kt`` v4 and
-``FragmentSchemas.kt`` v2): tasks with a submission time as a UTC timestamp in milliseconds,
-a duration in milliseconds, CPU and GPU capacity in MHz and memory in KiB; per task the
-fragments it runs through, each a duration in milliseconds with CPU and GPU demand in MHz.
+The schemas are OpenDC's workload format as its reader defines it (``opendc-trace-api``,
+``formats/workload/parquet/TaskSchemas.kt`` ``TASK_SCHEMA_V4`` and ``FragmentSchemas.kt``
+``FRAGMENT_SCHEMA_v2``, read at atlarge-research/opendc commit 82a0d6c): tasks with an INT32
+id, a submission time as a UTC timestamp in milliseconds, a duration in milliseconds, CPU and
+GPU capacity in MHz and memory in KB; per task the fragments it runs through, each a duration
+in milliseconds with CPU and GPU demand in MHz. Only the required columns and the GPU ones are
+written; ``num_fragments`` (optional in V4) is left out on purpose: OpenDC's
+``EfficientWorkloadLoader`` needs it *and* fragments grouped by task, while ours interleave the
+replicas in time order, which its ``ComputeWorkloadLoader`` (grouping by id) reads and the
+efficient one refuses with its own error.
 
 How a simulated run maps onto that: **one task per replica** (one GPU serving the workload),
 submitted at the start instant (``--start-time``), lasting the whole run; its fragments are
 the replica's run-length timeline — every interval and idle gap — with ``gpu_usage`` =
 utilization × the GPU's boost clock (the same utilization the simulator's power model sees).
 ``cpu_count = 1`` at ``cpu_capacity`` MHz with ``cpu_usage`` 0 (Kavier does not model host CPU
-load). ``mem_capacity``: weights plus the replica's KV pool, KiB (OpenDC's ``mem_capacity`` is
-in KiB: ``TaskSchemas.kt``). Milliseconds are rounded at absolute boundaries, never truncated,
+load). ``mem_capacity``: weights plus the replica's KV pool, in KB of 1,000 bytes, rounded up
+(OpenDC's ``conv/TaskColumns.kt`` documents KB and its workload loaders divide by 1,000 to
+get MB). Milliseconds are rounded at absolute boundaries, never truncated,
 so a task's duration equals the sum of its fragments and rounding never accumulates.
 """
 
@@ -34,7 +41,7 @@ TASKS_SCHEMA = pa.schema([
     pa.field("gpu_count", pa.int32()),
     pa.field("gpu_capacity", pa.float64()),
 ])
-"""OpenDC ``tasks.parquet`` (required columns of TaskSchemas v4)."""
+"""OpenDC ``tasks.parquet`` (the required and GPU columns of ``TASK_SCHEMA_V4``)."""
 
 FRAGMENTS_SCHEMA = pa.schema([
     pa.field("id", pa.int32(), nullable=False),
@@ -75,6 +82,6 @@ def opendc_tasks(replicas: int, end_s: float, gpu_mhz: float, memory_bytes: floa
         from_numpy(np.full(n, epoch_ms, np.int64), pa.timestamp("ms", tz="UTC")),
         from_numpy(np.full(n, int(np.rint(end_s * 1000.0)), np.int64)),
         from_numpy(np.ones(n, np.int32)), from_numpy(np.full(n, cpu_mhz)),
-        from_numpy(np.full(n, int(np.ceil(memory_bytes / 1024.0)), np.int64)),
+        from_numpy(np.full(n, int(np.ceil(memory_bytes / 1000.0)), np.int64)),
         from_numpy(np.full(n, gpus, np.int32)), from_numpy(np.full(n, float(gpu_mhz))),
     ], schema=TASKS_SCHEMA)

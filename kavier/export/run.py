@@ -63,6 +63,14 @@ class ExportOptions:
     start: datetime = DEFAULT_START
 
 
+def replica_memory_bytes(timing, summary: dict) -> float:
+    """GPU memory a replica holds, bytes: its weights (all ranks) plus its KV pool
+    (``kv_pool_blocks × block_size`` tokens at eq. 4.1's bytes per token; none without the KV
+    cache). What OpenDC's ``mem_capacity`` carries."""
+    kv = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
+    return float(timing.llm.weight_bytes) + summary["kv_pool_blocks"] * summary["block_size"] * kv
+
+
 class RunOutput:
     """The engine's sinks (:func:`kavier.sim.simulation.simulate`'s ``on_requests`` and
     ``on_steps``), writing into ``out``; use as a context manager, call :meth:`finish` with
@@ -75,7 +83,7 @@ class RunOutput:
     """
 
     def __init__(self, out: RunWriter, options: ExportOptions, sustainability, gpu,
-                 replicas: int, memory_bytes: float) -> None:
+                 replicas: int) -> None:
         from archive.errors import InputError
 
         if options.opendc and not gpu.boost_clock_mhz:
@@ -83,7 +91,7 @@ class RunOutput:
                              "OpenDC's capacity needs; add it or pass --no-opendc",
                              field="opendc")
         self.out, self.options, self.sus = out, options, sustainability
-        self.gpu_mhz, self.replicas, self.memory_bytes = gpu.boost_clock_mhz, replicas, memory_bytes
+        self.gpu_mhz, self.replicas = gpu.boost_clock_mhz, replicas
         for name in OUTPUT_FILES:
             (out.folder / name).unlink(missing_ok=True)
         self.rows = {}
@@ -143,13 +151,14 @@ class RunOutput:
                 self._write("opendc/fragments.parquet", opendc_fragments(rows, self.gpu_mhz),
                             FRAGMENTS_SCHEMA)
 
-    def finish(self, end_s: float) -> dict:
-        """Idle tails to ``end_s``, the OpenDC tasks; returns rows written per file."""
+    def finish(self, end_s: float, memory_bytes: float) -> dict:
+        """Idle tails to ``end_s``, the OpenDC tasks (``memory_bytes`` per replica: weights
+        plus KV pool); returns rows written per file."""
         for r in range(self.replicas):
             self._emit(r, lambda builder: builder.finish(end_s))
         if self._opendc is not None:
             self._write("opendc/tasks.parquet", opendc_tasks(
-                self.replicas, end_s, self.gpu_mhz, self.memory_bytes, self.options.start,
+                self.replicas, end_s, self.gpu_mhz, memory_bytes, self.options.start,
                 gpus=self.sus.gpus_per_replica), TASKS_SCHEMA)
         self._stack.close()
         return dict(self.rows)
