@@ -28,7 +28,13 @@ from archive.smi import CAPTURE_FIELDS
 from calibrate.profile import shipped_profiles
 from kavier.export.opendc import DEFAULT_START
 from kavier.export.output import run_folder
-from kavier.export.run import ExportOptions, RunOutput, replica_memory_bytes
+from kavier.export.run import (
+    ROW_LIMIT,
+    ExportOptions,
+    RunOutput,
+    check_fragment_rows,
+    replica_memory_bytes,
+)
 from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, make_timing
@@ -353,6 +359,8 @@ def _common(o: dict):
               help="Fragment row interval, s; 0 writes run-length rows.")
 @click.option("--fragments/--no-fragments", default=True, show_default=True,
               help="Write fragments.parquet.")
+@click.option("--force", is_flag=True, help=f"Write fragment files past {ROW_LIMIT:,} rows "
+              "(refused by default: a fine --export-rate over a long trace asks for billions).")
 @click.option("--opendc/--no-opendc", default=True, show_default=True,
               help="Write the OpenDC workload (opendc/tasks.parquet, opendc/fragments.parquet).")
 @click.option("--steps/--no-steps", "write_steps", default=False, show_default=True,
@@ -383,7 +391,7 @@ def _common(o: dict):
               show_default=True, help="Utilization the power model sees for a step bound by "
               "memory traffic (docs/sustainability.md).")
 @clean_errors
-def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_time,
+def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, start_time,
              power_model, idle_power_w, max_power_w, power_shape, power_profile, carbon_trace,
              pue, utilization_cap, memory_bound_utilization, **options):
     """Simulate a workload on GPU replicas with vLLM's scheduler (one request at a time with
@@ -413,7 +421,9 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, start_t
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
     sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization,
                          config.tensor_parallel_size)
-    export = ExportOptions(export_rate, fragments, opendc, write_steps, start)
+    export = ExportOptions(export_rate, fragments, opendc, write_steps, start,
+                           None if force else ROW_LIMIT)
+    check_fragment_rows(table, timing, config, export)
     with run_folder(output_folder) as out:
         output = RunOutput(out, export, sus, timing.gpu, config.replicas)
         with output:

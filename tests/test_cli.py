@@ -274,3 +274,74 @@ def test_opendc_tasks_carry_weights_and_kv_pool_in_kb_and_no_file_needs_parquet_
                 col = meta.row_group(g).column(c)
                 if col.physical_type in ("INT32", "INT64"):
                     assert "BYTE_STREAM_SPLIT" not in col.encodings, (path, col.path_in_schema)
+
+
+def test_fragment_row_guard_refuses_before_and_during_a_run_unless_forced(tmp_path,
+                                                                         monkeypatch):
+    import kavier.cli
+
+    trace = tmp_path / "t.csv"
+    pd.DataFrame({"num_input_tokens": [100, 2000, 50], "num_output_tokens": [400, 3, 300]}
+                 ).to_csv(trace, index=False)
+    monkeypatch.setattr(kavier.cli, "ROW_LIMIT", 40)
+    out = tmp_path / "o"
+    # before the run: 1 ms rows over the work's ≥ 40 ms of GPU time
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(out),
+                 "--export-rate", "0.001")
+    assert result.exit_code == 2 and "past the limit of 40" in result.output, result.output
+    assert "--force" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / "summary.json").exists()
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(out),
+                 "--export-rate", "0.001", "--force")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(out / "fragments.parquet")) > 40
+    # during the run: OpenDC's run-length rows have no estimate; the writer stops at the limit
+    monkeypatch.setattr(kavier.cli, "ROW_LIMIT", 2)
+    result = run("simulate", "--trace", str(trace), "--output-folder", str(out),
+                 "--no-fragments")
+    assert result.exit_code == 2 and "opendc/fragments.parquet would hold" in result.output
+    assert not (out / "summary.json").exists()
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob("*.partial"))
+
+
+def test_sigkill_at_any_point_leaves_no_summary_and_a_finished_run_matches_its_files(tmp_path):
+    import signal
+    import time
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "kavier", "simulate", "--trace",
+            "azure-llm-inference-2023-conv", "--max-num-seqs", "1", "--output-folder", str(out)]
+    start = time.monotonic()
+    subprocess.run(args, check=True, capture_output=True, timeout=120)
+    full_s = time.monotonic() - start
+
+    def finished_and_consistent() -> bool:
+        if not (out / "summary.json").exists():
+            return False
+        rows = json.loads((out / "summary.json").read_text())["rows_written"]
+        files = {str(p.relative_to(out)) for p in out.rglob("*.parquet")}
+        assert files == set(rows)
+        assert all(pq.ParquetFile(out / f).metadata.num_rows == n for f, n in rows.items())
+        return True
+
+    assert finished_and_consistent()
+    killed_in_run = 0
+    for share in (0.05, 0.25, 0.45, 0.65, 0.85):      # kills spread over the whole run
+        before = (out / "summary.json").read_text() if (out / "summary.json").exists() else None
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(share * full_s)
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        if code == 0:
+            assert finished_and_consistent()
+        elif (out / "summary.json").exists():
+            # killed before it took the folder (importing, reading the trace): the earlier
+            # run is untouched, its summary still describes exactly its files
+            assert (out / "summary.json").read_text() == before and finished_and_consistent()
+        else:
+            killed_in_run += 1                # killed inside the run: no summary at all
+    assert killed_in_run >= 1
+    subprocess.run(args, check=True, capture_output=True, timeout=120)
+    assert finished_and_consistent()

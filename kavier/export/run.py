@@ -18,7 +18,8 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 
-from archive.arrow import to_numpy
+from archive.arrow import column, to_numpy
+from archive.errors import InputError
 from kavier.export.fragments import (
     FRAGMENT_PARQUET_OPTIONS,
     FragmentBuilder,
@@ -33,6 +34,12 @@ from kavier.export.opendc import (
     opendc_tasks,
 )
 from kavier.export.output import RunWriter
+from kavier.sim.load import OfferedLoad
+
+ROW_LIMIT = 100_000_000
+"""Most rows a run writes into one fragment file (``fragments.parquet``,
+``opendc/fragments.parquet``) unless ``--force``: about 2.5 GB on disk and minutes of writing.
+A finer ``--export-rate`` over a long trace can ask for billions of rows."""
 
 OUTPUT_FILES = ("requests.parquet", "steps.parquet", "fragments.parquet",
                 "opendc/tasks.parquet", "opendc/fragments.parquet")
@@ -61,6 +68,48 @@ class ExportOptions:
     opendc: bool = True
     steps: bool = False
     start: datetime = DEFAULT_START
+    row_limit: int | None = ROW_LIMIT
+
+
+def too_many_rows(what: str, rows: float, options: ExportOptions) -> InputError:
+    """The one-line error for a fragment file past ``options.row_limit``."""
+    return InputError(f"{what} would hold {rows:,.0f} rows or more, past the limit of "
+                      f"{options.row_limit:,}; choose a coarser --export-rate (now "
+                      f"{options.export_rate_s:g} s), --no-fragments, or --force",
+                      field="export-rate")
+
+
+def check_fragment_rows(table: pa.Table, timing, config, options: ExportOptions) -> int:
+    """Refuse, before the run, an export whose ``fragments.parquet`` would pass the row limit.
+
+    The estimate is a lower bound: ``replicas × timeline / export_rate`` with the timeline at
+    least the last arrival and at least the work's GPU time over the replicas
+    (:class:`~kavier.sim.load.OfferedLoad` at the best batching), so the guard never refuses a
+    run that would stay under the limit; :class:`RunOutput` stops one that passes it anyway.
+
+    Returns
+    -------
+    int
+        The estimated rows (0 with run-length rows or no fragments).
+
+    Raises
+    ------
+    InputError
+        When the estimate passes ``options.row_limit``.
+    """
+    if not options.fragments or options.export_rate_s == 0:
+        return 0
+    load = OfferedLoad(timing, config.max_num_seqs, 2**62, config.replicas)   # no KV bound
+    n_in = column(table, "n_input_tokens", np.int64)
+    load.add(n_in, np.zeros_like(n_in), np.maximum(column(table, "n_output_tokens", np.int64), 1))
+    last = (float(np.max(column(table, "arrival_s", np.float64)))
+            if "arrival_s" in table.column_names and table.num_rows and not config.back_to_back
+            else 0.0)
+    timeline = max(last, load.total_demand_s() / config.replicas)
+    rows = config.replicas * timeline / options.export_rate_s
+    if options.row_limit is not None and rows > options.row_limit:
+        raise too_many_rows("fragments.parquet", rows, options)
+    return int(rows)
 
 
 def replica_memory_bytes(timing, summary: dict) -> float:
@@ -120,8 +169,11 @@ class RunOutput:
             self.rows[name] = 0
         writer = self._writers[name]
         write = writer.write_table if isinstance(data, pa.Table) else writer.write_batch
-        self._threads[name].submit(write, data)
         self.rows[name] += data.num_rows
+        limit = self.options.row_limit
+        if limit is not None and name.endswith("fragments.parquet") and self.rows[name] > limit:
+            raise too_many_rows(name, self.rows[name], self.options)
+        self._threads[name].submit(write, data)
 
     def requests(self, table: pa.Table) -> None:
         """Write a chunk of the request record."""
