@@ -169,6 +169,32 @@ def test_an_output_folder_under_a_file_is_one_line(tmp_path):
     assert result.exit_code == 2 and "cannot create the output folder" in result.output
 
 
+@pytest.mark.parametrize("obstacle", ["file-for-folder", "folder-for-file", "full-disk"])
+def test_writing_errors_inside_the_output_folder_are_one_line(tmp_path, obstacle):
+    import os
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_input_tokens,num_output_tokens\n5,3\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    if obstacle == "file-for-folder":
+        (out / "opendc").write_text("x")
+        expect = "opendc/tasks.parquet: Not a directory"
+    elif obstacle == "folder-for-file":
+        (out / "summary.json").mkdir()
+        expect = "summary.json: Is a directory"
+    else:                             # /dev/full fails every write with ENOSPC
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        (out / "requests.parquet.partial").symlink_to("/dev/full")
+        expect = "No space left on device"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--output-folder",
+                                       str(out)], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert expect in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / "summary.json").is_file()
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("dup.csv", "num_input_tokens,num_input_tokens,num_output_tokens\n5,6,3\n",
      "field 'num_input_tokens': column appears 2 times"),

@@ -90,7 +90,8 @@ def run_folder(folder: str | Path):
     Raises
     ------
     InputError
-        When the folder cannot be created or another run holds it.
+        When the folder cannot be created, another run holds it, or writing into it fails
+        (``OSError``: a full or read-only disk, a file where a folder must go), one line.
     """
     writer = RunWriter(folder)
     try:
@@ -105,8 +106,13 @@ def run_folder(folder: str | Path):
         except BlockingIOError:
             raise InputError("another run is writing into this folder; wait for it or choose "
                              "another --output-folder", path=folder) from None
-        (writer.folder / "summary.json").unlink(missing_ok=True)
         try:
+            (writer.folder / "summary.json").unlink(missing_ok=True)
             yield writer
+        except OSError as exc:            # a full or read-only disk, a file in a folder's place
+            where = f" {exc.filename}" if exc.filename else ""
+            raise InputError(f"cannot write the output{where}: "
+                             f"{exc.strerror or str(exc).splitlines()[0]}",
+                             path=folder) from None
         finally:
             writer.cleanup()
