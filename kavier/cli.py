@@ -790,17 +790,30 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
 @clean_errors
 def reproduce(experiment, output_folder, scheduler, workers, quick):
     """Reproduce the thesis's experiments (Figures 6.2–6.7, Table 6.9): data, figures, report."""
+    import pandas as pd
+
     from kavier.analysis.reproduce import EXPERIMENTS, RUNNERS
 
+    tables = []
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         folder = Path(output_folder) / name
         start = datetime.now(UTC)
         with run_folder(folder) as out:
-            RUNNERS[name](out, quick=quick, scheduler=scheduler, workers=workers)
+            result = RUNNERS[name](out, quick=quick, scheduler=scheduler, workers=workers)
+            tables.append(result["comparison"])
+            out.text("comparison.csv", result["comparison"].to_csv(index=False))
             out.json("summary.json", {"experiment": name, "quick": quick,
                                       "started": start.isoformat(timespec="seconds"),
                                       "toolkit_version": toolkit_version()})
         click.echo(f"{name}: wrote {folder}/report.md and its data and figures")
+    table = pd.concat(tables, ignore_index=True)
+    width = int(table["quantity"].str.len().max())
+    click.echo(f"\n{'experiment':<14}{'quantity':<{width + 2}}{'thesis':>10}{'ours':>11}"
+               + ("   (quick inputs: not comparable)" if quick else ""))
+    for row in table.itertuples(index=False):
+        thesis = "—" if row.thesis is None else f"{row.thesis:.4g}"
+        click.echo(f"{row.experiment:<14}{row.quantity:<{width + 2}}{thesis:>10}"
+                   f"{row.ours:>11.4g}")
 
 
 def _number_list(text: str, kind, name: str) -> list:

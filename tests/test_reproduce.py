@@ -73,3 +73,13 @@ def test_kv_cache_experiment_by_hand(tmp_path):
     assert (thesis[False] / thesis[True]).nunique() == 1 or (
         (thesis[False] / thesis[True]).std() < 1e-9)
     assert os.path.exists(tmp_path / "kv-cache" / "kv_cache.pdf")
+    # the printed comparison: the thesis's MF5 numbers beside ours, one row each
+    comparison = pd.read_csv(tmp_path / "kv-cache" / "comparison.csv")
+    assert list(comparison["thesis"]) == [58.76, 0.11, 497, 497]
+    printed = result.output.splitlines()
+    assert "thesis" in printed[-5] and "ours" in printed[-5]
+    for row, line in zip(comparison.itertuples(), printed[-4:], strict=True):
+        assert line.startswith("kv-cache") and f"{row.ours:.4g}" in line
+    every = pd.read_csv(tmp_path / "kv-cache" / "kv_cache.csv")
+    off = every[(every["workload"] == "marconi") & (every["timing"] == "thesis") & ~every["kv"]]
+    assert comparison["ours"][0] == pytest.approx(off["decode_gpu_years"].sum())

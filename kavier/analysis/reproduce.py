@@ -56,6 +56,30 @@ def _save(out: RunWriter, fig, name: str) -> None:
     plt.close(fig)
 
 
+TRACE_STYLE = {"marconi": {"color": "tab:blue", "marker": "o"},
+               "mooncake": {"color": "tab:red", "marker": "s"}}
+"""One colour and marker per trace in every prefix figure."""
+THESIS_STYLE = {"color": "0.2", "marker": "*", "markersize": 12, "linestyle": "none"}
+"""The thesis's published points, drawn beside ours."""
+
+
+def _legend_below(fig, axes, ncol: int = 3) -> None:
+    """One legend for the figure, under the axes (never on the data); duplicate labels once."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol,
+               fontsize=8, frameon=False)
+
+
+def comparison(experiment: str, rows: list[tuple[str, float | None, float]]) -> pd.DataFrame:
+    """``experiment, quantity, thesis, ours`` rows (``thesis`` None where it gives no number),
+    what ``kavier reproduce`` prints."""
+    return pd.DataFrame([(experiment, q, t, o) for q, t, o in rows],
+                        columns=["experiment", "quantity", "thesis", "ours"])
+
+
 def _table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     body = "".join("| " + " | ".join(floatfmt.format(v) if isinstance(v, float) else str(v)
@@ -96,7 +120,12 @@ def accuracy(out: RunWriter, quick: bool = False, **_) -> dict:
         "simulated as sent (one output token, which eq. 4.3 charges a full decode step) the "
         "thesis model misses prefill by far more. The calibrated roofline model (docs/models.md) "
         "is scored leave-one-size-out. Figure: accuracy.png.\n"))
-    return {"rows": rows}
+    held, as_thesis = s["heldout"], s["thesis_defaults_thesis_scoring"]
+    return {"rows": rows, "comparison": comparison("accuracy", [
+        ("prefill MAPE %, thesis model and scoring", 7.39, as_thesis["prefill"]),
+        ("decode MAPE %, thesis model and scoring", 4.00, as_thesis["decode"]),
+        ("prefill MAPE %, calibrated, held out", 7.39, held["prefill"]["per_size_median"]),
+        ("decode MAPE %, calibrated, held out", 4.00, held["decode"]["per_size_median"])])}
 
 
 # --- speed (Figure 6.3, Table 6.9) -----------------------------------------------------------
@@ -123,8 +152,9 @@ def speed(out: RunWriter, quick: bool = False, **_) -> dict:
         sus = _sustainability(timing.gpu)
         with tempfile.TemporaryDirectory() as tmp, run_folder(tmp) as folder:
             start = time.perf_counter()
-            with RunOutput(folder, ExportOptions(export_rate_s=rate), sus, timing.gpu,
-                           1) as output:
+            # the thesis's own 0.01 s export (182 M rows) is the point: no row limit
+            with RunOutput(folder, ExportOptions(export_rate_s=rate, row_limit=None), sus,
+                           timing.gpu, 1) as output:
                 summary = simulate(workload.table, timing, ONE_AT_A_TIME, 16, None, sus,
                                    output.requests, output.steps)
                 written = output.finish(summary["timeline_s"],
@@ -136,21 +166,30 @@ def speed(out: RunWriter, quick: bool = False, **_) -> dict:
                      "thesis_prototype_s": THESIS_SPEED_S[rate]})
     data = pd.DataFrame(rows)
     out.text("speed.csv", data.to_csv(index=False))
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.loglog(data["export_rate_s"], data["wall_s"], "o-", label="this toolkit (this machine)")
-    ax.loglog(list(THESIS_SPEED_S), list(THESIS_SPEED_S.values()), "s--",
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
+    ax.loglog(data["export_rate_s"], data["wall_s"], "o-", color="tab:blue",
+              label="this toolkit (this machine)")
+    ax.loglog(list(THESIS_SPEED_S), list(THESIS_SPEED_S.values()), "s--", color="0.4",
               label="thesis prototype (Table 6.9, its machine)")
+    real_s = float(data["gpu_hours"].iloc[0]) * 3600.0
+    ax.axhline(0.01 * real_s, color="tab:red", linestyle=":",
+               label=f"NFR1: 1 % of the real run ({0.01 * real_s / 3600:.2f} h)")
+    ax.axhline(real_s, color="0.6", linestyle="-.",
+               label=f"the real run ({real_s / 3600:,.0f} GPU-hours)")
     ax.set_xlabel("export rate [s]")
     ax.set_ylabel("wall time [s]")
     ax.invert_xaxis()
-    ax.legend(fontsize=8)
+    _legend_below(fig, [ax], ncol=2)
     _save(out, fig, "speed")
     out.text("report.md", "# Speed (thesis Figure 6.3, Table 6.9)\n\n" + _table(data) + (
         "\nMarconi-shaped synthetic workload (the Marconi trace is not public). In-process wall "
         "time of simulation plus writing requests, fragments and the OpenDC workload. The "
         "thesis's times are from its own machine; docs/simulator.md has a same-machine "
-        "comparison with the published prototype (pip package kavier 0.5.3).\n"))
-    return {"data": data}
+        "comparison with the published prototype (pip package kavier 0.5.3). NFR1 (thesis "
+        "section 3): simulate in under 1 % of the real run's time.\n"))
+    return {"data": data, "comparison": comparison("speed", [
+        (f"wall s at {r['export_rate_s']:g} s export", THESIS_SPEED_S[r["export_rate_s"]],
+         r["wall_s"]) for r in rows])}
 
 
 # --- KV cache on/off (Figure 6.4) --------------------------------------------------------------
@@ -168,6 +207,14 @@ def _kv_point(p: dict) -> dict:
     return {**p, "decode_gpu_years": decode_s * p["copies"] / 3600 / HOURS_PER_YEAR}
 
 
+def _by_size(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a ``(timing, llm)`` frame with the models in order of size (parameters), so
+    that growth with size shows."""
+    size = {m: llm_library().get(m).params for m in frame.index.get_level_values("llm")}
+    order = sorted(frame.index, key=lambda key: (key[0], size[key[1]]))
+    return frame.loc[order]
+
+
 def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
              workers: int | None = None) -> dict:
     """Decode GPU-time of the Marconi-shaped workload × 1,000 (the thesis's 1,000 × Marconi)
@@ -182,23 +229,27 @@ def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
         index=["timing", "llm"], columns="kv", values="decode_gpu_years")
     azure.columns = ["off", "on"]
     azure["ratio"] = azure["off"] / azure["on"]
+    azure = _by_size(azure)
     data_marconi = data[data["workload"] == "marconi"]
     pivot = data_marconi.pivot_table(index=["timing", "llm"], columns="kv",
                                      values="decode_gpu_years")
     pivot.columns = ["off", "on"]
     pivot["ratio"] = pivot["off"] / pivot["on"]
+    pivot = _by_size(pivot)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    by_size = list(pivot.loc["thesis"].index)
     for ax, timing in zip(axes, ("thesis", "roofline"), strict=True):
         part = pivot.loc[timing]
         y = np.arange(len(part))
-        ax.barh(y + 0.2, part["on"], 0.4, label="KV cache on")
-        ax.barh(y - 0.2, part["off"], 0.4, label="KV cache off")
-        ax.set_yticks(y, part.index)
+        ax.barh(y - 0.2, part["on"], 0.4, color="tab:green", label="KV cache on")
+        ax.barh(y + 0.2, part["off"], 0.4, color="tab:purple", label="KV cache off")
+        ax.set_yticks(y, [f"{m} ({llm_library().get(m).params / 1e9:.0f} B)" for m in by_size])
+        ax.invert_yaxis()                                  # smallest model on top
         ax.set_xscale("log")
         ax.set_title(f"{timing} timing model")
         ax.set_xlabel("decode GPU-years (A100-80GB)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.set_layout_engine("constrained")
+    _legend_below(fig, axes, ncol=2)
     _save(out, fig, "kv_cache")
     totals = pivot.groupby(level="timing")[["off", "on"]].sum()
     totals["ratio"] = totals["off"] / totals["on"]
@@ -218,7 +269,13 @@ def kv_cache(out: RunWriter, quick: bool = False, scheduler: str | None = None,
         "decode GPU-hours, which is about 115 A100 GPU-hours for Llama-3-8B alone (3.4× the "
         "bandwidth), so 1,000 copies of four models cannot take 0.11 GPU-years; the ratio "
         "(eq. 4.4 averages (n_out + 1) / 2 over the output lengths) is what carries over.\n"))
-    return {"data": data, "totals": totals}
+    return {"data": data, "totals": totals, "comparison": comparison("kv-cache", [
+        ("GPU-years, KV off (4 models), thesis model", THESIS_KV["off_gpu_years"],
+         totals.loc["thesis", "off"]),
+        ("GPU-years, KV on (4 models), thesis model", THESIS_KV["on_gpu_years"],
+         totals.loc["thesis", "on"]),
+        ("off / on, thesis model", THESIS_KV["ratio"], totals.loc["thesis", "ratio"]),
+        ("off / on, roofline model", THESIS_KV["ratio"], totals.loc["roofline", "ratio"])])}
 
 
 # --- prefix caching (Figures 6.5–6.7) ------------------------------------------------------------
@@ -262,28 +319,71 @@ def _prefix_sweep(lengths, sizes, quick, scheduler, workers) -> pd.DataFrame:
     return data
 
 
+THESIS_PREFILL_GPU_HOURS = 124.15
+"""Thesis section 6.5: prefill GPU-hours of the Marconi trace without a prefix cache."""
+
+
+def _marconi(data: pd.DataFrame, min_tokens: int, size: int) -> pd.Series:
+    """The Marconi-shaped workload's row of a prefix sweep."""
+    rows = data[(data["trace"] == "marconi") & (data["min_tokens"] == min_tokens)
+                & (data["cache_prompts"] == size)]
+    return rows.iloc[0]
+
+
+def _prefix_figure(data: pd.DataFrame, x: str, xlabel: str, series, thesis: dict):
+    """Thesis Figures 6.5-6.7 as two panels, hit ratio and prefill GPU-hours against column
+    ``x``: one colour and marker per trace, a second series of a trace dashed with hollow
+    markers (so coinciding lines stay visible), each trace's no-cache prefill drawn as a dotted
+    baseline, the thesis's published points as stars, the legend under the axes.
+    ``series(part)`` yields ``(label, rows)`` per line of one trace's cached rows."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+    base = data[data["min_tokens"] == 0].set_index("trace")["prefill_gpu_hours"]
+    cached = data[data["min_tokens"] > 0]
+    for trace, style in TRACE_STYLE.items():
+        part = cached[cached["trace"] == trace]
+        name = f"{trace} ({part['scope'].iloc[0]} cache)"
+        for k, (label, rows) in enumerate(series(part)):
+            line = dict(style, linestyle="--" if k else "-", markersize=11 if k else 6,
+                        markerfacecolor="none" if k else style["color"],
+                        label=f"{name}{', ' + label if label else ''}")
+            axes[0].plot(rows[x], rows["hit_ratio_requests"] * 100, **line)
+            axes[1].plot(rows[x], rows["prefill_gpu_hours"], **line)
+        axes[1].axhline(base[trace], color=style["color"], linestyle=":", linewidth=1,
+                        label=f"{trace}, no cache ({base[trace]:.3g} h)")
+    axes[0].plot(thesis["x"], thesis["hits_pct"], **THESIS_STYLE, label=thesis["label"])
+    axes[1].plot(thesis["x"], thesis["gpu_hours"], **THESIS_STYLE, label=thesis["label"])
+    axes[1].axhline(THESIS_PREFILL_GPU_HOURS, color=THESIS_STYLE["color"], linestyle=":",
+                    linewidth=1, label=f"thesis, no cache ({THESIS_PREFILL_GPU_HOURS} h)")
+    axes[0].set_yscale("symlog", linthresh=0.01)         # 0.008 % and 91 % on one axis
+    axes[0].set_ylim(0, 100)
+    axes[1].set_yscale("log")
+    for ax, ylabel in zip(axes, ("requests with a cache hit [%]",
+                                 "prefill GPU-hours (A10)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    _legend_below(fig, axes)
+    return fig
+
+
 def prefix_length(out: RunWriter, quick: bool = False, scheduler: str | None = None,
                   workers: int | None = None) -> dict:
     """Hit ratio and prefill GPU-hours vs minimum prefix length (1,024/2,048/4,096) for caches
     of 8 and 16 prompts (thesis Figures 6.5, 6.6)."""
     data = _prefix_sweep((1024, 2048, 4096), (8, 16), quick, scheduler, workers)
     out.text("prefix_length.csv", data.to_csv(index=False))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for trace, style in (("marconi", "-"), ("mooncake", "--")):
+    def by_size(part):
+        eight = part[part["cache_prompts"] == 8]
         for size in (8, 16):
-            part = data[(data["trace"] == trace) & (data["cache_prompts"] == size)]
-            label = f"{trace} ({part['scope'].iloc[0]}), {size} prompts"
-            axes[0].plot(part["min_tokens"], part["hit_ratio_requests"] * 100, "o" + style,
-                         label=label)
-            axes[1].plot(part["min_tokens"], part["prefill_gpu_hours"], "o" + style,
-                         label=label)
-    for ax, ylabel in zip(axes, ("cache hit ratio [%]", "prefill GPU-hours (A10)"),
-                          strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("minimum prefix length [tokens]")
-        ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+            mine = part[part["cache_prompts"] == size]
+            same = size == 16 and np.allclose(mine["hit_ratio_requests"],
+                                              eight["hit_ratio_requests"])
+            yield f"{size} prompts" + (" (= 8 prompts)" if same else ""), mine
+
+    fig = _prefix_figure(data, "min_tokens", "minimum prefix length [tokens]", by_size, {
+        "x": [1024, 1024], "hits_pct": [5.14, 11.21],
+        "gpu_hours": [124.15 * (1 - 0.040), 124.15 * (1 - 0.088)],
+        "label": "thesis, Marconi: 8 and 16 prompts at 1,024 (MF8-MF10)"})
     _save(out, fig, "prefix_length")
     shown = data[data["min_tokens"] > 0][["trace", "scope", "min_tokens", "cache_prompts",
                                           "hit_ratio_requests", "prefill_saving"]]
@@ -303,7 +403,12 @@ def prefix_length(out: RunWriter, quick: bool = False, scheduler: str | None = N
         "cache of a few prompts almost nothing is reused at these prefix lengths, while "
         "vLLM-style block reuse with an unbounded pool reuses 37 % of its input tokens "
         "(docs/simulator.md).\n"))
-    return {"data": data}
+    return {"data": data, "comparison": comparison("prefix-length", [
+        (f"Marconi(-shaped) at 1,024 tokens, {size} prompts: {what}", thesis,
+         100 * _marconi(data, 1024, size)[column])
+        for size, hits, saved in ((8, 5.14, 4.0), (16, 11.21, 8.8))
+        for what, thesis, column in (("% requests hit", hits, "hit_ratio_requests"),
+                                     ("% prefill saved", saved, "prefill_saving"))])}
 
 
 def cache_size(out: RunWriter, quick: bool = False, scheduler: str | None = None,
@@ -312,21 +417,10 @@ def cache_size(out: RunWriter, quick: bool = False, scheduler: str | None = None
     Figure 6.7, whose "GPU time" is the prefill time: 124.15 hours without caching)."""
     data = _prefix_sweep((1024,), (2, 4, 8, 16, 32, 64), quick, scheduler, workers)
     out.text("cache_size.csv", data.to_csv(index=False))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    right = ax.twinx()
-    for trace, style in (("marconi", "-"), ("mooncake", "--")):
-        part = data[(data["trace"] == trace) & (data["min_tokens"] > 0)]
-        ax.plot(part["cache_prompts"], part["hit_ratio_requests"] * 100, "o" + style,
-                color="tab:blue", label=f"hit ratio, {trace}")
-        right.plot(part["cache_prompts"], part["prefill_gpu_hours"], "s" + style,
-                   color="tab:orange", label=f"prefill GPU-hours, {trace}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("cache size [prompts]")
-    ax.set_ylabel("cache hit ratio [%]", color="tab:blue")
-    right.set_ylabel("prefill GPU-hours (A10)", color="tab:orange")
-    ax.legend(loc="upper left", fontsize=7)
-    right.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    fig = _prefix_figure(data, "cache_prompts", "cache size [prompts]",
+                         lambda part: [("", part)], {
+                             "x": [2, 64], "hits_pct": [1.3, 57.7], "gpu_hours": [122.83, 43.21],
+                             "label": "thesis, Marconi: 2 and 64 prompts (MF11)"})
     _save(out, fig, "cache_size")
     shown = data[["trace", "scope", "cache_prompts", "hit_ratio_requests", "prefill_gpu_hours",
                   "prefill_saving"]]
@@ -335,7 +429,13 @@ def cache_size(out: RunWriter, quick: bool = False, scheduler: str | None = None
         "57.7 % (64 prompts), GPU time from 122.83 to 43.21 hours (MF11). A cache entry here "
         "holds one prompt's prefix; the thesis's memory estimate per session (eq. 6.2, 0.52 MB "
         "per token) uses all attention heads, 4× the GQA-aware 0.13 MB of Llama-3-8B.\n"))
-    return {"data": data}
+    return {"data": data, "comparison": comparison("cache-size", [
+        (f"Marconi(-shaped), {size} prompts: {what}", thesis,
+         scale * _marconi(data, 1024, size)[column])
+        for size, hits, hours in ((2, 1.3, 122.83), (64, 57.7, 43.21))
+        for what, thesis, column, scale in (
+            ("% requests hit", hits, "hit_ratio_requests", 100.0),
+            ("prefill GPU-hours", hours, "prefill_gpu_hours", 1.0))])}
 
 
 RUNNERS = {"accuracy": accuracy, "speed": speed, "kv-cache": kv_cache,
