@@ -38,6 +38,8 @@ FITTABLE = {
 batch overheads need requests in flight together: a serving run)."""
 
 _EFFICIENCIES = ("compute_efficiency", "attention_efficiency", "memory_efficiency")
+FEATURES = ("n_input_tokens", "n_output_tokens")
+"""The two features, in order."""
 
 
 def _features(X) -> tuple[np.ndarray, np.ndarray]:
@@ -50,12 +52,36 @@ def _features(X) -> tuple[np.ndarray, np.ndarray]:
         For another shape, NaN or infinite values, or negative token counts.
     """
     if hasattr(X, "columns"):
-        X = X[["n_input_tokens", "n_output_tokens"]].to_numpy(np.float64)
+        named = [c for c in FEATURES if c in X.columns]
+        if named:
+            if len(named) < len(FEATURES):
+                raise ValueError(f"X lacks column {set(FEATURES).difference(named).pop()!r}")
+            X = X[list(FEATURES)]
+        elif list(X.columns) != list(range(X.shape[1])):  # unnamed: a frame of an array
+            raise ValueError(f"X must have columns {FEATURES}, got {list(X.columns)[:5]}")
     arr = check_array(X, dtype=np.float64, ensure_all_finite=True)
-    if arr.shape[1] != 2:
-        raise ValueError(f"X must have shape (n_requests, 2), got {arr.shape}")
     check_non_negative(arr, "TimingRegressor")
+    if arr.shape[1] != 2:
+        raise ValueError(f"X must have 2 features {FEATURES}, got {arr.shape[1]} feature(s)")
     return arr[:, 0], arr[:, 1]
+
+
+def _weights(sample_weight, n: int) -> np.ndarray | None:
+    """``sample_weight`` as finite, non-negative floats of length ``n``, not all zero.
+
+    Raises
+    ------
+    ValueError
+    """
+    if sample_weight is None:
+        return None
+    w = column_or_1d(np.asarray(sample_weight, dtype=np.float64))
+    check_consistent_length(w, np.empty(n))
+    if not np.all(np.isfinite(w) & (w >= 0)):
+        raise ValueError("sample weights must be finite and non-negative")
+    if not np.any(w > 0):
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    return w
 
 
 def weighted_mape(y_true, y_pred, sample_weight=None) -> float:
@@ -130,6 +156,14 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         params = params or getattr(self, "params_", None) or self.initial_params()
         return make_timing(self.timing_model, llm, gpu, params, self.kv_cache)
 
+    def __sklearn_tags__(self):
+        """Token counts and latencies are non-negative and positive: scikit-learn's checks
+        generate data accordingly."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.target_tags.positive_only = True
+        return tags
+
     def predict(self, X) -> np.ndarray:
         """End-to-end latency per request, s; shape ``(n_requests,)``.
 
@@ -151,8 +185,9 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         are rejected. The search restarts once from its own optimum to escape simplex
         collapse.
         """
+        y = column_or_1d(np.asarray(y, dtype=np.float64), warn=True)
+        sample_weight = _weights(sample_weight, y.size)
         n_in, n_out = _features(X)
-        y = column_or_1d(np.asarray(y, dtype=np.float64))
         check_consistent_length(n_in, y)
         if not np.all(np.isfinite(y) & (y > 0)):
             raise ValueError("y must be finite, positive latencies in seconds")

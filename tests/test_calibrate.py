@@ -1,7 +1,9 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.base import clone
 from sklearn.model_selection import LeaveOneGroupOut, cross_val_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import archive
 from archive.datasets import dataset_dir
@@ -155,3 +157,64 @@ def test_estimator_contract_and_mape_equal_scikit_learns(llama8b, a10):
             clone(est).fit(bad_X, bad_y)
     fitted = clone(est).fit(X, [0.1, 4.0, 0.2])
     assert fitted.n_features_in_ == 2 and fitted.predict(X).shape == (3,)
+
+
+FIXED_FEATURE_CHECKS = (
+    "check_dict_unchanged", "check_dont_overwrite_parameters", "check_dtype_object",
+    "check_estimators_dtypes", "check_estimators_nan_inf", "check_estimators_pickle",
+    "check_f_contiguous_array_estimator", "check_fit2d_1sample", "check_fit2d_predict1d",
+    "check_fit_score_takes_y", "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance", "check_n_features_in_after_fitting",
+    "check_pipeline_consistency", "check_regressor_data_not_an_array", "check_regressors_int",
+    "check_regressors_no_decision_function", "check_regressors_train",
+    "check_sample_weight_equivalence_on_dense_data", "check_sample_weights_list",
+    "check_supervised_y_2d")
+"""scikit-learn checks that feed 3-30 random features: the timing model has exactly two
+(n_input_tokens, n_output_tokens), so these fail by design, and only these."""
+
+
+def _fixed_feature_failures(estimator):
+    return dict.fromkeys(FIXED_FEATURE_CHECKS, "two fixed features: n_input_tokens, "
+                                               "n_output_tokens")
+
+
+@parametrize_with_checks([TimingRegressor(timing_model="thesis")],
+                         expected_failed_checks=_fixed_feature_failures)
+def test_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_the_expected_failures_fail_for_the_two_features_only():
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(TimingRegressor(timing_model="thesis"), on_fail=None)
+    failed = [r for r in results if r["status"] == "failed"]
+    assert {r["check_name"] for r in failed} == set(FIXED_FEATURE_CHECKS)
+    for r in failed:
+        assert "feature(s)" in str(r["exception"]) or r["check_name"] == "check_fit2d_1sample"
+
+
+def test_the_sweeps_weigh_equally_in_the_fit(a10_data):
+    """Calibration gives each sweep the same total weight, however many sizes it has: a fit
+    that weighted per point would let the sweep with more sizes dominate."""
+    seen = []
+
+    class Recording(TimingRegressor):
+        def fit(self, X, y, sample_weight=None):
+            seen.append((np.asarray(X)[:, 1] > 1, np.asarray(sample_weight)))
+            return super().fit(X, y, sample_weight)
+
+    from calibrate.fit import stage_weights
+
+    # 3 prefill points against 9 decode points: each sweep still weighs one half
+    frame = pd.DataFrame({"sweep": ["prefill"] * 3 + ["decode"] * 9})
+    w = stage_weights(frame)
+    assert w[:3].sum() == pytest.approx(w[3:].sum()) == pytest.approx(1.0)
+    calibrate(a10_data, Recording(timing_model="thesis"))
+    assert len(seen) == 1 + 9            # the full fit and every leave-one-size-out fold
+    for decode, w in seen:
+        assert w[decode].sum() == pytest.approx(w[~decode].sum(), rel=1e-12)
