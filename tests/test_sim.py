@@ -389,3 +389,22 @@ def test_offered_load_under_batching_bounds_the_busy_time_and_predicts_the_backl
     _, _, enough = run(table, timing, EngineConfig(replicas=replicas))
     assert enough["offered_load"] == pytest.approx(one["offered_load"] / replicas, rel=1e-12)
     assert enough["offered_load"] < 0.7 and not enough["backlog"]
+
+
+@pytest.mark.parametrize("engine", [["--max-num-seqs", "1"], ["--kv-cache", "off",
+                                                               "--no-chunked-prefill"]])
+def test_memory_is_bounded_by_the_trace_not_by_one_answers_length(tmp_path, engine):
+    """A 20-million-token answer: the closed-form path's ITLs and the stepped engine's decode
+    runs are computed in bounded pieces (unbounded, 1.7 GB of arrays for this one request)."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_input_tokens,num_output_tokens\n5,20000000\n")
+    code = ("import resource, sys\nfrom kavier.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, "simulate", "--trace", str(trace),
+                          "--output-folder", str(tmp_path / "o"), "--num-gpu-blocks",
+                          "2000000", "--no-fragments", "--no-opendc", *engine],
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert "ITL p50" in out.stdout
+    peak_mib = int(out.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mib < 600, peak_mib

@@ -42,6 +42,10 @@ from kavier.sim.prefix import PrefixCache
 from kavier.sim.routers import Router
 from kavier.sim.stats import QuantileSketch
 
+MAX_RUN_STEPS = 1 << 20
+"""Longest decode run computed at once (a longer one continues as the next run): memory stays
+bounded by the batch, not by one answer's length (a 10^8-token answer would need 4 GB)."""
+
 
 class _Replica:
     def __init__(self, index: int, num_blocks: int, exact: PrefixCache | None) -> None:
@@ -386,7 +390,7 @@ class SteppedEngine:
     def _decode_run(self, replica: _Replica, ids: np.ndarray, now: float):
         """Durations of a run of pure-decode steps with this batch (see the module
         docstring); blocks for all of them are allocated now."""
-        k = int((self.n_out[ids] - self.generated[ids]).min())
+        k = min(int((self.n_out[ids] - self.generated[ids]).min()), MAX_RUN_STEPS)
         held = self.blocks[ids]
 
         def blocks_for(steps: int) -> int:

@@ -181,13 +181,28 @@ class FastPath:
         self.timeline.add_arrays({k: v[order] for k, v in columns.items()})
 
     def _itl(self, n_in, n_out) -> None:
-        m = np.maximum(n_out - 1, 0)
+        """Every decode step's latency into the ITL sketch, at most about
+        ``2 × ITL_BATCH_TOKENS`` steps at a time however long one answer is."""
+        n_in, n_out = _itl_pieces(n_in, n_out, ITL_BATCH_TOKENS)
+        m = n_out - 1
         bounds = np.searchsorted(np.cumsum(m), np.arange(ITL_BATCH_TOKENS, int(m.sum()),
                                                          ITL_BATCH_TOKENS))
         for part in np.split(np.arange(n_in.size), bounds + 1):
             if part.size:
                 self.itl.add_weighted(*self.timing.inter_token_latencies(n_in[part],
                                                                          n_out[part]))
+
+
+def _itl_pieces(n_in: np.ndarray, n_out: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Requests cut into pieces of at most ``size`` decode steps, as ``(n_in, n_out)`` of
+    equivalent requests: the piece of steps ``k0 … k0 + L − 1`` of a request decodes at
+    contexts ``n_in + k0 + 1 …``, exactly the steps of a request ``(n_in + k0, L + 1)``."""
+    m = np.maximum(n_out - 1, 0)
+    pieces = np.maximum(-(-m // size), 1)
+    owner = np.repeat(np.arange(n_in.size), pieces)
+    first = np.arange(owner.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    start = first * size
+    return n_in[owner] + start, np.minimum(size, m[owner] - start) + 1
 
 
 def eligible(config) -> bool:
