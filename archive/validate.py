@@ -218,4 +218,4 @@ def validate(path: str | Path) -> list[str]:
             checker.problems.append(f"{name}: cannot read as Parquet: "
                                     f"{str(exc).splitlines()[0]}")
         problems += checker.problems
-    return problems
+    return list(dict.fromkeys(problems))          # a file unreadable twice is one problem

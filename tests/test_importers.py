@@ -193,6 +193,7 @@ def test_validate_catches_nulls_nans_versions_and_truncation(tmp_path):
     for case, dest in cases.items():
         problems = validate(dest)
         assert any(expected[case] in p for p in problems), (case, problems)
+        assert len(set(problems)) == len(problems), problems      # each problem once
         result = run(archive_cli, "validate", dest)
         assert result.exit_code == 1 and "Traceback" not in result.output
     # simulation and calibration check the checksum before use
