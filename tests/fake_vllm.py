@@ -30,6 +30,12 @@ class FakeState:
     timing: FakeTiming = field(default_factory=FakeTiming)
     api_key: str | None = None
     fail_next: int = 0                     # requests to answer with HTTP 500
+    statuses: list = field(default_factory=list)   # next answers: (status, headers) each
+    close_delimited: bool = False          # end the SSE body by closing the connection
+    error_after: int | None = None         # an in-stream {"error": ...} event after k tokens
+    omit_usage: bool = False               # no usage event (a server ignoring include_usage)
+    die_after: int | None = None           # drop the connection after k tokens
+    attempts: list = field(default_factory=list)   # arrival time of every completion call
     prefill_sum: float = 0.0
     decode_sum: float = 0.0
     requests: int = 0
@@ -125,9 +131,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, body: dict) -> None:
         s = self.state
         with s.lock:
+            s.attempts.append(time.monotonic())
             if s.fail_next > 0:
                 s.fail_next -= 1
                 self._json({"error": "internal error"}, 500)
+                return
+            if s.statuses:
+                status, headers = s.statuses.pop(0)
+                data = json.dumps({"error": {"message": "overloaded"}}).encode()
+                self.send_response(status)
+                for key, value in {"Content-Length": str(len(data)), **headers}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
                 return
             s.salts.append(body.get("cache_salt"))
         n_in = len(_tokens(body.get("prompt", "")))
@@ -135,7 +151,11 @@ class _Handler(BaseHTTPRequestHandler):
         prefill = s.timing.prefill_s + s.timing.prefill_per_token_s * n_in
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
+        if s.close_delimited:            # HTTP/1.1 without a length: the close ends the body
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         start = time.perf_counter()
         time.sleep(prefill)
@@ -143,6 +163,16 @@ class _Handler(BaseHTTPRequestHandler):
         for i in range(n_out):
             if i:
                 time.sleep(s.timing.decode_per_token_s)
+            if i == s.die_after:         # the server process dies: no terminating chunk
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if i == s.error_after:
+                error = {"error": {"message": "engine died", "type": "InternalServerError",
+                                   "code": 500}}
+                self._chunk(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n")
+                self._chunk("")
+                return
             chunk = {"id": "cmpl-fake", "object": "text_completion", "model": s.model,
                      "choices": [{"index": 0, "text": " tok", "finish_reason": None}]}
             self._chunk(f"data: {json.dumps(chunk)}\n\n")
@@ -153,13 +183,19 @@ class _Handler(BaseHTTPRequestHandler):
             s.requests += 1
         usage = {"id": "cmpl-fake", "choices": [], "usage": {
             "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
-        self._chunk(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n")
+        if not s.omit_usage:
+            self._chunk(f"data: {json.dumps(usage)}\n\n")
+        self._chunk("data: [DONE]\n\n")
         self._chunk("")
 
 
 def _write_chunk(handler: BaseHTTPRequestHandler, text: str) -> None:
     data = text.encode()
-    handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    if handler.state.close_delimited:
+        if data:
+            handler.wfile.write(data)
+    else:
+        handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
     handler.wfile.flush()
 
 

@@ -74,16 +74,21 @@ def test_bench_writes_a_serving_run_that_calibrates(server, engine, tmp_path):
 
 def test_bench_failures_exit_non_zero_and_options_are_checked(server, engine, tmp_path):
     state, url = server
-    state.fail_next = 2 + 1                                  # the warm-up and two requests
     args = ["bench", "--url", url, "--engine", str(engine), "--num-prompts", "5",
             "--input-len", "16", "--output-len", "3", "--request-rate", "inf"]
-    failed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "f")])
+    state.fail_next = 1                      # a failed warm-up stops the run, it never vanishes
+    warm = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "w")])
+    assert warm.exit_code == 2 and "the warm-up request failed" in warm.output, warm.output
+    assert "plan: 5 requests, 80 prompt + 15 output tokens" in warm.output
+    state.fail_next = 2
+    failed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "f"),
+                                             "--warmup", "0"])
     assert failed.exit_code == 1 and "failed: 2 ×" in failed.output
     rows = read_serving(tmp_path / "f").requests
     assert rows["error"].notna().sum() == 2
-    state.fail_next = 1 + 1
+    state.fail_next = 1
     allowed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "a"),
-                                              "--allow-failures"])
+                                              "--allow-failures", "--warmup", "0"])
     assert allowed.exit_code == 0, allowed.output
     bad = CliRunner().invoke(tracer_cli, ["bench", "--url", url, "--engine", str(engine),
                                           "--output", str(tmp_path / "b"), "--trace",
@@ -92,6 +97,21 @@ def test_bench_failures_exit_non_zero_and_options_are_checked(server, engine, tm
     long = CliRunner().invoke(tracer_cli, [*args[:-6], "--input-len", "9000", "--output",
                                            str(tmp_path / "l")])
     assert long.exit_code == 2 and "max_model_len" in long.output
+
+
+def test_requests_in_flight_when_the_server_dies_are_recorded_as_failed(server, engine,
+                                                                        tmp_path):
+    state, url = server
+    out = tmp_path / "dead"
+    state.die_after = 2                           # every stream is cut after two tokens
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine), "--warmup", "0",
+        "--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--request-rate", "inf"])
+    assert result.exit_code == 1 and "4 × connection lost mid-stream" in result.output, \
+        result.output
+    lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(r["error"].startswith("connection lost") for r in lines)
+    assert all(r["ttft_s"] > 0 for r in lines)          # what was measured is kept
 
 
 def test_bench_replays_a_trace(server, engine, tmp_path):

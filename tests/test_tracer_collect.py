@@ -145,7 +145,7 @@ def test_failures_are_recorded_and_resume_continues(server, tmp_path):
         collect(VLLMClient(url), plan, setup, out, progress=crash_after_three)
     kept = (out / "measurements.jsonl").read_text().splitlines()
     assert len(kept) == 3 and json.loads(kept[0])["error"] == "POST /v1/completions answered " \
-                                                              "HTTP 500"
+                                                              "HTTP 500: internal error"
     with pytest.raises(InputError, match="3 measured rows are already here; pass --resume"):
         collect(VLLMClient(url), plan, setup, out)          # never deletes measurements
     assert (out / "measurements.jsonl").read_text().splitlines() == kept

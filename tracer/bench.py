@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from archive.errors import InputError
-from tracer.client import VLLMClient
+from tracer.client import ServerError, VLLMClient
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,14 @@ class _Log:
         self.file.close()
 
 
+def estimate(schedule: Schedule) -> str:
+    """What a schedule asks for, printed before it starts: requests, prompt and output
+    tokens, and the send span (the run lasts at least that long)."""
+    return (f"{len(schedule):,} requests, {int(schedule.n_input_tokens.sum()):,} prompt + "
+            f"{int(schedule.n_output_tokens.sum()):,} output tokens, sent over "
+            f"{float(schedule.offset_s.max()):,.1f} s")
+
+
 def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: Path,
         max_concurrency: int | None = None, warmup: int = 1, timeout_s: float = 600.0,
         on_done=None) -> list[dict]:
@@ -117,6 +125,8 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     InputError
         When the output folder already holds a run, or a size exceeds the model's
         ``max_model_len``.
+    ServerError
+        When the server cannot be reached or a warm-up request fails.
     """
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "requests.jsonl"
@@ -132,7 +142,10 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     prompts = {int(n): probe.prompt_tokens(model, int(n))
                for n in np.unique(schedule.n_input_tokens)}
     for _ in range(warmup):
-        probe.complete(model, prompts[int(schedule.n_input_tokens[0])], 4)
+        check = probe.complete(model, prompts[int(schedule.n_input_tokens[0])], 4)
+        if not check.success:              # a failure here would vanish from the results
+            raise ServerError(f"the warm-up request failed ({check.error}); is the server "
+                              "ready? (--warmup 0 skips it)")
     local = threading.local()
     log, records = _Log(log_path), []
     gate = threading.BoundedSemaphore(max_concurrency or len(schedule))

@@ -122,6 +122,10 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
                       node=ssh_target.rpartition("@")[2] if ssh_target else "", dtype=dtype)
         plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt,
                          concurrency=concurrency)
+        n_in, n_out = plan.tokens()
+        click.echo(f"plan: {len(plan.requests()):,} requests, {n_in:,} prompt + {n_out:,} "
+                   f"output tokens (at 20 ms per output token about {n_out * 0.02 / 3600:.2g} h"
+                   " of decode)", err=True)
         with tqdm(total=len(plan.requests()), unit="req", disable=None, desc="collect") as bar:
             out = run_collect(client, plan, setup, output, sampler, resume,
                               lambda done, total: bar.update(1))
@@ -207,6 +211,7 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         served = model or client.models()[0]["id"]
         engine = {**given, "llm": given.get("llm") or served, "model": served,
                   "version": given.get("version") or client.version() or "unknown"}
+        click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
             records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
                                timeout_s, lambda r: bar.update(1))

@@ -25,7 +25,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import requests
+import urllib3
 from prometheus_client.parser import text_string_to_metric_families
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from archive.errors import InputError
 
@@ -105,6 +108,24 @@ def _split_url(url: str) -> tuple[str, tuple[str, str] | None]:
     return clean, credentials
 
 
+RETRY_STATUSES = (429, 502, 503, 504)
+"""Answers retried (with ``Retry-After`` honoured): overload and gateway errors, which a
+restarting or saturated server gives and a later attempt can pass."""
+
+
+def _error_text(response: requests.Response) -> str:
+    """The server's own error message from a JSON error body (vLLM:
+    ``{"error": {"message": ...}}`` or ``{"message": ...}``), cut to 200 characters; ""
+    when there is none."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return str(message)[:200] if message else ""
+
+
 class VLLMClient:
     """Talks to one vLLM server.
 
@@ -115,9 +136,12 @@ class VLLMClient:
     api_key : str or None
         Sent as a bearer token; never logged or put into errors.
     timeout_s : float
-        Per-request timeout (connect and between stream events).
+        Per-request limit: connect, each wait for the next stream bytes, and the whole
+        stream.
     retries : int
-        Attempts for connection errors, with exponential backoff (0.5, 1, 2 s …).
+        Attempts after the first for connection errors and :data:`RETRY_STATUSES`, by
+        urllib3's :class:`~urllib3.util.Retry`: exponential backoff (0.5, 1, 2 s …) or the
+        server's ``Retry-After``, whichever it gives.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 600.0,
@@ -125,26 +149,29 @@ class VLLMClient:
         self.base_url, credentials = _split_url(base_url)
         self.timeout_s, self.retries = timeout_s, retries
         self.session = requests.Session()
+        retry = Retry(total=retries, connect=retries, read=0, status=retries,
+                      backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
+                      allowed_methods=None, respect_retry_after_header=True,
+                      raise_on_status=False)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=retry))
         if credentials:
             self.session.auth = credentials
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def _call(self, method: str, path: str, **kwargs) -> requests.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = self.session.request(method, self.base_url + path,
-                                                timeout=self.timeout_s, **kwargs)
-            except requests.ConnectionError as exc:
-                if attempt == self.retries:
-                    raise ServerError(f"cannot reach {self.base_url}: "
-                                      f"{type(exc).__name__}") from None
-                time.sleep(0.5 * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                raise ServerError(f"{method} {path} answered HTTP {response.status_code}")
-            return response
-        raise AssertionError("unreachable")
+        try:
+            response = self.session.request(method, self.base_url + path,
+                                            timeout=self.timeout_s, **kwargs)
+        except requests.ConnectionError as exc:
+            raise ServerError(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            detail = _error_text(response)
+            response.close()
+            raise ServerError(f"{method} {path} answered HTTP {response.status_code}"
+                              + (f": {detail}" if detail else ""))
+        return response
 
     def models(self) -> list[dict]:
         """``/v1/models``: the served models."""
@@ -213,35 +240,97 @@ class VLLMClient:
         try:
             response = self._call("POST", "/v1/completions", json=payload, stream=True)
             return self._read_stream(response, start)
-        except (ServerError, requests.RequestException, ValueError) as exc:
-            message = str(exc) if isinstance(exc, ServerError) else type(exc).__name__
+        except (ServerError, requests.RequestException, ValueError,
+                urllib3.exceptions.HTTPError) as exc:
+            message = str(exc) if isinstance(exc, ServerError) else (
+                f"{type(exc).__name__} (connection lost or bad stream)")
             return RequestResult(False, error=message)
 
-    @staticmethod
-    def _read_stream(response: requests.Response, start: float) -> RequestResult:
+    def _read_stream(self, response: requests.Response, start: float) -> RequestResult:
+        """Parse the SSE stream as its bytes arrive (chunked or close-delimited), timing each
+        event that carries a choice. An in-stream ``{"error": ...}`` event, a connection lost
+        mid-stream, a stream cut off before ``data: [DONE]``, one without ``usage``, and one
+        past ``timeout_s`` are failed results that keep what was measured up to then."""
         result = RequestResult(True)
-        last = None
         with response:
-            # chunk_size=None: hand each HTTP chunk over as it arrives (a fixed read size
-            # would hold events back until it fills, and shift TTFT and ITL)
-            for line in response.iter_lines(chunk_size=None):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                now = time.perf_counter()
-                event = json.loads(data)
-                if event.get("choices"):
-                    if result.ttft_s is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
-                if event.get("usage"):
-                    result.n_input_tokens = event["usage"].get("prompt_tokens")
-                    result.n_output_tokens = event["usage"].get("completion_tokens")
+            try:
+                done = self._events(response, result, start)
+            except StreamLost as exc:
+                events = len(result.itl_s) + (result.ttft_s is not None)
+                return _failed(result, f"connection lost mid-stream after {events} token "
+                                       f"events ({exc})")
         result.latency_s = time.perf_counter() - start
+        if result.error:
+            return result
         if result.ttft_s is None:
-            return RequestResult(False, error="stream ended without a token")
+            return _failed(result, "stream ended without a token")
+        if not done:
+            return _failed(result, f"stream cut off after {len(result.itl_s) + 1} token events")
+        if result.n_output_tokens is None:
+            return _failed(result, "no usage in the stream (the server ignored "
+                                   "stream_options.include_usage)")
         return result
+
+    def _events(self, response: requests.Response, result: RequestResult,
+                start: float) -> bool:
+        """Read the events into ``result``, failing it on an in-stream error or past
+        ``timeout_s``; returns whether ``data: [DONE]`` came."""
+        last = None
+        deadline = start + self.timeout_s
+        for line in _sse_lines(response):
+            now = time.perf_counter()
+            if now > deadline:
+                _failed(result, f"timed out after {self.timeout_s:g} s")
+                return False
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return True
+            event = json.loads(data)
+            if event.get("error"):
+                error = event["error"]
+                message = error.get("message", error) if isinstance(error, dict) else error
+                _failed(result, f"server error in the stream: {str(message)[:200]}")
+                return False
+            if event.get("choices"):
+                if result.ttft_s is None:
+                    result.ttft_s = now - start
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+            if event.get("usage"):
+                result.n_input_tokens = event["usage"].get("prompt_tokens")
+                result.n_output_tokens = event["usage"].get("completion_tokens")
+        return False
+
+
+def _failed(result: RequestResult, error: str) -> RequestResult:
+    """``result`` marked failed with ``error``, keeping what was measured."""
+    result.success, result.error = False, error
+    return result
+
+
+class StreamLost(Exception):
+    """The connection broke mid-stream (the server died, a proxy cut it)."""
+
+
+def _sse_lines(response: requests.Response):
+    """The body's lines as bytes arrive: ``read1`` returns whatever the socket has (up to
+    64 KiB) instead of waiting for a full buffer, or for the end of a body the server ends by
+    closing the connection (``iter_lines(chunk_size=None)`` reads such a body whole before
+    yielding a line, so TTFT would include the whole decode)."""
+    pending = b""
+    while True:
+        try:
+            data = response.raw.read1(65536)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StreamLost(type(exc).__name__) from None
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending:
+        yield pending
