@@ -37,8 +37,12 @@ CAPTURE_FIELDS = ("timestamp", "utilization.gpu", "utilization.memory", "power.d
 """Field order of the bundled H100 capture (tests/data/nvidia-smi-h100-loop100ms.csv)."""
 
 
+MISSING = ("[N/A]", "N/A", "[Not Supported]", "[Unknown Error]", "[GPU is lost]")
+"""What nvidia-smi prints for a value it cannot read."""
+
+
 def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
-          source: str = "nvidia-smi") -> pd.DataFrame:
+          source: str = "nvidia-smi", missing_ok: bool = False) -> pd.DataFrame:
     """Parse nvidia-smi CSV lines (no header, no units) for the query ``fields``.
 
     Returns
@@ -47,11 +51,15 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
         One row per sample; ``timestamp`` as datetime64 (nvidia-smi's local time,
         ``YYYY/MM/DD HH:MM:SS.mmm``) and the other fields as numbers (see :data:`FIELDS`).
 
+    With ``missing_ok``, a value nvidia-smi could not read (:data:`MISSING`) becomes NaN (a
+    gap the caller reports) instead of an error.
+
     Raises
     ------
     InputError
         For an unknown field, a line with the wrong number of values, or a value that is not
-        a number (``[N/A]`` or ``[Not Supported]`` included), naming the line and field.
+        a number (``[N/A]`` or ``[Not Supported]`` included unless ``missing_ok``), naming the
+        line and field.
     """
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
@@ -77,12 +85,16 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
             parsed = pd.to_datetime(table[field], format="%Y/%m/%d %H:%M:%S.%f", errors="coerce")
         else:
             parsed = pd.to_numeric(table[field], errors="coerce")
-        if parsed.isna().any():
-            i = first_bad(parsed.isna())
+        bad = parsed.isna()
+        if missing_ok and kind != "time":
+            bad &= ~table[field].isin(MISSING)
+        if bad.any():
+            i = first_bad(bad)
             raise InputError(f"not a {'timestamp' if kind == 'time' else 'number'}: "
                              f"{shown(table[field].iloc[i])}", path=source, row=rows[i][0],
                              field=field)
-        out[column] = parsed.astype("int32") if kind == "int" else parsed
+        out[column] = parsed.astype("int32") if kind == "int" and not parsed.isna().any() \
+            else parsed
     return out
 
 
@@ -103,10 +115,12 @@ def samples_table(samples: pd.DataFrame, run_id: str,
     ``power_field`` records which nvidia-smi field ``power_w`` came from: ``power.draw.instant``
     when it was queried (an instantaneous reading), else ``power.draw`` (a one-second average on
     Ampere and newer). Columns not queried are null; ``request_id`` is null (the sampler of
-    ``tracer collect`` fills it).
+    ``tracer collect`` fills it); a ``run_id`` column of ``samples`` (a resumed sweep's
+    samples) wins over ``run_id``.
     """
     n = len(samples)
-    columns = {"run_id": pa.array([run_id] * n, pa.string()),
+    runs = samples["run_id"] if "run_id" in samples.columns else [run_id] * n
+    columns = {"run_id": pa.array(runs, pa.string()),
                "power_field": pa.array(["power.draw.instant" if "power.draw.instant" in fields
                                         else "power.draw"] * n, pa.string())}
     for field in GPU_SAMPLES:

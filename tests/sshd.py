@@ -29,17 +29,25 @@ if "--help-query-gpu" in args:
     sys.exit(0)
 query = next(a.split("=", 1)[1] for a in args if a.startswith("--query-gpu=")).split(",")
 loop = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--loop-ms=")), 0)
+ids = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--id=")), ["0"])
+na_every = int("{na_every}")           # every k-th sample has [N/A] power (0: never)
+lines = int("{lines}")                 # samples before exiting (as a crashing driver would)
 order = ["timestamp", "utilization.gpu", "utilization.memory", "power.draw", "memory.used",
          "clocks.sm", "temperature.gpu"]
 rows = [[v.strip() for v in line.split(",")] for line in open("{capture}") if line.strip()]
-for n, row in enumerate(rows[:6000]):
+for n, row in enumerate(rows[:lines]):
     values = dict(zip(order, row))
+    if na_every and n % na_every == na_every - 1:
+        values["power.draw"] = "[N/A]"
     values["power.draw.instant"] = values["power.draw"]
-    values["index"] = "0"
     values["name"] = "NVIDIA H100 80GB HBM3"
     values["driver_version"] = "580.159.04"
-    values["timestamp"] = time.strftime("%Y/%m/%d %H:%M:%S.") + "%03d" % (n % 1000)
-    print(", ".join(values[q] for q in query), flush=True)
+    now = time.time()
+    values["timestamp"] = time.strftime("%Y/%m/%d %H:%M:%S.", time.localtime(now)) + (
+        "%03d" % int(now % 1 * 1000))
+    for gpu in ids:
+        values["index"] = gpu
+        print(", ".join(values[q] for q in query), flush=True)
     if not loop:
         break
     time.sleep(loop / 1000)
@@ -72,9 +80,23 @@ def sshd_binary() -> str | None:
                                         None)
 
 
-def start_sshd(folder: Path, with_nvidia_smi: bool = True, instant_power: bool = True
-               ) -> SSHServer:
-    """Start sshd on loopback with fresh keys; the caller stops ``process``."""
+def write_fake_smi(bin_dir: Path, instant_power: bool = True, na_every: int = 0,
+                   lines: int = 6000) -> Path:
+    """The fake ``nvidia-smi`` in ``bin_dir`` (see the module docstring): ``na_every``-th
+    samples with ``[N/A]`` power, exiting after ``lines`` samples."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(FAKE_SMI.format(python=sys.executable, capture=CAPTURE,
+                                   instant='\\n\\"power.draw.instant\\"' if instant_power
+                                   else "", na_every=na_every, lines=lines))
+    smi.chmod(0o755)
+    return smi
+
+
+def start_sshd(folder: Path, with_nvidia_smi: bool = True, instant_power: bool = True,
+               extra_config: str = "") -> SSHServer:
+    """Start sshd on loopback with fresh keys (``extra_config`` appended to its
+    ``sshd_config``); the caller stops ``process``."""
     folder.mkdir(parents=True, exist_ok=True)
     host_key, user_key = folder / "host_key", folder / "user_key"
     _keygen(host_key)
@@ -85,11 +107,7 @@ def start_sshd(folder: Path, with_nvidia_smi: bool = True, instant_power: bool =
     bin_dir = folder / "bin"
     bin_dir.mkdir(exist_ok=True)
     if with_nvidia_smi:
-        smi = bin_dir / "nvidia-smi"
-        smi.write_text(FAKE_SMI.format(python=sys.executable, capture=CAPTURE,
-                                       instant='\\n\\"power.draw.instant\\"' if instant_power
-                                       else ""))
-        smi.chmod(0o755)
+        write_fake_smi(bin_dir, instant_power)
     port = _free_port()
     config = folder / "sshd_config"
     config.write_text(f"""Port {port}
@@ -105,7 +123,7 @@ PermitRootLogin prohibit-password
 PidFile {folder / "sshd.pid"}
 SetEnv PATH={bin_dir}:/usr/local/bin:/usr/bin:/bin
 LogLevel ERROR
-""")
+{extra_config}""")
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)      # privilege-separation directory
     process = subprocess.Popen([sshd_binary(), "-D", "-e", "-f", str(config)],

@@ -15,7 +15,8 @@ from archive.validate import validate
 from tracer.cli import main as tracer_cli
 from tracer.client import VLLMClient
 from tracer.collect import Setup, SweepPlan, collect
-from tracer.sampler import NvidiaSmiSampler, SamplerError, SSHTarget
+from tracer.sampler import NvidiaSmiSampler, SamplerError
+from tracer.ssh import SSHError, SSHTarget
 
 MODEL = "Llama-3-8B"
 SECRET = "sk-test-0123456789abcdef"
@@ -159,17 +160,17 @@ def test_failures_are_recorded_and_resume_continues(server, tmp_path):
 
 
 def test_ssh_errors_are_clear_and_hold_no_secrets(sshd, tmp_path):
-    with pytest.raises(SamplerError, match="not in known_hosts"):
+    with pytest.raises(SSHError, match="not in known_hosts"):
         target(sshd, known_hosts=str(tmp_path / "empty")).connect()
     other = tmp_path / "other"
     import subprocess
 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
                    check=True)
-    with pytest.raises(SamplerError, match="authentication refused") as err:
+    with pytest.raises(SSHError, match="authentication refused") as err:
         target(sshd, key_file=str(other)).connect()
     assert Path(str(other)).read_text().splitlines()[1] not in str(err.value)
-    with pytest.raises(SamplerError, match="cannot connect"):
+    with pytest.raises(SSHError, match="cannot connect"):
         target(sshd, port=1).connect(timeout_s=2)
     accepted = target(sshd, known_hosts=str(tmp_path / "empty"), accept_unknown_host=True)
     accepted.connect().close()

@@ -61,6 +61,71 @@ def _api_key(env: str, path: str | None) -> str | None:
     return os.environ.get(env) or None
 
 
+def sampling_options(command):
+    """GPU sampling options shared by ``collect`` and ``bench``."""
+    options = [
+        click.option("--ssh", "ssh_target", default=None,
+                     help="GPU node to sample nvidia-smi on: user@host[:port] or a "
+                          "~/.ssh/config alias."),
+        click.option("--ssh-jump", default=None,
+                     help="Host the GPU node is reached through (ProxyJump): user@host[:port] "
+                          "or an alias [default: the config's ProxyJump]."),
+        click.option("--ssh-config", type=click.Path(dir_okay=False), default=None,
+                     help="SSH config file for aliases [default: ~/.ssh/config]."),
+        click.option("--ssh-key", type=click.Path(dir_okay=False), default=None,
+                     help="Private key file [default: the config's IdentityFile, else the SSH "
+                          "agent]."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False), default=None,
+                     help="known_hosts file [default: ~/.ssh/known_hosts]."),
+        click.option("--accept-unknown-host", is_flag=True,
+                     help="Trust a host key not in known_hosts (first contact only; prefer "
+                          "adding it)."),
+        click.option("--local-smi", is_flag=True,
+                     help="Sample nvidia-smi on this machine (the tracer runs inside the job "
+                          "on the GPU node)."),
+        click.option("--gpu-index", default=None,
+                     help="GPUs to sample, comma-separated nvidia-smi indices [default: "
+                          "locally CUDA_VISIBLE_DEVICES or SLURM_JOB_GPUS, else all]."),
+        click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True,
+                     help="nvidia-smi sampling interval, ms."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _sampler(o: dict):
+    """The :class:`~tracer.sampler.NvidiaSmiSampler` the sampling options ask for, or None;
+    pops them from ``o``."""
+    from tracer.sampler import NvidiaSmiSampler
+    from tracer.ssh import SSHTarget
+
+    ssh, local = o.pop("ssh_target"), o.pop("local_smi")
+    jump, config, key = o.pop("ssh_jump"), o.pop("ssh_config"), o.pop("ssh_key")
+    known, accept, loop_ms = o.pop("known_hosts"), o.pop("accept_unknown_host"), o.pop("loop_ms")
+    indices = o.pop("gpu_index")
+    if ssh and local:
+        raise InputError("--ssh and --local-smi exclude each other", field="local-smi")
+    if not ssh:
+        for name, value in (("ssh-jump", jump), ("ssh-config", config), ("ssh-key", key),
+                            ("known-hosts", known), ("accept-unknown-host", accept)):
+            if value:
+                raise InputError(f"--{name} has no effect without --ssh", field=name)
+    if not (ssh or local):
+        if indices:
+            raise InputError("--gpu-index has no effect without --ssh or --local-smi",
+                             field="gpu-index")
+        return None
+    try:
+        gpus = tuple(int(i) for i in indices.split(",")) if indices else None
+    except ValueError:
+        raise InputError(f"expected comma-separated GPU indices, got {indices!r}",
+                         field="gpu-index") from None
+    target = SSHTarget.parse(ssh, key, known, accept, jump, config,
+                             os.environ.get("USER", "")) if ssh else None
+    return NvidiaSmiSampler(target, loop_ms, gpus)
+
+
 @main.command()
 @click.option("--url", required=True, help="vLLM server, e.g. http://node:8000.")
 @click.option("--output", "output", required=True, type=click.Path(file_okay=False),
@@ -85,41 +150,30 @@ def _api_key(env: str, path: str | None) -> str | None:
               help="Environment variable holding the API key.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the API key (never pass keys on the command line).")
-@click.option("--ssh", "ssh_target", default=None,
-              help="user@host[:port] of the GPU node for nvidia-smi sampling.")
-@click.option("--ssh-key", type=click.Path(dir_okay=False), default=None,
-              help="Private key file [default: the SSH agent].")
-@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None)
-@click.option("--accept-unknown-host", is_flag=True,
-              help="Trust a host key not in known_hosts (first contact only; prefer adding it).")
-@click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True)
+@sampling_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in OUTPUT.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
               default=600.0, show_default=True, help="Per-request timeout, s.")
 @click.option("--dtype", default="", help="The server's --dtype, for the record (setup.json).")
 @clean_errors
 def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes, repetitions,
-            concurrency, warmup, salt, api_key_env, api_key_file, ssh_target, ssh_key, known_hosts,
-            accept_unknown_host, loop_ms, resume, timeout_s, dtype):
+            concurrency, warmup, salt, api_key_env, api_key_file, resume, timeout_s, dtype,
+            **sampling):
     """Measure prefill and decode sweeps on a vLLM server; write an archive dataset."""
     from tracer.client import ServerError, VLLMClient
     from tracer.collect import Setup, SweepPlan
     from tracer.collect import collect as run_collect
-    from tracer.sampler import NvidiaSmiSampler, SamplerError, SSHTarget
+    from tracer.ssh import SSHError
 
+    sampler = _sampler(sampling)
     client = VLLMClient(url, _api_key(api_key_env, api_key_file), timeout_s)
     try:
         served = client.models()[0]["id"]
         version = client.version()
-        sampler = None
-        if ssh_target:
-            user, _, hostport = ssh_target.rpartition("@")
-            host, _, port = hostport.partition(":")
-            sampler = NvidiaSmiSampler(SSHTarget(host, user or os.environ.get("USER", ""),
-                                                 int(port or 22), ssh_key, known_hosts,
-                                                 accept_unknown_host), loop_ms)
+        node = (sampler.target.host if sampler and sampler.target else
+                os.uname().nodename if sampler else "")
         setup = Setup(provider, gpu, model_name or served, served, engine_version=version,
-                      node=ssh_target.rpartition("@")[2] if ssh_target else "", dtype=dtype)
+                      node=node, dtype=dtype)
         plan = SweepPlan(prefill_sizes, decode_sizes, repetitions, warmup, salt=salt,
                          concurrency=concurrency)
         n_in, n_out = plan.tokens()
@@ -129,8 +183,10 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
         with tqdm(total=len(plan.requests()), unit="req", disable=None, desc="collect") as bar:
             out = run_collect(client, plan, setup, output, sampler, resume,
                               lambda done, total: bar.update(1))
-    except (ServerError, SamplerError) as exc:
+    except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
+    for gap in sampler.gaps if sampler else ():
+        click.echo(f"GPU samples: {gap}", err=True)
     click.echo(f"wrote {out} (measurements.parquet, setup.json"
                f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
 
@@ -255,8 +311,8 @@ def serve(profile_path, model, gpu, dtype, time_limit, ssh_key, known_hosts,
     """Start vLLM on a Slurm GPU node, wait for /health, and cancel the job on Ctrl-C."""
     import time
 
-    from tracer.sampler import SamplerError
     from tracer.slurm import ClusterProfile, SlurmJob
+    from tracer.ssh import SSHError
 
     profile = ClusterProfile.read(profile_path)
     job = SlurmJob(profile, profile.target(ssh_key, known_hosts, accept_unknown_host))
@@ -273,7 +329,7 @@ def serve(profile_path, model, gpu, dtype, time_limit, ssh_key, known_hosts,
             click.echo("press Ctrl-C to cancel the job")
             while True:
                 time.sleep(60)
-    except SamplerError as exc:
+    except SSHError as exc:
         raise InputError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("cancelled")

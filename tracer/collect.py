@@ -20,7 +20,8 @@ measurements dataset (thesis 6.2.3–6.2.6, done the careful way).
   crash loses nothing measured, and ``resume=True`` skips what is already there. Failed
   requests are recorded with their error, never dropped.
 * With an :class:`~tracer.sampler.NvidiaSmiSampler`, GPU samples are tagged with the request
-  in flight and written as ``gpu_samples.parquet``.
+  in flight, appended to ``gpu_samples.jsonl`` as they arrive (a resumed sweep adds to it) and
+  written as ``gpu_samples.parquet`` at the end.
 
 At the end ``measurements.parquet`` (schema :data:`archive.schema.MEASUREMENTS`, which
 ``kavier calibrate --dataset DIR`` reads as is), ``setup.json`` and ``dataset.json`` with the
@@ -233,6 +234,8 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
     last = _metrics_or_none(client)     # the engine's counters after the latest request
     has_metrics = last is not None
     sent = len(done)
+    if sampler is not None:                 # samples land on disk as they arrive
+        sampler.spool, sampler.tags = out / "gpu_samples.jsonl", {"run_id": run_id}
     with open(log, "a") as sink, (sampler or _NoSampler()) as gpu, ThreadPoolExecutor(
             max(plan.concurrency)) as pool:
         for group in groups:
@@ -256,7 +259,7 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
             os.fsync(sink.fileno())
             if progress:
                 progress(sent - len(done), len(planned))
-        samples = gpu.samples
+    samples = sampler.spooled() if sampler else pd.DataFrame()   # this run's and earlier ones'
     gpu_info = ({"gpu_name_smi": sampler.gpu_name, "driver_version": sampler.driver_version}
                 if sampler else {})
     _write_dataset(out, log, samples, setup, plan, run_id,
@@ -274,7 +277,6 @@ def _metrics_or_none(client: VLLMClient) -> dict | None:
 
 class _NoSampler:
     request_id = None
-    samples = pd.DataFrame()
 
     def __enter__(self):
         return self
@@ -293,7 +295,7 @@ def _write_dataset(out: Path, log: Path, samples: pd.DataFrame, setup: Setup, pl
     if not samples.empty:
         fields = ("power.draw.instant",) if power_field == "power.draw.instant" else ()
         pq.write_table(samples_table(samples, run_id, fields), out / "gpu_samples.parquet")
-        files.append("gpu_samples.parquet")
+        files += ["gpu_samples.parquet", "gpu_samples.jsonl"]
     (out / "setup.json").write_text(json.dumps({**asdict(setup), "setup_id": setup.setup_id,
                                                 "run_id": run_id, "plan": asdict(plan),
                                                 "gpu_power_field": power_field, **gpu_info},

@@ -1,11 +1,19 @@
-"""Sample ``nvidia-smi`` on the GPU node over SSH while requests run.
+"""Sample ``nvidia-smi`` while requests run: on the GPU node over SSH, or right here when the
+tracer runs inside the Slurm job on the GPU node itself.
 
-A background thread runs ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits
---loop-ms=N`` on the node through paramiko and parses each line as it arrives, tagging it with
-the request in flight (:attr:`NvidiaSmiSampler.request_id`, set by the sweep). Host keys are
-checked against ``known_hosts``; an unknown host is refused unless ``accept_unknown_host`` is
-set explicitly. Authentication uses a key file or the SSH agent; no password, key or key path
-ever appears in an error message.
+A background thread runs ``nvidia-smi [--id=I,J] --query-gpu=... --format=csv,noheader,nounits
+--loop-ms=N`` and parses each line as it arrives, tagging it with the request in flight
+(:attr:`NvidiaSmiSampler.request_id`, set by the sweep) and appending it to a spool file
+(``gpu_samples.jsonl``, flushed per line, fsync'd about once a second) so that a killed job
+loses at most the last second of samples; :meth:`NvidiaSmiSampler.spooled` reads them back,
+across resumed runs. Entering the sampler waits for the first sample, so sampling covers the
+run from before its first request.
+
+Only the job's GPUs are sampled: ``gpu_indices`` (``--gpu-index``), or locally the indices in
+``CUDA_VISIBLE_DEVICES`` or Slurm's ``SLURM_JOB_GPUS``; all GPUs of the node only when none is
+known (other users' GPUs on a shared node, which the run then says). Values nvidia-smi cannot
+read (``[N/A]``) are kept as gaps (NaN) and counted, and an ``nvidia-smi`` that exits before the
+run ends is recorded with its exit status: :attr:`NvidiaSmiSampler.gaps` says both.
 
 ``power.draw`` is a one-second moving average on Ampere and newer GPUs; where the driver
 offers ``power.draw.instant`` the sampler asks for that instead and records which it used.
@@ -13,80 +21,120 @@ offers ``power.draw.instant`` the sampler asks for that instead and records whic
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import paramiko
 
+from archive.errors import InputError
 from archive.smi import parse
+from tracer.ssh import SSHError, SSHTarget
 
 QUERY = ("timestamp", "index", "utilization.gpu", "utilization.memory", "power.draw",
          "memory.used", "clocks.sm", "temperature.gpu")
 """Fields queried, in order (``power.draw`` becomes ``power.draw.instant`` when offered)."""
 
+FIRST_SAMPLE_TIMEOUT_S = 15.0
+"""How long entering the sampler waits for nvidia-smi's first line."""
 
-class SamplerError(RuntimeError):
-    """SSH or nvidia-smi trouble, described without secrets."""
+
+class SamplerError(SSHError):
+    """nvidia-smi trouble (missing, silent), described without secrets."""
 
 
-@dataclass
-class SSHTarget:
-    """Where to sample: ``user@host:port`` with a key file or the agent."""
+def job_gpu_indices(environ: dict | None = None) -> tuple[int, ...] | None:
+    """The GPUs of this Slurm job as nvidia-smi indices, from ``CUDA_VISIBLE_DEVICES`` or
+    ``SLURM_JOB_GPUS`` (comma-separated integers; UUIDs or MIG names are not indices and give
+    None, as does an unset variable)."""
+    env = os.environ if environ is None else environ
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS"):
+        value = env.get(name, "").strip()
+        if value:
+            parts = [p.strip() for p in value.split(",")]
+            if all(p.isdigit() for p in parts):
+                return tuple(int(p) for p in parts)
+    return None
 
-    host: str
-    user: str
-    port: int = 22
-    key_file: str | None = None
-    known_hosts: str | None = None
-    accept_unknown_host: bool = False
 
-    def connect(self, timeout_s: float = 10.0) -> paramiko.SSHClient:
-        """An open, authenticated SSH client.
+class _Local:
+    """Runs nvidia-smi on this machine (inside the job on the GPU node)."""
 
-        Raises
-        ------
-        SamplerError
-            Unreachable host, unknown or changed host key, refused authentication.
-        """
-        client = paramiko.SSHClient()
-        known = Path(self.known_hosts or Path.home() / ".ssh" / "known_hosts")
-        if known.exists():
-            client.load_host_keys(str(known))
-        client.set_missing_host_key_policy(
-            paramiko.AutoAddPolicy() if self.accept_unknown_host else paramiko.RejectPolicy())
-        where = f"{self.user}@{self.host}:{self.port}"
+    where = "this node"
+
+    def run(self, command: list[str]) -> tuple[int, str]:
         try:
-            client.connect(self.host, self.port, self.user, key_filename=self.key_file,
-                           timeout=timeout_s, allow_agent=self.key_file is None,
-                           look_for_keys=False)
-        except paramiko.BadHostKeyException:
-            raise SamplerError(f"host key of {where} does not match known_hosts") from None
-        except paramiko.AuthenticationException:
-            raise SamplerError(f"authentication refused for {where}") from None
-        except paramiko.SSHException as exc:
-            text = str(exc)
-            if "not found in known_hosts" in text:
-                raise SamplerError(f"{where} is not in known_hosts (add it, or pass "
-                                   "--accept-unknown-host)") from None
-            raise SamplerError(f"SSH to {where} failed: {type(exc).__name__}") from None
-        except (TimeoutError, OSError) as exc:
-            raise SamplerError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        return client
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            return 127, ""
+        return done.returncode, done.stdout
+
+    def stream(self, command: list[str]):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+        return process.stdout.readline, process.terminate, process.wait
+
+    def close(self) -> None:
+        return None
+
+
+class _Remote:
+    """Runs nvidia-smi on the GPU node over SSH."""
+
+    def __init__(self, target: SSHTarget) -> None:
+        self.where = target.where
+        self.client = target.connect()
+
+    def run(self, command: list[str]) -> tuple[int, str]:
+        _, out, _ = self.client.exec_command(" ".join(command), timeout=30)
+        text = out.read().decode(errors="replace")
+        return out.channel.recv_exit_status(), text
+
+    def stream(self, command: list[str]):
+        _, out, _ = self.client.exec_command(" ".join(command), get_pty=True)
+        return out.readline, out.channel.close, out.channel.recv_exit_status
+
+    def close(self) -> None:
+        self.client.close()
 
 
 @dataclass
 class NvidiaSmiSampler:
-    """Background nvidia-smi sampling over SSH.
+    """Background nvidia-smi sampling, over SSH (``target``) or locally (``target=None``).
 
-    Use as a context manager: sampling starts on entry and stops on exit; :attr:`samples`
-    then holds one row per sample with ``request_id`` (the request in flight, or None).
-    :attr:`gpu_name` and :attr:`driver_version` are read from nvidia-smi on entry.
+    Use as a context manager: sampling starts on entry (which returns once the first sample
+    arrived) and stops on exit; :attr:`samples` then holds one row per sample with
+    ``request_id`` (the request in flight, or None). :attr:`gpu_name` and
+    :attr:`driver_version` are read from nvidia-smi on entry.
+
+    Parameters
+    ----------
+    target : SSHTarget or None
+    loop_ms : int
+        Sampling interval, ms.
+    gpu_indices : tuple of int or None
+        GPUs to sample; None: locally the job's (:func:`job_gpu_indices`), else all.
+    spool : Path or None
+        JSON Lines file samples are appended to as they arrive.
+    tags : dict
+        Merged into every spooled sample (e.g. the run id).
+
+    Raises
+    ------
+    SamplerError
+        On entry: nvidia-smi missing, or no sample within :data:`FIRST_SAMPLE_TIMEOUT_S`.
+    SSHError
+        On entry: the SSH connection failed.
     """
 
-    target: SSHTarget
+    target: SSHTarget | None = None
     loop_ms: int = 100
+    gpu_indices: tuple[int, ...] | None = None
+    spool: Path | None = None
+    tags: dict = field(default_factory=dict)
     request_id: int | None = None
     fields: tuple[str, ...] = QUERY
     power_field: str = "power.draw"
@@ -94,63 +142,139 @@ class NvidiaSmiSampler:
     driver_version: str = ""
     _rows: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
+    _missing: int = 0
+    _exit: str | None = None
 
-    def _command(self, fields) -> str:
-        return (f"nvidia-smi --query-gpu={','.join(fields)} --format=csv,noheader,nounits "
-                f"--loop-ms={int(self.loop_ms)}")
+    @property
+    def where(self) -> str:
+        """Where nvidia-smi runs, for messages."""
+        return self.target.where if self.target else "this node"
+
+    def _command(self, fields, loop: bool = True) -> list[str]:
+        ids = [f"--id={','.join(map(str, self.gpu_indices))}"] if self.gpu_indices else []
+        return ["nvidia-smi", *ids, f"--query-gpu={','.join(fields)}",
+                "--format=csv,noheader,nounits"] + ([f"--loop-ms={int(self.loop_ms)}"]
+                                                    if loop else [])
 
     def __enter__(self) -> NvidiaSmiSampler:
-        self._client = self.target.connect()
-        _, out, _ = self._client.exec_command("nvidia-smi --help-query-gpu", timeout=30)
-        help_text = out.read().decode(errors="replace")
-        if out.channel.recv_exit_status() != 0:
-            self._client.close()
-            raise SamplerError(f"nvidia-smi is not available on {self.target.host}")
-        _, out, _ = self._client.exec_command(
-            "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader", timeout=30)
-        first = out.read().decode(errors="replace").strip().splitlines()
-        if first and "," in first[0]:
-            self.gpu_name, self.driver_version = (v.strip() for v in first[0].split(",", 1))
+        if self.target is None and self.gpu_indices is None:
+            self.gpu_indices = job_gpu_indices()
+        self._runner = _Remote(self.target) if self.target else _Local()
+        try:
+            self._start()
+        except BaseException:
+            self._runner.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        status, help_text = self._runner.run(["nvidia-smi", "--help-query-gpu"])
+        if status != 0:
+            raise SamplerError(f"nvidia-smi is not available on {self.where}")
+        _, first = self._runner.run(self._command(("name", "driver_version"), loop=False))
+        lines = first.strip().splitlines()
+        if lines and "," in lines[0]:
+            self.gpu_name, self.driver_version = (v.strip() for v in lines[0].split(",", 1))
         if "power.draw.instant" in help_text:
             self.fields = tuple("power.draw.instant" if f == "power.draw" else f
                                 for f in self.fields)
             self.power_field = "power.draw.instant"
-        self._stdin, self._stdout, _ = self._client.exec_command(self._command(self.fields),
-                                                                 get_pty=True)
+        self._sink = open(self.spool, "a") if self.spool else None  # noqa: SIM115
+        self._first = threading.Event()
+        self._stopping = False
+        self._readline, self._stop, self._wait = self._runner.stream(self._command(self.fields))
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
-        return self
+        if not self._first.wait(FIRST_SAMPLE_TIMEOUT_S) or not self._rows:
+            self._stopping = True
+            self._stop()
+            raise SamplerError(f"nvidia-smi on {self.where} gave no sample within "
+                               f"{FIRST_SAMPLE_TIMEOUT_S:g} s" + (f" ({self._exit})"
+                                                                  if self._exit else ""))
 
     def _read(self) -> None:
-        number = 0
-        for line in iter(self._stdout.readline, ""):
+        number, synced = 0, time.monotonic()
+        for line in iter(self._readline, ""):
             number += 1
             line = line.strip()
             if not line:
                 continue
             try:
-                row = parse([line], self.fields, f"nvidia-smi on {self.target.host}")
-            except ValueError as exc:
+                row = parse([line], self.fields, f"nvidia-smi on {self.where}", missing_ok=True)
+            except InputError as exc:
                 self._errors.append(f"line {number}: {exc}")
                 continue
+            self._missing += int(row.drop(columns="timestamp").isna().any(axis=None))
             row["request_id"] = self.request_id
             self._rows.append(row)
+            if self._sink:
+                self._sink.write(json.dumps({**self.tags, "request_id": self.request_id,
+                                             "line": line}) + "\n")
+                self._sink.flush()
+                if time.monotonic() - synced > 1.0:
+                    os.fsync(self._sink.fileno())
+                    synced = time.monotonic()
+            self._first.set()
+        if not self._stopping:
+            self._exit = f"nvidia-smi exited (status {self._wait()}) after {number} lines"
+        self._first.set()                 # never leave the entry waiting on a dead process
 
     def __exit__(self, *exc) -> None:
+        self._stopping = True
         try:
-            self._stdout.channel.close()
+            self._stop()
         finally:
             self._thread.join(timeout=5)
-            self._client.close()
+            self._runner.close()
+            if self._sink:
+                self._sink.flush()
+                os.fsync(self._sink.fileno())
+                self._sink.close()
 
     @property
     def samples(self) -> pd.DataFrame:
-        """All samples so far (see :mod:`archive.smi` for the columns) plus ``request_id``."""
+        """This run's samples (see :mod:`archive.smi` for the columns) plus ``request_id``."""
         if not self._rows:
             return pd.DataFrame()
         return pd.concat(self._rows, ignore_index=True)
+
+    def spooled(self) -> pd.DataFrame:
+        """Every sample in the spool file (all runs into it: a resumed sweep's too), with
+        ``request_id`` and the tags; a torn last line (a killed job) is skipped."""
+        if not self.spool or not Path(self.spool).exists():
+            return self.samples
+        records = []
+        for text in Path(self.spool).read_text().splitlines():
+            try:
+                records.append(json.loads(text))
+            except json.JSONDecodeError:
+                continue                                    # torn by a kill mid-write
+        if not records:
+            return pd.DataFrame()
+        rows = parse([r["line"] for r in records], self.fields, str(self.spool),
+                     missing_ok=True)
+        meta = pd.DataFrame([{k: v for k, v in r.items() if k != "line"} for r in records])
+        return pd.concat([rows, meta], axis=1)
 
     @property
     def errors(self) -> list[str]:
         """Lines nvidia-smi printed that did not parse."""
         return list(self._errors)
+
+    @property
+    def gaps(self) -> list[str]:
+        """What the samples lack, in words: samples with values nvidia-smi could not read,
+        unparsable lines, an nvidia-smi that exited early, all of a shared node's GPUs."""
+        out = []
+        if self._missing:
+            out.append(f"{self._missing} sample(s) with values nvidia-smi could not read "
+                       "([N/A]), kept as NaN")
+        if self._errors:
+            out.append(f"{len(self._errors)} line(s) that did not parse (first: "
+                       f"{self._errors[0]})")
+        if self._exit:
+            out.append(self._exit)
+        if not self.gpu_indices:
+            out.append("every GPU of the node was sampled (no --gpu-index, no "
+                       "CUDA_VISIBLE_DEVICES): other jobs' GPUs may be among them")
+        return out

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from archive.errors import InputError
-from tracer.sampler import SamplerError, SSHTarget
+from tracer.ssh import SSHError, SSHTarget
+
+
+class SlurmError(SSHError):
+    """A job that could not be submitted, started or reached."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class ClusterProfile:
     name: str
     login: str
     partition: str
+    jump: str | None = None
     gres: str = "gpu:{gpu}:1"
     time: str = "01:00:00"
     port: int = 8000
@@ -56,11 +61,12 @@ class ClusterProfile:
         return cls(**{k: (tuple(v) if k == "setup" else v) for k, v in data.items()
                       if k in known}, extra={k: v for k, v in data.items() if k not in known})
 
-    def target(self, key_file=None, known_hosts=None, accept_unknown_host=False) -> SSHTarget:
-        """The login node as an SSH target."""
-        user, _, hostport = self.login.rpartition("@")
-        host, _, port = hostport.partition(":")
-        return SSHTarget(host, user, int(port or 22), key_file, known_hosts, accept_unknown_host)
+    def target(self, key_file=None, known_hosts=None, accept_unknown_host=False,
+               ssh_config=None) -> SSHTarget:
+        """The login node as an SSH target (``login`` may be a ``~/.ssh/config`` alias;
+        ``jump``, when given, is the host it is reached through)."""
+        return SSHTarget.parse(self.login, key_file, known_hosts, accept_unknown_host,
+                               self.jump, ssh_config)
 
     def job_script(self, model: str, gpu: str, dtype: str = "auto",
                    time_limit: str | None = None) -> str:
@@ -96,13 +102,13 @@ class SlurmJob:
 
         Raises
         ------
-        SamplerError
+        SlurmError
             When sbatch is missing or refuses the job (its message is passed on).
         """
         self._client = self.target.connect()
         status, text = self._run("sbatch --parsable", stdin=script)
         if status != 0 or not text.strip():
-            raise SamplerError(f"sbatch on {self.target.host} failed: {text.strip()[:200]}")
+            raise SlurmError(f"sbatch on {self.target.host} failed: {text.strip()[:200]}")
         self.job_id = text.strip().split(";")[0]
         return self.job_id
 
@@ -116,10 +122,10 @@ class SlurmJob:
                 self.node = parts[1]
                 return self.node
             if not parts or parts[0] in ("FAILED", "CANCELLED", "TIMEOUT", "COMPLETED"):
-                raise SamplerError(f"job {self.job_id} ended before running "
+                raise SlurmError(f"job {self.job_id} ended before running "
                                    f"({parts[0] if parts else 'gone'})")
             time.sleep(poll_s)
-        raise SamplerError(f"job {self.job_id} did not start within {timeout_s:.0f} s")
+        raise SlurmError(f"job {self.job_id} did not start within {timeout_s:.0f} s")
 
     def wait_healthy(self, timeout_s: float = 1800, poll_s: float = 5) -> str:
         """Wait until vLLM answers ``/health`` (asked from the login node); returns its URL."""
@@ -130,7 +136,7 @@ class SlurmJob:
             if status == 0:
                 return url
             time.sleep(poll_s)
-        raise SamplerError(f"vLLM on {self.node} did not answer /health within "
+        raise SlurmError(f"vLLM on {self.node} did not answer /health within "
                            f"{timeout_s:.0f} s")
 
     def cancel(self) -> None:

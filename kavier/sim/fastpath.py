@@ -19,7 +19,7 @@ import numpy as np
 from kavier.models.timing import ThesisTiming
 from kavier.sim.kvpool import BlockPool
 
-ITL_BATCH_TOKENS = 4_000_000
+ITL_BATCH_TOKENS = 1_000_000
 """Decode steps expanded at once for the inter-token-latency sketch (bounds memory)."""
 
 

@@ -1,0 +1,141 @@
+"""SSH to a GPU node through a login node (two real OpenSSH sshd on loopback, ProxyJump and an
+SSH config alias), the sampler's spool surviving ``kill -9`` and ``--resume``, and the local
+sampler's gaps, GPU selection and early exits (a fake ``nvidia-smi`` on PATH)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sshd import sshd_binary, start_sshd, write_fake_smi
+
+from tracer.sampler import NvidiaSmiSampler, SamplerError, job_gpu_indices
+from tracer.ssh import SSHError, SSHTarget
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A login node (no nvidia-smi) and a GPU node (the fake one), and an SSH config naming
+    them ``login`` and ``node`` with ``ProxyJump login``."""
+    if sshd_binary() is None:
+        pytest.skip("OpenSSH sshd is not installed (.ci/run installs openssh-server)")
+    root = tmp_path_factory.mktemp("cluster")
+    login = start_sshd(root / "login", with_nvidia_smi=False)
+    node = start_sshd(root / "node")
+    known = root / "known_hosts"
+    known.write_text(Path(login.known_hosts).read_text() + Path(node.known_hosts).read_text())
+    config = root / "ssh_config"
+    config.write_text(
+        f"Host login\n  HostName 127.0.0.1\n  Port {login.port}\n  User {login.user}\n"
+        f"  IdentityFile {login.key_file}\n  UserKnownHostsFile {known}\n"
+        f"Host node\n  HostName 127.0.0.1\n  Port {node.port}\n  User {node.user}\n"
+        f"  IdentityFile {node.key_file}\n  ProxyJump login\n  UserKnownHostsFile {known}\n")
+    yield {"login": login, "node": node, "config": config, "root": root}
+    for srv in (login, node):
+        srv.process.terminate()
+        srv.process.wait(timeout=10)
+
+
+def test_ssh_config_alias_and_proxyjump_reach_the_node_through_the_login_node(cluster):
+    target = SSHTarget.parse("node", config=cluster["config"])
+    assert (target.port, target.jump.port) == (cluster["node"].port, cluster["login"].port)
+    assert target.key_file == cluster["node"].key_file and target.jump.jump is None
+    client = target.connect()                 # the route is proven by the next test
+    try:
+        _, out, _ = client.exec_command("echo reached")
+        assert out.read().decode().strip() == "reached"
+    finally:
+        client.close()
+    assert not client._via.get_transport()    # closing it closed the login connection too
+    with NvidiaSmiSampler(target, loop_ms=20) as gpu:
+        first = len(gpu.samples)              # entry waits for the first sample
+        time.sleep(0.3)
+    assert first >= 1 and len(gpu.samples) > first
+    assert gpu.gpu_name == "NVIDIA H100 80GB HBM3"
+
+
+def test_a_login_node_that_forbids_forwarding_is_one_clear_error(cluster):
+    strict = start_sshd(cluster["root"] / "strict", with_nvidia_smi=False,
+                        extra_config="AllowTcpForwarding no\n")
+    try:
+        node = SSHTarget.parse("node", config=cluster["config"])
+        jump = SSHTarget("127.0.0.1", strict.user, strict.port, strict.key_file,
+                         strict.known_hosts)
+        with pytest.raises(SSHError, match=f"refused to forward to 127.0.0.1:"
+                                           f"{cluster['node'].port}") as err:
+            SSHTarget(node.host, node.user, node.port, node.key_file, node.known_hosts,
+                      jump=jump).connect()
+        assert strict.key_file not in str(err.value)
+    finally:
+        strict.process.terminate()
+        strict.process.wait(timeout=10)
+
+
+def test_kill_minus_nine_then_resume_loses_and_duplicates_no_row_or_sample(cluster, server,
+                                                                          tmp_path):
+    state, url = server
+    state.timing.decode_per_token_s = 0.01                 # about 4 s of requests in all
+    out = tmp_path / "run"
+    args = [sys.executable, "-c", "from tracer.cli import main; main()", "collect", "--url",
+            url, "--output", str(out),
+            "--gpu", "A10", "--prefill-sizes", "16,32", "--decode-sizes", "32,64",
+            "--repetitions", "5", "--warmup", "0", "--ssh", "node", "--ssh-config",
+            str(cluster["config"]), "--loop-ms", "20"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = out / "measurements.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists()
+                                               and len(log.read_text().splitlines()) >= 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    measured = len(log.read_text().splitlines())
+    spooled = (out / "gpu_samples.jsonl").read_text().splitlines()
+    assert 6 <= measured < 20 and len(spooled) > 5
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    m = pd.read_parquet(out / "measurements.parquet")
+    keys = ["sweep", "n_input_tokens", "n_output_tokens_requested", "repetition"]
+    assert len(m) == 20 and not m[keys].duplicated().any() and m["error"].isna().all()
+    gpu = pd.read_parquet(out / "gpu_samples.parquet")
+    lines = [json.loads(x) for x in (out / "gpu_samples.jsonl").read_text().splitlines()]
+    # every sample received before the kill is kept, and none twice
+    assert [x["line"] for x in lines[:len(spooled)]] == [json.loads(x)["line"]
+                                                         for x in spooled]
+    assert len(gpu) == len(lines) and gpu["run_id"].nunique() == 2
+    assert not gpu.duplicated(["run_id", "timestamp", "gpu_index"]).any()
+
+
+def test_local_sampler_keeps_gaps_samples_only_the_jobs_gpus_and_reports_an_early_exit(
+        tmp_path, monkeypatch):
+    write_fake_smi(tmp_path / "bin", na_every=3, lines=12)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    spool = tmp_path / "gpu_samples.jsonl"
+    with NvidiaSmiSampler(None, loop_ms=10, spool=spool) as gpu:
+        deadline = time.monotonic() + 10
+        while gpu._exit is None and time.monotonic() < deadline:   # it stops by itself
+            time.sleep(0.02)
+    samples = gpu.samples
+    assert gpu.gpu_indices == (1, 3) and set(samples["gpu_index"]) == {1, 3}
+    assert len(samples) == 24 and samples["power_w"].isna().sum() == 8     # 4 of 12 × 2 GPUs
+    gaps = " | ".join(gpu.gaps)
+    assert "8 sample(s) with values nvidia-smi could not read" in gaps
+    assert "nvidia-smi exited (status 0) after 24 lines" in gaps
+    assert len(gpu.spooled()) == 24 and len(spool.read_text().splitlines()) == 24
+    write_fake_smi(tmp_path / "bin", lines=0)            # a driver that never answers
+    with pytest.raises(SamplerError, match="gave no sample"):
+        NvidiaSmiSampler(None, loop_ms=10).__enter__()
+
+
+def test_job_gpus_come_from_cuda_visible_devices_or_slurm():
+    assert job_gpu_indices({"CUDA_VISIBLE_DEVICES": "2,0"}) == (2, 0)
+    assert job_gpu_indices({"SLURM_JOB_GPUS": "5"}) == (5,)
+    assert job_gpu_indices({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"}) is None   # UUIDs: not indices
+    assert job_gpu_indices({}) is None
