@@ -128,3 +128,37 @@ def test_bench_replays_a_trace(server, engine, tmp_path):
     assert r["n_input_tokens"].tolist() == [40, 80, 20]
     assert r["n_output_tokens"].tolist() == [3, 4, 2]
     assert np.allclose(r["arrival_s"], [0.0, 0.05, 0.1], atol=0.03)
+
+
+def test_bench_samples_the_gpu_from_before_the_first_request_to_after_the_last(
+        server, engine, tmp_path, monkeypatch):
+    from datetime import datetime
+
+    import pandas as pd
+    from sshd import write_fake_smi
+
+    write_fake_smi(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    out = tmp_path / "sampled"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", server[1], "--output", str(out), "--engine", str(engine),
+        "--num-prompts", "12", "--input-len", "32", "--output-len", "8", "--request-rate",
+        "30", "--local-smi", "--loop-ms", "20"])
+    assert result.exit_code == 0, result.output
+    assert validate(out) == []
+    card = json.loads((out / "dataset.json").read_text())
+    assert {"gpu_samples.parquet", "gpu_samples.jsonl"} <= set(card["files"])
+    gpu = pd.read_parquet(out / "gpu_samples.parquet")
+    sent = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    first_send = datetime.fromtimestamp(min(r["send_unix_s"] for r in sent))
+    last_end = datetime.fromtimestamp(max(r["send_unix_s"] + r["ttft_s"] + sum(r["itl_s"])
+                                          for r in sent))
+    assert gpu["timestamp"].min() <= first_send and gpu["timestamp"].max() >= last_end - \
+        pd.Timedelta(seconds=0.05)
+    assert set(gpu["gpu_index"]) == {0} and gpu["power_w"].notna().all()
+    rejected = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", server[1], "--output", str(tmp_path / "x"), "--engine", str(engine),
+        "--gpu-index", "1"])
+    assert rejected.exit_code == 2 and "--gpu-index has no effect without --ssh" in \
+        rejected.output

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,15 @@ def estimate(schedule: Schedule) -> str:
 
 def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: Path,
         max_concurrency: int | None = None, warmup: int = 1, timeout_s: float = 600.0,
-        on_done=None) -> list[dict]:
+        on_done=None, sampler=None) -> list[dict]:
     """Send ``schedule`` to the server and log every request; returns the records.
 
     Each record: ``request_id``, ``start_s`` (send time from the run's start),
+    ``send_unix_s`` (the same instant on the wall clock, to align GPU samples with),
     ``n_input_tokens`` (the server's count where it gives one), ``n_output_tokens``,
-    ``ttft_s``, ``itl_s`` (list), ``error`` (None on success).
+    ``ttft_s``, ``itl_s`` (list), ``error`` (None on success). A ``sampler``
+    (:class:`~tracer.sampler.NvidiaSmiSampler`) is entered after the warm-up, so its first
+    sample precedes the first recorded request, and left when the last one has finished.
 
     Raises
     ------
@@ -159,6 +163,7 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
         finally:
             gate.release()
         record = {"request_id": str(i), "start_s": start - t0,
+                  "send_unix_s": wall0 + (start - t0),
                   "n_input_tokens": result.n_input_tokens or int(schedule.n_input_tokens[i]),
                   "n_output_tokens": (result.n_output_tokens if result.success
                                       else 0) or (len(result.itl_s) + 1),
@@ -171,8 +176,8 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
 
     workers = min(max_concurrency or len(schedule), 256, len(schedule))
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            t0 = time.perf_counter()
+        with sampler or nullcontext(), ThreadPoolExecutor(max_workers=workers) as pool:
+            t0, wall0 = time.perf_counter(), time.time()
             for i in range(len(schedule)):
                 delay = t0 + schedule.offset_s[i] - time.perf_counter()
                 if delay > 0:

@@ -227,10 +227,11 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
               help="Environment variable holding the API key.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
               help="File holding the API key (never pass keys on the command line).")
+@sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
           input_len, output_len, seed, num_prompts, max_concurrency, warmup, timeout_s,
-          allow_failures, api_key_env, api_key_file):
+          allow_failures, api_key_env, api_key_file, **sampling):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
     import json
@@ -240,7 +241,9 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
     from archive.importers.serving import import_tracer_bench
     from tracer import bench as load
     from tracer.client import ServerError, VLLMClient
+    from tracer.ssh import SSHError
 
+    sampler = _sampler(sampling)
     poisson = {"request_rate": request_rate, "burstiness": burstiness,
                "input_len": input_len, "output_len": output_len, "seed": seed}
     if trace is not None:
@@ -262,6 +265,8 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
     given = read_json_object(engine_file, "engine settings file")
     key = _api_key(api_key_env, api_key_file)
     folder = Path(output)
+    if sampler:
+        sampler.spool, sampler.tags = folder / "gpu_samples.jsonl", {"run_id": folder.name}
     try:
         client = VLLMClient(url, key, timeout_s)
         served = model or client.models()[0]["id"]
@@ -270,12 +275,13 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
             records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
-                               timeout_s, lambda r: bar.update(1))
-    except ServerError as exc:
+                               timeout_s, lambda r: bar.update(1), sampler)
+    except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
     (folder / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
+    extra = _write_samples(sampler, folder) if sampler else ()
     import_tracer_bench(folder / "requests.jsonl", folder, folder / "engine.json",
-                        source=f"tracer bench against {served}")
+                        source=f"tracer bench against {served}", extra_files=extra)
     s = load.summary(records)
     click.echo(f"{s['requests'] - s['failed']} of {s['requests']} requests succeeded in "
                f"{s['duration_s']:.1f} s ({s['request_throughput_req_s'] or 0:.2f} req/s)")
@@ -286,9 +292,23 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
                        f"{s[metric]['p99'] * 1e3:9.2f} ms")
     for reason, n in s["failures"].items():
         click.echo(f"  failed: {n} × {reason}")
-    click.echo(f"wrote {folder} (requests.jsonl, requests.parquet, dataset.json)")
+    for gap in sampler.gaps if sampler else ():
+        click.echo(f"GPU samples: {gap}", err=True)
+    click.echo(f"wrote {folder} (requests.jsonl, requests.parquet"
+               f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
     if s["failed"] and not allow_failures:
         sys.exit(1)
+
+
+def _write_samples(sampler, folder: Path) -> tuple[Path, Path]:
+    """``gpu_samples.parquet`` from the sampler's spool (the archive's GPU-samples table,
+    ``archive/schema.py``); returns it and the spool."""
+    import pyarrow.parquet as pq
+
+    fields = ("power.draw.instant",) if sampler.power_field == "power.draw.instant" else ()
+    pq.write_table(samples_table(sampler.spooled(), folder.name, fields),
+                   folder / "gpu_samples.parquet")
+    return folder / "gpu_samples.parquet", folder / "gpu_samples.jsonl"
 
 
 @main.command()

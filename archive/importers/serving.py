@@ -260,11 +260,12 @@ def _timeseries(path: Path) -> pa.Table:
 
 
 def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str], start,
-                first, last, itls, errors, engine: dict, meta: dict) -> dict:
+                first, last, itls, errors, engine: dict, meta: dict,
+                extra: list[Path] = ()) -> dict:
     """Write a run timed by a benchmark client: its ``rows`` with the prompt and output
     token counts under the keys ``sizes``, absolute ``start``, ``first`` and ``last`` token
     times (s, NaN when the request failed), per-request ITL lists (or None) and error texts
-    (None on success)."""
+    (None on success); ``extra`` files go with it."""
     n_in, n_out = (_tokens(rows, key, src) for key in sizes)
     first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
     zero = float(np.nanmin(start))
@@ -276,7 +277,7 @@ def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str],
                   _latencies(arrival, first, last, n_out).items()},
                "itl_s": itls, "error": errors}
     failed = sum(e is not None for e in errors)
-    return _write(dest, _requests_table(columns), None, [src], {
+    return _write(dest, _requests_table(columns), None, [src, *extra], {
         **meta, "version": "1.0.0", "engine": engine, "time_origin": "the first request sent",
         "title": f"{meta['title']}: {engine['llm']} on {engine['gpu']} ({len(start)} requests)",
         "description": f"{len(start):,} requests ({failed} failed) {meta['description']}; "
@@ -444,11 +445,12 @@ def import_guidellm(src: str | Path, dest: str | Path, engine_file: str | Path,
 
 def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Path,
                         name: str | None = None, licence: str = "see source",
-                        source: str | None = None) -> dict:
+                        source: str | None = None, extra_files: tuple = ()) -> dict:
     """Import the ``requests.jsonl`` of ``tracer bench``: one JSON object per completed
     request, ``request_id, start_s, n_input_tokens, n_output_tokens, ttft_s, itl_s, error``
     (times in seconds from the run's start, ``error`` null on success). Engine settings as
-    :func:`import_vllm_bench`.
+    :func:`import_vllm_bench`. ``extra_files`` (the GPU samples) are listed and
+    checksummed with the run.
 
     Raises
     ------
@@ -474,4 +476,5 @@ def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Pa
         src, dest, rows, ("n_input_tokens", "n_output_tokens"), start, first, last, itls,
         errors, _client_engine(given, given.get("llm"), engine_file),
         {"name": name or dest.name, "title": "tracer bench", "licence": licence,
-         "source": source or str(src), "description": "sent by tracer bench"})
+         "source": source or str(src), "description": "sent by tracer bench"},
+        [Path(f) for f in extra_files])
