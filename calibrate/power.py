@@ -143,7 +143,9 @@ def calibrate_power(samples: pd.DataFrame, folds: int = 5,
     power = samples["power_w"].to_numpy(np.float64)
     if (power <= 0).any():
         raise InputError("power.draw must be > 0 W in every sample", field="power.draw")
-    has_clock = "clock_sm_mhz" in samples.columns
+    has_clock = ("clock_sm_mhz" in samples.columns            # queried, and read every time
+                 and bool(samples["clock_sm_mhz"].notna().all())
+                 and float(samples["clock_sm_mhz"].max()) > 0)
     f_ratio = (samples["clock_sm_mhz"].to_numpy(np.float64) / samples["clock_sm_mhz"].max()
                if has_clock else np.ones_like(u))
     rows = []

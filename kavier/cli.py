@@ -387,9 +387,10 @@ def _common(o: dict):
 @click.option("--utilization-cap", type=click.FloatRange(min=0, min_open=True, max=1),
               default=1.0, show_default=True,
               help="Highest utilization the power model is evaluated at.")
-@click.option("--memory-bound-utilization", type=click.FloatRange(0, 1), default=0.5,
-              show_default=True, help="Utilization the power model sees for a step bound by "
-              "memory traffic (docs/sustainability.md).")
+@click.option("--memory-bound-utilization", type=click.FloatRange(0, 1), default=None,
+              help="Utilization the power model sees for a step bound by memory traffic "
+              "(docs/sustainability.md) [default: the power section's, fitted by kavier "
+              "calibrate-power on a tracer dataset, else 0.5].")
 @clean_errors
 def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, start_time,
              power_model, idle_power_w, max_power_w, power_shape, power_profile, carbon_trace,
@@ -419,6 +420,8 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
         from archive.carbon import read_carbon
 
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
+    if memory_bound_utilization is None:
+        memory_bound_utilization = (section or {}).get("memory_bound_utilization", 0.5)
     sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization,
                          config.tensor_parallel_size)
     export = ExportOptions(export_rate, fragments, opendc, write_steps, start,
@@ -729,28 +732,48 @@ def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
 
 
 @main.command("calibrate-power")
-@click.argument("capture", type=click.Path(dir_okay=False))
-@click.option("--fields", default=",".join(CAPTURE_FIELDS), show_default=True,
-              help="nvidia-smi --query-gpu fields of the capture, in order.")
-@click.option("--gpu", default=None, help="GPU the capture is from (recorded in the profile).")
+@click.argument("capture", type=click.Path(exists=True))
+@click.option("--fields", default=None,
+              help="nvidia-smi --query-gpu fields of a CSV capture, in order [default: "
+                   + ",".join(CAPTURE_FIELDS) + "].")
+@click.option("--gpu", default=None, help="GPU the capture is from (recorded in the profile) "
+                                          "[default: a dataset's].")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
-              help="Timing profile to add the power section to [default: write a power-only "
-                   "profile in the output folder].")
+              help="Timing profile to add the power section to (and, with a dataset, to time "
+                   "its requests with) [default: write a power-only profile in the output "
+                   "folder].")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="Contiguous cross-validation blocks.")
 @click.option("--output-folder", default="runs/power", show_default=True,
               type=click.Path(file_okay=False))
 @clean_errors
 def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
-    """Fit the power models of thesis Table 4.1 to nvidia-smi samples and rank them by MAPE."""
+    """Fit the power models of thesis Table 4.1 to nvidia-smi samples (a CSV capture, or a
+    tracer dataset's gpu_samples.parquet) and rank them by MAPE; with a tracer collect dataset,
+    also fit memory_bound_utilization to its requests' measured power."""
     from archive.smi import read_capture
     from calibrate.power import calibrate_power as fit
     from calibrate.power_report import power_section, write_power_report
     from calibrate.profile import Profile
 
-    samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
+    if Path(capture).is_dir():
+        if fields is not None:
+            raise InputError("--fields describes a CSV capture; a dataset's samples are "
+                             "named", field="fields")
+        samples, measurements, gpu = _dataset_samples(Path(capture), gpu)
+    else:
+        fields = fields or ",".join(CAPTURE_FIELDS)
+        samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
+        measurements = None
     result = fit(samples, folds)
     section = power_section(result, capture, samples, gpu)
+    if measurements is not None and "request_id" in samples.columns:
+        section["phases"] = _fit_phases(measurements, samples, result.best, profile_path,
+                                        Path(capture), gpu)
+        section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
+        # the simulator evaluates P at the utilization of each step's costs: the fit that
+        # matches its view sets P_max (docs/sustainability.md)
+        section["model"] = {**section["model"], "max_w": section["phases"]["max_w"]}
     with run_folder(output_folder) as out:
         write_power_report(out, result, samples, section)
         if profile_path:
@@ -769,11 +792,66 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         c = result.clock
         click.echo(f"{result.best.name} with SM clock (γ = {c['gamma']:.2f}): MAPE fit "
                    f"{c['mape_fit_pct']:.2f} %, held out {c['mape_heldout_pct']:.2f} %")
+    phases = section.get("phases")
+    if phases:
+        click.echo(f"memory_bound_utilization {phases['memory_bound_utilization']:.3f}, P_max "
+                   f"{phases['max_w']:.1f} W: per-request power MAPE {phases['mape_pct']:.2f} % "
+                   f"over "
+                   f"{phases['requests']} requests ({phases['mape_default_pct']:.2f} % at the "
+                   f"default 0.5); " + ", ".join(
+                       f"{k} measured {v['measured_w']:.0f} W, predicted {v['predicted_w']:.0f} W"
+                       for k, v in phases["by_sweep"].items()))
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"best: {result.best.name}; wrote {Path(output_folder)}/power_profile.json, "
                f"power_fit.png, ranking.csv" + (f" and the power section of {profile_path}"
                                                 if profile_path else ""))
+
+
+def _dataset_samples(folder: Path, gpu: str | None):
+    """A tracer dataset's GPU samples without gaps (``[N/A]`` values; counted on stderr), its
+    measurements (None for a serving run) and GPU name."""
+    import pandas as pd
+
+    from archive.errors import read_json_object
+
+    path = folder / "gpu_samples.parquet"
+    if not path.is_file():
+        raise InputError("no gpu_samples.parquet: sample the run with --ssh or --local-smi",
+                         path=folder)
+    from archive.datasets import verified
+
+    verified(folder, {**read_json_object(folder / "dataset.json", "dataset card"),
+                      "main_table": path.name})
+    samples = pd.read_parquet(path)
+    gaps = samples["power_w"].isna() | samples["utilization_gpu_pct"].isna()
+    if gaps.any():
+        click.echo(f"skipping {int(gaps.sum())} of {len(samples)} samples with values "
+                   "nvidia-smi could not read", err=True)
+    samples = samples[~gaps].reset_index(drop=True)
+    setup = folder / "setup.json"
+    meta = read_json_object(setup, "setup") if setup.is_file() else {}
+    measured = folder / "measurements.parquet"
+    measurements = pd.read_parquet(measured) if measured.is_file() else None
+    return samples, measurements, gpu or meta.get("gpu")
+
+
+def _fit_phases(measurements, samples, model, profile_path, folder: Path, gpu: str | None):
+    """:func:`calibrate.power_phases.fit_memory_bound_utilization` with the profile's timing,
+    else the library defaults for the dataset's GPU and LLM."""
+    from calibrate.power_phases import fit_memory_bound_utilization, request_power
+    from calibrate.profile import Profile
+
+    if profile_path:
+        profile = Profile.read(profile_path)
+        timing = make_timing(profile.timing_model, *_specs(profile.llm, profile.gpu,
+                                                            None, None), profile.params)
+    else:
+        if gpu is None:
+            raise InputError("the dataset names no GPU; pass --gpu", field="gpu")
+        timing = make_timing("roofline", *_specs(measurements["model"].iloc[0], gpu, None,
+                                                 None))
+    return fit_memory_bound_utilization(request_power(measurements, samples), timing, model)
 
 
 @main.command()

@@ -1,0 +1,78 @@
+"""``kavier calibrate-power`` on a tracer dataset: GPU samples aligned with the requests they
+were taken during, and memory_bound_utilization fitted to what the GPU was doing."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from archive.cards import finish
+from archive.schema import GPU_SAMPLES
+from calibrate.power_phases import predicted_power
+from kavier.cli import main as kavier_cli
+from kavier.models.power import PowerModel
+from kavier.models.timing import make_timing
+from tracer.client import VLLMClient
+from tracer.collect import Setup, SweepPlan, collect
+
+TRUE = PowerModel("linear", 60.0, 300.0)
+PHI = 0.3
+
+
+def _samples(measurements: pd.DataFrame, timing, per_request: int, idle: int) -> pa.Table:
+    """GPU samples a GPU with TRUE and PHI would give: ``per_request`` samples tagged with
+    each request (1 % noise), ``idle`` untagged ones at P_idle."""
+    rng = np.random.default_rng(7)
+    power = predicted_power(timing, TRUE, measurements["n_input_tokens"],
+                            measurements["n_output_tokens"], PHI)
+    tags = np.repeat(np.arange(len(measurements)), per_request)
+    watts = np.concatenate([np.full(idle, TRUE.idle_w),
+                            power[tags] * rng.normal(1.0, 0.01, tags.size)])
+    n = watts.size
+    util = np.concatenate([np.zeros(idle), np.full(tags.size, 100.0)])
+    columns = {"run_id": ["r"] * n, "timestamp": pd.date_range("2026-01-01", periods=n,
+                                                               freq="100ms"),
+               "gpu_index": np.zeros(n, np.int32), "utilization_gpu_pct": util,
+               "power_w": watts, "power_field": ["power.draw.instant"] * n,
+               "request_id": [None] * idle + tags.tolist()}
+    arrays = [pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
+              for f in GPU_SAMPLES]
+    return pa.Table.from_arrays(arrays, schema=GPU_SAMPLES)
+
+
+def test_memory_bound_utilization_is_recovered_from_requests_and_their_samples(
+        server, tmp_path, llama8b, a10):
+    _, url = server
+    out = collect(VLLMClient(url), SweepPlan((64, 512, 2048), (16, 64, 256), repetitions=2,
+                                             warmup=0),
+                  Setup("loopback", "A10", "Llama-3-8B", "Llama-3-8B"), tmp_path / "ds")
+    measurements = pd.read_parquet(out / "measurements.parquet")
+    timing = make_timing("roofline", llama8b, a10)
+    pq.write_table(_samples(measurements, timing, 3, 40), out / "gpu_samples.parquet")
+    meta = json.loads((out / "dataset.json").read_text())
+    finish(out, {**meta, "files": [*meta["files"], "gpu_samples.parquet"]})
+    result = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--output-folder",
+                                             str(tmp_path / "pw")])
+    assert result.exit_code == 0, result.output
+    phases = json.loads((tmp_path / "pw" / "summary.json").read_text())["power"]["phases"]
+    assert phases["memory_bound_utilization"] == pytest.approx(PHI, abs=0.03)
+    assert phases["mape_pct"] < 2.0 < phases["mape_default_pct"]
+    assert phases["requests"] == len(measurements) and phases["samples"] == 3 * 12
+    printed = f"memory_bound_utilization {phases['memory_bound_utilization']:.3f}, P_max "
+    assert printed in result.output and phases["max_w"] == pytest.approx(TRUE.max_w, rel=0.02)
+    # the profile carries it into kavier simulate
+    profile = tmp_path / "pw" / "power_profile.json"
+    trace = tmp_path / "t.csv"
+    trace.write_text("num_input_tokens,num_output_tokens\n16,200\n")
+    sim = CliRunner().invoke(kavier_cli, ["simulate", "--trace", str(trace), "--power-profile",
+                                          str(profile), "--output-folder", str(tmp_path / "s")])
+    assert sim.exit_code == 0, sim.output
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["sustainability"]["memory_bound_utilization"] == pytest.approx(
+        phases["memory_bound_utilization"])
+    bad = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--fields", "x"])
+    assert bad.exit_code == 2 and "--fields describes a CSV capture" in bad.output
