@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass
@@ -202,9 +205,30 @@ def _write_chunk(handler: BaseHTTPRequestHandler, text: str) -> None:
 _Handler._chunk = _write_chunk
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024             # a listen backlog like uvicorn's (2048), not 5
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):   # a client that hung up
+            super().handle_error(request, client_address)
+
+
 def start(state: FakeState) -> tuple[ThreadingHTTPServer, str]:
     """Start the server on 127.0.0.1 (a free port) in a daemon thread; returns it and its URL."""
     handler = type("Handler", (_Handler,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def start_process(timing: FakeTiming) -> tuple[subprocess.Popen, str]:
+    """The server in a process of its own (as a real server is: a load test's client then
+    does not share its GIL with the server's threads); the caller terminates it."""
+    values = (timing.prefill_s, timing.prefill_per_token_s, timing.decode_per_token_s)
+    code = ("import sys, time\nsys.path.insert(0, sys.argv[1])\n"
+            "from fake_vllm import FakeState, FakeTiming, start\n"
+            f"srv, url = start(FakeState(timing=FakeTiming{values}))\n"
+            "print(url, flush=True)\ntime.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent)],
+                               stdout=subprocess.PIPE, text=True)
+    return process, process.stdout.readline().strip()

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from archive.serving import read_serving
 from archive.validate import validate
-from tracer.bench import poisson_schedule
 from tracer.cli import main as tracer_cli
+from tracer.workloads import poisson_schedule
 
 MODEL = "Llama-3-8B"
 
@@ -162,3 +162,73 @@ def test_bench_samples_the_gpu_from_before_the_first_request_to_after_the_last(
         "--gpu-index", "1"])
     assert rejected.exit_code == 2 and "--gpu-index has no effect without --ssh" in \
         rejected.output
+
+
+def test_a_rate_run_achieves_the_requested_arrival_process(engine, tmp_path):
+    """Sent, not just planned: the send times the run recorded have the requested mean rate
+    (within 5 %) and a Poisson process's coefficient of variation of 1 (within 10 %). The
+    server runs in its own process, as a real one does."""
+    from fake_vllm import FakeTiming, start_process
+
+    process, url = start_process(FakeTiming(0.004, 2e-6, 0.002))
+    out = tmp_path / "rate"
+    try:
+        result = CliRunner().invoke(tracer_cli, [
+            "bench", "--url", url, "--output", str(out), "--engine", str(engine),
+            "--num-prompts", "800", "--input-len", "8", "--output-len", "2",
+            "--request-rate", "200", "--seed", "11", "--warmup", "0"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert result.exit_code == 0, result.output
+    sent = np.sort([json.loads(x)["start_s"]
+                    for x in (out / "requests.jsonl").read_text().splitlines()])
+    gaps = np.diff(sent)
+    assert 1.0 / gaps.mean() == pytest.approx(200.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.10)
+
+
+def test_stages_step_the_rate_and_label_their_requests():
+    from tracer.workloads import parse_stages, stages_schedule
+
+    s = stages_schedule(parse_stages("20:200,50:200"), 64, 8, seed=2)
+    for k, rate in enumerate((20.0, 50.0)):
+        times = s.offset_s[s.stage == k]
+        assert times.size / 200.0 == pytest.approx(rate, rel=0.05)      # 4,000 and 10,000
+        gaps = np.diff(times)
+        assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.10)
+    assert np.all(np.diff(s.offset_s) >= 0) and s.offset_s[0] == 0
+    with pytest.raises(Exception, match="rate:duration"):
+        parse_stages("20-50")
+
+
+def test_shared_prefix_workload_shares_the_system_prompts_and_records_block_hashes(
+        server, engine, tmp_path):
+    state, url = server
+    out = tmp_path / "shared"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine), "--workload",
+        "shared-prefix", "--prefix-groups", "2", "--prefix-len", "64", "--input-len", "16",
+        "--output-len", "3", "--num-prompts", "12", "--request-rate", "inf", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert set(state.salts) == {None}                 # the server's prefix cache may work
+    rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert all(r["n_input_tokens"] == 80 for r in rows)
+    heads = {}
+    for r in rows:                                    # 64 tokens = 4 blocks of 16 shared
+        heads.setdefault(r["prefix_group"], set()).add(tuple(r["hash_ids"][:4]))
+    assert set(heads) == {0, 1} and all(len(h) == 1 for h in heads.values())
+    assert heads[0] != heads[1]
+    assert len({tuple(r["hash_ids"]) for r in rows}) == 12       # each question its own
+    run = read_serving(out)
+    assert run.hash_block_size == 16 and run.content() is not None
+    fixed = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(tmp_path / "fixed"), "--engine", str(engine),
+        "--num-prompts", "3", "--input-len", "16", "--output-len", "2", "--warmup", "0"])
+    assert fixed.exit_code == 0, fixed.output
+    assert len(set(state.salts[-3:])) == 3 and None not in state.salts[-3:]
+    wrong = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(tmp_path / "w"), "--engine", str(engine),
+        "--prefix-len", "64"])
+    assert wrong.exit_code == 2 and "--prefix-len needs --workload shared-prefix" in \
+        wrong.output

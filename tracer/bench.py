@@ -21,70 +21,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from archive.errors import InputError
+from archive.importers.serving import block_hashes
 from tracer.client import ServerError, VLLMClient
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """What to send: per request its send offset (s from the start), prompt and output
-    tokens."""
-
-    offset_s: np.ndarray
-    n_input_tokens: np.ndarray
-    n_output_tokens: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.offset_s.size)
-
-
-def poisson_schedule(n: int, rate: float, input_len: int, output_len: int,
-                     burstiness: float = 1.0, seed: int = 0) -> Schedule:
-    """``n`` requests of fixed sizes with gamma(shape = burstiness, mean 1/rate) gaps (a
-    Poisson process at burstiness 1; ``vllm bench serve``'s ``--burstiness``); the first one
-    at 0 s. ``rate`` may be ``inf``: everything at once.
-
-    Raises
-    ------
-    InputError
-        For a non-positive count, rate, size or burstiness.
-    """
-    for name, value in (("num-prompts", n), ("request-rate", rate), ("input-len", input_len),
-                        ("output-len", output_len), ("burstiness", burstiness)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
-    if np.isinf(rate):
-        offsets = np.zeros(n)
-    else:
-        gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (rate * burstiness), n)
-        offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
-    return Schedule(offsets, np.full(n, input_len), np.full(n, output_len))
-
-
-def trace_schedule(table, n: int | None, rate_scale: float = 1.0) -> Schedule:
-    """The first ``n`` requests of an archive workload (its arrivals divided by
-    ``rate_scale``, and its sizes).
-
-    Raises
-    ------
-    InputError
-        When the trace has no arrival times, or ``rate_scale`` is not positive.
-    """
-    if "arrival_s" not in table.column_names:
-        raise InputError("the trace has no arrival times to replay", field="trace")
-    if not rate_scale > 0:
-        raise InputError(f"must be positive, got {rate_scale}", field="rate-scale")
-    rows = table.num_rows if n is None else min(n, table.num_rows)
-    arrival = table.column("arrival_s").to_numpy()[:rows].astype(np.float64)
-    return Schedule((arrival - arrival.min()) / rate_scale,
-                    table.column("n_input_tokens").to_numpy()[:rows].astype(np.int64),
-                    np.maximum(table.column("n_output_tokens").to_numpy()[:rows], 1)
-                    .astype(np.int64))
+from tracer.workloads import Schedule
 
 
 class _Log:
@@ -114,13 +58,16 @@ def estimate(schedule: Schedule) -> str:
 
 def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: Path,
         max_concurrency: int | None = None, warmup: int = 1, timeout_s: float = 600.0,
-        on_done=None, sampler=None) -> list[dict]:
+        on_done=None, sampler=None, cache_salt: bool = True) -> list[dict]:
     """Send ``schedule`` to the server and log every request; returns the records.
 
     Each record: ``request_id``, ``start_s`` (send time from the run's start),
     ``send_unix_s`` (the same instant on the wall clock, to align GPU samples with),
     ``n_input_tokens`` (the server's count where it gives one), ``n_output_tokens``,
-    ``ttft_s``, ``itl_s`` (list), ``error`` (None on success). A ``sampler``
+    ``ttft_s``, ``itl_s`` (list), ``error`` (None on success), and ``stage`` or
+    ``prefix_group`` where the schedule has them. With ``cache_salt`` every request carries
+    its own ``cache_salt`` (vLLM's per-request prefix-cache isolation), so that identical
+    prompts of one size do not hit each other's cached blocks. A ``sampler``
     (:class:`~tracer.sampler.NvidiaSmiSampler`) is entered after the warm-up, so its first
     sample precedes the first recorded request, and left when the last one has finished.
 
@@ -143,10 +90,16 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     if limit and longest > limit:
         raise InputError(f"a request needs {longest:,} tokens, more than the model's "
                          f"max_model_len {limit:,}", field="input-len")
-    prompts = {int(n): probe.prompt_tokens(model, int(n))
-               for n in np.unique(schedule.n_input_tokens)}
+    by_size = {} if schedule.prompts else {
+        int(n): probe.prompt_tokens(model, int(n)) for n in np.unique(schedule.n_input_tokens)}
+
+    def prompt(i: int) -> list[int]:
+        return schedule.prompts[i] if schedule.prompts else by_size[int(
+            schedule.n_input_tokens[i])]
+
+    salt = f"bench-{folder.name}-{time.time_ns()}"
     for _ in range(warmup):
-        check = probe.complete(model, prompts[int(schedule.n_input_tokens[0])], 4)
+        check = probe.complete(model, prompt(0), 4, cache_salt=f"{salt}-warmup")
         if not check.success:              # a failure here would vanish from the results
             raise ServerError(f"the warm-up request failed ({check.error}); is the server "
                               "ready? (--warmup 0 skips it)")
@@ -158,8 +111,8 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
         if not hasattr(local, "client"):
             local.client = VLLMClient(url, api_key, timeout_s, retries=0)
         try:
-            result = local.client.complete(model, prompts[int(schedule.n_input_tokens[i])],
-                                           int(schedule.n_output_tokens[i]))
+            result = local.client.complete(model, prompt(i), int(schedule.n_output_tokens[i]),
+                                           cache_salt=f"{salt}-{i}" if cache_salt else None)
         finally:
             gate.release()
         record = {"request_id": str(i), "start_s": start - t0,
@@ -169,6 +122,11 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
                                       else 0) or (len(result.itl_s) + 1),
                   "ttft_s": result.ttft_s, "itl_s": result.itl_s,
                   "error": None if result.success else (result.error or "failed")}
+        if not cache_salt:                 # the server's cache can hit: the replay needs it
+            record["hash_ids"] = block_hashes(prompt(i))
+        for key, labels in (("stage", schedule.stage), ("prefix_group", schedule.group)):
+            if labels is not None:
+                record[key] = int(labels[i])
         log.write(record)
         records.append(record)
         if on_done:

@@ -213,6 +213,23 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @click.option("--output-len", type=click.IntRange(min=1), default=None,
               help="Poisson schedule: output tokens per request [128].")
 @click.option("--seed", type=int, default=None, help="Poisson schedule: seed [0].")
+@click.option("--stages", default=None,
+              help="Load stages instead of one rate: rate:duration pairs, requests/s and s, "
+                   "e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not used).")
+@click.option("--workload", type=click.Choice(["fixed", "shared-prefix"]), default=None,
+              help="fixed: every prompt --input-len tokens; shared-prefix: --prefix-groups "
+                   "system prompts of --prefix-len tokens, each request one of them plus its "
+                   "own --input-len-token question [fixed].")
+@click.option("--prefix-groups", type=click.IntRange(min=1), default=None,
+              help="shared-prefix: system prompts [8].")
+@click.option("--prefix-len", type=click.IntRange(min=1), default=None,
+              help="shared-prefix: tokens per system prompt [1024].")
+@click.option("--cache-salt", type=click.Choice(["auto", "request", "none"]), default="auto",
+              show_default=True,
+              help="request: a vLLM cache_salt per request, so equal prompts never hit each "
+                   "other's cached blocks; none: the server's prefix cache works across "
+                   "requests (block hashes are recorded for the replay); auto: none for "
+                   "shared-prefix, request otherwise.")
 @click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True,
               help="Requests to send (the first ones of a --trace).")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
@@ -230,8 +247,9 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
-          input_len, output_len, seed, num_prompts, max_concurrency, warmup, timeout_s,
-          allow_failures, api_key_env, api_key_file, **sampling):
+          input_len, output_len, seed, stages, workload, prefix_groups, prefix_len, cache_salt,
+          num_prompts, max_concurrency, warmup, timeout_s, allow_failures, api_key_env,
+          api_key_file, **sampling):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
     import json
@@ -244,24 +262,11 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
     from tracer.ssh import SSHError
 
     sampler = _sampler(sampling)
-    poisson = {"request_rate": request_rate, "burstiness": burstiness,
-               "input_len": input_len, "output_len": output_len, "seed": seed}
-    if trace is not None:
-        given = [k for k, v in poisson.items() if v is not None]
-        if given:
-            raise InputError(f"--{given[0].replace('_', '-')} has no effect with --trace "
-                             "(its arrivals and sizes are replayed)",
-                             field=given[0].replace("_", "-"))
-        from archive import read_trace
-
-        schedule = load.trace_schedule(read_trace(trace).table, num_prompts,
-                                       1.0 if rate_scale is None else rate_scale)
-    else:
-        if rate_scale is not None:
-            raise InputError("--rate-scale has no effect without --trace", field="rate-scale")
-        schedule = load.poisson_schedule(
-            num_prompts, 1.0 if request_rate is None else request_rate, input_len or 512,
-            output_len or 128, 1.0 if burstiness is None else burstiness, seed or 0)
+    options = {"request_rate": request_rate, "burstiness": burstiness, "input_len": input_len,
+               "output_len": output_len, "seed": seed, "stages": stages, "workload": workload,
+               "prefix_groups": prefix_groups, "prefix_len": prefix_len,
+               "rate_scale": rate_scale, "num_prompts": num_prompts}
+    _check_workload_options(trace, options)
     given = read_json_object(engine_file, "engine settings file")
     key = _api_key(api_key_env, api_key_file)
     folder = Path(output)
@@ -272,10 +277,14 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         served = model or client.models()[0]["id"]
         engine = {**given, "llm": given.get("llm") or served, "model": served,
                   "version": given.get("version") or client.version() or "unknown"}
+        schedule = _bench_schedule(trace, options, client, served)
+        salted = cache_salt == "request" or (cache_salt == "auto"
+                                             and options["workload"] != "shared-prefix")
+        engine["cache_salt"] = "per request" if salted else "none"
         click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
             records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
-                               timeout_s, lambda r: bar.update(1), sampler)
+                               timeout_s, lambda r: bar.update(1), sampler, salted)
     except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
     (folder / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
@@ -298,6 +307,53 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
                f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
     if s["failed"] and not allow_failures:
         sys.exit(1)
+
+
+def _check_workload_options(trace: str | None, o: dict) -> None:
+    """Reject the schedule options that would have no effect (one line each)."""
+    fixed_only = ("request_rate", "burstiness", "input_len", "output_len", "seed", "stages",
+                  "workload", "prefix_groups", "prefix_len")
+    if trace is not None:
+        given = next((k for k in fixed_only if o[k] is not None), None)
+        if given:
+            raise InputError(f"--{given.replace('_', '-')} has no effect with --trace "
+                             "(its arrivals and sizes are replayed)",
+                             field=given.replace("_", "-"))
+        return
+    if o["rate_scale"] is not None:
+        raise InputError("--rate-scale has no effect without --trace", field="rate-scale")
+    shared = o["workload"] == "shared-prefix"
+    for name in ("prefix_groups", "prefix_len"):
+        if o[name] is not None and not shared:
+            raise InputError(f"--{name.replace('_', '-')} needs --workload shared-prefix",
+                             field=name.replace("_", "-"))
+    if o["stages"] is not None and (o["request_rate"] is not None or shared):
+        raise InputError("--stages replaces --request-rate (and works with the fixed "
+                         "workload)", field="stages")
+
+
+def _bench_schedule(trace: str | None, o: dict, client, model: str):
+    """The schedule the options describe (:mod:`tracer.workloads`)."""
+    from tracer import workloads
+
+    if trace is not None:
+        from archive import read_trace
+
+        return workloads.trace_schedule(read_trace(trace).table, o["num_prompts"],
+                                        o["rate_scale"] or 1.0)
+    rate = 1.0 if o["request_rate"] is None else o["request_rate"]
+    burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
+    out_len = o["output_len"] or 128
+    if o["workload"] == "shared-prefix":
+        return workloads.shared_prefix_schedule(
+            lambda text, n: client.prompt_tokens(model, n, text + " "), o["num_prompts"],
+            rate, o["prefix_groups"] or 8, o["prefix_len"] or 1024, o["input_len"] or 128,
+            out_len, burst, seed)
+    if o["stages"] is not None:
+        return workloads.stages_schedule(workloads.parse_stages(o["stages"]),
+                                         o["input_len"] or 512, out_len, burst, seed)
+    return workloads.poisson_schedule(o["num_prompts"], rate, o["input_len"] or 512, out_len,
+                                      burst, seed)
 
 
 def _write_samples(sampler, folder: Path) -> tuple[Path, Path]:

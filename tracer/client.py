@@ -148,6 +148,7 @@ class VLLMClient:
                  retries: int = 3) -> None:
         self.base_url, credentials = _split_url(base_url)
         self.timeout_s, self.retries = timeout_s, retries
+        self._lorem: dict[str, list[int]] = {}
         self.session = requests.Session()
         retry = Retry(total=retries, connect=retries, read=0, status=retries,
                       backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
@@ -190,12 +191,15 @@ class VLLMClient:
                                                      "add_special_tokens": False}
                           ).json()["tokens"]
 
-    def prompt_tokens(self, model: str, n_tokens: int) -> list[int]:
-        """A prompt of exactly ``n_tokens`` token ids: the "most common word" question over
-        lorem-ipsum text, repeated and cut to length. Sent as token ids, so the count is exact
-        whatever the tokenizer does at word boundaries."""
-        head = self.tokenize(model, INSTRUCTION)
-        body = self.tokenize(model, LOREM + " ")
+    def prompt_tokens(self, model: str, n_tokens: int, head_text: str = INSTRUCTION
+                      ) -> list[int]:
+        """A prompt of exactly ``n_tokens`` token ids: ``head_text`` (by default the "most
+        common word" question) over lorem-ipsum text, repeated and cut to length. Sent as
+        token ids, so the count is exact whatever the tokenizer does at word boundaries."""
+        head = self.tokenize(model, head_text)
+        if model not in self._lorem:
+            self._lorem[model] = self.tokenize(model, LOREM + " ")
+        body = self._lorem[model]
         ids = head + body * (max(n_tokens - len(head), 0) // max(len(body), 1) + 1)
         return ids[:n_tokens]
 

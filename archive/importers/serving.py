@@ -261,11 +261,12 @@ def _timeseries(path: Path) -> pa.Table:
 
 def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str], start,
                 first, last, itls, errors, engine: dict, meta: dict,
-                extra: list[Path] = ()) -> dict:
+                extra: list[Path] = (), hashes: list[list[int]] | None = None) -> dict:
     """Write a run timed by a benchmark client: its ``rows`` with the prompt and output
     token counts under the keys ``sizes``, absolute ``start``, ``first`` and ``last`` token
     times (s, NaN when the request failed), per-request ITL lists (or None) and error texts
-    (None on success); ``extra`` files go with it."""
+    (None on success); ``extra`` files go with it, ``hashes`` are the prompts' block hashes
+    when recorded."""
     n_in, n_out = (_tokens(rows, key, src) for key in sizes)
     first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
     zero = float(np.nanmin(start))
@@ -276,6 +277,8 @@ def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str],
                **{k: _nan_to_none(v) for k, v in
                   _latencies(arrival, first, last, n_out).items()},
                "itl_s": itls, "error": errors}
+    if hashes is not None:
+        columns["hash_ids"] = hashes
     failed = sum(e is not None for e in errors)
     return _write(dest, _requests_table(columns), None, [src, *extra], {
         **meta, "version": "1.0.0", "engine": engine, "time_origin": "the first request sent",
@@ -472,9 +475,31 @@ def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Pa
         first.append(start[i] + row["ttft_s"] if error is None else np.nan)
         last.append(first[-1] + float(np.sum(itl)) if error is None else np.nan)
         itls.append([float(x) for x in itl] if error is None else None)
+    hashes = _bench_hashes(rows, src)
     return _client_run(
         src, dest, rows, ("n_input_tokens", "n_output_tokens"), start, first, last, itls,
         errors, _client_engine(given, given.get("llm"), engine_file),
         {"name": name or dest.name, "title": "tracer bench", "licence": licence,
-         "source": source or str(src), "description": "sent by tracer bench"},
-        [Path(f) for f in extra_files])
+         "source": source or str(src), "description": "sent by tracer bench",
+         **({"hash_block_size": HASH_BLOCK_SIZE} if hashes else {})},
+        [Path(f) for f in extra_files], hashes)
+
+
+def _bench_hashes(rows: list[dict], src: Path) -> list[list[int]] | None:
+    """The prompts' block hashes (:func:`block_hashes`) when every request recorded them
+    (``tracer bench`` does when requests share the server's prefix cache), else None.
+
+    Raises
+    ------
+    InputError
+        For a ``hash_ids`` that is not a list of non-negative integers.
+    """
+    if not rows or any("hash_ids" not in r for r in rows):
+        return None
+    for i, row in enumerate(rows):
+        ids = row["hash_ids"]
+        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(
+                x, bool) and 0 <= x < 2**63 for x in ids):
+            raise InputError("expected a list of non-negative integer block hashes",
+                             path=src, row=i + 1, field="hash_ids")
+    return [row["hash_ids"] for row in rows]

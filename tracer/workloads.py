@@ -1,0 +1,178 @@
+"""What ``tracer bench`` sends: schedules of requests, as the field's load generators build
+them (``vllm bench serve``, guidellm, inference-perf).
+
+- **Poisson / gamma** (:func:`poisson_schedule`): ``--request-rate`` with gamma gaps of shape
+  ``--burstiness`` (1: Poisson), fixed sizes.
+- **Stages** (:func:`stages_schedule`): ``rate:duration`` steps one after another (a ramp, as
+  guidellm's and inference-perf's load stages), each a Poisson process over its duration.
+- **Trace replay** (:func:`trace_schedule`): an archive workload's arrivals and sizes.
+- **Shared prefixes** (:func:`shared_prefix_schedule`): groups of system prompts, each
+  followed by its own questions (inference-perf's ``shared_prefix`` data, SGLang's
+  generated-shared-prefix benchmark): the prefix cache's workload, with exact token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from archive.errors import InputError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What to send: per request its send offset (s from the start), prompt and output
+    tokens; a generator's own prompts (token ids, else built per size by the server's
+    tokenizer), the load stage each request belongs to, and its shared-prefix group."""
+
+    offset_s: np.ndarray
+    n_input_tokens: np.ndarray
+    n_output_tokens: np.ndarray
+    prompts: list[list[int]] | None = None
+    stage: np.ndarray | None = None
+    group: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.offset_s.size)
+
+
+def poisson_schedule(n: int, rate: float, input_len: int, output_len: int,
+                     burstiness: float = 1.0, seed: int = 0) -> Schedule:
+    """``n`` requests of fixed sizes with gamma(shape = burstiness, mean 1/rate) gaps (a
+    Poisson process at burstiness 1; ``vllm bench serve``'s ``--burstiness``); the first one
+    at 0 s. ``rate`` may be ``inf``: everything at once.
+
+    Raises
+    ------
+    InputError
+        For a non-positive count, rate, size or burstiness.
+    """
+    for name, value in (("num-prompts", n), ("request-rate", rate), ("input-len", input_len),
+                        ("output-len", output_len), ("burstiness", burstiness)):
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+    gaps = _gaps(np.random.default_rng(seed), n, rate, burstiness)
+    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    return Schedule(offsets, np.full(n, input_len), np.full(n, output_len))
+
+
+def trace_schedule(table, n: int | None, rate_scale: float = 1.0) -> Schedule:
+    """The first ``n`` requests of an archive workload (its arrivals divided by
+    ``rate_scale``, and its sizes).
+
+    Raises
+    ------
+    InputError
+        When the trace has no arrival times, or ``rate_scale`` is not positive.
+    """
+    if "arrival_s" not in table.column_names:
+        raise InputError("the trace has no arrival times to replay", field="trace")
+    if not rate_scale > 0:
+        raise InputError(f"must be positive, got {rate_scale}", field="rate-scale")
+    rows = table.num_rows if n is None else min(n, table.num_rows)
+    arrival = table.column("arrival_s").to_numpy()[:rows].astype(np.float64)
+    return Schedule((arrival - arrival.min()) / rate_scale,
+                    table.column("n_input_tokens").to_numpy()[:rows].astype(np.int64),
+                    np.maximum(table.column("n_output_tokens").to_numpy()[:rows], 1)
+                    .astype(np.int64))
+
+
+def _gaps(rng, n: int, rate: float, burstiness: float) -> np.ndarray:
+    """``n`` gamma(shape = burstiness, mean 1/rate) gaps (all 0 at an infinite rate)."""
+    if np.isinf(rate):
+        return np.zeros(n)
+    return rng.gamma(burstiness, 1.0 / (rate * burstiness), n)
+
+
+def parse_stages(text: str) -> list[tuple[float, float]]:
+    """``"2:30,5:30"`` (requests/s : seconds, comma-separated) as ``[(2, 30), (5, 30)]``.
+
+    Raises
+    ------
+    InputError
+        For a malformed, non-positive or infinite entry.
+    """
+    stages = []
+    for part in text.split(","):
+        rate, _, duration = part.strip().partition(":")
+        try:
+            values = (float(rate), float(duration))
+        except ValueError:
+            raise InputError(f"expected rate:duration pairs like 2:30,5:30, got {part!r}",
+                             field="stages") from None
+        if not all(np.isfinite(v) and v > 0 for v in values):
+            raise InputError(f"rates and durations must be positive and finite, got {part!r}",
+                             field="stages")
+        stages.append(values)
+    return stages
+
+
+def stages_schedule(stages: list[tuple[float, float]], input_len: int, output_len: int,
+                    burstiness: float = 1.0, seed: int = 0) -> Schedule:
+    """Requests of fixed sizes in stages: each ``(rate, duration)`` a gamma(burstiness)
+    process at ``rate`` for ``duration`` seconds, starting where the last one ended; every
+    request knows its stage.
+
+    Raises
+    ------
+    InputError
+        For non-positive sizes or burstiness, or stages that send no request.
+    """
+    for name, value in (("input-len", input_len), ("output-len", output_len),
+                        ("burstiness", burstiness)):
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+    rng = np.random.default_rng(seed)
+    offsets, stage, begin = [], [], 0.0
+    for k, (rate, duration) in enumerate(stages):
+        expected = int(rate * duration)
+        times = begin + np.cumsum(_gaps(rng, max(2 * expected + 10, 10), rate, burstiness))
+        times = times[times < begin + duration]
+        offsets.append(times)
+        stage.append(np.full(times.size, k))
+        begin += duration
+    offset = np.concatenate(offsets)
+    if not offset.size:
+        raise InputError("the stages send no request (raise a rate or a duration)",
+                         field="stages")
+    offset -= offset[0]
+    return Schedule(offset, np.full(offset.size, input_len), np.full(offset.size, output_len),
+                    stage=np.concatenate(stage))
+
+
+def shared_prefix_schedule(tokens: Callable[[str, int], list[int]], n: int, rate: float,
+                           groups: int, prefix_len: int, question_len: int, output_len: int,
+                           burstiness: float = 1.0, seed: int = 0) -> Schedule:
+    """``n`` requests in ``groups`` groups: every request of a group starts with the group's
+    system prompt (``prefix_len`` tokens) and ends with a question of its own
+    (``question_len`` tokens); groups are drawn uniformly at random, sends as
+    :func:`poisson_schedule`. ``tokens(text, n)`` returns exactly ``n`` token ids beginning
+    with ``text`` (the server's tokenizer: :meth:`~tracer.client.VLLMClient.prompt_tokens`).
+
+    A cache that keeps every system prompt hits ``prefix_len`` tokens of each request after
+    the first of its group: a token hit rate of ``(n − groups) · prefix_len / (n ·
+    (prefix_len + question_len))`` when all groups appear.
+
+    Raises
+    ------
+    InputError
+        For non-positive counts or sizes.
+    """
+    for name, value in (("num-prompts", n), ("request-rate", rate),
+                        ("prefix-groups", groups), ("prefix-len", prefix_len),
+                        ("input-len", question_len), ("output-len", output_len),
+                        ("burstiness", burstiness)):
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+    rng = np.random.default_rng(seed)
+    gaps = _gaps(rng, n, rate, burstiness)
+    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    group = rng.integers(0, groups, n)
+    prefixes = [tokens(f"System prompt {g}: you are assistant number {g}.", prefix_len)
+                for g in range(groups)]
+    prompts = [prefixes[g] + tokens(f"Question {i}:", question_len)
+               for i, g in enumerate(group.tolist())]
+    return Schedule(offsets, np.full(n, prefix_len + question_len), np.full(n, output_len),
+                    prompts=prompts, group=group)
