@@ -232,3 +232,30 @@ def test_shared_prefix_workload_shares_the_system_prompts_and_records_block_hash
         "--prefix-len", "64"])
     assert wrong.exit_code == 2 and "--prefix-len needs --workload shared-prefix" in \
         wrong.output
+
+
+def test_sessions_send_each_turn_after_the_answer_with_the_conversation_so_far(
+        server, engine, tmp_path):
+    state, url = server
+    out = tmp_path / "chat"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", url, "--output", str(out), "--engine", str(engine), "--workload",
+        "sessions", "--num-prompts", "3", "--turns", "3", "--input-len", "16", "--output-len",
+        "4", "--think-time", "0.05", "--request-rate", "inf", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "plan: 9 requests" in result.output
+    rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and set(state.salts) == {None}
+    for s in range(3):
+        turns = sorted((r for r in rows if r["session"] == s), key=lambda r: r["turn"])
+        assert [r["turn"] for r in turns] == [0, 1, 2]
+        # each turn: the previous prompt, its 4-token answer (" tok" × 4 re-tokenized), a
+        # new 16-token question
+        assert [r["n_input_tokens"] for r in turns] == [16, 36, 56]
+        for before, after in zip(turns, turns[1:], strict=False):
+            ended = before["start_s"] + before["ttft_s"] + sum(before["itl_s"])
+            assert after["start_s"] >= ended + 0.05          # after the answer and the pause
+            k = len(before["hash_ids"]) - 1                  # full blocks of the last prompt
+            assert after["hash_ids"][:k] == before["hash_ids"][:k]
+    run = read_serving(out)
+    assert run.hash_block_size == 16 and len(run.requests) == 9

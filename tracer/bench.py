@@ -107,12 +107,18 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     log, records = _Log(log_path), []
     gate = threading.BoundedSemaphore(max_concurrency or len(schedule))
 
-    def send(i: int, start: float, t0: float) -> None:
+    def client() -> VLLMClient:
         if not hasattr(local, "client"):
             local.client = VLLMClient(url, api_key, timeout_s, retries=0)
+        return local.client
+
+    def send(i: int, start: float, t0: float, ids: list[int] | None = None):
+        """Send request ``i`` (its prompt, or ``ids``), log its record; returns the result.
+        The caller has acquired ``gate``; it is released when the request ends."""
+        ids = prompt(i) if ids is None else ids
         try:
-            result = local.client.complete(model, prompt(i), int(schedule.n_output_tokens[i]),
-                                           cache_salt=f"{salt}-{i}" if cache_salt else None)
+            result = client().complete(model, ids, int(schedule.n_output_tokens[i]),
+                                       cache_salt=f"{salt}-{i}" if cache_salt else None)
         finally:
             gate.release()
         record = {"request_id": str(i), "start_s": start - t0,
@@ -122,29 +128,77 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
                                       else 0) or (len(result.itl_s) + 1),
                   "ttft_s": result.ttft_s, "itl_s": result.itl_s,
                   "error": None if result.success else (result.error or "failed")}
+        if schedule.session is not None:   # the prompt actually sent
+            record["n_input_tokens"] = result.n_input_tokens or len(ids)
         if not cache_salt:                 # the server's cache can hit: the replay needs it
-            record["hash_ids"] = block_hashes(prompt(i))
-        for key, labels in (("stage", schedule.stage), ("prefix_group", schedule.group)):
+            record["hash_ids"] = block_hashes(ids)
+        for key, labels in (("stage", schedule.stage), ("prefix_group", schedule.group),
+                            ("session", schedule.session), ("turn", schedule.turn)):
             if labels is not None:
                 record[key] = int(labels[i])
         log.write(record)
         records.append(record)
         if on_done:
             on_done(record)
+        return result
 
-    workers = min(max_concurrency or len(schedule), 256, len(schedule))
+    def converse(turns: np.ndarray, t0: float) -> None:
+        """A session's turns one after another: each sends the conversation so far (earlier
+        prompts and the server's answers, re-tokenized) and its question, ``think_s`` after
+        the previous answer; after a failed turn the rest are sent with the history they
+        have."""
+        history: list[int] = []
+        for k, i in enumerate(turns.tolist()):
+            if k:
+                time.sleep(schedule.think_s)
+            ids = history + schedule.prompts[i]
+            gate.acquire()
+            result = send(i, time.perf_counter(), t0, ids)
+            try:
+                answer = client().tokenize(model, result.text) if result.text else []
+            except ServerError as exc:        # the history is unknown: the session ends
+                for rest in turns[k + 1:].tolist():
+                    _log_failure(rest, f"session stopped: {exc}")
+                return
+            history = ids + answer
+
+    def _log_failure(i: int, error: str) -> None:
+        record = {"request_id": str(i), "start_s": time.perf_counter() - t0_box[0],
+                  "send_unix_s": time.time(), "n_input_tokens": int(schedule.n_input_tokens[i]),
+                  "n_output_tokens": 0, "ttft_s": None, "itl_s": [], "error": error}
+        log.write(record)
+        records.append(record)
+
+    jobs = len(schedule) if schedule.session is None else int(np.unique(schedule.session).size)
+    workers = min(jobs if schedule.session is not None else (max_concurrency or jobs), 256, jobs)
+    t0_box = [0.0]
     try:
         with sampler or nullcontext(), ThreadPoolExecutor(max_workers=workers) as pool:
             t0, wall0 = time.perf_counter(), time.time()
-            for i in range(len(schedule)):
-                delay = t0 + schedule.offset_s[i] - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                gate.acquire()
-                pool.submit(send, i, time.perf_counter(), t0)
+            t0_box[0] = t0
+            futures = []
+            if schedule.session is None:
+                for i in range(len(schedule)):
+                    _wait_until(t0 + schedule.offset_s[i])
+                    gate.acquire()
+                    futures.append(pool.submit(send, i, time.perf_counter(), t0))
+            else:
+                for s in np.unique(schedule.session):
+                    turns = np.flatnonzero(schedule.session == s)
+                    _wait_until(t0 + schedule.offset_s[turns[0]])
+                    futures.append(pool.submit(converse, turns, t0))
+        for future in futures:            # a bug in a worker shows, it does not vanish
+            future.result()
     finally:
         log.close()
     return sorted(records, key=lambda r: int(r["request_id"]))
+
+
+def _wait_until(instant: float) -> None:
+    """Sleep until ``time.perf_counter()`` reaches ``instant`` (not at all when past it)."""
+    delay = instant - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def summary(records: list[dict]) -> dict:

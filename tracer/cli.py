@@ -216,10 +216,17 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @click.option("--stages", default=None,
               help="Load stages instead of one rate: rate:duration pairs, requests/s and s, "
                    "e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not used).")
-@click.option("--workload", type=click.Choice(["fixed", "shared-prefix"]), default=None,
+@click.option("--workload", type=click.Choice(["fixed", "shared-prefix", "sessions"]),
+              default=None,
               help="fixed: every prompt --input-len tokens; shared-prefix: --prefix-groups "
                    "system prompts of --prefix-len tokens, each request one of them plus its "
-                   "own --input-len-token question [fixed].")
+                   "own --input-len-token question; sessions: --num-prompts conversations of "
+                   "--turns turns, each turn the conversation so far plus an --input-len-token "
+                   "question, sent --think-time after the previous answer [fixed].")
+@click.option("--turns", type=click.IntRange(min=1), default=None,
+              help="sessions: turns per conversation [3].")
+@click.option("--think-time", type=click.FloatRange(min=0), default=None,
+              help="sessions: seconds between an answer and the next turn [0].")
 @click.option("--prefix-groups", type=click.IntRange(min=1), default=None,
               help="shared-prefix: system prompts [8].")
 @click.option("--prefix-len", type=click.IntRange(min=1), default=None,
@@ -247,9 +254,9 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
-          input_len, output_len, seed, stages, workload, prefix_groups, prefix_len, cache_salt,
-          num_prompts, max_concurrency, warmup, timeout_s, allow_failures, api_key_env,
-          api_key_file, **sampling):
+          input_len, output_len, seed, stages, workload, turns, think_time, prefix_groups,
+          prefix_len, cache_salt, num_prompts, max_concurrency, warmup, timeout_s,
+          allow_failures, api_key_env, api_key_file, **sampling):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
     import json
@@ -264,8 +271,8 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
     sampler = _sampler(sampling)
     options = {"request_rate": request_rate, "burstiness": burstiness, "input_len": input_len,
                "output_len": output_len, "seed": seed, "stages": stages, "workload": workload,
-               "prefix_groups": prefix_groups, "prefix_len": prefix_len,
-               "rate_scale": rate_scale, "num_prompts": num_prompts}
+               "prefix_groups": prefix_groups, "prefix_len": prefix_len, "turns": turns,
+               "think_time": think_time, "rate_scale": rate_scale, "num_prompts": num_prompts}
     _check_workload_options(trace, options)
     given = read_json_object(engine_file, "engine settings file")
     key = _api_key(api_key_env, api_key_file)
@@ -278,8 +285,8 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         engine = {**given, "llm": given.get("llm") or served, "model": served,
                   "version": given.get("version") or client.version() or "unknown"}
         schedule = _bench_schedule(trace, options, client, served)
-        salted = cache_salt == "request" or (cache_salt == "auto"
-                                             and options["workload"] != "shared-prefix")
+        salted = cache_salt == "request" or (
+            cache_salt == "auto" and options["workload"] not in ("shared-prefix", "sessions"))
         engine["cache_salt"] = "per request" if salted else "none"
         click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
@@ -312,7 +319,7 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
 def _check_workload_options(trace: str | None, o: dict) -> None:
     """Reject the schedule options that would have no effect (one line each)."""
     fixed_only = ("request_rate", "burstiness", "input_len", "output_len", "seed", "stages",
-                  "workload", "prefix_groups", "prefix_len")
+                  "workload", "prefix_groups", "prefix_len", "turns", "think_time")
     if trace is not None:
         given = next((k for k in fixed_only if o[k] is not None), None)
         if given:
@@ -322,12 +329,13 @@ def _check_workload_options(trace: str | None, o: dict) -> None:
         return
     if o["rate_scale"] is not None:
         raise InputError("--rate-scale has no effect without --trace", field="rate-scale")
-    shared = o["workload"] == "shared-prefix"
-    for name in ("prefix_groups", "prefix_len"):
-        if o[name] is not None and not shared:
-            raise InputError(f"--{name.replace('_', '-')} needs --workload shared-prefix",
+    for name, workload in (("prefix_groups", "shared-prefix"), ("prefix_len", "shared-prefix"),
+                           ("turns", "sessions"), ("think_time", "sessions")):
+        if o[name] is not None and o["workload"] != workload:
+            raise InputError(f"--{name.replace('_', '-')} needs --workload {workload}",
                              field=name.replace("_", "-"))
-    if o["stages"] is not None and (o["request_rate"] is not None or shared):
+    if o["stages"] is not None and (o["request_rate"] is not None
+                                    or o["workload"] not in (None, "fixed")):
         raise InputError("--stages replaces --request-rate (and works with the fixed "
                          "workload)", field="stages")
 
@@ -344,6 +352,11 @@ def _bench_schedule(trace: str | None, o: dict, client, model: str):
     rate = 1.0 if o["request_rate"] is None else o["request_rate"]
     burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
     out_len = o["output_len"] or 128
+    if o["workload"] == "sessions":
+        return workloads.sessions_schedule(
+            lambda text, n: client.prompt_tokens(model, n, text + " "), o["num_prompts"],
+            o["turns"] or 3, rate, o["input_len"] or 128, out_len, o["think_time"] or 0.0,
+            burst, seed)
     if o["workload"] == "shared-prefix":
         return workloads.shared_prefix_schedule(
             lambda text, n: client.prompt_tokens(model, n, text + " "), o["num_prompts"],

@@ -58,6 +58,8 @@ class RequestResult:
     n_input_tokens: int | None = None
     n_output_tokens: int | None = None
     error: str | None = None
+    text: str = ""
+    """The generated text (a multi-turn session appends it to the next turn's prompt)."""
 
     @property
     def decode_s(self) -> float | None:
@@ -298,6 +300,7 @@ class VLLMClient:
                 _failed(result, f"server error in the stream: {str(message)[:200]}")
                 return False
             if event.get("choices"):
+                result.text += event["choices"][0].get("text") or ""
                 if result.ttft_s is None:
                     result.ttft_s = now - start
                 else:

@@ -9,6 +9,10 @@ them (``vllm bench serve``, guidellm, inference-perf).
 - **Shared prefixes** (:func:`shared_prefix_schedule`): groups of system prompts, each
   followed by its own questions (inference-perf's ``shared_prefix`` data, SGLang's
   generated-shared-prefix benchmark): the prefix cache's workload, with exact token counts.
+- **Multi-turn sessions** (:func:`sessions_schedule`): conversations whose every turn sends
+  the whole conversation so far — earlier prompts and the answers the server gave — plus a
+  new question, after the previous answer and a think time (chat serving's append-only
+  prefix, the case the thesis's prefix cache was designed for).
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from archive.errors import InputError
 class Schedule:
     """What to send: per request its send offset (s from the start), prompt and output
     tokens; a generator's own prompts (token ids, else built per size by the server's
-    tokenizer), the load stage each request belongs to, and its shared-prefix group."""
+    tokenizer), the load stage each request belongs to, and its shared-prefix group. In a
+    multi-turn schedule (``session`` and ``turn`` set) ``prompts`` hold each turn's new
+    question, only first turns are sent at their offsets, and each later turn goes
+    ``think_s`` after the previous answer, its prompt the conversation so far."""
 
     offset_s: np.ndarray
     n_input_tokens: np.ndarray
@@ -33,6 +40,9 @@ class Schedule:
     prompts: list[list[int]] | None = None
     stage: np.ndarray | None = None
     group: np.ndarray | None = None
+    session: np.ndarray | None = None
+    turn: np.ndarray | None = None
+    think_s: float = 0.0
 
     def __len__(self) -> int:
         return int(self.offset_s.size)
@@ -176,3 +186,36 @@ def shared_prefix_schedule(tokens: Callable[[str, int], list[int]], n: int, rate
                for i, g in enumerate(group.tolist())]
     return Schedule(offsets, np.full(n, prefix_len + question_len), np.full(n, output_len),
                     prompts=prompts, group=group)
+
+
+def sessions_schedule(tokens: Callable[[str, int], list[int]], sessions: int, turns: int,
+                      rate: float, question_len: int, output_len: int, think_s: float = 0.0,
+                      burstiness: float = 1.0, seed: int = 0) -> Schedule:
+    """``sessions`` conversations of ``turns`` turns, starting as :func:`poisson_schedule`'s
+    requests at ``rate`` sessions/s. Turn ``t`` asks a new ``question_len``-token question
+    after the conversation so far, so its prompt is about ``t · (question_len + output_len) +
+    question_len`` tokens (exact where the answer's text re-tokenizes to the tokens generated);
+    ``n_input_tokens`` holds that expectation for the ``max_model_len`` check.
+
+    Raises
+    ------
+    InputError
+        For non-positive counts or sizes, or a negative think time.
+    """
+    for name, value in (("sessions", sessions), ("turns", turns), ("request-rate", rate),
+                        ("input-len", question_len), ("output-len", output_len),
+                        ("burstiness", burstiness)):
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+    if not think_s >= 0:
+        raise InputError(f"must be >= 0, got {think_s}", field="think-time")
+    rng = np.random.default_rng(seed)
+    gaps = _gaps(rng, sessions, rate, burstiness)
+    starts = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    session = np.repeat(np.arange(sessions), turns)
+    turn = np.tile(np.arange(turns), sessions)
+    prompts = [tokens(f"Conversation {s}, question {t}:", question_len)
+               for s, t in zip(session.tolist(), turn.tolist(), strict=True)]
+    expected = turn * (question_len + output_len) + question_len
+    return Schedule(starts[session], expected, np.full(session.size, output_len),
+                    prompts=prompts, session=session, turn=turn, think_s=think_s)
