@@ -61,6 +61,16 @@ def _api_key(env: str, path: str | None) -> str | None:
     return os.environ.get(env) or None
 
 
+def api_key_options(command):
+    """Where the API key comes from (never the command line), shared by ``collect`` and
+    ``bench``."""
+    command = click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+                           help="File holding the API key (never pass keys on the command "
+                                "line).")(command)
+    return click.option("--api-key-env", default="TRACER_API_KEY", show_default=True,
+                        help="Environment variable holding the API key.")(command)
+
+
 def sampling_options(command):
     """GPU sampling options shared by ``collect`` and ``bench``."""
     options = [
@@ -146,10 +156,7 @@ def _sampler(o: dict):
 @click.option("--salt", type=click.Choice(["cache_salt", "prompt", "none"]),
               default="cache_salt", show_default=True,
               help="How to defeat the server's prefix cache per request.")
-@click.option("--api-key-env", default="TRACER_API_KEY", show_default=True,
-              help="Environment variable holding the API key.")
-@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
-              help="File holding the API key (never pass keys on the command line).")
+@api_key_options
 @sampling_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in OUTPUT.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
@@ -247,10 +254,7 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
               default=600.0, show_default=True, help="Per-request timeout, s.")
 @click.option("--allow-failures", is_flag=True,
               help="Exit 0 even when requests failed (they are recorded either way).")
-@click.option("--api-key-env", default="TRACER_API_KEY", show_default=True,
-              help="Environment variable holding the API key.")
-@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
-              help="File holding the API key (never pass keys on the command line).")
+@api_key_options
 @sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
