@@ -22,9 +22,10 @@ from scipy.optimize import minimize
 from archive.errors import InputError
 from calibrate.power import score_pct
 from kavier.models.power import PowerModel
+from kavier.sim.sustainability import MEMORY_BOUND_UTILIZATION
 from kavier.sim.timeline import power_utilization
 
-DEFAULT_PHI = 0.5
+DEFAULT_PHI = MEMORY_BOUND_UTILIZATION
 """The simulator's default ``memory_bound_utilization`` (docs/sustainability.md)."""
 
 

@@ -121,12 +121,18 @@ class Profile:
         Raises
         ------
         InputError
-            Unreadable file, invalid JSON, or no ``power.model`` section.
+            Unreadable file, invalid JSON, no ``power.model`` section, or a
+            ``memory_bound_utilization`` that is not a number in [0, 1].
         """
         d = read_json_object(profile_path(path), "profile")
         if not isinstance(d.get("power"), dict) or not isinstance(d["power"].get("model"), dict):
             raise InputError("no power section (write one with kavier calibrate-power)",
                              path=path, field="power")
+        phi = d["power"].get("memory_bound_utilization")
+        if phi is not None and not (isinstance(phi, int | float) and not isinstance(phi, bool)
+                                    and 0.0 <= phi <= 1.0):
+            raise InputError(f"expected a number in [0, 1], got {phi!r}", path=path,
+                             field="power.memory_bound_utilization")
         return d["power"]
 
 

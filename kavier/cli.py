@@ -42,7 +42,7 @@ from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig
 from kavier.sim.simulation import simulate as run_engine
 from kavier.sim.stats import QUANTILES
-from kavier.sim.sustainability import CarbonTrace, Sustainability
+from kavier.sim.sustainability import MEMORY_BOUND_UTILIZATION, CarbonTrace, Sustainability
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -421,7 +421,8 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
 
         carbon = CarbonTrace(read_carbon(carbon_trace), start, str(carbon_trace))
     if memory_bound_utilization is None:
-        memory_bound_utilization = (section or {}).get("memory_bound_utilization", 0.5)
+        memory_bound_utilization = (section or {}).get("memory_bound_utilization",
+                                                       MEMORY_BOUND_UTILIZATION)
     sus = Sustainability(power, carbon, pue, utilization_cap, memory_bound_utilization,
                          config.tensor_parallel_size)
     export = ExportOptions(export_rate, fragments, opendc, write_steps, start,

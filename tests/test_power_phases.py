@@ -74,5 +74,12 @@ def test_memory_bound_utilization_is_recovered_from_requests_and_their_samples(
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["sustainability"]["memory_bound_utilization"] == pytest.approx(
         phases["memory_bound_utilization"])
+    broken = json.loads(profile.read_text())
+    broken["power"]["memory_bound_utilization"] = "fast"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    sim = CliRunner().invoke(kavier_cli, ["simulate", "--trace", str(trace), "--power-profile",
+                                          str(tmp_path / "broken.json"), "--output-folder",
+                                          str(tmp_path / "s2")])
+    assert sim.exit_code == 2 and "field 'power.memory_bound_utilization'" in sim.output
     bad = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--fields", "x"])
     assert bad.exit_code == 2 and "--fields describes a CSV capture" in bad.output

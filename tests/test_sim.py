@@ -398,13 +398,16 @@ def test_memory_is_bounded_by_the_trace_not_by_one_answers_length(tmp_path, engi
     runs are computed in bounded pieces (unbounded, 1.7 GB of arrays for this one request)."""
     trace = tmp_path / "t.csv"
     trace.write_text("num_input_tokens,num_output_tokens\n5,20000000\n")
-    code = ("import resource, sys\nfrom kavier.cli import main\n"
+    # the peak RSS of this process image (VmHWM; ru_maxrss would carry pytest's own peak
+    # over from before the exec)
+    code = ("import sys\nfrom kavier.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(int(x.split()[1]) for x in open('/proc/self/status')"
+            " if x.startswith('VmHWM')))")
     out = subprocess.run([sys.executable, "-c", code, "simulate", "--trace", str(trace),
                           "--output-folder", str(tmp_path / "o"), "--num-gpu-blocks",
                           "2000000", "--no-fragments", "--no-opendc", *engine],
                          capture_output=True, text=True, timeout=300, check=True)
     assert "ITL p50" in out.stdout
     peak_mib = int(out.stdout.strip().splitlines()[-1]) / 1024
-    assert peak_mib < 600, peak_mib
+    assert peak_mib < 400, peak_mib         # 144 and 212 MiB measured; unbounded 1.7 GB

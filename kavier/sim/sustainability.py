@@ -70,6 +70,12 @@ class CarbonTrace:
                              "--start-time inside the trace", field="carbon-trace")
 
 
+MEMORY_BOUND_UTILIZATION = 0.5
+"""Default ``φ``: the share of ``P_max − P_idle`` a memory-bound step draws
+(:func:`kavier.sim.timeline.power_utilization`; fitted per GPU by ``kavier calibrate-power``
+on a tracer dataset)."""
+
+
 @dataclass(frozen=True)
 class Sustainability:
     """Power model, facility overhead and carbon trace of a run.
@@ -95,7 +101,7 @@ class Sustainability:
     carbon: CarbonTrace | None = None
     pue: float = 1.0
     utilization_cap: float = 1.0
-    memory_bound_utilization: float = 0.5
+    memory_bound_utilization: float = MEMORY_BOUND_UTILIZATION
     gpus_per_replica: int = 1
 
     def __post_init__(self):
