@@ -185,7 +185,10 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         are rejected. The search restarts once from its own optimum to escape simplex
         collapse.
         """
-        y = column_or_1d(np.asarray(y, dtype=np.float64), warn=True)
+        if y is None:
+            raise ValueError("TimingRegressor requires y to be passed, but the target y is None")
+        y = column_or_1d(check_array(y, ensure_2d=False, dtype=np.float64,   # no complex
+                                     ensure_all_finite=False), warn=True)
         sample_weight = _weights(sample_weight, y.size)
         n_in, n_out = _features(X)
         check_consistent_length(n_in, y)

@@ -53,6 +53,7 @@ def test_bench_writes_a_serving_run_that_calibrates(server, engine, tmp_path):
     decode = state.timing.decode_per_token_s
     assert r["tpot_s"].median() == pytest.approx(decode, rel=0.5)
     assert run.engine["timestamps"] == "client" and run.engine["version"] == "0.0.0-fake"
+    assert run.engine["max_model_len"] == 8192 and run.engine["cache_salt"] == "per request"
     lines = (out / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 24                                        # warm-up not recorded
     from kavier.cli import main as kavier_cli

@@ -285,9 +285,13 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         sampler.spool, sampler.tags = folder / "gpu_samples.jsonl", {"run_id": folder.name}
     try:
         client = VLLMClient(url, key, timeout_s)
-        served = model or client.models()[0]["id"]
+        models = client.models()
+        served = model or models[0]["id"]
+        limit = next((m.get("max_model_len") for m in models if m.get("id") == served), None)
         engine = {**given, "llm": given.get("llm") or served, "model": served,
-                  "version": given.get("version") or client.version() or "unknown"}
+                  "version": given.get("version") or client.version() or "unknown",
+                  **({"max_model_len": limit} if limit and "max_model_len" not in given
+                     else {})}
         schedule = _bench_schedule(trace, options, client, served)
         salted = cache_salt == "request" or (
             cache_salt == "auto" and options["workload"] not in ("shared-prefix", "sessions"))
