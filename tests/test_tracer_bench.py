@@ -70,7 +70,7 @@ def test_bench_writes_a_serving_run_that_calibrates(server, engine, tmp_path):
     again = CliRunner().invoke(tracer_cli, [
         "bench", "--url", url, "--output", str(out), "--engine", str(engine),
         "--num-prompts", "2"])
-    assert again.exit_code == 2 and "holds a run already" in again.output
+    assert again.exit_code == 2 and "holds a run already; pass --resume" in again.output
 
 
 def test_bench_failures_exit_non_zero_and_options_are_checked(server, engine, tmp_path):
@@ -260,3 +260,49 @@ def test_sessions_send_each_turn_after_the_answer_with_the_conversation_so_far(
             assert after["hash_ids"][:k] == before["hash_ids"][:k]
     run = read_serving(out)
     assert run.hash_block_size == 16 and len(run.requests) == 9
+
+
+def test_a_killed_bench_resumes_without_losing_or_repeating_a_request(engine, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fake_vllm import FakeTiming, start_process
+
+    process, url = start_process(FakeTiming(0.004, 2e-6, 0.01))
+    out = tmp_path / "run"
+    args = [sys.executable, "-c", "from tracer.cli import main; main()", "bench", "--url", url,
+            "--output", str(out), "--engine", str(engine), "--num-prompts", "40",
+            "--input-len", "16", "--output-len", "10", "--request-rate", "20", "--seed", "5",
+            "--warmup", "0"]
+    try:
+        bench = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = out / "requests.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (log.exists()
+                                                   and len(log.read_text().splitlines()) >= 8):
+            time.sleep(0.02)
+        bench.send_signal(signal.SIGKILL)
+        bench.wait(timeout=10)
+        with open(log, "a") as f:                        # as if killed mid-write
+            f.write('{"request_id": "3')
+        before = [json.loads(x) for x in log.read_text().splitlines()[:-1]]
+        other = subprocess.run([*args[:-4], "--seed", "6", "--warmup", "0", "--resume"],
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode == 2 and "another schedule" in other.stderr
+        done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=120)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert done.returncode == 0, done.stderr
+    assert "was cut off by the interruption; dropped" in done.stderr
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    ids = [int(r["request_id"]) for r in rows]
+    assert 8 <= len(before) < 40 and sorted(ids) == list(range(40))    # none lost, none twice
+    assert rows[:len(before)] == before                                 # kept as they were
+    planned = poisson_schedule(40, 20.0, 16, 10, seed=5).offset_s
+    sent = {int(r["request_id"]): r["start_s"] for r in rows}
+    assert all(abs(sent[i] - planned[i]) < 0.05 for i in range(40) if i not in
+               {int(r["request_id"]) for r in before})                  # on the planned timeline
+    assert len(read_serving(out).requests) == 40

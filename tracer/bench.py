@@ -58,7 +58,8 @@ def estimate(schedule: Schedule) -> str:
 
 def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: Path,
         max_concurrency: int | None = None, warmup: int = 1, timeout_s: float = 600.0,
-        on_done=None, sampler=None, cache_salt: bool = True) -> list[dict]:
+        on_done=None, sampler=None, cache_salt: bool = True,
+        resume: bool = False) -> list[dict]:
     """Send ``schedule`` to the server and log every request; returns the records.
 
     Each record: ``request_id``, ``start_s`` (send time from the run's start),
@@ -71,18 +72,31 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     (:class:`~tracer.sampler.NvidiaSmiSampler`) is entered after the warm-up, so its first
     sample precedes the first recorded request, and left when the last one has finished.
 
+    With ``resume``, an interrupted run in ``folder`` continues: the same schedule (checked
+    against the ``schedule.json`` fingerprint the run wrote), the requests already logged are
+    not sent again, a torn last log line (a kill mid-write) is dropped and reported, and the
+    rest are sent on the planned timeline, their ``start_s`` continuing it from the first of
+    them (the gap while the run was down is in no record). Multi-turn sessions cannot resume:
+    their histories are gone.
+
     Raises
     ------
     InputError
-        When the output folder already holds a run, or a size exceeds the model's
-        ``max_model_len``.
+        When the output folder already holds a run and ``resume`` is False, when it holds
+        another schedule's run, or a size exceeds the model's ``max_model_len``.
     ServerError
         When the server cannot be reached or a warm-up request fails.
     """
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "requests.jsonl"
-    if log_path.exists() and log_path.stat().st_size:
-        raise InputError("holds a run already; choose another --output", path=folder)
+    records = _resumed(folder, schedule) if resume else []
+    if not resume and log_path.exists() and log_path.stat().st_size:
+        raise InputError("holds a run already; pass --resume to continue it, or choose "
+                         "another --output", path=folder)
+    (folder / "schedule.json").write_text(json.dumps({"fingerprint": _fingerprint(schedule),
+                                                      "requests": len(schedule)}) + "\n")
+    done = {int(r["request_id"]) for r in records}
+    todo = [i for i in range(len(schedule)) if i not in done]
     probe = VLLMClient(url, api_key, timeout_s)
     limit = next((m.get("max_model_len") for m in probe.models() if m.get("id") == model),
                  None)
@@ -104,7 +118,7 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
             raise ServerError(f"the warm-up request failed ({check.error}); is the server "
                               "ready? (--warmup 0 skips it)")
     local = threading.local()
-    log, records = _Log(log_path), []
+    log = _Log(log_path)
     gate = threading.BoundedSemaphore(max_concurrency or len(schedule))
 
     def client() -> VLLMClient:
@@ -174,11 +188,13 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     t0_box = [0.0]
     try:
         with sampler or nullcontext(), ThreadPoolExecutor(max_workers=workers) as pool:
-            t0, wall0 = time.perf_counter(), time.time()
+            # a resumed run continues the planned timeline from its first unsent request
+            shift = float(schedule.offset_s[todo[0]]) if records and todo else 0.0
+            t0, wall0 = time.perf_counter() - shift, time.time() - shift
             t0_box[0] = t0
             futures = []
             if schedule.session is None:
-                for i in range(len(schedule)):
+                for i in todo:
                     _wait_until(t0 + schedule.offset_s[i])
                     gate.acquire()
                     futures.append(pool.submit(send, i, time.perf_counter(), t0))
@@ -192,6 +208,59 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     finally:
         log.close()
     return sorted(records, key=lambda r: int(r["request_id"]))
+
+
+def _fingerprint(schedule: Schedule) -> str:
+    """SHA-256 of what a schedule sends: offsets, sizes, prompts, labels."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (schedule.offset_s, schedule.n_input_tokens, schedule.n_output_tokens,
+                  schedule.stage, schedule.group, schedule.session):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    for prompt in schedule.prompts or ():
+        digest.update(np.asarray(prompt, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _resumed(folder: Path, schedule: Schedule) -> list[dict]:
+    """The records of the interrupted run in ``folder`` (a torn last line cut off, on
+    stderr), after checking it ran this schedule.
+
+    Raises
+    ------
+    InputError
+        For a multi-turn schedule, a folder without a run, another schedule's run, or a bad
+        line other than the last.
+    """
+    import sys
+
+    if schedule.session is not None:
+        raise InputError("multi-turn sessions cannot resume (their histories are gone)",
+                         field="resume")
+    plan, log_path = folder / "schedule.json", folder / "requests.jsonl"
+    if not plan.is_file() or not log_path.is_file():
+        raise InputError("no interrupted tracer bench run here to resume", path=folder)
+    if json.loads(plan.read_text()).get("fingerprint") != _fingerprint(schedule):
+        raise InputError("holds a run of another schedule (other options or seed); resume it "
+                         "with the options it was started with", path=folder)
+    text = log_path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1 or text.endswith("\n"):
+                raise InputError("not JSON", path=log_path, row=number) from None
+            print(f"{log_path}: line {number} was cut off by the interruption; dropped",
+                  file=sys.stderr)
+            with open(log_path, "r+") as file:       # cut the torn line off the log
+                file.truncate(len(text) - len(line))
+    return records
 
 
 def _wait_until(instant: float) -> None:

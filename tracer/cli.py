@@ -254,13 +254,16 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
               default=600.0, show_default=True, help="Per-request timeout, s.")
 @click.option("--allow-failures", is_flag=True,
               help="Exit 0 even when requests failed (they are recorded either way).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in OUTPUT (same options): logged requests are "
+                   "not sent again.")
 @api_key_options
 @sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
           input_len, output_len, seed, stages, workload, turns, think_time, prefix_groups,
           prefix_len, cache_salt, num_prompts, max_concurrency, warmup, timeout_s,
-          allow_failures, api_key_env, api_key_file, **sampling):
+          allow_failures, resume, api_key_env, api_key_file, **sampling):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
     import json
@@ -299,7 +302,7 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
             records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
-                               timeout_s, lambda r: bar.update(1), sampler, salted)
+                               timeout_s, lambda r: bar.update(1), sampler, salted, resume)
     except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
     (folder / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
