@@ -47,6 +47,16 @@ class SamplerError(SSHError):
     """nvidia-smi trouble (missing, silent), described without secrets."""
 
 
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line a killed run left half-written, so that appended samples start on a
+    line of their own."""
+    if not path.exists() or not path.stat().st_size:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
 def job_gpu_indices(environ: dict | None = None) -> tuple[int, ...] | None:
     """The GPUs of this Slurm job as nvidia-smi indices, from ``CUDA_VISIBLE_DEVICES`` or
     ``SLURM_JOB_GPUS`` (comma-separated integers; UUIDs or MIG names are not indices and give
@@ -179,6 +189,8 @@ class NvidiaSmiSampler:
             self.fields = tuple("power.draw.instant" if f == "power.draw" else f
                                 for f in self.fields)
             self.power_field = "power.draw.instant"
+        if self.spool:
+            _cut_torn_tail(Path(self.spool))
         self._sink = open(self.spool, "a") if self.spool else None  # noqa: SIM115
         self._first = threading.Event()
         self._stopping = False
