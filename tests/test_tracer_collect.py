@@ -258,3 +258,21 @@ def test_serve_submits_waits_and_cancels(sshd, tmp_path):
         "--poll", "0.05"])
     assert result.exit_code == 0, result.output
     assert "http://gpu-node-7:8123" in result.output and not (state / "cancelled").exists()
+
+
+def test_logs_read_back_after_a_crash(tmp_path):
+    from tracer.jsonlog import read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"a": 1}\n{"a": 2}\n{"a": 3')              # torn by a kill
+    assert read_log(log) == ([{"a": 1}, {"a": 2}], True)
+    assert log.read_text() == '{"a": 1}\n{"a": 2}\n'           # cut off the file too
+    log.write_text('{"a": 1}\n{"a": 2}')                       # whole, but no newline yet
+    assert read_log(log) == ([{"a": 1}, {"a": 2}], False)
+    with open(log, "a") as f:                                   # the next record is its own
+        f.write('{"a": 3}\n')
+    assert read_log(log)[0] == [{"a": 1}, {"a": 2}, {"a": 3}]
+    log.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with pytest.raises(InputError, match="line 2: not JSON"):
+        read_log(log)
+    assert read_log(tmp_path / "missing.jsonl") == ([], False)

@@ -16,7 +16,6 @@ requests, and each one ``--timeout`` seconds at most.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,24 +27,8 @@ import numpy as np
 from archive.errors import InputError
 from archive.importers.serving import block_hashes
 from tracer.client import ServerError, VLLMClient
+from tracer.jsonlog import AppendLog, read_log
 from tracer.workloads import Schedule
-
-
-class _Log:
-    """``requests.jsonl``, appended one completed request at a time, flushed and fsync'd."""
-
-    def __init__(self, path: Path) -> None:
-        self.lock = threading.Lock()
-        self.file = open(path, "a")  # noqa: SIM115 (closed by close())
-
-    def write(self, record: dict) -> None:
-        with self.lock:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def estimate(schedule: Schedule) -> str:
@@ -118,7 +101,7 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
             raise ServerError(f"the warm-up request failed ({check.error}); is the server "
                               "ready? (--warmup 0 skips it)")
     local = threading.local()
-    log = _Log(log_path)
+    log = AppendLog(log_path)
     gate = threading.BoundedSemaphore(max_concurrency or len(schedule))
 
     def client() -> VLLMClient:
@@ -172,12 +155,12 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
                 answer = client().tokenize(model, result.text) if result.text else []
             except ServerError as exc:        # the history is unknown: the session ends
                 for rest in turns[k + 1:].tolist():
-                    _log_failure(rest, f"session stopped: {exc}")
+                    _log_failure(rest, f"session stopped: {exc}", t0)
                 return
             history = ids + answer
 
-    def _log_failure(i: int, error: str) -> None:
-        record = {"request_id": str(i), "start_s": time.perf_counter() - t0_box[0],
+    def _log_failure(i: int, error: str, t0: float) -> None:
+        record = {"request_id": str(i), "start_s": time.perf_counter() - t0,
                   "send_unix_s": time.time(), "n_input_tokens": int(schedule.n_input_tokens[i]),
                   "n_output_tokens": 0, "ttft_s": None, "itl_s": [], "error": error}
         log.write(record)
@@ -185,13 +168,11 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
 
     jobs = len(schedule) if schedule.session is None else int(np.unique(schedule.session).size)
     workers = min(jobs if schedule.session is not None else (max_concurrency or jobs), 256, jobs)
-    t0_box = [0.0]
     try:
         with sampler or nullcontext(), ThreadPoolExecutor(max_workers=workers) as pool:
             # a resumed run continues the planned timeline from its first unsent request
             shift = float(schedule.offset_s[todo[0]]) if records and todo else 0.0
             t0, wall0 = time.perf_counter() - shift, time.time() - shift
-            t0_box[0] = t0
             futures = []
             if schedule.session is None:
                 for i in todo:
@@ -245,21 +226,10 @@ def _resumed(folder: Path, schedule: Schedule) -> list[dict]:
     if json.loads(plan.read_text()).get("fingerprint") != _fingerprint(schedule):
         raise InputError("holds a run of another schedule (other options or seed); resume it "
                          "with the options it was started with", path=folder)
-    text = log_path.read_text()
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines) - 1 or text.endswith("\n"):
-                raise InputError("not JSON", path=log_path, row=number) from None
-            print(f"{log_path}: line {number} was cut off by the interruption; dropped",
-                  file=sys.stderr)
-            with open(log_path, "r+") as file:       # cut the torn line off the log
-                file.truncate(len(text) - len(line))
+    records, torn = read_log(log_path)
+    if torn:
+        print(f"{log_path}: its last line was cut off by the interruption; dropped",
+              file=sys.stderr)
     return records
 
 

@@ -48,6 +48,7 @@ from archive.errors import InputError
 from archive.schema import MEASUREMENTS
 from archive.smi import samples_table
 from tracer.client import RequestResult, ServerError, VLLMClient
+from tracer.jsonlog import read_log
 from tracer.sampler import NvidiaSmiSampler
 
 POWERS_OF_TWO = tuple(2**k for k in range(6, 15))
@@ -165,37 +166,6 @@ def _engine_delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in after if k in before}
 
 
-def _logged_rows(log: Path) -> list[dict]:
-    """The rows of an existing measurement log. A torn last line (a crash mid-write, no
-    newline) is cut off the file; any other bad line is an error.
-
-    Raises
-    ------
-    InputError
-        For a line that is not JSON, other than a torn last one.
-    """
-    if not log.exists():
-        return []
-    text = log.read_text()
-    lines = text.split("\n")
-    if lines and lines[-1] and not text.endswith("\n"):
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:                 # torn: drop it, the rest is whole
-            text = text[: len(text) - len(lines[-1])]
-            log.write_text(text)
-            lines = lines[:-1]
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"not JSON: {exc.msg}", path=log, row=number) from None
-    return rows
-
-
 def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Path,
             sampler: NvidiaSmiSampler | None = None, resume: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Path:
@@ -213,7 +183,7 @@ def collect(client: VLLMClient, plan: SweepPlan, setup: Setup, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     log = out / "measurements.jsonl"
     done = set()
-    rows = _logged_rows(log)
+    rows, _ = read_log(log)
     if rows and not resume:
         raise InputError(f"{len(rows)} measured rows are already here; pass --resume to "
                          "continue them, or choose another --output", path=out)

@@ -33,6 +33,7 @@ import pandas as pd
 
 from archive.errors import InputError
 from archive.smi import parse
+from tracer.jsonlog import cut_torn_tail, read_log
 from tracer.ssh import SSHError, SSHTarget
 
 QUERY = ("timestamp", "index", "utilization.gpu", "utilization.memory", "power.draw",
@@ -45,16 +46,6 @@ FIRST_SAMPLE_TIMEOUT_S = 15.0
 
 class SamplerError(SSHError):
     """nvidia-smi trouble (missing, silent), described without secrets."""
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop a last line a killed run left half-written, so that appended samples start on a
-    line of their own."""
-    if not path.exists() or not path.stat().st_size:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
 def job_gpu_indices(environ: dict | None = None) -> tuple[int, ...] | None:
@@ -190,7 +181,7 @@ class NvidiaSmiSampler:
                                 for f in self.fields)
             self.power_field = "power.draw.instant"
         if self.spool:
-            _cut_torn_tail(Path(self.spool))
+            cut_torn_tail(Path(self.spool))
         self._sink = open(self.spool, "a") if self.spool else None  # noqa: SIM115
         self._first = threading.Event()
         self._stopping = False
@@ -252,15 +243,11 @@ class NvidiaSmiSampler:
 
     def spooled(self) -> pd.DataFrame:
         """Every sample in the spool file (all runs into it: a resumed sweep's too), with
-        ``request_id`` and the tags; a torn last line (a killed job) is skipped."""
+        ``request_id`` and the tags; a torn last line (a killed job) is dropped
+        (:func:`~tracer.jsonlog.read_log`)."""
         if not self.spool or not Path(self.spool).exists():
             return self.samples
-        records = []
-        for text in Path(self.spool).read_text().splitlines():
-            try:
-                records.append(json.loads(text))
-            except json.JSONDecodeError:
-                continue                                    # torn by a kill mid-write
+        records, _ = read_log(Path(self.spool))
         if not records:
             return pd.DataFrame()
         rows = parse([r["line"] for r in records], self.fields, str(self.spool),
