@@ -41,6 +41,9 @@ ROW_LIMIT = 100_000_000
 ``opendc/fragments.parquet``) unless ``--force``: about 2.5 GB on disk and minutes of writing.
 A finer ``--export-rate`` over a long trace can ask for billions of rows."""
 
+ESTIMATE_CHUNK = 1_000_000
+"""Requests costed at once by the row-limit estimate."""
+
 OUTPUT_FILES = ("requests.parquet", "steps.parquet", "fragments.parquet",
                 "opendc/tasks.parquet", "opendc/fragments.parquet")
 """Files a run may write (besides ``summary.json``); a new run removes them first, so none is
@@ -101,7 +104,10 @@ def check_fragment_rows(table: pa.Table, timing, config, options: ExportOptions)
         return 0
     load = OfferedLoad(timing, config.max_num_seqs, 2**62, config.replicas)   # no KV bound
     n_in = column(table, "n_input_tokens", np.int64)
-    load.add(n_in, np.zeros_like(n_in), np.maximum(column(table, "n_output_tokens", np.int64), 1))
+    n_out = np.maximum(column(table, "n_output_tokens", np.int64), 1)
+    for lo in range(0, n_in.size, ESTIMATE_CHUNK):   # bounded temporaries on long traces
+        part = slice(lo, lo + ESTIMATE_CHUNK)
+        load.add(n_in[part], np.zeros_like(n_in[part]), n_out[part])
     last = (float(np.max(column(table, "arrival_s", np.float64)))
             if "arrival_s" in table.column_names and table.num_rows and not config.back_to_back
             else 0.0)
@@ -133,8 +139,6 @@ class RunOutput:
 
     def __init__(self, out: RunWriter, options: ExportOptions, sustainability, gpu,
                  replicas: int) -> None:
-        from archive.errors import InputError
-
         if options.opendc and not gpu.boost_clock_mhz:
             raise InputError(f"GPU {gpu.name} has no boost_clock_mhz in the GPU library, which "
                              "OpenDC's capacity needs; add it or pass --no-opendc",
