@@ -769,8 +769,7 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
     result = fit(samples, folds)
     section = power_section(result, capture, samples, gpu)
     if measurements is not None and "request_id" in samples.columns:
-        section["phases"] = _fit_phases(measurements, samples, result.best, profile_path,
-                                        Path(capture), gpu)
+        section["phases"] = _fit_phases(measurements, samples, result.best, profile_path, gpu)
         section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
         # the simulator evaluates P at the utilization of each step's costs: the fit that
         # matches its view sets P_max (docs/sustainability.md)
@@ -837,7 +836,7 @@ def _dataset_samples(folder: Path, gpu: str | None):
     return samples, measurements, gpu or meta.get("gpu")
 
 
-def _fit_phases(measurements, samples, model, profile_path, folder: Path, gpu: str | None):
+def _fit_phases(measurements, samples, model, profile_path, gpu: str | None):
     """:func:`calibrate.power_phases.fit_memory_bound_utilization` with the profile's timing,
     else the library defaults for the dataset's GPU and LLM."""
     from calibrate.power_phases import fit_memory_bound_utilization, request_power
