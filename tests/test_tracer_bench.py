@@ -312,3 +312,20 @@ def test_a_killed_bench_resumes_without_losing_or_repeating_a_request(engine, tm
     assert all(abs(sent[i] - planned[i]) < 0.05 for i in range(40) if i not in
                {int(r["request_id"]) for r in before})                  # on the planned timeline
     assert len(read_serving(out).requests) == 40
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loop-ms", "50"], "--loop-ms has no effect without --ssh or --local-smi"),
+    (["--ssh-jump", "login"], "--ssh-jump has no effect without --ssh"),
+    (["--ssh", "node", "--local-smi"], "--ssh and --local-smi exclude each other"),
+    (["--stages", "2:5", "--request-rate", "3"], "--stages replaces --request-rate"),
+    (["--turns", "2"], "--turns needs --workload sessions"),
+    (["--trace", "azure-llm-inference-2023-conv", "--workload", "sessions"],
+     "--workload has no effect with --trace"),
+])
+def test_bench_options_without_effect_are_rejected(server, engine, tmp_path, args, message):
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", server[1], "--output", str(tmp_path / "x"), "--engine", str(engine),
+        *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x" / "requests.jsonl").exists()

@@ -122,9 +122,12 @@ def _sampler(o: dict):
             if value:
                 raise InputError(f"--{name} has no effect without --ssh", field=name)
     if not (ssh or local):
-        if indices:
-            raise InputError("--gpu-index has no effect without --ssh or --local-smi",
-                             field="gpu-index")
+        given_loop = click.get_current_context().get_parameter_source("loop_ms") not in (
+            None, click.core.ParameterSource.DEFAULT)
+        for name, value in (("gpu-index", indices), ("loop-ms", given_loop)):
+            if value:
+                raise InputError(f"--{name} has no effect without --ssh or --local-smi",
+                                 field=name)
         return None
     try:
         gpus = tuple(int(i) for i in indices.split(",")) if indices else None
