@@ -322,10 +322,86 @@ def test_a_killed_bench_resumes_without_losing_or_repeating_a_request(engine, tm
     (["--turns", "2"], "--turns needs --workload sessions"),
     (["--trace", "azure-llm-inference-2023-conv", "--workload", "sessions"],
      "--workload has no effect with --trace"),
+    (["--workload", "prompts"], "--workload prompts and --prompt-file go together"),
+    (["--prompt-file", "p.json"], "--workload prompts and --prompt-file go together"),
+    (["--workload", "prompts", "--prompt-file", "p.json", "--input-len", "9"],
+     "--input-len has no effect with --workload prompts"),
 ])
 def test_bench_options_without_effect_are_rejected(server, engine, tmp_path, args, message):
     result = CliRunner().invoke(tracer_cli, [
         "bench", "--url", server[1], "--output", str(tmp_path / "x"), "--engine", str(engine),
         *args])
     assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x" / "requests.jsonl").exists()
+
+
+def _sharegpt(path, conversations):
+    path.write_text(json.dumps([{"id": f"c{i}", "conversations": [
+        {"from": "human" if k % 2 == 0 else "gpt", "value": text} for k, text in enumerate(c)]}
+        for i, c in enumerate(conversations)]))
+    return path
+
+
+def test_bench_sends_a_sharegpt_files_prompts_filtered_as_vllm_does(server, engine, tmp_path):
+    words = lambda n, w="word": " ".join(f"{w}{i}" for i in range(n))    # noqa: E731
+    usable = [(words(10 + i), words(20 + i, "answer")) for i in range(6)]
+    skipped = [(words(50),),                                # one turn: no completion
+               (words(60), "ok"),                           # output under 4 tokens
+               (words(1100), words(30)),                    # prompt over 1,024 tokens
+               (words(1000), words(1100))]                  # both over 2,048
+    file = _sharegpt(tmp_path / "sharegpt.json", usable + skipped)
+    out = tmp_path / "run"
+    args = ["bench", "--url", server[1], "--engine", str(engine), "--workload", "prompts",
+            "--prompt-file", str(file), "--request-rate", "50", "--seed", "2"]
+    result = CliRunner().invoke(tracer_cli, [*args, "--output", str(out), "--num-prompts", "6"])
+    assert result.exit_code == 0, result.output
+    r = read_serving(out).requests
+    sizes = sorted(zip(r["n_input_tokens"], r["n_output_tokens"], strict=True))
+    assert sizes == [(10 + i, 20 + i) for i in range(6)]   # the server's counts: exact
+    assert validate(out) == []
+    fixed = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "fixed"),
+                                            "--num-prompts", "3", "--output-len", "5"])
+    assert fixed.exit_code == 0, fixed.output
+    assert (read_serving(tmp_path / "fixed").requests["n_output_tokens"] == 5).all()
+    more = CliRunner().invoke(tracer_cli, [*args, "--output", str(tmp_path / "x"),
+                                           "--num-prompts", "7"])
+    assert more.exit_code == 2 and "only 6 usable prompts in the file, 7 asked" in more.output
+
+
+def test_bench_sends_a_token_id_files_prompts_as_they_are(server, engine, tmp_path):
+    file = tmp_path / "workload.jsonl"
+    file.write_text("".join(json.dumps({"input_toks": 5 + i, "output_toks": 3 + i,
+                                        "input_tok_ids": list(range(100, 105 + i))}) + "\n"
+                            for i in range(5)))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", server[1], "--engine", str(engine), "--workload", "prompts",
+        "--prompt-file", str(file), "--num-prompts", "5", "--request-rate", "inf",
+        "--cache-salt", "none", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    r = read_serving(out).requests.sort_values("n_input_tokens")
+    assert r["n_input_tokens"].tolist() == [5, 6, 7, 8, 9]
+    assert r["n_output_tokens"].tolist() == [3, 4, 5, 6, 7]
+    assert len(r["hash_ids"].iloc[0]) == 1                  # one partial 16-token block
+
+
+@pytest.mark.parametrize("content,message", [
+    ('[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}]',
+     "sharegpt.json: field '[0].conversations[1].value': expected a turn with a text"),
+    ('[{"id": 1}]', "field '[0].conversations': expected an object with a 'conversations'"),
+    ('[{"conversations": []', "sharegpt.json: line 1: not valid JSON"),
+    ('{"input_tok_ids": [1, 2], "output_toks": 2}\n{"input_tok_ids": [], "output_toks": 2}\n',
+     "line 2: field 'input_tok_ids': expected a non-empty list of token ids"),
+    ('{"input_tok_ids": [1, 2], "output_toks": 0}\n', "line 1: field 'output_toks'"),
+    ('hello\n', "line 1: neither a ShareGPT JSON array nor JSON Lines of token ids"),
+])
+def test_a_bad_prompt_file_is_one_line_naming_file_row_and_field(server, engine, tmp_path,
+                                                                content, message):
+    file = tmp_path / "sharegpt.json"
+    file.write_text(content)
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", server[1], "--engine", str(engine), "--workload", "prompts",
+        "--prompt-file", str(file), "--output", str(tmp_path / "x")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "x" / "requests.jsonl").exists()

@@ -226,13 +226,20 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @click.option("--stages", default=None,
               help="Load stages instead of one rate: rate:duration pairs, requests/s and s, "
                    "e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not used).")
-@click.option("--workload", type=click.Choice(["fixed", "shared-prefix", "sessions"]),
+@click.option("--workload", type=click.Choice(["fixed", "shared-prefix", "sessions",
+                                               "prompts"]),
               default=None,
               help="fixed: every prompt --input-len tokens; shared-prefix: --prefix-groups "
                    "system prompts of --prefix-len tokens, each request one of them plus its "
                    "own --input-len-token question; sessions: --num-prompts conversations of "
                    "--turns turns, each turn the conversation so far plus an --input-len-token "
-                   "question, sent --think-time after the previous answer [fixed].")
+                   "question, sent --think-time after the previous answer; prompts: the "
+                   "real prompts of --prompt-file [fixed].")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
+              help="prompts: a ShareGPT JSON file (first turn the prompt, second the "
+                   "completion whose token count is the output length, filtered as vllm "
+                   "bench serve does) or JSON Lines of input_tok_ids and output_toks; "
+                   "shuffled by --seed (docs/tracer.md).")
 @click.option("--turns", type=click.IntRange(min=1), default=None,
               help="sessions: turns per conversation [3].")
 @click.option("--think-time", type=click.FloatRange(min=0), default=None,
@@ -264,8 +271,8 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
 @sampling_options
 @clean_errors
 def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
-          input_len, output_len, seed, stages, workload, turns, think_time, prefix_groups,
-          prefix_len, cache_salt, num_prompts, max_concurrency, warmup, timeout_s,
+          input_len, output_len, seed, stages, workload, prompt_file, turns, think_time,
+          prefix_groups, prefix_len, cache_salt, num_prompts, max_concurrency, warmup, timeout_s,
           allow_failures, resume, api_key_env, api_key_file, **sampling):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
@@ -282,7 +289,8 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
     options = {"request_rate": request_rate, "burstiness": burstiness, "input_len": input_len,
                "output_len": output_len, "seed": seed, "stages": stages, "workload": workload,
                "prefix_groups": prefix_groups, "prefix_len": prefix_len, "turns": turns,
-               "think_time": think_time, "rate_scale": rate_scale, "num_prompts": num_prompts}
+               "think_time": think_time, "rate_scale": rate_scale, "num_prompts": num_prompts,
+               "prompt_file": prompt_file}
     _check_workload_options(trace, options)
     given = read_json_object(engine_file, "engine settings file")
     key = _api_key(api_key_env, api_key_file)
@@ -333,7 +341,8 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
 def _check_workload_options(trace: str | None, o: dict) -> None:
     """Reject the schedule options that would have no effect (one line each)."""
     fixed_only = ("request_rate", "burstiness", "input_len", "output_len", "seed", "stages",
-                  "workload", "prefix_groups", "prefix_len", "turns", "think_time")
+                  "workload", "prefix_groups", "prefix_len", "turns", "think_time",
+                  "prompt_file")
     if trace is not None:
         given = next((k for k in fixed_only if o[k] is not None), None)
         if given:
@@ -343,6 +352,12 @@ def _check_workload_options(trace: str | None, o: dict) -> None:
         return
     if o["rate_scale"] is not None:
         raise InputError("--rate-scale has no effect without --trace", field="rate-scale")
+    if (o["workload"] == "prompts") != (o["prompt_file"] is not None):
+        raise InputError("--workload prompts and --prompt-file go together", field=(
+            "prompt-file" if o["prompt_file"] is None else "workload"))
+    if o["workload"] == "prompts" and o["input_len"] is not None:
+        raise InputError("--input-len has no effect with --workload prompts (the file's "
+                         "prompts are sent)", field="input-len")
     for name, workload in (("prefix_groups", "shared-prefix"), ("prefix_len", "shared-prefix"),
                            ("turns", "sessions"), ("think_time", "sessions")):
         if o[name] is not None and o["workload"] != workload:
@@ -366,6 +381,12 @@ def _bench_schedule(trace: str | None, o: dict, client, model: str):
     rate = 1.0 if o["request_rate"] is None else o["request_rate"]
     burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
     out_len = o["output_len"] or 128
+    if o["workload"] == "prompts":
+        from tracer.prompts import read_prompt_file
+
+        return workloads.prompts_schedule(
+            read_prompt_file(o["prompt_file"]), lambda text: client.tokenize(model, text),
+            o["num_prompts"], rate, o["output_len"], burst, seed)
     if o["workload"] == "sessions":
         return workloads.sessions_schedule(
             lambda text, n: client.prompt_tokens(model, n, text + " "), o["num_prompts"],

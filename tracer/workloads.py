@@ -9,6 +9,9 @@ them (``vllm bench serve``, guidellm, inference-perf).
 - **Shared prefixes** (:func:`shared_prefix_schedule`): groups of system prompts, each
   followed by its own questions (inference-perf's ``shared_prefix`` data, SGLang's
   generated-shared-prefix benchmark): the prefix cache's workload, with exact token counts.
+- **Prompt files** (:func:`prompts_schedule`): real prompts, ShareGPT conversations or
+  token-id files (:mod:`tracer.prompts`), sent as :func:`poisson_schedule` sends, as
+  ``vllm bench serve --dataset-name sharegpt`` does.
 - **Multi-turn sessions** (:func:`sessions_schedule`): conversations whose every turn sends
   the whole conversation so far — earlier prompts and the answers the server gave — plus a
   new question, after the previous answer and a think time (chat serving's append-only
@@ -186,6 +189,61 @@ def shared_prefix_schedule(tokens: Callable[[str, int], list[int]], n: int, rate
                for i, g in enumerate(group.tolist())]
     return Schedule(offsets, np.full(n, prefix_len + question_len), np.full(n, output_len),
                     prompts=prompts, group=group)
+
+
+SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT_LEN, SHAREGPT_MAX_TOTAL_LEN = 4, 1024, 2048
+"""vLLM's ShareGPT filter (``is_valid_sequence`` in ``vllm/benchmarks/datasets.py``): prompts
+and outputs of at least 4 tokens, prompts of at most 1,024, both together at most 2,048."""
+
+
+def prompts_schedule(records: list, tokenize: Callable[[str], list[int]], n: int, rate: float,
+                     output_len: int | None = None, burstiness: float = 1.0, seed: int = 0
+                     ) -> Schedule:
+    """``n`` requests of a prompt file's prompts (:func:`tracer.prompts.read_prompt_file`),
+    shuffled by ``seed`` and sent as :func:`poisson_schedule`'s. A ShareGPT prompt is
+    tokenized by the server (``tokenize``, its ``/tokenize``) and sent as those token ids, so
+    ``n_input_tokens`` is exact; its output length is its completion's token count, or
+    ``output_len`` when given (vLLM's ``--sharegpt-output-len``). ShareGPT prompts outside
+    vLLM's bounds (:data:`SHAREGPT_MIN_LEN` …) are passed over, as ``vllm bench serve``
+    passes them over; token-id prompts are sent as they are, with their
+    own output length unless ``output_len`` is given. Only as many prompts are tokenized as
+    the schedule needs.
+
+    Raises
+    ------
+    InputError
+        For non-positive counts, rates or sizes, or fewer than ``n`` usable prompts (no
+        prompt is sent twice).
+    """
+    for name, value in (("num-prompts", n), ("request-rate", rate), ("burstiness", burstiness),
+                        ("output-len", 1 if output_len is None else output_len)):
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+    rng = np.random.default_rng(seed)
+    prompts, n_out = [], []
+    for k in rng.permutation(len(records)).tolist():
+        record = records[k]
+        if isinstance(record.prompt, str):
+            ids = tokenize(record.prompt)
+            out = output_len or len(tokenize(record.completion))
+            if not (
+                    len(ids) >= SHAREGPT_MIN_LEN and len(ids) <= SHAREGPT_MAX_PROMPT_LEN
+                    and (output_len or out >= SHAREGPT_MIN_LEN)
+                    and len(ids) + out <= SHAREGPT_MAX_TOTAL_LEN):
+                continue
+        else:
+            ids, out = record.prompt, output_len or record.n_output_tokens
+        prompts.append(list(ids))
+        n_out.append(out)
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise InputError(f"only {len(prompts):,} usable prompts in the file, {n:,} asked "
+                         "(lower --num-prompts)", field="num-prompts")
+    gaps = _gaps(rng, n, rate, burstiness)
+    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    return Schedule(offsets, np.array([len(p) for p in prompts], np.int64),
+                    np.array(n_out, np.int64), prompts=prompts)
 
 
 def sessions_schedule(tokens: Callable[[str, int], list[int]], sessions: int, turns: int,
