@@ -201,104 +201,151 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
                f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
 
 
+def bench_options(command):
+    """The schedule, load and recording options of ``bench`` and ``run``."""
+    options = [
+        click.option("--output", required=True, type=click.Path(file_okay=False),
+                     help="Serving-run dataset folder to write (requests.jsonl as requests "
+                          "complete)."),
+        click.option("--trace", default=None,
+                     help="Replay this archive workload's arrivals and sizes (bundled name or "
+                          "file) instead of a Poisson schedule."),
+        click.option("--rate-scale", type=float, default=None,
+                     help="--trace: divide its arrival times by this [1]."),
+        click.option("--request-rate", type=float, default=None,
+                     help="Poisson schedule: requests per second (inf: all at once) [1]."),
+        click.option("--burstiness", type=float, default=None,
+                     help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson) "
+                          "[1]."),
+        click.option("--input-len", type=click.IntRange(min=1), default=None,
+                     help="Poisson schedule: prompt tokens per request [512]."),
+        click.option("--output-len", type=click.IntRange(min=1), default=None,
+                     help="Poisson schedule: output tokens per request [128]."),
+        click.option("--seed", type=int, default=None, help="Poisson schedule: seed [0]."),
+        click.option("--stages", default=None,
+                     help="Load stages instead of one rate: rate:duration pairs, requests/s and "
+                          "s, e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not "
+                          "used)."),
+        click.option("--workload", type=click.Choice(["fixed", "shared-prefix",
+                                                      "sessions", "prompts"]),
+                     default=None,
+                     help="fixed: every prompt --input-len tokens; shared-prefix: --prefix-groups"
+                          " system prompts of --prefix-len tokens, each request one of them plus "
+                          "its own --input-len-token question; sessions: --num-prompts "
+                          "conversations of --turns turns, each turn the conversation so far plus"
+                          " an --input-len-token question, sent --think-time after the previous "
+                          "answer; prompts: the real prompts of --prompt-file [fixed]."),
+        click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
+                     help="prompts: a ShareGPT JSON file (first turn the prompt, second the "
+                          "completion whose token count is the output length, filtered as vllm "
+                          "bench serve does) or JSON Lines of input_tok_ids and output_toks; "
+                          "shuffled by --seed (docs/tracer.md)."),
+        click.option("--turns", type=click.IntRange(min=1), default=None,
+                     help="sessions: turns per conversation [3]."),
+        click.option("--think-time", type=click.FloatRange(min=0), default=None,
+                     help="sessions: seconds between an answer and the next turn [0]."),
+        click.option("--prefix-groups", type=click.IntRange(min=1), default=None,
+                     help="shared-prefix: system prompts [8]."),
+        click.option("--prefix-len", type=click.IntRange(min=1), default=None,
+                     help="shared-prefix: tokens per system prompt [1024]."),
+        click.option("--cache-salt", type=click.Choice(["auto", "request", "none"]),
+                     default="auto", show_default=True,
+                     help="request: a vLLM cache_salt per request, so equal prompts never hit "
+                          "each other's cached blocks; none: the server's prefix cache works "
+                          "across requests (block hashes are recorded for the replay); auto: none"
+                          " for shared-prefix, request otherwise."),
+        click.option("--num-prompts", type=click.IntRange(min=1), default=100,
+                     show_default=True, help="Requests to send (the first ones of a --trace)."),
+        click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+                     help="Most requests in flight at once [no limit]."),
+        click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="Requests sent before the schedule and not recorded."),
+        click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+                     default=600.0, show_default=True, help="Per-request timeout, s."),
+        click.option("--allow-failures", is_flag=True,
+                     help="Exit 0 even when requests failed (they are recorded either way)."),
+        click.option("--resume", is_flag=True,
+                     help="Continue an interrupted run in OUTPUT (same options): logged requests "
+                          "are not sent again."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--url", required=True, help="OpenAI-compatible server, e.g. http://node:8000.")
-@click.option("--output", required=True, type=click.Path(file_okay=False),
-              help="Serving-run dataset folder to write (requests.jsonl as requests complete).")
 @click.option("--engine", "engine_file", required=True, type=click.Path(dir_okay=False),
               help="JSON of the engine settings the server does not report (gpu, "
-                   "max_num_seqs, max_num_batched_tokens, ...; docs/tracer.md).")
+                   "max_num_seqs, max_num_batched_tokens, ...; docs/tracer.md), or the file "
+                   "tracer serve --engine-out wrote.")
 @click.option("--model", default=None, help="Served model id [default: the first served].")
-@click.option("--trace", default=None,
-              help="Replay this archive workload's arrivals and sizes (bundled name or file) "
-                   "instead of a Poisson schedule.")
-@click.option("--rate-scale", type=float, default=None,
-              help="--trace: divide its arrival times by this [1].")
-@click.option("--request-rate", type=float, default=None,
-              help="Poisson schedule: requests per second (inf: all at once) [1].")
-@click.option("--burstiness", type=float, default=None,
-              help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson) [1].")
-@click.option("--input-len", type=click.IntRange(min=1), default=None,
-              help="Poisson schedule: prompt tokens per request [512].")
-@click.option("--output-len", type=click.IntRange(min=1), default=None,
-              help="Poisson schedule: output tokens per request [128].")
-@click.option("--seed", type=int, default=None, help="Poisson schedule: seed [0].")
-@click.option("--stages", default=None,
-              help="Load stages instead of one rate: rate:duration pairs, requests/s and s, "
-                   "e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not used).")
-@click.option("--workload", type=click.Choice(["fixed", "shared-prefix", "sessions",
-                                               "prompts"]),
-              default=None,
-              help="fixed: every prompt --input-len tokens; shared-prefix: --prefix-groups "
-                   "system prompts of --prefix-len tokens, each request one of them plus its "
-                   "own --input-len-token question; sessions: --num-prompts conversations of "
-                   "--turns turns, each turn the conversation so far plus an --input-len-token "
-                   "question, sent --think-time after the previous answer; prompts: the "
-                   "real prompts of --prompt-file [fixed].")
-@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
-              help="prompts: a ShareGPT JSON file (first turn the prompt, second the "
-                   "completion whose token count is the output length, filtered as vllm "
-                   "bench serve does) or JSON Lines of input_tok_ids and output_toks; "
-                   "shuffled by --seed (docs/tracer.md).")
-@click.option("--turns", type=click.IntRange(min=1), default=None,
-              help="sessions: turns per conversation [3].")
-@click.option("--think-time", type=click.FloatRange(min=0), default=None,
-              help="sessions: seconds between an answer and the next turn [0].")
-@click.option("--prefix-groups", type=click.IntRange(min=1), default=None,
-              help="shared-prefix: system prompts [8].")
-@click.option("--prefix-len", type=click.IntRange(min=1), default=None,
-              help="shared-prefix: tokens per system prompt [1024].")
-@click.option("--cache-salt", type=click.Choice(["auto", "request", "none"]), default="auto",
-              show_default=True,
-              help="request: a vLLM cache_salt per request, so equal prompts never hit each "
-                   "other's cached blocks; none: the server's prefix cache works across "
-                   "requests (block hashes are recorded for the replay); auto: none for "
-                   "shared-prefix, request otherwise.")
-@click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Requests to send (the first ones of a --trace).")
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
-              help="Most requests in flight at once [no limit].")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Requests sent before the schedule and not recorded.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
-              default=600.0, show_default=True, help="Per-request timeout, s.")
-@click.option("--allow-failures", is_flag=True,
-              help="Exit 0 even when requests failed (they are recorded either way).")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run in OUTPUT (same options): logged requests are "
-                   "not sent again.")
+@bench_options
 @api_key_options
 @sampling_options
 @clean_errors
-def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burstiness,
-          input_len, output_len, seed, stages, workload, prompt_file, turns, think_time,
-          prefix_groups, prefix_len, cache_salt, num_prompts, max_concurrency, warmup, timeout_s,
-          allow_failures, resume, api_key_env, api_key_file, **sampling):
+def bench(url, engine_file, model, api_key_env, api_key_file, **o):
     """Serve a schedule of requests under load (like vllm bench serve); write a serving-run
     dataset for kavier calibrate --dataset."""
+    from archive.errors import read_json_object
+
+    sampler = _sampler(o)
+    given = read_json_object(engine_file, "engine settings file")
+    plan = _bench_plan(o, given, gpu_known=sampler is not None)
+    _bench(url, plan, given, model, _api_key(api_key_env, api_key_file), sampler, o)
+
+
+REQUIRED_ENGINE = ("gpu", "max_num_seqs", "max_num_batched_tokens")
+"""Engine settings a serving run must record that no server endpoint reports."""
+
+
+SCHEDULE_KEYS = ("request_rate", "burstiness", "input_len", "output_len", "seed", "stages",
+                 "workload", "prefix_groups", "prefix_len", "turns", "think_time", "rate_scale",
+                 "num_prompts", "prompt_file")
+
+
+def _bench_plan(o: dict, given: dict, gpu_known: bool) -> dict:
+    """Check the bench options ``o`` and the engine settings ``given`` before anything is
+    sent or started; returns the schedule options, with a ``--prompt-file``'s prompts read.
+
+    Raises
+    ------
+    InputError
+        For options without effect, engine settings a run must record that are missing
+        (``gpu`` is known otherwise when ``gpu_known``), or a bad prompt file.
+    """
+    options = {k: o[k] for k in SCHEDULE_KEYS}
+    _check_workload_options(o["trace"], options)
+    missing = [k for k in REQUIRED_ENGINE if k not in given and not (k == "gpu" and gpu_known)]
+    if missing:
+        raise InputError(f"the engine settings lack {', '.join(missing)} (the server does not "
+                         "report them; give them in --engine, or in the vLLM command for "
+                         "tracer run)", field="engine")
+    if options["prompt_file"] is not None:
+        from tracer.prompts import read_prompt_file
+
+        options["records"] = read_prompt_file(options["prompt_file"])
+    return options
+
+
+def _bench(url: str, plan: dict, given: dict, model: str | None, key: str | None, sampler,
+           o: dict, gpu_fallback: str | None = None) -> None:
+    """Run ``bench`` against ``url``: the schedule options ``plan`` (:func:`_bench_plan`),
+    the engine settings ``given`` (``gpu`` else the sampled GPU's nvidia-smi name, else
+    ``gpu_fallback``), the other bench options ``o``."""
     import json
     import sys
 
-    from archive.errors import read_json_object
     from archive.importers.serving import import_tracer_bench
     from tracer import bench as load
     from tracer.client import ServerError, VLLMClient
     from tracer.ssh import SSHError
 
-    sampler = _sampler(sampling)
-    options = {"request_rate": request_rate, "burstiness": burstiness, "input_len": input_len,
-               "output_len": output_len, "seed": seed, "stages": stages, "workload": workload,
-               "prefix_groups": prefix_groups, "prefix_len": prefix_len, "turns": turns,
-               "think_time": think_time, "rate_scale": rate_scale, "num_prompts": num_prompts,
-               "prompt_file": prompt_file}
-    _check_workload_options(trace, options)
-    given = read_json_object(engine_file, "engine settings file")
-    key = _api_key(api_key_env, api_key_file)
-    folder = Path(output)
+    folder = Path(o["output"])
     if sampler:
         sampler.spool, sampler.tags = folder / "gpu_samples.jsonl", {"run_id": folder.name}
     try:
-        client = VLLMClient(url, key, timeout_s)
+        client = VLLMClient(url, key, o["timeout_s"])
         models = client.models()
         served = model or models[0]["id"]
         limit = next((m.get("max_model_len") for m in models if m.get("id") == served), None)
@@ -306,21 +353,31 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
                   "version": given.get("version") or client.version() or "unknown",
                   **({"max_model_len": limit} if limit and "max_model_len" not in given
                      else {})}
-        schedule = _bench_schedule(trace, options, client, served)
-        salted = cache_salt == "request" or (
-            cache_salt == "auto" and options["workload"] not in ("shared-prefix", "sessions"))
+        schedule = _bench_schedule(o["trace"], plan, client, served)
+        salted = o["cache_salt"] == "request" or (
+            o["cache_salt"] == "auto" and plan["workload"] not in ("shared-prefix", "sessions"))
         engine["cache_salt"] = "per request" if salted else "none"
         click.echo(f"plan: {load.estimate(schedule)}", err=True)
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
-            records = load.run(url, key, served, schedule, folder, max_concurrency, warmup,
-                               timeout_s, lambda r: bar.update(1), sampler, salted, resume)
+            records = load.run(url, key, served, schedule, folder, o["max_concurrency"],
+                               o["warmup"], o["timeout_s"], lambda r: bar.update(1), sampler,
+                               salted, o["resume"])
     except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
+    engine.setdefault("gpu", sampler.gpu_name if sampler and sampler.gpu_name
+                      else gpu_fallback)
     (folder / "engine.json").write_text(json.dumps(engine, indent=2) + "\n")
     extra = _write_samples(sampler, folder) if sampler else ()
     import_tracer_bench(folder / "requests.jsonl", folder, folder / "engine.json",
                         source=f"tracer bench against {served}", extra_files=extra)
-    s = load.summary(records)
+    summary = load.summary(records)
+    _print_summary(summary, sampler, folder)
+    if summary["failed"] and not o["allow_failures"]:
+        sys.exit(1)
+
+
+def _print_summary(s: dict, sampler, folder: Path) -> None:
+    """``vllm bench serve``'s summary table, the samples' gaps and what was written."""
     click.echo(f"{s['requests'] - s['failed']} of {s['requests']} requests succeeded in "
                f"{s['duration_s']:.1f} s ({s['request_throughput_req_s'] or 0:.2f} req/s)")
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
@@ -334,8 +391,6 @@ def bench(url, output, engine_file, model, trace, rate_scale, request_rate, burs
         click.echo(f"GPU samples: {gap}", err=True)
     click.echo(f"wrote {folder} (requests.jsonl, requests.parquet"
                f"{', gpu_samples.parquet' if sampler else ''}, dataset.json)")
-    if s["failed"] and not allow_failures:
-        sys.exit(1)
 
 
 def _check_workload_options(trace: str | None, o: dict) -> None:
@@ -382,10 +437,8 @@ def _bench_schedule(trace: str | None, o: dict, client, model: str):
     burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
     out_len = o["output_len"] or 128
     if o["workload"] == "prompts":
-        from tracer.prompts import read_prompt_file
-
         return workloads.prompts_schedule(
-            read_prompt_file(o["prompt_file"]), lambda text: client.tokenize(model, text),
+            o["records"], lambda text: client.tokenize(model, text),
             o["num_prompts"], rate, o["output_len"], burst, seed)
     if o["workload"] == "sessions":
         return workloads.sessions_schedule(
@@ -415,45 +468,204 @@ def _write_samples(sampler, folder: Path) -> tuple[Path, Path]:
     return folder / "gpu_samples.parquet", folder / "gpu_samples.jsonl"
 
 
+def cluster_options(command):
+    """Where and how ``serve`` and ``run`` start vLLM."""
+    options = [
+        click.option("--cluster", "profile_path", required=True,
+                     type=click.Path(dir_okay=False),
+                     help="Cluster profile (TOML; see tracer/clusters/example-slurm.toml)."),
+        click.option("--model", required=True,
+                     help="Model for vllm serve (e.g. a Hugging Face id)."),
+        click.option("--gpu", required=True, help="GPU type for the GRES request (e.g. A100)."),
+        click.option("--dtype", default="auto", show_default=True, help="vllm serve --dtype."),
+        click.option("--vllm-args", default="",
+                     help="More vllm serve arguments, appended to the profile's command and "
+                          "recorded (e.g. '--max-num-seqs 64 --enable-prefix-caching')."),
+        click.option("--time", "time_limit", default=None,
+                     help="Slurm time limit [the profile's]; it also bounds a job whose "
+                          "tracer was killed with SIGKILL."),
+        click.option("--ssh-key", type=click.Path(dir_okay=False), default=None,
+                     help="Private key file [default: the config's IdentityFile, else the "
+                          "SSH agent]."),
+        click.option("--ssh-config", type=click.Path(dir_okay=False), default=None,
+                     help="SSH config file for aliases [default: ~/.ssh/config]."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False), default=None,
+                     help="known_hosts file [default: ~/.ssh/known_hosts]."),
+        click.option("--accept-unknown-host", is_flag=True,
+                     help="Trust a host key not in known_hosts (first contact only; prefer "
+                          "adding it)."),
+        click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=5.0,
+                     show_default=True, help="Seconds between squeue and /health checks."),
+        click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=3600.0, show_default=True,
+                     help="Seconds to wait for the job to run, and again for /health."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _launch(c: dict):
+    """The profile, its job script and the launch's engine settings (vLLM's argument names,
+    the command line under ``launch_command``) for the cluster options ``c`` (popped)."""
+    from tracer.slurm import ENGINE_FROM_LAUNCH, ClusterProfile, launch_settings
+
+    profile = ClusterProfile.read(c.pop("profile_path"))
+    model, gpu, dtype, extra = c.pop("model"), c.pop("gpu"), c.pop("dtype"), c.pop("vllm_args")
+    command = profile.vllm_command(model, gpu, dtype, extra)
+    args = launch_settings(command)
+    engine = {"model": args.get("served_model_name", model), "launch_command": command,
+              **{k: args[k] for k in ENGINE_FROM_LAUNCH if k in args}}
+    return profile, profile.job_script(model, gpu, dtype, c.pop("time_limit"), extra), engine
+
+
+def _job(profile, c: dict):
+    """The :class:`~tracer.slurm.SlurmJob` for the SSH options in ``c`` (popped)."""
+    from tracer.slurm import SlurmJob
+
+    target = profile.target(c.pop("ssh_key"), c.pop("known_hosts"), c.pop("accept_unknown_host"),
+                            c.pop("ssh_config"))
+    return SlurmJob(profile, target)
+
+
+def _start(job, script: str, poll_s: float, timeout_s: float) -> str:
+    """Submit, wait until running and healthy; returns vLLM's URL as the login node sees it."""
+    job.submit(script)
+    click.echo(f"submitted job {job.job_id} on {job.profile.name}", err=True)
+    job.wait_running(timeout_s, poll_s)
+    url = job.wait_healthy(timeout_s, poll_s)
+    click.echo(f"vLLM is up: {url} (job {job.job_id} on {job.node})", err=True)
+    return url
+
+
 @main.command()
-@click.option("--cluster", "profile_path", required=True, type=click.Path(dir_okay=False),
-              help="Cluster profile (TOML; see tracer/clusters/example-slurm.toml).")
-@click.option("--model", required=True, help="Model for vllm serve (e.g. a Hugging Face id).")
-@click.option("--gpu", required=True, help="GPU type for the GRES request (e.g. A100).")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--time", "time_limit", default=None, help="Slurm time limit [profile's].")
-@click.option("--ssh-key", type=click.Path(dir_okay=False), default=None)
-@click.option("--known-hosts", type=click.Path(dir_okay=False), default=None)
-@click.option("--accept-unknown-host", is_flag=True)
+@cluster_options
 @click.option("--detach", is_flag=True,
               help="Print the URL and job id and leave the job running (scancel it yourself).")
-@click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=5.0,
-              show_default=True, help="Seconds between squeue and /health checks.")
+@click.option("--engine-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the launch's engine settings (and its command line) here, for "
+                   "tracer bench --engine.")
 @clean_errors
-def serve(profile_path, model, gpu, dtype, time_limit, ssh_key, known_hosts,
-          accept_unknown_host, detach, poll_s):
+def serve(detach, engine_out, **c):
     """Start vLLM on a Slurm GPU node, wait for /health, and cancel the job on Ctrl-C."""
+    import json
     import time
 
-    from tracer.slurm import ClusterProfile, SlurmJob
     from tracer.ssh import SSHError
 
-    profile = ClusterProfile.read(profile_path)
-    job = SlurmJob(profile, profile.target(ssh_key, known_hosts, accept_unknown_host))
+    poll_s, timeout_s = c.pop("poll_s"), c.pop("start_timeout")
+    profile, script, engine = _launch(c)
+    job = _job(profile, c)
     try:
-        with job:
-            job.submit(profile.job_script(model, gpu, dtype, time_limit))
-            click.echo(f"submitted job {job.job_id} on {profile.name}")
-            job.wait_running(poll_s=poll_s)
-            url = job.wait_healthy(poll_s=poll_s)
-            click.echo(f"vLLM is up: {url} (job {job.job_id} on {job.node})")
+        with job, _cancel_on_signals():
+            url = _start(job, script, poll_s, timeout_s)
+            if engine_out:
+                Path(engine_out).write_text(json.dumps(
+                    {**engine, "job_id": job.job_id, "node": job.node, "url": url},
+                    indent=2) + "\n")
+            click.echo(url)
             if detach:
                 job.job_id = None           # leave it running
                 return
-            click.echo("press Ctrl-C to cancel the job")
+            click.echo("press Ctrl-C to cancel the job", err=True)
             while True:
                 time.sleep(60)
     except SSHError as exc:
         raise InputError(str(exc)) from None
     except KeyboardInterrupt:
-        click.echo("cancelled")
+        click.echo("cancelled", err=True)
+
+
+@main.command()
+@cluster_options
+@click.option("--engine", "engine_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON of engine settings the launch command does not give (gpu as in the "
+                   "Kavier library, max_num_seqs, ...); a setting given both ways must agree.")
+@click.option("--gpu-samples/--no-gpu-samples", default=True, show_default=True,
+              help="Sample nvidia-smi on the job's node, over SSH through the login node.")
+@click.option("--gpu-index", default=None,
+              help="GPUs to sample [default: the job's, from scontrol show job -d].")
+@click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True,
+              help="nvidia-smi sampling interval, ms.")
+@bench_options
+@api_key_options
+@clean_errors
+def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file, **o):
+    """tracer serve + bench in one: start vLLM on a Slurm node, wait for /health, run the
+    bench schedule through a port forward via the login node, sample the node's GPUs, and
+    cancel the job on every way out (end, failure, Ctrl-C, SIGTERM, SIGHUP)."""
+    from dataclasses import replace
+
+    from archive.errors import read_json_object
+    from tracer.sampler import NvidiaSmiSampler
+    from tracer.ssh import SSHError, SSHTarget
+
+    cluster = {k: o.pop(k) for k in list(o) if k in _CLUSTER_KEYS}
+    poll_s, timeout_s = cluster.pop("poll_s"), cluster.pop("start_timeout")
+    gpu = cluster["gpu"]
+    if gpu_index is not None and not gpu_samples:
+        raise InputError("--gpu-index has no effect with --no-gpu-samples", field="gpu-index")
+    given = read_json_object(engine_file, "engine settings file") if engine_file else {}
+    ssh_config = cluster["ssh_config"]
+    profile, script, engine = _launch(cluster)
+    for key in set(given) & set(engine) - {"model"}:
+        if given[key] != engine[key]:
+            raise InputError(f"says {key} = {given[key]!r}, the vLLM command "
+                             f"{engine[key]!r}", path=engine_file, field=key)
+    engine = {**engine, **given}
+    plan = _bench_plan(o, engine, gpu_known=True)
+    indices = _gpu_indices(gpu_index)
+    job = _job(profile, cluster)
+    try:
+        with job, _cancel_on_signals():
+            _start(job, script, poll_s, timeout_s)
+            sampler = None
+            if gpu_samples:
+                node = replace(SSHTarget.parse(job.node, job.target.key_file,
+                                               job.target.known_hosts,
+                                               job.target.accept_unknown_host, None, ssh_config,
+                                               job.target.user), jump=job.target)
+                sampler = NvidiaSmiSampler(node, loop_ms, indices or job.gpu_indices())
+            with job.forward() as forward:
+                _bench(forward.url, plan, engine, engine["model"],
+                       _api_key(api_key_env, api_key_file), sampler, o, gpu_fallback=gpu)
+    except SSHError as exc:
+        raise InputError(str(exc)) from None
+    finally:
+        if job.node:
+            click.echo(f"job cancelled ({profile.name}, node {job.node})", err=True)
+
+
+_CLUSTER_KEYS = ("profile_path", "model", "gpu", "dtype", "vllm_args", "time_limit", "ssh_key",
+                 "ssh_config", "known_hosts", "accept_unknown_host", "poll_s", "start_timeout")
+
+
+def _gpu_indices(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(i) for i in text.split(",")) if text else None
+    except ValueError:
+        raise InputError(f"expected comma-separated GPU indices, got {text!r}",
+                         field="gpu-index") from None
+
+
+class _cancel_on_signals:  # noqa: N801 - used as a context manager, like contextlib's
+    """Turn SIGTERM and SIGHUP (Slurm's or a closed terminal's) into KeyboardInterrupt while
+    a job is held, so that the job's ``with`` block cancels it on those ways out too."""
+
+    SIGNALS = ("SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        self._old = {name: signal.signal(getattr(signal, name), interrupt)
+                     for name in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._old.items():
+            signal.signal(getattr(signal, name), handler)

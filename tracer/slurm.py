@@ -5,11 +5,15 @@ A cluster profile (TOML, see ``tracer/clusters/example-slurm.toml``) names the l
 partition, the GRES request, the time limit, the shell lines that prepare the environment and
 the vLLM command. The job script is sent to ``sbatch --parsable`` on its standard input (no
 file is left on the cluster); ``squeue`` tells when and where it runs; ``curl`` on the login
-node polls ``http://NODE:PORT/health``; ``scancel`` ends it.
+node polls ``http://NODE:PORT/health``; ``scancel`` ends it; ``scontrol show job -d`` names
+the job's GPUs on the node. The vLLM command line is kept (:meth:`ClusterProfile.vllm_command`)
+and its engine arguments read back (:func:`launch_settings`), so the run records how the
+server was started.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 import tomllib
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from archive.errors import InputError
-from tracer.ssh import SSHError, SSHTarget
+from tracer.ssh import LocalForward, SSHError, SSHTarget
 
 
 class SlurmError(SSHError):
@@ -68,16 +72,91 @@ class ClusterProfile:
         return SSHTarget.parse(self.login, key_file, known_hosts, accept_unknown_host,
                                self.jump, ssh_config)
 
+    def vllm_command(self, model: str, gpu: str, dtype: str = "auto",
+                     extra_args: str = "") -> str:
+        """The vLLM command line the job runs: the profile's ``vllm`` template filled in,
+        ``extra_args`` (``--vllm-args``) appended."""
+        command = self.vllm.format(model=shlex.quote(model), port=self.port, dtype=dtype,
+                                   gpu=gpu)
+        return f"{command} {extra_args}".strip()
+
     def job_script(self, model: str, gpu: str, dtype: str = "auto",
-                   time_limit: str | None = None) -> str:
+                   time_limit: str | None = None, extra_args: str = "") -> str:
         """The batch script for one vLLM server."""
-        values = {"model": shlex.quote(model), "gpu": gpu, "port": self.port, "dtype": dtype}
         lines = ["#!/bin/bash", "#SBATCH --job-name=kavier-vllm",
                  f"#SBATCH --partition={self.partition}",
-                 f"#SBATCH --gres={self.gres.format(**values)}",
+                 f"#SBATCH --gres={self.gres.format(gpu=gpu)}",
                  f"#SBATCH --time={time_limit or self.time}", "set -e", *self.setup,
-                 "exec " + self.vllm.format(**values)]
+                 "exec " + self.vllm_command(model, gpu, dtype, extra_args)]
         return "\n".join(lines) + "\n"
+
+
+SHORT_FLAGS = {"-tp": "tensor_parallel_size", "-pp": "pipeline_parallel_size",
+               "-dp": "data_parallel_size"}
+"""vLLM's short option names."""
+RENAMED = {"num_gpu_blocks_override": "num_gpu_blocks"}
+"""vLLM argument names whose value the archive's engine section keeps under another key."""
+ENGINE_FROM_LAUNCH = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                      "enable_expert_parallel", "max_num_seqs", "max_num_batched_tokens",
+                      "block_size", "num_gpu_blocks", "enable_prefix_caching",
+                      "enable_chunked_prefill", "gpu_memory_utilization", "max_model_len",
+                      "dtype")
+"""Launch arguments a serving run's engine section records (``archive.serving.ENGINE_KEYS``
+and the settings beside them)."""
+
+
+def launch_settings(command: str) -> dict:
+    """The engine arguments of a ``vllm serve MODEL --opt value ...`` command line, under
+    vLLM's argument names with underscores (``--max-num-seqs 64`` → ``max_num_seqs: 64``,
+    ``-tp 2`` → ``tensor_parallel_size: 2``, ``--enable-prefix-caching`` → True,
+    ``--no-enable-prefix-caching`` → False, ``--num-gpu-blocks-override`` →
+    ``num_gpu_blocks``); numbers as numbers, ``model`` the positional argument.
+
+    Raises
+    ------
+    InputError
+        For a line that is not ``vllm serve ...`` or does not split as a shell line.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise InputError(f"the vLLM command does not split as a shell line ({exc})",
+                         field="vllm") from None
+    if "serve" not in words:
+        raise InputError(f"expected 'vllm serve MODEL ...', got {command[:60]!r}",
+                         field="vllm")
+    words = words[words.index("serve") + 1:]
+    out: dict = {}
+    k = 0
+    while k < len(words):
+        word = words[k]
+        if not word.startswith("-"):
+            out.setdefault("model", word)
+            k += 1
+            continue
+        name, eq, value = word.partition("=")
+        key = SHORT_FLAGS.get(name) or name.lstrip("-").replace("-", "_")
+        if not eq and k + 1 < len(words) and not _is_option(words[k + 1]):
+            value, k = words[k + 1], k + 1
+        elif not eq:                          # a flag: --x is True, --no-x is x False
+            value = "false" if key.startswith("no_") else "true"
+            key = key.removeprefix("no_")
+        out[RENAMED.get(key, key)] = _value(value)
+        k += 1
+    return out
+
+
+def _is_option(word: str) -> bool:
+    return word.startswith("-") and not re.fullmatch(r"-[\d.]+", word)
+
+
+def _value(text: str):
+    """A command-line value as the number or boolean it spells, else the text."""
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?\d*\.\d+(e-?\d+)?", text):
+        return float(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 class SlurmJob:
@@ -138,6 +217,24 @@ class SlurmJob:
             time.sleep(poll_s)
         raise SlurmError(f"vLLM on {self.node} did not answer /health within "
                            f"{timeout_s:.0f} s")
+
+    def gpu_indices(self) -> tuple[int, ...] | None:
+        """The job's GPUs on its node as nvidia-smi indices, from ``scontrol show job -d``'s
+        ``GRES=gpu:…(IDX:0-1,3)``; None when Slurm does not say."""
+        status, text = self._run(f"scontrol show job -d {self.job_id}")
+        found = re.search(r"GRES=\S*?\(IDX:([0-9,\-]+)\)", text) if status == 0 else None
+        if not found:
+            return None
+        indices: list[int] = []
+        for part in found.group(1).split(","):
+            low, _, high = part.partition("-")
+            indices.extend(range(int(low), int(high or low) + 1))
+        return tuple(indices)
+
+    def forward(self) -> LocalForward:
+        """A local port forward to the job's vLLM through the login connection (enter it)."""
+        self._client.get_transport().set_keepalive(30)
+        return LocalForward(self._client, self.node, self.profile.port)
 
     def cancel(self) -> None:
         """``scancel`` the job (idempotent)."""

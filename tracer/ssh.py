@@ -12,6 +12,9 @@ key file or the SSH agent; no password, key or key path ever appears in an error
 
 from __future__ import annotations
 
+import select
+import socket
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -160,3 +163,91 @@ def _parse(spec: str, key_file, known_hosts, accept_unknown_host, jump, config, 
         target = replace(target, jump=_parse(hop, key_file, known_hosts, accept_unknown_host,
                                              None, config, default_user, depth + 1))
     return target
+
+
+class LocalForward:
+    """A local port forward (OpenSSH's ``-L``) over an open SSH connection: connections to
+    ``127.0.0.1:local_port`` here are carried by ``direct-tcpip`` channels to ``host:port`` as
+    the remote end sees it — how ``tracer run`` reaches vLLM on a GPU node that only the login
+    node can reach. A context manager: entering starts the listener (on loopback only),
+    leaving closes it and every open channel.
+
+    Parameters
+    ----------
+    client : paramiko.SSHClient
+        The open connection (to the login node).
+    host, port : str, int
+        Where the remote end connects (the GPU node's vLLM).
+
+    Attributes
+    ----------
+    local_port : int
+        The port listened on (free, chosen by the OS).
+    failures : list of str
+        Channels the remote end refused to open, described without secrets.
+    """
+
+    def __init__(self, client: paramiko.SSHClient, host: str, port: int) -> None:
+        self.client, self.host, self.port = client, host, port
+        self.local_port = 0
+        self.failures: list[str] = []
+        self._listener = None
+        self._open: set = set()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``, the forwarded server's address here."""
+        return f"http://127.0.0.1:{self.local_port}"
+
+    def __enter__(self) -> LocalForward:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.local_port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="ssh-forward").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._listener.close()
+        with self._lock:
+            for endpoint in list(self._open):
+                endpoint.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:                     # the listener was closed: done
+                return
+            try:
+                channel = self.client.get_transport().open_channel(
+                    "direct-tcpip", (self.host, self.port), peer, timeout=10)
+            except (paramiko.SSHException, OSError, AttributeError) as exc:
+                self.failures.append(f"{self.host}:{self.port} refused ({type(exc).__name__})")
+                sock.close()
+                continue
+            threading.Thread(target=self._pump, args=(sock, channel), daemon=True).start()
+
+    def _pump(self, sock: socket.socket, channel) -> None:
+        """Copy bytes both ways until either side closes."""
+        with self._lock:
+            self._open.update((sock, channel))
+        try:
+            while True:
+                readable, _, _ = select.select([sock, channel], [], [], 1.0)
+                if sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    channel.sendall(data)
+                if channel in readable:
+                    data = channel.recv(65536)
+                    if not data:
+                        break
+                    sock.sendall(data)
+        except OSError:                          # either end reset: the stream is over
+            pass
+        finally:
+            with self._lock:
+                self._open.difference_update((sock, channel))
+            channel.close()
+            sock.close()
