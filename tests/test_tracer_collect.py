@@ -255,9 +255,32 @@ def test_serve_submits_waits_and_cancels(sshd, tmp_path):
     result = CliRunner().invoke(tracer_cli, [
         "serve", "--cluster", str(profile_path), "--model", "m", "--gpu", "A100",
         "--ssh-key", sshd.key_file, "--known-hosts", sshd.known_hosts, "--detach",
-        "--poll", "0.05"])
+        "--poll", "0.05", "--vllm-args", "-tp 2 --max-num-seqs 32 --no-enable-prefix-caching",
+        "--engine-out", str(tmp_path / "engine.json")])
     assert result.exit_code == 0, result.output
     assert "http://gpu-node-7:8123" in result.output and not (state / "cancelled").exists()
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    assert engine["launch_command"] == ("vllm serve m --port 8123 --dtype auto -tp 2 "
+                                        "--max-num-seqs 32 --no-enable-prefix-caching")
+    assert (engine["tensor_parallel_size"], engine["max_num_seqs"]) == (2, 32)
+    assert engine["enable_prefix_caching"] is False and engine["job_id"] == "4242"
+    assert "-tp 2 --max-num-seqs 32" in (state / "job.sh").read_text()
+
+
+def test_launch_settings_read_vllms_engine_arguments_back():
+    from tracer.slurm import launch_settings
+
+    got = launch_settings("vllm serve 'meta-llama/Llama-3.1-8B' --port 8000 "
+                          "--gpu-memory-utilization=0.85 --trust-remote-code -tp 2 "
+                          "--num-gpu-blocks-override 900 --enable-chunked-prefill --seed -1")
+    assert got == {"model": "meta-llama/Llama-3.1-8B", "port": 8000,
+                   "gpu_memory_utilization": 0.85, "trust_remote_code": True,
+                   "tensor_parallel_size": 2, "num_gpu_blocks": 900,
+                   "enable_chunked_prefill": True, "seed": -1}
+    with pytest.raises(InputError, match="expected 'vllm serve MODEL"):
+        launch_settings("python -m something")
+    with pytest.raises(InputError, match="does not split as a shell line"):
+        launch_settings("vllm serve 'unclosed")
 
 
 def test_logs_read_back_after_a_crash(tmp_path):

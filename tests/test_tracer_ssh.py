@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -143,3 +144,104 @@ def test_job_gpus_come_from_cuda_visible_devices_or_slurm():
     assert job_gpu_indices({"SLURM_JOB_GPUS": "5"}) == (5,)
     assert job_gpu_indices({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"}) is None   # UUIDs: not indices
     assert job_gpu_indices({}) is None
+
+
+SLURM = {      # stand-ins on the login node: the job runs at once on 127.0.0.1, GPU 1
+    "sbatch": "#!/bin/sh\ncat > {state}/job.sh\necho 77\n",
+    "squeue": "#!/bin/sh\necho 'RUNNING 127.0.0.1'\n",
+    "scontrol": "#!/bin/sh\necho '   Nodes=127.0.0.1 CPU_IDs=0-3 Mem=0 GRES=gpu:a10:1(IDX:1)'\n",
+    "scancel": "#!/bin/sh\necho \"$1\" >> {state}/cancelled\n",
+}
+
+
+@pytest.fixture()
+def slurm_cluster(cluster, server, tmp_path):
+    """The login node with Slurm stand-ins and real curl, the fake vLLM server as the job's
+    server, the GPU node's sshd as ``127.0.0.1`` in an SSH config, and a cluster profile."""
+    state = tmp_path / "slurm"
+    state.mkdir()
+    bin_dir = cluster["root"] / "login" / "bin"
+    for name, text in SLURM.items():
+        (bin_dir / name).write_text(text.format(state=state))
+        (bin_dir / name).chmod(0o755)
+    node = cluster["node"]
+    config = tmp_path / "ssh_config"
+    config.write_text(cluster["config"].read_text() + (
+        f"Host 127.0.0.1\n  Port {node.port}\n  User {node.user}\n  IdentityFile "
+        f"{node.key_file}\n  UserKnownHostsFile {cluster['root'] / 'known_hosts'}\n"))
+    port = int(server[1].rsplit(":", 1)[1])
+    profile = tmp_path / "cluster.toml"
+    profile.write_text(f'name = "loopback"\nlogin = "login"\npartition = "gpu"\nport = {port}\n'
+                       'vllm = "vllm serve {model} --port {port} --dtype {dtype}"\n')
+    args = ["run", "--cluster", str(profile), "--model", "Llama-3-8B", "--gpu", "A10",
+            "--ssh-config", str(config), "--poll", "0.05", "--loop-ms", "20"]
+    return {"state": state, "args": args, "server": server[0]}
+
+
+def test_tracer_run_serves_benches_through_the_login_node_samples_and_cancels(slurm_cluster,
+                                                                            tmp_path):
+    from click.testing import CliRunner
+
+    from archive.serving import read_serving
+    from archive.validate import validate
+    from tracer.cli import main as tracer_cli
+
+    c, out = slurm_cluster, tmp_path / "run"
+    result = CliRunner().invoke(tracer_cli, [
+        *c["args"], "--vllm-args", "--max-num-seqs 8 --max-num-batched-tokens 2048 "
+        "--enable-prefix-caching", "--output", str(out), "--request-rate", "50",
+        "--num-prompts", "12", "--input-len", "32", "--output-len", "4"])
+    assert result.exit_code == 0, result.output
+    assert "12 of 12 requests succeeded" in result.output
+    assert (c["state"] / "cancelled").read_text().split() == ["77"]      # cancelled at the end
+    script = (c["state"] / "job.sh").read_text()
+    assert "exec vllm serve Llama-3-8B --port" in script and "--max-num-seqs 8" in script
+    run = read_serving(out)
+    assert len(run.requests) == 12 and run.requests["error"].isna().all()
+    assert c["server"].requests >= 13                 # through the forward (and a warm-up)
+    assert (run.engine["max_num_seqs"], run.engine["max_num_batched_tokens"]) == (8, 2048)
+    assert run.engine["enable_prefix_caching"] is True and "enable_prefix_caching" not in \
+        run.engine["assumed"]
+    assert "--max-num-seqs 8" in run.engine["launch_command"]
+    assert run.engine["gpu"] == "NVIDIA H100 80GB HBM3"         # as the node's nvidia-smi says
+    samples = pd.read_parquet(out / "gpu_samples.parquet")
+    assert set(samples["gpu_index"]) == {1} and len(samples) >= 2      # only the job's GPU
+    sent = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    first_send = datetime.fromtimestamp(min(r["send_unix_s"] for r in sent))
+    assert samples["timestamp"].min() <= first_send      # sampling began before the first
+    assert validate(out) == []
+
+
+def test_tracer_run_checks_before_it_submits_and_cancels_on_sigterm(slurm_cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from tracer.cli import main as tracer_cli
+
+    c = slurm_cluster
+    lacking = CliRunner().invoke(tracer_cli, [*c["args"], "--output", str(tmp_path / "a")])
+    assert lacking.exit_code == 2 and "lack max_num_seqs, max_num_batched_tokens" in \
+        lacking.output
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({"max_num_seqs": 16, "max_num_batched_tokens": 2048}))
+    clash = CliRunner().invoke(tracer_cli, [*c["args"], "--engine", str(engine), "--vllm-args",
+                                            "--max-num-seqs 8", "--output", str(tmp_path / "b")])
+    assert clash.exit_code == 2 and "says max_num_seqs = 16, the vLLM command 8" in clash.output
+    assert not (c["state"] / "job.sh").exists()              # nothing was submitted
+    c["server"].timing.decode_per_token_s = 0.02
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tracer.cli import main; main()", *c["args"], "--engine",
+         str(engine), "--output", str(out), "--request-rate", "10", "--num-prompts", "200",
+         "--input-len", "16", "--output-len", "10"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "requests.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists()
+                                               and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "job cancelled" in err, err
+    assert (c["state"] / "cancelled").read_text().split() == ["77"]
+    kept = log.read_text().splitlines()
+    assert 3 <= len(kept) < 200 and all(json.loads(x)["request_id"] for x in kept)

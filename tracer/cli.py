@@ -606,7 +606,8 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file,
     if gpu_index is not None and not gpu_samples:
         raise InputError("--gpu-index has no effect with --no-gpu-samples", field="gpu-index")
     given = read_json_object(engine_file, "engine settings file") if engine_file else {}
-    ssh_config = cluster["ssh_config"]
+    ssh = (cluster["ssh_key"], cluster["known_hosts"], cluster["accept_unknown_host"], None,
+           cluster["ssh_config"])                 # for the node as for the login node
     profile, script, engine = _launch(cluster)
     for key in set(given) & set(engine) - {"model"}:
         if given[key] != engine[key]:
@@ -621,10 +622,8 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file,
             _start(job, script, poll_s, timeout_s)
             sampler = None
             if gpu_samples:
-                node = replace(SSHTarget.parse(job.node, job.target.key_file,
-                                               job.target.known_hosts,
-                                               job.target.accept_unknown_host, None, ssh_config,
-                                               job.target.user), jump=job.target)
+                node = replace(SSHTarget.parse(job.node, *ssh, job.target.user),
+                               jump=job.target)
                 sampler = NvidiaSmiSampler(node, loop_ms, indices or job.gpu_indices())
             with job.forward() as forward:
                 _bench(forward.url, plan, engine, engine["model"],
