@@ -4,6 +4,7 @@ that ``kavier calibrate`` takes."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -135,7 +136,6 @@ def test_bench_samples_the_gpu_from_before_the_first_request_to_after_the_last(
         server, engine, tmp_path, monkeypatch):
     from datetime import datetime
 
-    import pandas as pd
     from sshd import write_fake_smi
 
     write_fake_smi(tmp_path / "bin")
@@ -315,9 +315,9 @@ def test_a_killed_bench_resumes_without_losing_or_repeating_a_request(engine, tm
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--loop-ms", "50"], "--loop-ms has no effect without --ssh or --local-smi"),
+    (["--loop-ms", "50"], "--loop-ms has no effect without --ssh, --local-smi or --dcgm"),
     (["--ssh-jump", "login"], "--ssh-jump has no effect without --ssh"),
-    (["--ssh", "node", "--local-smi"], "--ssh and --local-smi exclude each other"),
+    (["--ssh", "node", "--local-smi"], "--ssh, --local-smi and --dcgm exclude each other"),
     (["--stages", "2:5", "--request-rate", "3"], "--stages replaces --request-rate"),
     (["--turns", "2"], "--turns needs --workload sessions"),
     (["--trace", "azure-llm-inference-2023-conv", "--workload", "sessions"],
@@ -405,3 +405,31 @@ def test_a_bad_prompt_file_is_one_line_naming_file_row_and_field(server, engine,
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "x" / "requests.jsonl").exists()
+
+
+def test_bench_samples_a_dcgm_exporter(server, engine, tmp_path):
+    import fake_dcgm
+
+    exporter, metrics_url, scrapes = fake_dcgm.start()
+    try:
+        out = tmp_path / "run"
+        result = CliRunner().invoke(tracer_cli, [
+            "bench", "--url", server[1], "--output", str(out), "--engine", str(engine),
+            "--num-prompts", "8", "--input-len", "16", "--output-len", "8", "--request-rate",
+            "20", "--dcgm", metrics_url, "--gpu-index", "1", "--loop-ms", "50"])
+        assert result.exit_code == 0, result.output
+        gpu = pd.read_parquet(out / "gpu_samples.parquet")
+        assert set(gpu["gpu_index"]) == {1} and len(gpu) >= 4 and len(gpu) <= len(scrapes)
+        assert (gpu["power_w"] >= 160).all() and gpu["power_w"].is_monotonic_increasing
+        assert (gpu["clock_sm_mhz"] == 1710).all() and gpu["memory_used_mib"].eq(20480).all()
+        assert gpu["utilization_memory_pct"].isna().all()          # not published: a gap
+        assert "sample(s) with values the DCGM exporter could not read" in result.output
+        assert json.loads((out / "engine.json").read_text())["gpu"] == "A10"   # as given
+        assert validate(out) == []
+        dead = CliRunner().invoke(tracer_cli, [
+            "bench", "--url", server[1], "--output", str(tmp_path / "x"), "--engine",
+            str(engine), "--dcgm", "http://127.0.0.1:9/metrics"])
+        assert dead.exit_code == 2 and "the DCGM exporter is not available on http://127." \
+            in dead.output
+    finally:
+        exporter.shutdown()

@@ -210,6 +210,21 @@ def test_tracer_run_serves_benches_through_the_login_node_samples_and_cancels(sl
     first_send = datetime.fromtimestamp(min(r["send_unix_s"] for r in sent))
     assert samples["timestamp"].min() <= first_send      # sampling began before the first
     assert validate(out) == []
+    import fake_dcgm
+
+    exporter, metrics_url, _ = fake_dcgm.start()     # on the "node", reached via the login
+    try:
+        port = metrics_url.rsplit(":", 1)[1].split("/")[0]
+        dcgm = CliRunner().invoke(tracer_cli, [
+            *c["args"], "--vllm-args", "--max-num-seqs 8 --max-num-batched-tokens 2048",
+            "--output", str(tmp_path / "dcgm"), "--num-prompts", "6", "--input-len", "16",
+            "--output-len", "4", "--dcgm-port", port])
+    finally:
+        exporter.shutdown()
+    assert dcgm.exit_code == 0, dcgm.output
+    samples = pd.read_parquet(tmp_path / "dcgm" / "gpu_samples.parquet")
+    assert set(samples["gpu_index"]) == {1} and (samples["power_w"] >= 160).all()
+    assert read_serving(tmp_path / "dcgm").engine["gpu"] == "NVIDIA A10"
 
 
 def test_tracer_run_checks_before_it_submits_and_cancels_on_sigterm(slurm_cluster, tmp_path):

@@ -93,6 +93,9 @@ def sampling_options(command):
         click.option("--local-smi", is_flag=True,
                      help="Sample nvidia-smi on this machine (the tracer runs inside the job "
                           "on the GPU node)."),
+        click.option("--dcgm", "dcgm_url", default=None,
+                     help="Scrape this NVIDIA DCGM exporter (http://node:9400/metrics) instead "
+                          "of running nvidia-smi."),
         click.option("--gpu-index", default=None,
                      help="GPUs to sample, comma-separated nvidia-smi indices [default: "
                           "locally CUDA_VISIBLE_DEVICES or SLURM_JOB_GPUS, else all]."),
@@ -110,33 +113,29 @@ def _sampler(o: dict):
     from tracer.sampler import NvidiaSmiSampler
     from tracer.ssh import SSHTarget
 
-    ssh, local = o.pop("ssh_target"), o.pop("local_smi")
+    ssh, local, dcgm = o.pop("ssh_target"), o.pop("local_smi"), o.pop("dcgm_url")
     jump, config, key = o.pop("ssh_jump"), o.pop("ssh_config"), o.pop("ssh_key")
     known, accept, loop_ms = o.pop("known_hosts"), o.pop("accept_unknown_host"), o.pop("loop_ms")
     indices = o.pop("gpu_index")
-    if ssh and local:
-        raise InputError("--ssh and --local-smi exclude each other", field="local-smi")
+    if sum(map(bool, (ssh, local, dcgm))) > 1:
+        raise InputError("--ssh, --local-smi and --dcgm exclude each other",
+                         field="dcgm" if dcgm else "local-smi")
     if not ssh:
         for name, value in (("ssh-jump", jump), ("ssh-config", config), ("ssh-key", key),
                             ("known-hosts", known), ("accept-unknown-host", accept)):
             if value:
                 raise InputError(f"--{name} has no effect without --ssh", field=name)
-    if not (ssh or local):
+    if not (ssh or local or dcgm):
         given_loop = click.get_current_context().get_parameter_source("loop_ms") not in (
             None, click.core.ParameterSource.DEFAULT)
         for name, value in (("gpu-index", indices), ("loop-ms", given_loop)):
             if value:
-                raise InputError(f"--{name} has no effect without --ssh or --local-smi",
-                                 field=name)
+                raise InputError(f"--{name} has no effect without --ssh, --local-smi or "
+                                 "--dcgm", field=name)
         return None
-    try:
-        gpus = tuple(int(i) for i in indices.split(",")) if indices else None
-    except ValueError:
-        raise InputError(f"expected comma-separated GPU indices, got {indices!r}",
-                         field="gpu-index") from None
     target = SSHTarget.parse(ssh, key, known, accept, jump, config,
                              os.environ.get("USER", "")) if ssh else None
-    return NvidiaSmiSampler(target, loop_ms, gpus)
+    return NvidiaSmiSampler(target, loop_ms, _gpu_indices(indices), dcgm_url=dcgm)
 
 
 @main.command()
@@ -587,13 +586,18 @@ def serve(detach, engine_out, **c):
               help="GPUs to sample [default: the job's, from scontrol show job -d].")
 @click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True,
               help="nvidia-smi sampling interval, ms.")
+@click.option("--dcgm-port", type=click.IntRange(1, 65535), default=None,
+              help="Scrape the DCGM exporter listening on this port of the job's node "
+                   "(through the login node) instead of running nvidia-smi over SSH.")
 @bench_options
 @api_key_options
 @clean_errors
-def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file, **o):
+def run(engine_file, gpu_samples, gpu_index, loop_ms, dcgm_port, api_key_env, api_key_file,
+        **o):
     """tracer serve + bench in one: start vLLM on a Slurm node, wait for /health, run the
     bench schedule through a port forward via the login node, sample the node's GPUs, and
     cancel the job on every way out (end, failure, Ctrl-C, SIGTERM, SIGHUP)."""
+    from contextlib import nullcontext
     from dataclasses import replace
 
     from archive.errors import read_json_object
@@ -603,8 +607,9 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file,
     cluster = {k: o.pop(k) for k in list(o) if k in _CLUSTER_KEYS}
     poll_s, timeout_s = cluster.pop("poll_s"), cluster.pop("start_timeout")
     gpu = cluster["gpu"]
-    if gpu_index is not None and not gpu_samples:
-        raise InputError("--gpu-index has no effect with --no-gpu-samples", field="gpu-index")
+    for name, value in (("gpu-index", gpu_index), ("dcgm-port", dcgm_port)):
+        if value is not None and not gpu_samples:
+            raise InputError(f"--{name} has no effect with --no-gpu-samples", field=name)
     given = read_json_object(engine_file, "engine settings file") if engine_file else {}
     ssh = (cluster["ssh_key"], cluster["known_hosts"], cluster["accept_unknown_host"], None,
            cluster["ssh_config"])                 # for the node as for the login node
@@ -620,12 +625,16 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, api_key_env, api_key_file,
     try:
         with job, _cancel_on_signals():
             _start(job, script, poll_s, timeout_s)
-            sampler = None
-            if gpu_samples:
-                node = replace(SSHTarget.parse(job.node, *ssh, job.target.user),
-                               jump=job.target)
-                sampler = NvidiaSmiSampler(node, loop_ms, indices or job.gpu_indices())
-            with job.forward() as forward:
+            sampler, gpus = None, indices or (job.gpu_indices() if gpu_samples else None)
+            dcgm = job.forward(dcgm_port) if dcgm_port else nullcontext()
+            with job.forward() as forward, dcgm:
+                if dcgm_port:
+                    sampler = NvidiaSmiSampler(None, loop_ms, gpus,
+                                               dcgm_url=f"{dcgm.url}/metrics")
+                elif gpu_samples:
+                    node = replace(SSHTarget.parse(job.node, *ssh, job.target.user),
+                                   jump=job.target)
+                    sampler = NvidiaSmiSampler(node, loop_ms, gpus)
                 _bench(forward.url, plan, engine, engine["model"],
                        _api_key(api_key_env, api_key_file), sampler, o, gpu_fallback=gpu)
     except SSHError as exc:

@@ -17,6 +17,13 @@ run ends is recorded with its exit status: :attr:`NvidiaSmiSampler.gaps` says bo
 
 ``power.draw`` is a one-second moving average on Ampere and newer GPUs; where the driver
 offers ``power.draw.instant`` the sampler asks for that instead and records which it used.
+
+Where an NVIDIA DCGM exporter runs on the node (``dcgm_url``, its ``/metrics``), the sampler
+scrapes it every ``loop_ms`` instead of running nvidia-smi: each scrape's ``DCGM_FI_DEV_*``
+gauges (:data:`DCGM_FIELDS`, the exporter's default counters) become one nvidia-smi-style line
+per GPU (label ``gpu``), so the spool, the gaps and ``gpu_samples.parquet`` are the same. A
+gauge the exporter does not publish is a gap; the exporter refreshes its values every
+collection interval (``-c``, 30 s by default), so set it to the sampling interval you want.
 """
 
 from __future__ import annotations
@@ -62,10 +69,111 @@ def job_gpu_indices(environ: dict | None = None) -> tuple[int, ...] | None:
     return None
 
 
+DCGM_FIELDS = {"utilization.gpu": "DCGM_FI_DEV_GPU_UTIL",
+               "utilization.memory": "DCGM_FI_DEV_MEM_COPY_UTIL",
+               "power.draw": "DCGM_FI_DEV_POWER_USAGE",
+               "power.draw.instant": "DCGM_FI_DEV_POWER_USAGE_INSTANT",
+               "memory.used": "DCGM_FI_DEV_FB_USED", "clocks.sm": "DCGM_FI_DEV_SM_CLOCK",
+               "temperature.gpu": "DCGM_FI_DEV_GPU_TEMP"}
+"""The DCGM exporter gauge behind each nvidia-smi field (same units: %, W, MiB, MHz, °C;
+NVIDIA's ``etc/default-counters.csv`` of dcgm-exporter and the DCGM field reference)."""
+
+
+class _Dcgm:
+    """Scrapes a DCGM exporter's ``/metrics`` and answers the sampler's nvidia-smi commands
+    with what it publishes (see the module docstring)."""
+
+    name = "the DCGM exporter"
+
+    def __init__(self, url: str) -> None:
+        import requests
+
+        self.where, self.url, self.session = url, url, requests.Session()
+
+    def scrape(self) -> dict[int, dict]:
+        """Per GPU index: metric name → value, plus ``modelName`` and the driver label."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = self.session.get(self.url, timeout=5)
+        response.raise_for_status()
+        gpus: dict[int, dict] = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if "gpu" in sample.labels and sample.labels["gpu"].isdigit():
+                    gpu = gpus.setdefault(int(sample.labels["gpu"]), {})
+                    gpu[sample.name] = sample.value
+                    gpu.setdefault("modelName", sample.labels.get("modelName", ""))
+                    gpu.setdefault("driver", sample.labels.get("DCGM_FI_DRIVER_VERSION", ""))
+        return gpus
+
+    def run(self, command: list[str]) -> tuple[int, str]:
+        import requests
+
+        try:
+            gpus = self.scrape()
+        except (requests.RequestException, ValueError):
+            return 1, ""
+        if "--help-query-gpu" in command:
+            instant = any(DCGM_FIELDS["power.draw.instant"] in g for g in gpus.values())
+            return (0, '"power.draw.instant"') if instant else (0, "")
+        first = gpus[min(gpus)] if gpus else {}
+        return 0, f"{first.get('modelName', '')}, {first.get('driver', '')}\n"
+
+    def stream(self, command: list[str]):
+        """``readline``, ``stop`` and ``wait`` over scrapes every ``--loop-ms``, for the GPUs
+        of ``--id`` (all without it)."""
+        import requests
+
+        fields = next(a.split("=", 1)[1] for a in command
+                      if a.startswith("--query-gpu=")).split(",")
+        loop_s = next(int(a.split("=", 1)[1]) for a in command
+                      if a.startswith("--loop-ms=")) / 1000
+        ids = next((set(map(int, a.split("=", 1)[1].split(","))) for a in command
+                    if a.startswith("--id=")), None)
+        pending: list[str] = []
+        state = {"stopped": False, "status": 0, "next": time.monotonic()}
+
+        def readline() -> str:
+            while not pending and not state["stopped"]:
+                delay = state["next"] - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                state["next"] = max(state["next"] + loop_s, time.monotonic())
+                try:
+                    gpus = self.scrape()
+                except (requests.RequestException, ValueError) as exc:
+                    state["stopped"] = True
+                    state["status"] = f"scrape failed: {type(exc).__name__}"
+                    break
+                pending.extend(self._line(fields, i, g) for i, g in sorted(gpus.items())
+                               if ids is None or i in ids)
+            return pending.pop(0) if pending else ""
+
+        def stop() -> None:
+            state["stopped"] = True
+
+        return readline, stop, lambda: state["status"]
+
+    @staticmethod
+    def _line(fields: list[str], index: int, gpu: dict) -> str:
+        now = time.time()
+        stamp = time.strftime("%Y/%m/%d %H:%M:%S.", time.localtime(now)) + (
+            f"{int(now % 1 * 1000):03d}")
+        values = {"timestamp": stamp, "index": str(index)}
+        for name in fields:
+            if name in DCGM_FIELDS:
+                value = gpu.get(DCGM_FIELDS[name])
+                values[name] = "[N/A]" if value is None else f"{value:g}"
+        return ", ".join(values[f] for f in fields) + "\n"
+
+    def close(self) -> None:
+        self.session.close()
+
+
 class _Local:
     """Runs nvidia-smi on this machine (inside the job on the GPU node)."""
 
-    where = "this node"
+    where, name = "this node", "nvidia-smi"
 
     def run(self, command: list[str]) -> tuple[int, str]:
         try:
@@ -84,6 +192,8 @@ class _Local:
 
 class _Remote:
     """Runs nvidia-smi on the GPU node over SSH."""
+
+    name = "nvidia-smi"
 
     def __init__(self, target: SSHTarget) -> None:
         self.where = target.where
@@ -122,6 +232,8 @@ class NvidiaSmiSampler:
         JSON Lines file samples are appended to as they arrive.
     tags : dict
         Merged into every spooled sample (e.g. the run id).
+    dcgm_url : str or None
+        A DCGM exporter's ``/metrics`` to scrape instead of running nvidia-smi.
 
     Raises
     ------
@@ -141,6 +253,7 @@ class NvidiaSmiSampler:
     power_field: str = "power.draw"
     gpu_name: str = ""
     driver_version: str = ""
+    dcgm_url: str | None = None
     _rows: list = field(default_factory=list)
     _errors: list = field(default_factory=list)
     _missing: int = 0
@@ -148,8 +261,8 @@ class NvidiaSmiSampler:
 
     @property
     def where(self) -> str:
-        """Where nvidia-smi runs, for messages."""
-        return self.target.where if self.target else "this node"
+        """Where nvidia-smi runs (or the DCGM exporter's URL), for messages."""
+        return self.dcgm_url or (self.target.where if self.target else "this node")
 
     def _command(self, fields, loop: bool = True) -> list[str]:
         ids = [f"--id={','.join(map(str, self.gpu_indices))}"] if self.gpu_indices else []
@@ -158,9 +271,10 @@ class NvidiaSmiSampler:
                                                     if loop else [])
 
     def __enter__(self) -> NvidiaSmiSampler:
-        if self.target is None and self.gpu_indices is None:
+        if self.target is None and self.dcgm_url is None and self.gpu_indices is None:
             self.gpu_indices = job_gpu_indices()
-        self._runner = _Remote(self.target) if self.target else _Local()
+        self._runner = (_Dcgm(self.dcgm_url) if self.dcgm_url else
+                        _Remote(self.target) if self.target else _Local())
         try:
             self._start()
         except BaseException:
@@ -171,7 +285,7 @@ class NvidiaSmiSampler:
     def _start(self) -> None:
         status, help_text = self._runner.run(["nvidia-smi", "--help-query-gpu"])
         if status != 0:
-            raise SamplerError(f"nvidia-smi is not available on {self.where}")
+            raise SamplerError(f"{self._runner.name} is not available on {self.where}")
         _, first = self._runner.run(self._command(("name", "driver_version"), loop=False))
         lines = first.strip().splitlines()
         if lines and "," in lines[0]:
@@ -191,7 +305,7 @@ class NvidiaSmiSampler:
         if not self._first.wait(FIRST_SAMPLE_TIMEOUT_S) or not self._rows:
             self._stopping = True
             self._stop()
-            raise SamplerError(f"nvidia-smi on {self.where} gave no sample within "
+            raise SamplerError(f"{self._runner.name} on {self.where} gave no sample within "
                                f"{FIRST_SAMPLE_TIMEOUT_S:g} s" + (f" ({self._exit})"
                                                                   if self._exit else ""))
 
@@ -219,7 +333,8 @@ class NvidiaSmiSampler:
                     synced = time.monotonic()
             self._first.set()
         if not self._stopping:
-            self._exit = f"nvidia-smi exited (status {self._wait()}) after {number} lines"
+            self._exit = (f"{self._runner.name} exited (status {self._wait()}) after "
+                          f"{number} lines")
         self._first.set()                 # never leave the entry waiting on a dead process
 
     def __exit__(self, *exc) -> None:
@@ -266,8 +381,8 @@ class NvidiaSmiSampler:
         unparsable lines, an nvidia-smi that exited early, all of a shared node's GPUs."""
         out = []
         if self._missing:
-            out.append(f"{self._missing} sample(s) with values nvidia-smi could not read "
-                       "([N/A]), kept as NaN")
+            out.append(f"{self._missing} sample(s) with values {self._runner.name} could "
+                       "not read ([N/A], or not published), kept as NaN")
         if self._errors:
             out.append(f"{len(self._errors)} line(s) that did not parse (first: "
                        f"{self._errors[0]})")

@@ -231,10 +231,11 @@ class SlurmJob:
             indices.extend(range(int(low), int(high or low) + 1))
         return tuple(indices)
 
-    def forward(self) -> LocalForward:
-        """A local port forward to the job's vLLM through the login connection (enter it)."""
+    def forward(self, port: int | None = None) -> LocalForward:
+        """A local port forward to ``port`` (default: the job's vLLM) on the job's node,
+        through the login connection (enter it)."""
         self._client.get_transport().set_keepalive(30)
-        return LocalForward(self._client, self.node, self.profile.port)
+        return LocalForward(self._client, self.node, port or self.profile.port)
 
     def cancel(self) -> None:
         """``scancel`` the job (idempotent)."""
