@@ -38,6 +38,7 @@ class FakeState:
     error_after: int | None = None         # an in-stream {"error": ...} event after k tokens
     omit_usage: bool = False               # no usage event (a server ignoring include_usage)
     die_after: int | None = None           # drop the connection after k tokens
+    cache_config: dict | None = None       # labels of vllm:cache_config_info (None: absent)
     attempts: list = field(default_factory=list)   # arrival time of every completion call
     prefill_sum: float = 0.0
     decode_sum: float = 0.0
@@ -110,6 +111,11 @@ class _Handler(BaseHTTPRequestHandler):
                 "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.\n"
                 "# TYPE vllm:prefix_cache_hits_total counter\n"
                 f'vllm:prefix_cache_hits_total{{model_name="{s.model}"}} 0.0\n')
+            if s.cache_config is not None:
+                labels = ",".join(f'{k}="{v}"' for k, v in s.cache_config.items())
+                text += ("# HELP vllm:cache_config_info Information of the LLMEngine "
+                         "CacheConfig\n# TYPE vllm:cache_config_info gauge\n"
+                         f"vllm:cache_config_info{{{labels}}} 1.0\n")
             data = text.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")

@@ -433,3 +433,26 @@ def test_bench_samples_a_dcgm_exporter(server, engine, tmp_path):
             in dead.output
     finally:
         exporter.shutdown()
+
+
+def test_bench_records_the_kv_cache_the_server_reports(server, engine, tmp_path):
+    state, url = server
+    state.cache_config = {"block_size": "16", "num_gpu_blocks": "1234",
+                          "enable_prefix_caching": "False", "cache_dtype": "auto"}
+    args = ["bench", "--url", url, "--num-prompts", "3", "--input-len", "8", "--output-len",
+            "2", "--request-rate", "inf"]
+    result = CliRunner().invoke(tracer_cli, [*args, "--engine", str(engine), "--output",
+                                             str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    run = read_serving(tmp_path / "run")
+    assert (run.engine["num_gpu_blocks"], run.engine["enable_prefix_caching"]) == (1234, False)
+    assert "enable_prefix_caching" not in run.engine["assumed"]
+    assert run.engine["from_server"] == ["block_size", "enable_prefix_caching",
+                                         "num_gpu_blocks"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(engine.read_text()), "num_gpu_blocks": 900}))
+    clash = CliRunner().invoke(tracer_cli, [*args, "--engine", str(other), "--output",
+                                            str(tmp_path / "x")])
+    assert clash.exit_code == 2 and "say num_gpu_blocks = 900, the server's /metrics 1234" \
+        in clash.output
+    assert not (tmp_path / "x" / "requests.jsonl").exists()

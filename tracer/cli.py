@@ -352,6 +352,12 @@ def _bench(url: str, plan: dict, given: dict, model: str | None, key: str | None
                   "version": given.get("version") or client.version() or "unknown",
                   **({"max_model_len": limit} if limit and "max_model_len" not in given
                      else {})}
+        reported = client.cache_config()
+        for name, value in reported.items():
+            if name in given and given[name] != value:
+                raise InputError(f"the engine settings say {name} = {given[name]!r}, the "
+                                 f"server's /metrics {value!r}", field=name)
+        engine.update(reported, **({"from_server": sorted(reported)} if reported else {}))
         schedule = _bench_schedule(o["trace"], plan, client, served)
         salted = o["cache_salt"] == "request" or (
             o["cache_salt"] == "auto" and plan["workload"] not in ("shared-prefix", "sessions"))

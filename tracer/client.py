@@ -187,6 +187,27 @@ class VLLMClient:
         except (ServerError, ValueError):
             return ""
 
+    def cache_config(self) -> dict:
+        """The KV cache settings vLLM reports in ``/metrics`` (the labels of its
+        ``vllm:cache_config_info`` info gauge, ``vllm/v1/metrics/loggers.py``):
+        ``block_size``, ``num_gpu_blocks`` and ``enable_prefix_caching`` where published, as
+        numbers and booleans; {} from a server without them."""
+        try:
+            text = self._call("GET", "/metrics").text
+        except ServerError:
+            return {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "vllm:cache_config_info" and family.samples:
+                labels = family.samples[0].labels
+                out = {}
+                for key in ("block_size", "num_gpu_blocks"):
+                    if labels.get(key, "").isdigit():
+                        out[key] = int(labels[key])
+                if labels.get("enable_prefix_caching") in ("True", "False"):
+                    out["enable_prefix_caching"] = labels["enable_prefix_caching"] == "True"
+                return out
+        return {}
+
     def tokenize(self, model: str, text: str) -> list[int]:
         """Token ids of ``text`` by the server's tokenizer (``/tokenize``)."""
         return self._call("POST", "/tokenize", json={"model": model, "prompt": text,
