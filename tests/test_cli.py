@@ -302,6 +302,28 @@ def test_opendc_tasks_carry_weights_and_kv_pool_in_kb_and_no_file_needs_parquet_
                     assert "BYTE_STREAM_SPLIT" not in col.encodings, (path, col.path_in_schema)
 
 
+def test_opendc_fragments_are_the_same_whatever_the_fragment_export(tmp_path):
+    trace = tmp_path / "t.csv"
+    pd.DataFrame({"num_input_tokens": [100, 2000, 40, 700],
+                  "num_output_tokens": [50, 3, 200, 20],
+                  "arrival_s": [0.0, 0.5, 9.0, 9.1]}).to_csv(trace, index=False)
+    tables = {}
+    for name, extra in (("shared", ["--export-rate", "0"]), ("own", ["--export-rate", "0.1"]),
+                        ("alone", ["--no-fragments"])):
+        out = tmp_path / name
+        result = run("simulate", "--trace", str(trace), "--output-folder", str(out),
+                     "--replicas", "2", "--carbon-trace", "NL", "--start", "2022-07-01T00:00Z",
+                     *extra)
+        assert result.exit_code == 0, result.output
+        tables[name] = pd.read_parquet(out / "opendc" / "fragments.parquet")
+        assert (out / "opendc" / "tasks.parquet").exists()
+    assert len(tables["shared"]) > 8 and (tables["shared"]["gpu_usage"] > 0).any()
+    pd.testing.assert_frame_equal(tables["shared"], tables["own"])
+    pd.testing.assert_frame_equal(tables["shared"], tables["alone"])
+    shared = pd.read_parquet(tmp_path / "shared" / "fragments.parquet")
+    assert "co2_g" in shared and shared["co2_g"].sum() > 0      # the fragments keep their CO2
+
+
 def test_fragment_row_guard_refuses_before_and_during_a_run_unless_forced(tmp_path,
                                                                          monkeypatch):
     import kavier.cli

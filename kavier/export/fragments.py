@@ -78,12 +78,17 @@ class FragmentBuilder:
         ``T_i`` > 0, or 0 for run-length rows.
     sustainability : Sustainability
         For the idle power and the carbon trace.
+    co2 : bool
+        Whether rows carry ``co2_g`` when there is a carbon trace (the OpenDC export, which
+        has no CO2 column, does without it).
     """
 
-    def __init__(self, replica: int, export_rate_s: float, sustainability) -> None:
+    def __init__(self, replica: int, export_rate_s: float, sustainability,
+                 co2: bool = True) -> None:
         if export_rate_s < 0:
             raise ValueError(f"export rate must be >= 0 seconds, got {export_rate_s}")
         self.replica, self.rate, self.sus = replica, export_rate_s, sustainability
+        self.carbon = sustainability.carbon is not None and co2
         self.t = 0.0                       # end of the timeline seen so far
         self.cum = np.zeros(3)             # utilization-s, J, gCO2 at ``t``
         self.emitted = 0                   # grid rows written (T_i > 0)
@@ -125,7 +130,7 @@ class FragmentBuilder:
         return seg_start[keep], seg_len[keep], util[keep], power[keep], kv[keep]
 
     def _co2(self, power, t0, t1):
-        if self.sus.carbon is None:
+        if not self.carbon:
             return np.zeros(np.shape(t0))
         return self.sus.co2_g(power, t0, t1)
 
@@ -153,7 +158,7 @@ class FragmentBuilder:
         at_start = [c + np.concatenate(([0.0], np.cumsum(x)[:-1])) for c, x in
                     zip(self.cum, totals, strict=True)]
         rates = [util, power]
-        carbon = self.sus.carbon is not None
+        carbon = self.carbon
 
         def cumulative(q: int, i: np.ndarray, g: np.ndarray) -> np.ndarray:
             """Quantity ``q`` accumulated up to time ``g`` inside segments ``i``."""
@@ -213,7 +218,7 @@ class FragmentBuilder:
                "duration_s": duration, "gpu_utilization": util,
                "kv_cache_bytes": np.asarray(kv, np.int64), "power_w": power,
                "energy_wh": totals[1] / 3600.0}
-        if self.sus.carbon is not None:
+        if self.carbon:
             out["co2_g"] = totals[2]
         return out
 

@@ -153,8 +153,11 @@ class RunOutput:
         self._threads = {}
         self._fragments = ([FragmentBuilder(r, options.export_rate_s, sustainability)
                             for r in range(replicas)] if options.fragments else None)
-        self._opendc = ([FragmentBuilder(r, 0.0, sustainability) for r in range(replicas)]
-                        if options.opendc else None)
+        # OpenDC takes run-length rows: those of the fragments at T_i = 0, else its own
+        self._shared = options.opendc and options.fragments and options.export_rate_s == 0
+        self._opendc = ([FragmentBuilder(r, 0.0, sustainability, co2=False)
+                         for r in range(replicas)]
+                        if options.opendc and not self._shared else None)
         self._fragment_schema = fragment_schema(sustainability.carbon is not None)
 
     def __enter__(self) -> RunOutput:
@@ -202,17 +205,22 @@ class RunOutput:
             for rows in call(self._fragments[r]):
                 self._write("fragments.parquet", to_batch(rows, self._fragment_schema),
                             self._fragment_schema, **FRAGMENT_PARQUET_OPTIONS)
+                if self._shared:
+                    self._opendc_rows(rows)
         if self._opendc is not None:
             for rows in call(self._opendc[r]):
-                self._write("opendc/fragments.parquet", opendc_fragments(rows, self.gpu_mhz),
-                            FRAGMENTS_SCHEMA)
+                self._opendc_rows(rows)
+
+    def _opendc_rows(self, rows: dict) -> None:
+        self._write("opendc/fragments.parquet", opendc_fragments(rows, self.gpu_mhz),
+                    FRAGMENTS_SCHEMA)
 
     def finish(self, end_s: float, memory_bytes: float) -> dict:
         """Idle tails to ``end_s``, the OpenDC tasks (``memory_bytes`` per replica: weights
         plus KV pool); returns rows written per file."""
         for r in range(self.replicas):
             self._emit(r, lambda builder: builder.finish(end_s))
-        if self._opendc is not None:
+        if self.options.opendc:
             self._write("opendc/tasks.parquet", opendc_tasks(
                 self.replicas, end_s, self.gpu_mhz, memory_bytes, self.options.start,
                 gpus=self.sus.gpus_per_replica), TASKS_SCHEMA)
