@@ -27,6 +27,11 @@ from kavier.models.power import DEFAULT_SHAPE, POWER_MODELS, SHAPES, PowerModel
 
 WIDE_SPREAD = 0.25
 """Warn when the 1–99 % power range at full utilization exceeds this share of its median."""
+SHAPE_MARGIN_PCT = 0.05
+"""Points of held-out MAPE a model with a shape parameter (MSE, asymptotic) must gain over the
+shapeless ones to rank above them: a parameter that buys nothing measurable is not kept (on
+samples that are either idle or busy every model fits alike, and the ranking would otherwise
+turn on noise in the last digits)."""
 
 
 def mape_pct(predicted: np.ndarray, observed: np.ndarray) -> float:
@@ -155,7 +160,9 @@ def calibrate_power(samples: pd.DataFrame, folds: int = 5,
         rows.append({"model": name, "idle_w": idle, "max_w": top, "shape": shape,
                      "mape_fit_pct": score_pct(_predict(name, x, u, f_ratio, False), power),
                      "mape_heldout_pct": _heldout(name, u, power, f_ratio, folds)})
-    ranking = pd.DataFrame(rows).sort_values("mape_heldout_pct", ignore_index=True)
+    ranking = pd.DataFrame(rows)
+    key = ranking["mape_heldout_pct"] + np.where(ranking["shape"].notna(), SHAPE_MARGIN_PCT, 0.0)
+    ranking = ranking.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
     top_row = ranking.iloc[0]
     best = PowerModel(top_row["model"], float(top_row["idle_w"]), float(top_row["max_w"]),
                       None if pd.isna(top_row["shape"]) else float(top_row["shape"]))

@@ -751,7 +751,8 @@ def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
 def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
     """Fit the power models of thesis Table 4.1 to nvidia-smi samples (a CSV capture, or a
     tracer dataset's gpu_samples.parquet) and rank them by MAPE; with a tracer collect dataset,
-    also fit memory_bound_utilization to its requests' measured power."""
+    also fit memory_bound_utilization to its requests' measured power, and with a tracer bench
+    serving run to its samples set against the replayed run's steps."""
     from archive.smi import read_capture
     from calibrate.power import calibrate_power as fit
     from calibrate.power_report import power_section, write_power_report
@@ -768,7 +769,17 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         measurements = None
     result = fit(samples, folds)
     section = power_section(result, capture, samples, gpu)
-    if measurements is not None and "request_id" in samples.columns:
+    serving = Path(capture).is_dir() and measurements is None
+    if serving:
+        from archive.serving import read_serving
+        from calibrate.power_phases import serving_phases
+
+        params = Profile.read(profile_path).params if profile_path else None
+        section["phases"] = serving_phases(capture, read_serving(capture), samples,
+                                           result.best, params)
+        section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
+        section["model"] = {**section["model"], "max_w": section["phases"]["max_w"]}
+    elif measurements is not None and "request_id" in samples.columns:
         section["phases"] = _fit_phases(measurements, samples, result.best, profile_path, gpu)
         section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
         # the simulator evaluates P at the utilization of each step's costs: the fit that
@@ -793,7 +804,13 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         click.echo(f"{result.best.name} with SM clock (γ = {c['gamma']:.2f}): MAPE fit "
                    f"{c['mape_fit_pct']:.2f} %, held out {c['mape_heldout_pct']:.2f} %")
     phases = section.get("phases")
-    if phases:
+    if phases and serving:
+        click.echo(f"memory_bound_utilization {phases['memory_bound_utilization']:.3f}, P_max "
+                   f"{phases['max_w']:.1f} W: power MAPE {phases['mape_pct']:.2f} % over "
+                   f"{phases['samples']} samples aligned with the replayed run "
+                   f"({phases['window_s']:.3g} s windows; {phases['mape_default_pct']:.2f} % at "
+                   "the default 0.5)")
+    elif phases:
         click.echo(f"memory_bound_utilization {phases['memory_bound_utilization']:.3f}, P_max "
                    f"{phases['max_w']:.1f} W: per-request power MAPE {phases['mape_pct']:.2f} % "
                    f"over "
@@ -810,7 +827,8 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
 
 def _dataset_samples(folder: Path, gpu: str | None):
     """A tracer dataset's GPU samples without gaps (``[N/A]`` values; counted on stderr), its
-    measurements (None for a serving run) and GPU name."""
+    measurements (None for a serving run) and GPU name (``setup.json``'s, or a serving run's
+    engine section's)."""
     import pandas as pd
 
     from archive.errors import read_json_object
@@ -830,7 +848,8 @@ def _dataset_samples(folder: Path, gpu: str | None):
                    "nvidia-smi could not read", err=True)
     samples = samples[~gaps].reset_index(drop=True)
     setup = folder / "setup.json"
-    meta = read_json_object(setup, "setup") if setup.is_file() else {}
+    meta = read_json_object(setup, "setup") if setup.is_file() else read_json_object(
+        folder / "dataset.json", "dataset card").get("engine", {})   # a serving run's
     measured = folder / "measurements.parquet"
     measurements = pd.read_parquet(measured) if measured.is_file() else None
     return samples, measurements, gpu or meta.get("gpu")

@@ -83,3 +83,52 @@ def test_memory_bound_utilization_is_recovered_from_requests_and_their_samples(
     assert sim.exit_code == 2 and "field 'power.memory_bound_utilization'" in sim.output
     bad = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--fields", "x"])
     assert bad.exit_code == 2 and "--fields describes a CSV capture" in bad.output
+
+
+def test_a_serving_runs_samples_are_set_against_its_replayed_steps(tmp_path):
+    from datetime import datetime
+
+    from archive.importers.serving import import_tracer_bench
+    from archive.serving import read_serving
+    from calibrate.power_phases import serving_window_power
+    from calibrate.serving import replay_for
+
+    rng = np.random.default_rng(3)
+    wall0, n = 1.76e9, 60
+    log = tmp_path / "requests.jsonl"
+    log.write_text("".join(json.dumps({
+        "request_id": str(i), "start_s": 0.2 * i, "send_unix_s": wall0 + 0.2 * i,
+        "n_input_tokens": int(rng.integers(128, 3000)), "n_output_tokens": 40,
+        "ttft_s": 0.1, "itl_s": [0.03] * 39, "error": None}) + "\n" for i in range(n)))
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({"gpu": "A10", "llm": "Llama-3-8B", "max_num_seqs": 8,
+                                  "max_num_batched_tokens": 2048, "version": "test"}))
+    out = tmp_path / "run"
+    import_tracer_bench(log, out, engine)
+    steps = replay_for(read_serving(out)).predict()[2].to_pandas()
+    end = float((steps["start_s"] + steps["duration_s"]).max())
+    t = np.arange(-1.0, end + 1.0, 0.05)          # samples from before to after the run
+    watts = serving_window_power(steps, TRUE, PHI, t, 0.05) * rng.normal(1, 0.01, t.size)
+    busy = serving_window_power(steps, PowerModel("linear", 0.0, 100.0), 1.0, t, 0.05)
+    m = t.size
+    columns = {"run_id": ["run"] * m, "timestamp": [datetime.fromtimestamp(wall0 + x)
+                                                     for x in t],
+               "gpu_index": np.zeros(m, np.int32), "utilization_gpu_pct": np.where(
+                   busy > 0, 100.0, 0.0), "power_w": watts,
+               "power_field": ["power.draw.instant"] * m}
+    pq.write_table(pa.Table.from_arrays(
+        [pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(m, f.type)
+         for f in GPU_SAMPLES], schema=GPU_SAMPLES), tmp_path / "gpu_samples.parquet")
+    import_tracer_bench(log, out, engine, extra_files=(tmp_path / "gpu_samples.parquet",))
+    result = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--output-folder",
+                                             str(tmp_path / "pw")])
+    assert result.exit_code == 0, result.output
+    power = json.loads((tmp_path / "pw" / "power_profile.json").read_text())["power"]
+    phases = power["phases"]
+    assert power["memory_bound_utilization"] == phases["memory_bound_utilization"]
+    assert phases["memory_bound_utilization"] == pytest.approx(PHI, abs=0.03)
+    assert phases["max_w"] == pytest.approx(TRUE.max_w, rel=0.03)
+    assert phases["window_s"] == pytest.approx(0.05) and phases["requests"] == n
+    assert phases["mape_pct"] < 2.0 < phases["mape_default_pct"]
+    assert "samples aligned with the replayed run" in result.output
+    assert power["gpu"] == "A10"                         # from the run's engine section
