@@ -205,8 +205,22 @@ def test_stages_step_the_rate_and_label_their_requests():
         gaps = np.diff(times)
         assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.10)
     assert np.all(np.diff(s.offset_s) >= 0) and s.offset_s[0] == 0
-    with pytest.raises(Exception, match="rate:duration"):
-        parse_stages("20-50")
+    counted = stages_schedule(parse_stages("10:300req,40:30s,5:7req"), 64, 8, seed=2)
+    assert [int((counted.stage == k).sum()) for k in (0, 2)] == [300, 7]
+    first = counted.offset_s[counted.stage == 1]
+    end0 = counted.offset_s[counted.stage == 0].max()
+    assert first.min() >= end0 and first.max() < end0 + 30               # after the count
+    assert first.size / 30 == pytest.approx(40, rel=0.1)
+    for bad, message in (("20-50", "rate:seconds or rate:COUNTreq"),
+                         ("5:2.5req", "a request count must be whole"),
+                         ("5:0s", "must be positive")):
+        with pytest.raises(Exception, match=message):
+            parse_stages(bad)
+
+
+def test_an_infinite_burstiness_is_a_constant_rate():
+    s = poisson_schedule(50, 8.0, 10, 2, burstiness=float("inf"))
+    assert np.allclose(np.diff(s.offset_s), 0.125) and s.offset_s[0] == 0
 
 
 def test_shared_prefix_workload_shares_the_system_prompts_and_records_block_hashes(

@@ -214,17 +214,17 @@ def bench_options(command):
         click.option("--request-rate", type=float, default=None,
                      help="Poisson schedule: requests per second (inf: all at once) [1]."),
         click.option("--burstiness", type=float, default=None,
-                     help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson) "
-                          "[1]."),
+                     help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson, "
+                          "inf = a constant rate) [1]."),
         click.option("--input-len", type=click.IntRange(min=1), default=None,
                      help="Poisson schedule: prompt tokens per request [512]."),
         click.option("--output-len", type=click.IntRange(min=1), default=None,
                      help="Poisson schedule: output tokens per request [128]."),
         click.option("--seed", type=int, default=None, help="Poisson schedule: seed [0]."),
         click.option("--stages", default=None,
-                     help="Load stages instead of one rate: rate:duration pairs, requests/s and "
-                          "s, e.g. 2:30,5:30,10:30 (each a Poisson process; --num-prompts not "
-                          "used)."),
+                     help="Load stages instead of one rate: rate:length pairs, requests/s and "
+                          "seconds or a request count, e.g. 2:30,5:30s,10:500req (each a "
+                          "Poisson process; --num-prompts not used)."),
         click.option("--workload", type=click.Choice(["fixed", "shared-prefix",
                                                       "sessions", "prompts"]),
                      default=None,

@@ -93,40 +93,49 @@ def trace_schedule(table, n: int | None, rate_scale: float = 1.0) -> Schedule:
 
 
 def _gaps(rng, n: int, rate: float, burstiness: float) -> np.ndarray:
-    """``n`` gamma(shape = burstiness, mean 1/rate) gaps (all 0 at an infinite rate)."""
+    """``n`` gamma(shape = burstiness, mean 1/rate) gaps (all 0 at an infinite rate; all
+    ``1/rate`` at an infinite burstiness, the gamma's limit: a constant rate)."""
     if np.isinf(rate):
         return np.zeros(n)
+    if np.isinf(burstiness):
+        return np.full(n, 1.0 / rate)
     return rng.gamma(burstiness, 1.0 / (rate * burstiness), n)
 
 
-def parse_stages(text: str) -> list[tuple[float, float]]:
-    """``"2:30,5:30"`` (requests/s : seconds, comma-separated) as ``[(2, 30), (5, 30)]``.
+def parse_stages(text: str) -> list[tuple[float, float, str]]:
+    """``"2:30,5:100req"`` as ``[(2, 30, "s"), (5, 100, "req")]``: comma-separated
+    ``rate:length`` stages, the rate in requests/s, the length in seconds (``30`` or ``30s``)
+    or in requests (``100req``).
 
     Raises
     ------
     InputError
-        For a malformed, non-positive or infinite entry.
+        For a malformed, non-positive or infinite entry, or a request count that is not a
+        whole number.
     """
     stages = []
     for part in text.split(","):
-        rate, _, duration = part.strip().partition(":")
+        rate, _, length = part.strip().partition(":")
+        unit = "req" if length.endswith("req") else "s"
         try:
-            values = (float(rate), float(duration))
+            values = (float(rate), float(length.removesuffix(unit)))
         except ValueError:
-            raise InputError(f"expected rate:duration pairs like 2:30,5:30, got {part!r}",
-                             field="stages") from None
+            raise InputError(f"expected rate:seconds or rate:COUNTreq stages like "
+                             f"2:30,5:100req, got {part!r}", field="stages") from None
         if not all(np.isfinite(v) and v > 0 for v in values):
-            raise InputError(f"rates and durations must be positive and finite, got {part!r}",
+            raise InputError(f"rates and lengths must be positive and finite, got {part!r}",
                              field="stages")
-        stages.append(values)
+        if unit == "req" and not values[1].is_integer():
+            raise InputError(f"a request count must be whole, got {part!r}", field="stages")
+        stages.append((*values, unit))
     return stages
 
 
-def stages_schedule(stages: list[tuple[float, float]], input_len: int, output_len: int,
+def stages_schedule(stages: list[tuple[float, float, str]], input_len: int, output_len: int,
                     burstiness: float = 1.0, seed: int = 0) -> Schedule:
-    """Requests of fixed sizes in stages: each ``(rate, duration)`` a gamma(burstiness)
-    process at ``rate`` for ``duration`` seconds, starting where the last one ended; every
-    request knows its stage.
+    """Requests of fixed sizes in stages (:func:`parse_stages`): each a gamma(burstiness)
+    process at its rate for its seconds, or for its number of requests, starting where the
+    last one ended; every request knows its stage.
 
     Raises
     ------
@@ -139,13 +148,18 @@ def stages_schedule(stages: list[tuple[float, float]], input_len: int, output_le
             raise InputError(f"must be positive, got {value}", field=name)
     rng = np.random.default_rng(seed)
     offsets, stage, begin = [], [], 0.0
-    for k, (rate, duration) in enumerate(stages):
-        expected = int(rate * duration)
-        times = begin + np.cumsum(_gaps(rng, max(2 * expected + 10, 10), rate, burstiness))
-        times = times[times < begin + duration]
+    for k, (rate, length, unit) in enumerate(stages):
+        if unit == "req":                  # a count: the next stage starts at its last send
+            times = begin + np.cumsum(_gaps(rng, int(length), rate, burstiness))
+            begin = float(times[-1])
+        else:
+            expected = int(rate * length)
+            times = begin + np.cumsum(_gaps(rng, max(2 * expected + 10, 10), rate,
+                                            burstiness))
+            times = times[times < begin + length]
+            begin += length
         offsets.append(times)
         stage.append(np.full(times.size, k))
-        begin += duration
     offset = np.concatenate(offsets)
     if not offset.size:
         raise InputError("the stages send no request (raise a rate or a duration)",
