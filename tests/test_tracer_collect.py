@@ -251,6 +251,11 @@ def test_serve_submits_waits_and_cancels(sshd, tmp_path):
         in script
     assert (state / "cancelled").read_text().strip() == "4242"    # cancelled on exit
     (state / "cancelled").unlink()
+    with SlurmJob(profile, profile.target(sshd.key_file, sshd.known_hosts)) as job:
+        job.submit(profile.job_script("m", "A100"))
+        job._client.get_transport().close()        # the login connection drops mid-run
+    assert (state / "cancelled").read_text().strip() == "4242"    # reconnected to cancel
+    (state / "cancelled").unlink()
     (state / "polled").unlink()
     result = CliRunner().invoke(tracer_cli, [
         "serve", "--cluster", str(profile_path), "--model", "m", "--gpu", "A100",

@@ -169,6 +169,10 @@ class SlurmJob:
         self._client = None
 
     def _run(self, command: str, stdin: str | None = None) -> tuple[int, str]:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():   # dropped: squeue and scancel
+            self._client.close()                              # must still reach the cluster
+            self._client = self.target.connect()
         sin, out, err = self._client.exec_command(command, timeout=60)
         if stdin is not None:
             sin.write(stdin)

@@ -12,7 +12,6 @@ key file or the SSH agent; no password, key or key path ever appears in an error
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from dataclasses import dataclass, replace
@@ -228,26 +227,26 @@ class LocalForward:
             threading.Thread(target=self._pump, args=(sock, channel), daemon=True).start()
 
     def _pump(self, sock: socket.socket, channel) -> None:
-        """Copy bytes both ways until either side closes."""
+        """Copy bytes both ways until either side closes: a thread per direction, blocking
+        reads (no ``select`` on the channel: paramiko's ``Channel.fileno`` makes an OS pipe
+        per channel whose descriptors a closing race can free twice)."""
         with self._lock:
             self._open.update((sock, channel))
+        back = threading.Thread(target=self._copy, args=(channel.recv, sock.sendall),
+                                daemon=True)
+        back.start()
+        self._copy(sock.recv, channel.sendall)
+        channel.shutdown_write()              # the client is done sending: say so, then
+        back.join()                           # let the answer finish
+        with self._lock:
+            self._open.difference_update((sock, channel))
+        channel.close()
+        sock.close()
+
+    @staticmethod
+    def _copy(read, write) -> None:
         try:
-            while True:
-                readable, _, _ = select.select([sock, channel], [], [], 1.0)
-                if sock in readable:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    channel.sendall(data)
-                if channel in readable:
-                    data = channel.recv(65536)
-                    if not data:
-                        break
-                    sock.sendall(data)
-        except OSError:                          # either end reset: the stream is over
+            while data := read(65536):
+                write(data)
+        except OSError:                       # either end reset: this direction is over
             pass
-        finally:
-            with self._lock:
-                self._open.difference_update((sock, channel))
-            channel.close()
-            sock.close()
