@@ -304,3 +304,24 @@ def test_logs_read_back_after_a_crash(tmp_path):
     with pytest.raises(InputError, match="line 2: not JSON"):
         read_log(log)
     assert read_log(tmp_path / "missing.jsonl") == ([], False)
+
+
+def test_collect_samples_a_dcgm_exporter_and_tags_the_requests(server, tmp_path):
+    import fake_dcgm
+
+    state, url = server
+    state.timing.decode_per_token_s = 0.01
+    exporter, metrics_url, _ = fake_dcgm.start()
+    try:
+        out = tmp_path / "ds"
+        result = CliRunner().invoke(tracer_cli, [
+            "collect", "--url", url, "--output", str(out), "--gpu", "A10", "--prefill-sizes",
+            "16", "--decode-sizes", "32", "--repetitions", "3", "--warmup", "0", "--dcgm",
+            metrics_url, "--gpu-index", "0", "--loop-ms", "20"])
+    finally:
+        exporter.shutdown()
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "setup.json").read_text())["node"] == "127.0.0.1"
+    samples = pd.read_parquet(out / "gpu_samples.parquet")
+    assert set(samples["gpu_index"]) == {0} and samples["request_id"].notna().any()
+    assert validate(out) == []

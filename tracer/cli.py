@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 from tqdm import tqdm
@@ -180,6 +181,7 @@ def collect(url, output, gpu, provider, model_name, prefill_sizes, decode_sizes,
         served = client.models()[0]["id"]
         version = client.version()
         node = (sampler.target.host if sampler and sampler.target else
+                urlsplit(sampler.dcgm_url).hostname if sampler and sampler.dcgm_url else
                 os.uname().nodename if sampler else "")
         setup = Setup(provider, gpu, model_name or served, served, engine_version=version,
                       node=node, dtype=dtype)
