@@ -32,7 +32,7 @@ FITTABLE = {
     "thesis": ("compute_efficiency", "memory_efficiency", "request_overhead_s"),
     "roofline": ("compute_efficiency", "memory_efficiency", "request_overhead_s",
                  "token_overhead_s", "prefill_floor_s", "attention_efficiency",
-                 "prefill_sharpness"),
+                 "prefill_sharpness", "compute_half_tokens"),
 }
 """What single-request sweeps can fit per timing model (``kv_memory_efficiency`` and the
 batch overheads need requests in flight together: a serving run)."""
@@ -106,7 +106,7 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
     timing_model : {"roofline", "thesis"}
     kv_cache : bool
     compute_efficiency, memory_efficiency, request_overhead_s, token_overhead_s,
-    prefill_floor_s, attention_efficiency, prefill_sharpness :
+    prefill_floor_s, attention_efficiency, prefill_sharpness, compute_half_tokens :
         Starting values (and the values used for the parameters not fitted); see
         :class:`kavier.models.timing.TimingParams`.
     fit_params : tuple of str, optional
@@ -123,7 +123,7 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
     def __init__(self, llm="Llama-3-8B", gpu="A10", timing_model="roofline", kv_cache=True,
                  compute_efficiency=0.30, memory_efficiency=0.60, request_overhead_s=0.025,
                  token_overhead_s=0.0, prefill_floor_s=None, attention_efficiency=None,
-                 prefill_sharpness=None, fit_params=None):
+                 prefill_sharpness=None, compute_half_tokens=0.0, fit_params=None):
         self.llm = llm
         self.gpu = gpu
         self.timing_model = timing_model
@@ -135,6 +135,7 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
         self.prefill_floor_s = prefill_floor_s
         self.attention_efficiency = attention_efficiency
         self.prefill_sharpness = prefill_sharpness
+        self.compute_half_tokens = compute_half_tokens
         self.fit_params = fit_params
 
     def _specs(self) -> tuple[LLMSpec, GPUSpec]:
@@ -148,7 +149,8 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
             compute_efficiency=self.compute_efficiency, memory_efficiency=self.memory_efficiency,
             request_overhead_s=self.request_overhead_s, token_overhead_s=self.token_overhead_s,
             prefill_floor_s=self.prefill_floor_s, attention_efficiency=self.attention_efficiency,
-            prefill_sharpness=self.prefill_sharpness)
+            prefill_sharpness=self.prefill_sharpness,
+            compute_half_tokens=self.compute_half_tokens)
 
     def timing(self, params: TimingParams | None = None):
         """The timing model with ``params`` (default: fitted, else initial)."""
@@ -205,6 +207,8 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
             start = start.with_(prefill_sharpness=4.0)
         if "token_overhead_s" in names and start.token_overhead_s <= 0:
             start = start.with_(token_overhead_s=1e-4)
+        if "compute_half_tokens" in names and start.compute_half_tokens <= 0:
+            start = start.with_(compute_half_tokens=100.0)
         llm, gpu = self._specs()
 
         def params_at(x):

@@ -53,7 +53,7 @@ chunks identify compute, small and large batches separate weight from KV streami
 count and batch sizes the two overheads)."""
 FITTABLE = SERVING_FIT_PARAMS + ("request_overhead_s", "token_overhead_s", "prefill_floor_s",
                                  "attention_efficiency", "allreduce_latency_s",
-                                 "link_efficiency")
+                                 "link_efficiency", "compute_half_tokens")
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
 
@@ -217,9 +217,9 @@ def objective(s: dict) -> float:
 
 SCALES_S = {"batch_step_overhead_s": 1e-3, "batch_seq_overhead_s": 1e-5,
             "token_overhead_s": 1e-5, "request_overhead_s": 1e-2, "prefill_floor_s": 1e-2,
-            "allreduce_latency_s": 1e-5}
-"""Typical size of each overhead, s: the optimiser works in ``log(value / scale)``, so a
-parameter of 10 µs and one of 10 ms move alike."""
+            "allreduce_latency_s": 1e-5, "compute_half_tokens": 100.0}
+"""Typical size of each overhead, s (``compute_half_tokens`` in tokens): the optimiser works in
+``log(value / scale)``, so a parameter of 10 µs and one of 10 ms move alike."""
 
 
 class _Space:
@@ -253,6 +253,8 @@ def _start(params: TimingParams, name: str) -> float:
     if value is None:            # kv_memory_efficiency and attention_efficiency fall back
         value = (params.memory_efficiency if name.startswith("kv")
                  else params.compute_efficiency if name.endswith("efficiency") else 0.0)
+    if name == "compute_half_tokens" and not value:
+        value = SCALES_S[name]   # off (0): start at a GEMM tile's size, where its effect shows
     return float(value)
 
 

@@ -377,7 +377,6 @@ def test_sigkill_at_any_point_leaves_no_summary_and_a_finished_run_matches_its_f
     assert finished_and_consistent()
     killed_in_run = 0
     for share in (0.05, 0.25, 0.45, 0.65, 0.85):      # kills spread over the whole run
-        before = (out / "summary.json").read_text() if (out / "summary.json").exists() else None
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(share * full_s)
         proc.send_signal(signal.SIGKILL)
@@ -386,8 +385,9 @@ def test_sigkill_at_any_point_leaves_no_summary_and_a_finished_run_matches_its_f
             assert finished_and_consistent()
         elif (out / "summary.json").exists():
             # killed before it took the folder (importing, reading the trace): the earlier
-            # run is untouched, its summary still describes exactly its files
-            assert (out / "summary.json").read_text() == before and finished_and_consistent()
+            # run is untouched; or after its summary was written (while the interpreter
+            # exited): a finished run. Either way the summary describes exactly its files
+            assert finished_and_consistent()
         else:
             killed_in_run += 1                # killed inside the run: no summary at all
     assert killed_in_run >= 1

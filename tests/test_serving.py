@@ -378,6 +378,28 @@ def test_fit_recovers_parameters_a_client_timed_run_was_made_with():
     assert objective(fit.after["heldout"]) < objective(fit.before["heldout"]) / 10
 
 
+def test_fit_recovers_the_tokens_at_half_compute_efficiency():
+    """``compute_half_tokens`` (chunk-size-dependent compute efficiency) is identified by a
+    run's mix of prefill chunk sizes: a run made with n½ = 48 and C_e = 0.5 gives them back."""
+    from archive.serving import ServingRun
+
+    base = read_serving(PRO)
+    requests = base.requests.iloc[:120].copy()
+    truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
+                         kv_memory_efficiency=0.6, request_overhead_s=0.0,
+                         compute_half_tokens=48.0)
+    predicted, _, _ = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
+                                 truth).predict()
+    for m in METRICS:
+        requests[m] = predicted[m].to_numpy()
+    replay = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
+                        truth.with_(compute_efficiency=0.35, compute_half_tokens=0.0))
+    fit = fit_serving(replay, ("compute_efficiency", "compute_half_tokens"),
+                      max_evaluations=120)
+    assert fit.params.compute_half_tokens == pytest.approx(48.0, rel=0.1)
+    assert fit.params.compute_efficiency == pytest.approx(0.5, rel=0.05)
+
+
 def test_max_efficiency_bounds_the_fit_and_is_checked():
     replay = replay_for(read_serving(PRO))
     fit = fit_serving(replay, ("compute_efficiency",), max_efficiency=0.3, max_evaluations=4)

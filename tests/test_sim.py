@@ -63,11 +63,12 @@ def test_one_at_a_time_equals_the_thesis_mode(azure, llama8b, a10, kv, timing_cl
         (prefill + decode).sum() - len(r) * timing.params.request_overhead_s, rel=1e-9)
 
 
-@pytest.mark.parametrize("arrivals", [True, False])
+@pytest.mark.parametrize("arrivals,half", [(True, 0.0), (False, 0.0), (True, 300.0)])
 @pytest.mark.parametrize("chunk", [8192, 300])
 def test_closed_form_and_stepped_paths_give_identical_timelines(azure, llama8b, a10, arrivals,
-                                                                chunk):
-    timing = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=1.7))
+                                                                half, chunk):
+    timing = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=1.7,
+                                                       compute_half_tokens=half))
     config = EngineConfig(max_num_seqs=1, back_to_back=not arrivals,
                           max_num_batched_tokens=chunk)
     fast = run(azure, timing, config)

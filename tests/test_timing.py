@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kavier.models.timing import RooflineTiming, ThesisTiming, TimingParams, sum_max_linear
+from archive.errors import InputError
+from kavier.models.timing import (
+    RooflineTiming,
+    ThesisTiming,
+    TimingParams,
+    make_timing,
+    sum_max_linear,
+)
 
 
 def brute_decode(model, n_in, n_out):
@@ -68,3 +75,26 @@ def test_roofline_prefill_is_floor_bound_for_short_prompts(llama8b, a10):
     assert float(model.prefill_s(8)) == pytest.approx(floor + 0.025)
     soft = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=2.0))
     assert float(soft.prefill_s(8)) > float(model.prefill_s(8))
+
+
+def test_compute_half_tokens_slows_short_passes_as_a_saturating_efficiency(llama8b, a10):
+    base = RooflineTiming(llama8b, a10, TimingParams(compute_efficiency=0.7))
+    half = RooflineTiming(llama8b, a10, TimingParams(compute_efficiency=0.7,
+                                                     compute_half_tokens=256.0))
+    n = np.array([64.0, 256.0, 4096.0])
+    matmul = 2.0 * llama8b.matmul_params * n
+    rate = a10.flops_per_s * 0.7
+    extra = half.pass_costs(n).compute_s - base.pass_costs(n).compute_s
+    # the weight matmuls run at C_e · n / (n + n½): n½ = n halves their rate
+    np.testing.assert_allclose(extra, matmul / rate * 256.0 / n, rtol=1e-12)
+    assert extra[1] == pytest.approx(matmul[1] / rate)              # at n = n½: twice as long
+    assert (half.pass_costs(n).flops == base.pass_costs(n).flops).all()   # FLOPs are FLOPs
+    steps = half.decode_run(np.array([100.0, 200.0]), 3)
+    assert steps.compute_s == pytest.approx(base.decode_run(np.array([100.0, 200.0]), 3)
+                                            .compute_s + 2 * llama8b.matmul_params * 256 / rate)
+    np.testing.assert_allclose(half.decode_s([500.0], [40.0]),
+                               half.decode_costs([500.0], [40.0]).duration_s, rtol=1e-12)
+    itl, _ = half.inter_token_latencies([500], [40])
+    assert itl.sum() == pytest.approx(float(half.decode_s([500.0], [40.0])[0]), rel=1e-9)
+    with pytest.raises(InputError, match="compute_half_tokens needs --timing-model roofline"):
+        make_timing("thesis", llama8b, a10, TimingParams(compute_half_tokens=10.0))

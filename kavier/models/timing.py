@@ -78,6 +78,15 @@ class TimingParams:
         Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
         a ring collective (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
         messages). Default 0.7.
+    compute_half_tokens : float
+        Roofline only: ``n½``, the tokens of a forward pass at which its weight matmuls reach
+        half of ``C_e``; over ``T`` tokens they run at ``F · C_e · T / (T + n½)``. GEMM
+        efficiency grows with the token (M) dimension until the tiles fill every SM, so short
+        prefill chunks and small batches achieve less of the peak than long prompts
+        (Sarathi-Serve, Agrawal et al., OSDI 2024: prefill throughput saturates with chunk
+        size; the saturating form is our assumption). The pass's matmul time is then
+        ``2·P·(T + n½) / (F·C_e)``: a constant ``2·P·n½ / (F·C_e)`` more per pass, which is
+        how it is computed. Default 0: one efficiency at every size (the thesis's eq. 4.2).
     batch_step_overhead_s, batch_seq_overhead_s : float
         Continuous batching only: extra time of a step that batches two or more sequences, and
         per sequence beyond the first (scheduling, sampling, kernels less efficient on ragged
@@ -97,6 +106,7 @@ class TimingParams:
     batch_seq_overhead_s: float = 0.0
     allreduce_latency_s: float = 1e-5
     link_efficiency: float = 0.7
+    compute_half_tokens: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain dict of the parameters (for profiles and reports)."""
@@ -304,6 +314,12 @@ class RooflineTiming(_TimingBase):
         return self.gpu.flops_per_s * efficiency
 
     @property
+    def _pass_compute_s(self) -> float:
+        """Matmul time every forward pass costs beyond its tokens' FLOPs, s: ``2·P·n½ /
+        (F·C_e)`` (``compute_half_tokens``; 0 by default)."""
+        return 2.0 * self._matmul_params * self.params.compute_half_tokens / self._flops_per_s
+
+    @property
     def _bytes_per_s(self) -> float:
         return self.gpu.bytes_per_s * self.params.memory_efficiency
 
@@ -396,7 +412,7 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = 2.0 * self._matmul_params * n + self._lm_head_flops
         pairs = n * c + n * (n + 1) / 2.0
-        return (matmul / self._flops_per_s
+        return (matmul / self._flops_per_s + self._pass_compute_s
                 + self._attention_flops_per_position * pairs / self._attention_flops_per_s)
 
     def forward_memory_s(self, n_context) -> np.ndarray:
@@ -436,7 +452,8 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = self._matmul_flops(n)
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
-        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        compute = (matmul / self._flops_per_s + self._pass_compute_s
+                   + attention / self._attention_flops_per_s)
         kv = self.kv_bytes_per_token * (n + c)
         weights = self.weight_bytes(n)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
@@ -459,7 +476,8 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = float(np.sum(self._matmul_flops(n)))
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
-        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        compute = (matmul / self._flops_per_s + self._pass_compute_s
+                   + attention / self._attention_flops_per_s)
         kv = self.kv_bytes_per_token * float(np.sum(n + c))
         tokens = float(np.sum(n))
         weights = float(self.weight_bytes(tokens))
@@ -511,7 +529,8 @@ class RooflineTiming(_TimingBase):
             attention = a_pos * (m2 + m1) / 2.0
             kv = self.kv_bytes_per_token * m1
         tokens = float(n)           # one per sequence (MoE and TP need the KV cache)
-        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        compute = (matmul / self._flops_per_s + self._pass_compute_s
+                   + attention / self._attention_flops_per_s)
         weights = self.weight_bytes(tokens)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
@@ -536,7 +555,8 @@ class RooflineTiming(_TimingBase):
             matmul = 2.0 * self._matmul_params * s1 + m * self._lm_head_flops
             attention = a_pos * (s2 + s1) / 2.0
             kv = kvb * s1
-        compute = matmul / self._flops_per_s + attention / self._attention_flops_per_s
+        compute = (matmul / self._flops_per_s + m * self._pass_compute_s
+                   + attention / self._attention_flops_per_s)
         memory = m * self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
                      m * self.weight_bytes() + kv, compute, memory)
@@ -556,6 +576,7 @@ class RooflineTiming(_TimingBase):
         else:
             compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
                 self._attention_flops_per_s)
+        compute = compute + self._pass_compute_s
         memory = self.floor_s() + kvb * c / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + self.params.token_overhead_s
                      + self.comm_s(1.0))
@@ -578,7 +599,8 @@ class RooflineTiming(_TimingBase):
 
     def _decode_kv_on(self, n_in, steps):
         attn = self._attention_flops_per_position / self._attention_flops_per_s
-        g0 = (2.0 * self._matmul_params + self._lm_head_flops) / self._flops_per_s + attn * n_in
+        g0 = ((2.0 * self._matmul_params + self._lm_head_flops) / self._flops_per_s
+              + self._pass_compute_s + attn * n_in)
         m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
         return sum_max_linear(g0, attn, self.forward_memory_s(n_in), m1, steps)
 
@@ -589,7 +611,7 @@ class RooflineTiming(_TimingBase):
         lm = self._lm_head_flops / self._flops_per_s
         a = self._attention_flops_per_position / self._attention_flops_per_s / 2.0
         m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
-        qa = p * n_in + lm + a * (n_in**2 + n_in)
+        qa = p * n_in + lm + self._pass_compute_s + a * (n_in**2 + n_in)
         qb = p + a * (2.0 * n_in + 1.0)
         qc = a
         r0 = self.forward_memory_s(n_in)
@@ -697,6 +719,10 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
         raise InputError("the thesis timing model (eqs. 4.2-4.6) has one GPU and dense "
                          "weights; use --timing-model roofline for tensor parallelism or a "
                          "mixture of experts", field="timing-model")
+    if name == "thesis" and params is not None and params.compute_half_tokens:
+        raise InputError("the thesis timing model (eq. 4.2) has one compute efficiency at "
+                         "every size; compute_half_tokens needs --timing-model roofline",
+                         field="compute_half_tokens")
     if (llm.n_experts or tensor_parallel_size > 1) and not kv_cache:
         raise InputError("a mixture of experts or tensor parallelism without the KV cache is "
                          "not modelled", field="kv-cache")
