@@ -319,6 +319,13 @@ class RooflineTiming(_TimingBase):
         (F·C_e)`` (``compute_half_tokens``; 0 by default)."""
         return 2.0 * self._matmul_params * self.params.compute_half_tokens / self._flops_per_s
 
+    def _compute_s(self, matmul_flops, attention_flops, passes=1.0):
+        """Compute time of ``passes`` forward passes doing these FLOPs, s: the weight matmuls
+        (and LM head) at ``F·C_e`` plus :attr:`_pass_compute_s` per pass, the attention at the
+        attention efficiency."""
+        return (matmul_flops / self._flops_per_s + passes * self._pass_compute_s
+                + attention_flops / self._attention_flops_per_s)
+
     @property
     def _bytes_per_s(self) -> float:
         return self.gpu.bytes_per_s * self.params.memory_efficiency
@@ -412,8 +419,7 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = 2.0 * self._matmul_params * n + self._lm_head_flops
         pairs = n * c + n * (n + 1) / 2.0
-        return (matmul / self._flops_per_s + self._pass_compute_s
-                + self._attention_flops_per_position * pairs / self._attention_flops_per_s)
+        return self._compute_s(matmul, self._attention_flops_per_position * pairs)
 
     def forward_memory_s(self, n_context) -> np.ndarray:
         """Memory time of one forward pass that attends to ``n_context`` positions, s: the
@@ -452,8 +458,7 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = self._matmul_flops(n)
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
-        compute = (matmul / self._flops_per_s + self._pass_compute_s
-                   + attention / self._attention_flops_per_s)
+        compute = self._compute_s(matmul, attention)
         kv = self.kv_bytes_per_token * (n + c)
         weights = self.weight_bytes(n)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
@@ -476,8 +481,7 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = float(np.sum(self._matmul_flops(n)))
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
-        compute = (matmul / self._flops_per_s + self._pass_compute_s
-                   + attention / self._attention_flops_per_s)
+        compute = self._compute_s(matmul, attention)
         kv = self.kv_bytes_per_token * float(np.sum(n + c))
         tokens = float(np.sum(n))
         weights = float(self.weight_bytes(tokens))
@@ -529,8 +533,7 @@ class RooflineTiming(_TimingBase):
             attention = a_pos * (m2 + m1) / 2.0
             kv = self.kv_bytes_per_token * m1
         tokens = float(n)           # one per sequence (MoE and TP need the KV cache)
-        compute = (matmul / self._flops_per_s + self._pass_compute_s
-                   + attention / self._attention_flops_per_s)
+        compute = self._compute_s(matmul, attention)
         weights = self.weight_bytes(tokens)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
@@ -555,8 +558,7 @@ class RooflineTiming(_TimingBase):
             matmul = 2.0 * self._matmul_params * s1 + m * self._lm_head_flops
             attention = a_pos * (s2 + s1) / 2.0
             kv = kvb * s1
-        compute = (matmul / self._flops_per_s + m * self._pass_compute_s
-                   + attention / self._attention_flops_per_s)
+        compute = self._compute_s(matmul, attention, passes=m)
         memory = m * self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
                      m * self.weight_bytes() + kv, compute, memory)
