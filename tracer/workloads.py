@@ -62,12 +62,9 @@ def poisson_schedule(n: int, rate: float, input_len: int, output_len: int,
     InputError
         For a non-positive count, rate, size or burstiness.
     """
-    for name, value in (("num-prompts", n), ("request-rate", rate), ("input-len", input_len),
-                        ("output-len", output_len), ("burstiness", burstiness)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
-    gaps = _gaps(np.random.default_rng(seed), n, rate, burstiness)
-    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    _positive(("num-prompts", n), ("request-rate", rate), ("input-len", input_len),
+              ("output-len", output_len), ("burstiness", burstiness))
+    offsets = _send_offsets(np.random.default_rng(seed), n, rate, burstiness)
     return Schedule(offsets, np.full(n, input_len), np.full(n, output_len))
 
 
@@ -90,6 +87,19 @@ def trace_schedule(table, n: int | None, rate_scale: float = 1.0) -> Schedule:
                     table.column("n_input_tokens").to_numpy()[:rows].astype(np.int64),
                     np.maximum(table.column("n_output_tokens").to_numpy()[:rows], 1)
                     .astype(np.int64))
+
+
+def _positive(*named) -> None:
+    """Raise :class:`InputError` (naming the option) for any ``(option, value)`` pair whose
+    value is not positive."""
+    for name, value in named:
+        if not value > 0:
+            raise InputError(f"must be positive, got {value}", field=name)
+
+
+def _send_offsets(rng, n: int, rate: float, burstiness: float) -> np.ndarray:
+    """Send times of ``n`` requests with :func:`_gaps` between them, the first at 0 s."""
+    return np.concatenate(([0.0], np.cumsum(_gaps(rng, n, rate, burstiness)[:-1])))
 
 
 def _gaps(rng, n: int, rate: float, burstiness: float) -> np.ndarray:
@@ -142,10 +152,8 @@ def stages_schedule(stages: list[tuple[float, float, str]], input_len: int, outp
     InputError
         For non-positive sizes or burstiness, or stages that send no request.
     """
-    for name, value in (("input-len", input_len), ("output-len", output_len),
-                        ("burstiness", burstiness)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
+    _positive(("input-len", input_len), ("output-len", output_len),
+              ("burstiness", burstiness))
     rng = np.random.default_rng(seed)
     offsets, stage, begin = [], [], 0.0
     for k, (rate, length, unit) in enumerate(stages):
@@ -187,15 +195,12 @@ def shared_prefix_schedule(tokens: Callable[[str, int], list[int]], n: int, rate
     InputError
         For non-positive counts or sizes.
     """
-    for name, value in (("num-prompts", n), ("request-rate", rate),
-                        ("prefix-groups", groups), ("prefix-len", prefix_len),
-                        ("input-len", question_len), ("output-len", output_len),
-                        ("burstiness", burstiness)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
+    _positive(("num-prompts", n), ("request-rate", rate),
+              ("prefix-groups", groups), ("prefix-len", prefix_len),
+              ("input-len", question_len), ("output-len", output_len),
+              ("burstiness", burstiness))
     rng = np.random.default_rng(seed)
-    gaps = _gaps(rng, n, rate, burstiness)
-    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    offsets = _send_offsets(rng, n, rate, burstiness)
     group = rng.integers(0, groups, n)
     prefixes = [tokens(f"System prompt {g}: you are assistant number {g}.", prefix_len)
                 for g in range(groups)]
@@ -229,10 +234,8 @@ def prompts_schedule(records: list, tokenize: Callable[[str], list[int]], n: int
         For non-positive counts, rates or sizes, or fewer than ``n`` usable prompts (no
         prompt is sent twice).
     """
-    for name, value in (("num-prompts", n), ("request-rate", rate), ("burstiness", burstiness),
-                        ("output-len", 1 if output_len is None else output_len)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
+    _positive(("num-prompts", n), ("request-rate", rate), ("burstiness", burstiness),
+              ("output-len", 1 if output_len is None else output_len))
     rng = np.random.default_rng(seed)
     prompts, n_out = [], []
     for k in rng.permutation(len(records)).tolist():
@@ -254,8 +257,7 @@ def prompts_schedule(records: list, tokenize: Callable[[str], list[int]], n: int
     if len(prompts) < n:
         raise InputError(f"only {len(prompts):,} usable prompts in the file, {n:,} asked "
                          "(lower --num-prompts)", field="num-prompts")
-    gaps = _gaps(rng, n, rate, burstiness)
-    offsets = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    offsets = _send_offsets(rng, n, rate, burstiness)
     return Schedule(offsets, np.array([len(p) for p in prompts], np.int64),
                     np.array(n_out, np.int64), prompts=prompts)
 
@@ -274,16 +276,13 @@ def sessions_schedule(tokens: Callable[[str, int], list[int]], sessions: int, tu
     InputError
         For non-positive counts or sizes, or a negative think time.
     """
-    for name, value in (("sessions", sessions), ("turns", turns), ("request-rate", rate),
-                        ("input-len", question_len), ("output-len", output_len),
-                        ("burstiness", burstiness)):
-        if not value > 0:
-            raise InputError(f"must be positive, got {value}", field=name)
+    _positive(("sessions", sessions), ("turns", turns), ("request-rate", rate),
+              ("input-len", question_len), ("output-len", output_len),
+              ("burstiness", burstiness))
     if not think_s >= 0:
         raise InputError(f"must be >= 0, got {think_s}", field="think-time")
     rng = np.random.default_rng(seed)
-    gaps = _gaps(rng, sessions, rate, burstiness)
-    starts = np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+    starts = _send_offsets(rng, sessions, rate, burstiness)
     session = np.repeat(np.arange(sessions), turns)
     turn = np.tile(np.arange(turns), sessions)
     prompts = [tokens(f"Conversation {s}, question {t}:", question_len)
