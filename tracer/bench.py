@@ -42,7 +42,7 @@ def estimate(schedule: Schedule) -> str:
 def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: Path,
         max_concurrency: int | None = None, warmup: int = 1, timeout_s: float = 600.0,
         on_done=None, sampler=None, cache_salt: bool = True,
-        resume: bool = False) -> list[dict]:
+        resume: bool = False, max_model_len: int | None = None) -> list[dict]:
     """Send ``schedule`` to the server and log every request; returns the records.
 
     Each record: ``request_id``, ``start_s`` (send time from the run's start),
@@ -60,7 +60,8 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     not sent again, a torn last log line (a kill mid-write) is dropped and reported, and the
     rest are sent on the planned timeline, their ``start_s`` continuing it from the first of
     them (the gap while the run was down is in no record). Multi-turn sessions cannot resume:
-    their histories are gone.
+    their histories are gone. ``max_model_len`` is the model's (asked of the server when the
+    caller has not).
 
     Raises
     ------
@@ -81,8 +82,7 @@ def run(url: str, api_key: str | None, model: str, schedule: Schedule, folder: P
     done = {int(r["request_id"]) for r in records}
     todo = [i for i in range(len(schedule)) if i not in done]
     probe = VLLMClient(url, api_key, timeout_s)
-    limit = next((m.get("max_model_len") for m in probe.models() if m.get("id") == model),
-                 None)
+    limit = max_model_len or probe.max_model_len(model)
     longest = int((schedule.n_input_tokens + schedule.n_output_tokens).max())
     if limit and longest > limit:
         raise InputError(f"a request needs {longest:,} tokens, more than the model's "

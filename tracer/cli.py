@@ -349,7 +349,7 @@ def _bench(url: str, plan: dict, given: dict, model: str | None, key: str | None
         client = VLLMClient(url, key, o["timeout_s"])
         models = client.models()
         served = model or models[0]["id"]
-        limit = next((m.get("max_model_len") for m in models if m.get("id") == served), None)
+        limit = client.max_model_len(served, models)
         engine = {**given, "llm": given.get("llm") or served, "model": served,
                   "version": given.get("version") or client.version() or "unknown",
                   **({"max_model_len": limit} if limit and "max_model_len" not in given
@@ -368,7 +368,7 @@ def _bench(url: str, plan: dict, given: dict, model: str | None, key: str | None
         with tqdm(total=len(schedule), unit="req", disable=None, desc="bench") as bar:
             records = load.run(url, key, served, schedule, folder, o["max_concurrency"],
                                o["warmup"], o["timeout_s"], lambda r: bar.update(1), sampler,
-                               salted, o["resume"])
+                               salted, o["resume"], limit)
     except (ServerError, SSHError) as exc:
         raise InputError(str(exc)) from None
     engine.setdefault("gpu", sampler.gpu_name if sampler and sampler.gpu_name

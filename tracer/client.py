@@ -180,6 +180,12 @@ class VLLMClient:
         """``/v1/models``: the served models."""
         return self._call("GET", "/v1/models").json()["data"]
 
+    def max_model_len(self, model: str, models: list[dict] | None = None) -> int | None:
+        """The served model's ``max_model_len`` from ``/v1/models`` (or from its answer
+        ``models``, already fetched); None when not said."""
+        return next((m.get("max_model_len") for m in models or self.models()
+                     if m.get("id") == model), None)
+
     def version(self) -> str:
         """The engine's version from ``/version`` ("" when the server does not say)."""
         try:
