@@ -355,10 +355,7 @@ def _bench(url: str, plan: dict, given: dict, model: str | None, key: str | None
                   **({"max_model_len": limit} if limit and "max_model_len" not in given
                      else {})}
         reported = client.cache_config()
-        for name, value in reported.items():
-            if name in given and given[name] != value:
-                raise InputError(f"the engine settings say {name} = {given[name]!r}, the "
-                                 f"server's /metrics {value!r}", field=name)
+        _agree(given, reported, "the server's /metrics")
         engine.update(reported, **({"from_server": sorted(reported)} if reported else {}))
         schedule = _bench_schedule(o["trace"], plan, client, served)
         salted = o["cache_salt"] == "request" or (
@@ -612,24 +609,20 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, dcgm_port, api_key_env, ap
     from tracer.sampler import NvidiaSmiSampler
     from tracer.ssh import SSHError, SSHTarget
 
-    cluster = {k: o.pop(k) for k in list(o) if k in _CLUSTER_KEYS}
-    poll_s, timeout_s = cluster.pop("poll_s"), cluster.pop("start_timeout")
-    gpu = cluster["gpu"]
+    poll_s, timeout_s, gpu = o.pop("poll_s"), o.pop("start_timeout"), o["gpu"]
     for name, value in (("gpu-index", gpu_index), ("dcgm-port", dcgm_port)):
         if value is not None and not gpu_samples:
             raise InputError(f"--{name} has no effect with --no-gpu-samples", field=name)
     given = read_json_object(engine_file, "engine settings file") if engine_file else {}
-    ssh = (cluster["ssh_key"], cluster["known_hosts"], cluster["accept_unknown_host"], None,
-           cluster["ssh_config"])                 # for the node as for the login node
-    profile, script, engine = _launch(cluster)
-    for key in set(given) & set(engine) - {"model"}:
-        if given[key] != engine[key]:
-            raise InputError(f"says {key} = {given[key]!r}, the vLLM command "
-                             f"{engine[key]!r}", path=engine_file, field=key)
+    ssh = (o["ssh_key"], o["known_hosts"], o["accept_unknown_host"], None,
+           o["ssh_config"])                       # for the node as for the login node
+    profile, script, engine = _launch(o)          # the cluster options are popped from o
+    _agree(given, {k: v for k, v in engine.items() if k != "model"}, "the vLLM command",
+           engine_file)
     engine = {**engine, **given}
     plan = _bench_plan(o, engine, gpu_known=True)
     indices = _gpu_indices(gpu_index)
-    job = _job(profile, cluster)
+    job = _job(profile, o)
     try:
         with job, _cancel_on_signals():
             _start(job, script, poll_s, timeout_s)
@@ -643,17 +636,36 @@ def run(engine_file, gpu_samples, gpu_index, loop_ms, dcgm_port, api_key_env, ap
                     node = replace(SSHTarget.parse(job.node, *ssh, job.target.user),
                                    jump=job.target)
                     sampler = NvidiaSmiSampler(node, loop_ms, gpus)
-                _bench(forward.url, plan, engine, engine["model"],
-                       _api_key(api_key_env, api_key_file), sampler, o, gpu_fallback=gpu)
+                try:
+                    _bench(forward.url, plan, engine, engine["model"],
+                           _api_key(api_key_env, api_key_file), sampler, o, gpu_fallback=gpu)
+                finally:
+                    for failure in forward.failures:
+                        click.echo(f"port forward through {profile.login}: {failure}", err=True)
     except SSHError as exc:
         raise InputError(str(exc)) from None
     finally:
-        if job.node:
+        if job.job_id:                      # the job's exit could not scancel it
+            click.echo(f"job {job.job_id} may still run on {profile.name}: scancel it",
+                       err=True)
+        elif job.node:
             click.echo(f"job cancelled ({profile.name}, node {job.node})", err=True)
 
 
-_CLUSTER_KEYS = ("profile_path", "model", "gpu", "dtype", "vllm_args", "time_limit", "ssh_key",
-                 "ssh_config", "known_hosts", "accept_unknown_host", "poll_s", "start_timeout")
+def _agree(given: dict, found: dict, source: str, path=None) -> None:
+    """Refuse engine settings ``given`` (from the file ``path``, else the ``--engine`` ones)
+    that contradict what ``source`` says (``found``).
+
+    Raises
+    ------
+    InputError
+        Naming the setting and both values.
+    """
+    subject = "says" if path else "the engine settings say"
+    for key in sorted(set(given) & set(found)):
+        if given[key] != found[key]:
+            raise InputError(f"{subject} {key} = {given[key]!r}, {source} {found[key]!r}",
+                             path=path, field=key)
 
 
 def _gpu_indices(text: str | None) -> tuple[int, ...] | None:
