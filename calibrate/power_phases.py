@@ -193,18 +193,15 @@ def serving_sample_times(folder, samples: pd.DataFrame) -> np.ndarray:
     InputError
         For a run without ``requests.jsonl`` send times (one not recorded by tracer bench).
     """
-    import json
     from pathlib import Path
 
     from dateutil.tz import tzlocal
 
+    from archive.importers.serving import json_lines
+
     log = Path(folder) / "requests.jsonl"
-    starts = []
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "send_unix_s" in record and "start_s" in record:
-                starts.append(record["send_unix_s"] - record["start_s"])
+    starts = [r["send_unix_s"] - r["start_s"] for r in (json_lines(log) if log.is_file() else ())
+              if "send_unix_s" in r and "start_s" in r]
     if not starts:
         raise InputError("no wall-clock send times (requests.jsonl with send_unix_s, as "
                          "tracer bench writes) to align the GPU samples with", path=folder)

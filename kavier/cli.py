@@ -777,10 +777,9 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         params = Profile.read(profile_path).params if profile_path else None
         section["phases"] = serving_phases(capture, read_serving(capture), samples,
                                            result.best, params)
-        section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
-        section["model"] = {**section["model"], "max_w": section["phases"]["max_w"]}
     elif measurements is not None and "request_id" in samples.columns:
         section["phases"] = _fit_phases(measurements, samples, result.best, profile_path, gpu)
+    if "phases" in section:
         section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
         # the simulator evaluates P at the utilization of each step's costs: the fit that
         # matches its view sets P_max (docs/sustainability.md)

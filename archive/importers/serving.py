@@ -47,7 +47,14 @@ HASH_BLOCK_SIZE = 16
 """Tokens per prefix-block hash computed from token ids (vLLM's default block)."""
 
 
-def _json_lines(path: Path) -> list[dict]:
+def json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a JSON Lines request log, one per non-empty line.
+
+    Raises
+    ------
+    InputError
+        For a line that is not a JSON object (naming it), or a log without requests.
+    """
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -170,7 +177,7 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
         if not path.is_file():
             raise InputError("missing (an LLMServingSim run folder has requests.jsonl and "
                              "meta.json)", path=path)
-    rows, meta = _json_lines(req_path), read_json_object(meta_path, "meta.json")
+    rows, meta = json_lines(req_path), read_json_object(meta_path, "meta.json")
     n_in, n_out = (_tokens(rows, key, req_path) for key in ("input_toks", "output_toks"))
     queued, scheduled, first, last = (_numbers(rows, k, req_path) for k in (
         "queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts"))
@@ -221,7 +228,7 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
 
 
 def _workload_hashes(path: Path, n_in: np.ndarray) -> list[list[int]]:
-    rows = _json_lines(path)
+    rows = json_lines(path)
     if len(rows) != n_in.size:
         raise InputError(f"{len(rows)} workload requests for {n_in.size} measured ones",
                          path=path)
@@ -461,7 +468,7 @@ def import_tracer_bench(src: str | Path, dest: str | Path, engine_file: str | Pa
         Bad JSON lines or values (naming the line and field), or missing engine settings.
     """
     src, dest = Path(src), Path(dest)
-    rows = sorted(_json_lines(src), key=lambda r: float(r.get("start_s") or 0.0))
+    rows = sorted(json_lines(src), key=lambda r: float(r.get("start_s") or 0.0))
     given = read_json_object(engine_file, "engine settings file")
     start = _numbers(rows, "start_s", src)
     errors = [None if r.get("error") is None else str(r["error"]) for r in rows]
