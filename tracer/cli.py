@@ -72,6 +72,13 @@ def api_key_options(command):
                         help="Environment variable holding the API key.")(command)
 
 
+def _decorated(command, options: list):
+    """``command`` with click ``options`` applied, the first listed shown first in --help."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def sampling_options(command):
     """GPU sampling options shared by ``collect`` and ``bench``."""
     options = [
@@ -103,9 +110,7 @@ def sampling_options(command):
         click.option("--loop-ms", type=click.IntRange(min=10), default=100, show_default=True,
                      help="nvidia-smi sampling interval, ms."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _decorated(command, options)
 
 
 def _sampler(o: dict):
@@ -269,9 +274,7 @@ def bench_options(command):
                      help="Continue an interrupted run in OUTPUT (same options): logged requests "
                           "are not sent again."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _decorated(command, options)
 
 
 @main.command()
@@ -504,9 +507,7 @@ def cluster_options(command):
                      default=3600.0, show_default=True,
                      help="Seconds to wait for the job to run, and again for /health."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _decorated(command, options)
 
 
 def _launch(c: dict):
