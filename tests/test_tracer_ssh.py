@@ -175,7 +175,7 @@ def slurm_cluster(cluster, server, tmp_path):
                        'vllm = "vllm serve {model} --port {port} --dtype {dtype}"\n')
     args = ["run", "--cluster", str(profile), "--model", "Llama-3-8B", "--gpu", "A10",
             "--ssh-config", str(config), "--poll", "0.05", "--loop-ms", "20"]
-    return {"state": state, "args": args, "server": server[0]}
+    return {"state": state, "args": args, "server": server[0], "bin": bin_dir}
 
 
 def test_tracer_run_serves_benches_through_the_login_node_samples_and_cancels(slurm_cluster,
@@ -260,3 +260,33 @@ def test_tracer_run_checks_before_it_submits_and_cancels_on_sigterm(slurm_cluste
     assert (c["state"] / "cancelled").read_text().split() == ["77"]
     kept = log.read_text().splitlines()
     assert 3 <= len(kept) < 200 and all(json.loads(x)["request_id"] for x in kept)
+
+
+def test_tracer_run_sampling_options_change_the_run_or_are_refused(slurm_cluster, tmp_path):
+    from click.testing import CliRunner
+
+    from tracer.cli import main as tracer_cli
+
+    c = slurm_cluster
+    base = [*c["args"], "--vllm-args", "--max-num-seqs 8 --max-num-batched-tokens 2048",
+            "--num-prompts", "3", "--input-len", "16", "--output-len", "4"]
+    chosen = CliRunner().invoke(tracer_cli, [*base, "--gpu-index", "0", "--output",
+                                             str(tmp_path / "gpu0")])
+    assert chosen.exit_code == 0, chosen.output
+    samples = pd.read_parquet(tmp_path / "gpu0" / "gpu_samples.parquet")
+    assert set(samples["gpu_index"]) == {0}               # not scontrol's GPU 1
+    off = CliRunner().invoke(tracer_cli, [*base, "--no-gpu-samples", "--output",
+                                          str(tmp_path / "off")])
+    assert off.exit_code == 0, off.output
+    assert not (tmp_path / "off" / "gpu_samples.parquet").exists()
+    assert (c["state"] / "cancelled").read_text().split() == ["77", "77"]
+    for option in (["--gpu-index", "1"], ["--dcgm-port", "9400"]):
+        refused = CliRunner().invoke(tracer_cli, [*base, "--no-gpu-samples", *option,
+                                                  "--output", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and f"{option[0]} has no effect with --no-gpu-samples" \
+            in refused.output
+    (c["bin"] / "squeue").write_text("#!/bin/sh\necho 'PENDING (Priority)'\n")
+    late = CliRunner().invoke(tracer_cli, [*base, "--start-timeout", "0.3", "--output",
+                                           str(tmp_path / "late")])
+    assert late.exit_code == 2 and "job 77 did not start within 0 s" in late.output
+    assert (c["state"] / "cancelled").read_text().split() == ["77"] * 3   # given up: cancelled
