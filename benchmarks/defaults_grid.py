@@ -2,8 +2,11 @@
 serving runs: each candidate replays both Llama-3.1-8B runs uncalibrated and prints the
 per-request MAPE of TTFT, TPOT and E2E on every request, and the worst of the six.
 
-The library's :data:`kavier.models.timing.ROOFLINE_DEFAULTS` were picked from this grid.
-Run: ``python benchmarks/defaults_grid.py [--step 0.05]`` (about 1 s per candidate).
+The compute axis is the library-wide factor that :func:`kavier.models.timing.default_params`
+multiplies by each GPU's measured GEMM share (``gemm_tflops / fp16_tflops``), so a candidate
+gives each run's GPU its own compute efficiency, as the library does. The library's
+:data:`kavier.models.timing.ROOFLINE_DEFAULTS` were picked from this grid.
+Run: ``python benchmarks/defaults_grid.py [--step 0.05] [--span 1]`` (about 3 s per candidate).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from archive.serving import read_serving
 from calibrate.serving import METRICS, measured, replay_for, score
-from kavier.models.timing import ROOFLINE_DEFAULTS
+from kavier.models.timing import ROOFLINE_DEFAULTS, default_params
 
 RUNS = ("vllm-serving-rtxpro6000-llama3.1-8b", "vllm-serving-rtx4090-llama3.1-8b")
 
@@ -34,10 +37,11 @@ def main() -> None:
     print("compute weights kv   worst  " + "  ".join(
         f"{r.split('-')[2]}:{m[:-2]}" for r in RUNS for m in METRICS))
     for ce, me, kv in itertools.product(*axes):
-        params = base.with_(compute_efficiency=ce, memory_efficiency=me,
-                            kv_memory_efficiency=kv)
         mapes = []
         for run, replay in zip(runs, replays, strict=True):
+            own = default_params("roofline", replay.timing.gpu).compute_efficiency
+            params = base.with_(compute_efficiency=ce * own / base.compute_efficiency,
+                                memory_efficiency=me, kv_memory_efficiency=kv)
             predicted, _, _ = replay.with_params(params).predict()
             s = score(measured(run), predicted, np.ones(len(predicted), bool))
             mapes += [s[m]["mape_pct"] for m in METRICS]

@@ -145,7 +145,7 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     replay = Replay(run, make_timing("roofline", llm, gpu, None, True,
                                      config.tensor_parallel_size,
                                      config.expert_parallel_size), config, block, content)
-    return replay.with_params(params or default_params("roofline"))
+    return replay.with_params(params or default_params("roofline", gpu))
 
 
 def measured(run: ServingRun) -> pd.DataFrame:
@@ -310,7 +310,7 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
     space = _Space(tuple(fit), max_efficiency)
     start = replay.timing.params
     z0 = np.array([space.coordinate(p, _start(start, p)) for p in fit])
-    count = [0]
+    count, at_start = [0], []
 
     def params_at(z) -> TimingParams:
         return start.with_(**{p: space.value(p, v) for p, v in zip(fit, z, strict=True)})
@@ -318,7 +318,10 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
     def loss(z) -> float:
         count[0] += 1
         pred, _, _ = replay.with_params(params_at(z)).predict()
-        return objective(score(true, pred, mask))
+        value = objective(score(true, pred, mask))
+        if not at_start:                    # Nelder-Mead evaluates the start first
+            at_start.append(value)
+        return value
 
     def scores(params) -> dict:
         pred, _, _ = replay.with_params(params).predict()
@@ -329,7 +332,8 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
     result = minimize(loss, z0, method="Nelder-Mead",
                       options={"maxfev": max_evaluations, "initial_simplex": simplex,
                                "xatol": 1e-2, "fatol": 1e-2})
-    params = params_at(result.x)
+    # no better point found: keep the start itself (its coordinates' round trip is inexact)
+    params = params_at(result.x) if result.fun < at_start[0] else start
     on_bound = [p for p in fit if space.on_bound(p, getattr(params, p))]
     return ServingFit(params, tuple(fit), scores(start), scores(params), on_bound, count[0])
 
@@ -385,7 +389,7 @@ def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
 
     run = read_serving(dataset)
     others = [(name, read_serving(name)) for name in predict]
-    replay = replay_for(run, start or default_params("roofline"))
+    replay = replay_for(run, start)
     result = fit_serving(replay, fit, split, max_efficiency, max_evaluations)
     predicted, summary, steps = replay.with_params(result.params).predict()
     scored = {}

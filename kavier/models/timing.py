@@ -633,28 +633,48 @@ class RooflineTiming(_TimingBase):
 
 TIMING_MODELS = {"thesis": ThesisTiming, "roofline": RooflineTiming}
 
-ROOFLINE_DEFAULTS = TimingParams(compute_efficiency=0.70, memory_efficiency=0.80,
-                                 kv_memory_efficiency=0.55)
+ROOFLINE_DEFAULTS = TimingParams(compute_efficiency=0.80, memory_efficiency=0.85,
+                                 kv_memory_efficiency=0.50)
 """The library's roofline parameters for a GPU without a profile (``request_overhead_s``
-stays the thesis's 25 ms, the overheads 0).
+stays the thesis's 25 ms, the overheads 0); :func:`default_params` scales the compute
+efficiency by the GPU's measured GEMM share.
 
 Re-derived from measurements rather than the thesis's 0.30 / 0.60, which describe one A10
 under eager PyTorch and leave current GPUs far too slow (an uncalibrated run overloads where
-the real GPU keeps up). The bundled vLLM 0.19 serving runs, fitted by ``kavier calibrate
---dataset vllm-serving-…`` (docs/calibration.md), give compute 0.58–0.90 of the dense BF16
-peak, weight streaming 0.67–0.86 and KV streaming 0.55–0.76 of peak DRAM bandwidth (RTX PRO
-6000, RTX 4090); KV below weights on both, as paged attention gathers scattered blocks.
-Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth in batched decode on an H100. The
-values are round ones inside those ranges, picked on a coarse grid (0.05 steps,
-``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both runs,
-not fitted to either; the two GPUs' software maturity differs more than one set can cover."""
+the real GPU keeps up).
+
+* **Compute.** A GPU's dense peak is not what its GEMMs reach, and the shortfall differs by
+  board: published PyTorch BF16 matmul benchmarks reach 1.00 of the data-sheet peak on an RTX
+  4090 and 0.78 on an RTX PRO 6000 Blackwell (0.74–0.85 on data-centre GPUs; ``gemm_tflops``
+  in the GPU library, with sources). Serving runs reach a share of that measured rate; the
+  bundled vLLM 0.19 runs, fitted by ``kavier calibrate --dataset vllm-serving-…``
+  (docs/calibration.md), give 0.76 (RTX PRO 6000) and 0.90 (RTX 4090). The default is
+  ``compute_efficiency = 0.80 × gemm_share``: one library-wide 0.80 times the board's
+  measured share (:attr:`~kavier.models.library.GPUSpec.gemm_share`).
+* **Memory.** Weight streaming 0.85 and KV streaming 0.50 of peak DRAM bandwidth, inside the
+  fitted ranges (weights 0.67–0.89, KV 0.41–0.76); KV below weights on every fit, as paged
+  attention gathers scattered blocks. Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth
+  in batched decode on an H100.
+
+The three values are round ones picked on a coarse grid (0.05 steps,
+``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both Llama runs,
+not fitted to either."""
 
 
-def default_params(name: str) -> TimingParams:
-    """The parameters of timing model ``name`` when no profile is given: the thesis's
-    (eqs. 4.2–4.6: 0.30, 0.60, 25 ms) for ``thesis``, :data:`ROOFLINE_DEFAULTS` for
-    ``roofline``."""
-    return ROOFLINE_DEFAULTS if name == "roofline" else TimingParams()
+def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
+    """The parameters of timing model ``name`` when no profile is given.
+
+    ``thesis``: the thesis's (eqs. 4.2–4.6: 0.30, 0.60, 25 ms). ``roofline``:
+    :data:`ROOFLINE_DEFAULTS`, with the compute efficiency multiplied by ``gpu``'s measured
+    GEMM share (``gemm_tflops / fp16_tflops``, capped at 1) when a GPU is given.
+    """
+    if name != "roofline":
+        return TimingParams()
+    if gpu is None:
+        return ROOFLINE_DEFAULTS
+    share = min(gpu.gemm_share, 1.0)
+    return ROOFLINE_DEFAULTS.with_(
+        compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
 def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> float:
@@ -729,6 +749,7 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
         raise InputError("a mixture of experts or tensor parallelism without the KV cache is "
                          "not modelled", field="kv-cache")
     check_parallel(llm, gpu, tensor_parallel_size, expert_parallel_size)
-    return cls(llm=llm, gpu=gpu, params=params or default_params(name), kv_cache=kv_cache,
+    return cls(llm=llm, gpu=gpu, params=params or default_params(name, gpu),
+               kv_cache=kv_cache,
                tensor_parallel_size=tensor_parallel_size,
                expert_parallel_size=expert_parallel_size)

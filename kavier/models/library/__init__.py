@@ -166,6 +166,12 @@ class LLMSpec:
         return 2.0 * self.n_layers * self.n_heads * self.head_dim * self.bytes_per_param
 
 
+GEMM_SHARE_UNMEASURED = 0.80
+"""The share of its dense BF16 peak a GPU without a ``gemm_tflops`` entry is assumed to reach in
+a large GEMM: the median over the library's measured entries (A100-80GB 0.85, H100-SXM 0.80,
+H200 0.80, L40S 0.74, A6000 0.80, RTX 4090 1.00, RTX PRO 6000 0.78)."""
+
+
 @dataclass(frozen=True)
 class GPUSpec:
     """One accelerator, from its vendor data sheet.
@@ -179,6 +185,10 @@ class GPUSpec:
         Peak DRAM bandwidth, GB/s (1e9 bytes/s).
     fp16_tflops : float
         Dense FP16/BF16 tensor-core peak, TFLOP/s (1e12 FLOP/s); never the 2:4-sparse figure.
+    gemm_tflops : float or None
+        Measured dense BF16 GEMM throughput, TFLOP/s: the best large square matmul PyTorch
+        reaches on the board (published benchmark, named in ``source``). None when no
+        measurement is known; :attr:`gemm_share` then assumes the library's median.
     idle_power_w, max_power_w : float
         Power at idle and at full load (board power limit), W.
     boost_clock_mhz : float or None
@@ -203,6 +213,7 @@ class GPUSpec:
     idle_power_w: float
     max_power_w: float
     boost_clock_mhz: float | None = None
+    gemm_tflops: float | None = None
     interconnect: str = ""
     interconnect_gbps: float | None = None
     source: str = ""
@@ -217,6 +228,14 @@ class GPUSpec:
     def flops_per_s(self) -> float:
         """Dense FP16 peak in FLOP/s."""
         return self.fp16_tflops * 1e12
+
+    @property
+    def gemm_share(self) -> float:
+        """Measured GEMM throughput as a share of the dense peak, ``gemm_tflops /
+        fp16_tflops``; :data:`GEMM_SHARE_UNMEASURED` without a measurement."""
+        if self.gemm_tflops is None:
+            return GEMM_SHARE_UNMEASURED
+        return self.gemm_tflops / self.fp16_tflops
 
     @property
     def bytes_per_s(self) -> float:
