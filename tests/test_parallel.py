@@ -174,3 +174,49 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert config.expert_parallel_size == 2
     assert EngineConfig(replicas=2, tensor_parallel_size=2,
                         enable_expert_parallel=True).expert_parallel_size == 4
+
+
+def _moe_steps(table):
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    config = EngineConfig(replicas=2, enable_expert_parallel=True, router="round-robin")
+    timing = make_timing("roofline", llm, gpu, PARAMS,
+                         expert_parallel_size=config.expert_parallel_size)
+    requests, steps = [], []
+    summary = simulate(table, timing, config, 16, None,
+                       Sustainability(PowerModel.linear_for(gpu)), requests.append,
+                       lambda b, _p: steps.append(b))
+    return (summary, pa.concat_tables(requests).to_pandas().sort_values("id"),
+            pa.Table.from_batches(steps).to_pandas(), timing)
+
+
+def test_data_parallel_ranks_with_expert_parallelism_step_in_lockstep():
+    rng = np.random.default_rng(3)
+    n = 40
+    table = pa.table({"n_input_tokens": rng.integers(50, 3000, n),
+                      "n_output_tokens": rng.integers(1, 200, n),
+                      "arrival_s": np.sort(rng.uniform(0, 4, n))})
+    summary, requests, steps, timing = _moe_steps(table)
+    by_rank = [steps[steps.replica == k].reset_index(drop=True) for k in (0, 1)]
+    # every interval of one rank has its twin on the other: same start, same length
+    assert len(by_rank[0]) == len(by_rank[1])
+    for column in ("start_s", "duration_s"):
+        np.testing.assert_allclose(by_rank[0][column], by_rank[1][column], rtol=0, atol=1e-12)
+    assert (steps.n_steps == 1).all()                  # no decode runs in lockstep
+    # each step lasts the slower rank's own step; the faster one waits at the collectives
+    steps["own_s"] = np.maximum(steps.compute_s, steps.memory_s)
+    group = steps.groupby("start_s")
+    assert (group.duration_s.first() >= group.own_s.max() - 1e-12).all()
+    # a rank with nothing to run steps a dummy one-token batch meanwhile
+    dummy = steps[steps.n_seqs == 0]
+    assert len(dummy) > 0
+    lone = timing.step_costs(np.ones(1), np.zeros(1), 1)
+    np.testing.assert_allclose(dummy.flops, lone.flops)
+    assert (dummy.duration_s > 1.5 * lone.duration_s).any()    # waiting for the other rank
+    assert (dummy.prefill_tokens == 0).all() and (dummy.decode_tokens == 0).all()
+    assert summary["gpu_hours"] == pytest.approx(steps.duration_s.sum() / 3600)
+    # one request alone: the other rank only runs dummies, and the request is served as by a
+    # rank stepping on its own (the dummy step is the shorter one)
+    _, alone, alone_steps, _ = _moe_steps(table.slice(0, 1))
+    assert (alone_steps[alone_steps.replica == 1].n_seqs == 0).all()
+    ranks_alone = alone_steps[alone_steps.replica == 0]
+    assert ranks_alone.duration_s.sum() == pytest.approx(alone.e2e_s.iloc[0], rel=1e-9)

@@ -24,6 +24,14 @@ Requests are sent at their trace times (or, back to back, when the previous one 
 front end (``request_overhead_s``: HTTP, tokenization, streaming) delays each one's arrival at
 the engine and never occupies the GPU.
 
+Data parallelism with expert parallelism (``enable_expert_parallel`` over several replicas):
+the replicas are vLLM's data-parallel ranks and step **in lockstep**. Every expert layer
+exchanges the tokens of all ranks (all-gather and reduce-scatter), so no rank's step ends
+before the slowest rank's; a rank with nothing to run executes a dummy one-token batch
+meanwhile (vLLM's ``execute_dummy_batch``), and a request reaching an idle rank while the
+others step waits for the next common step boundary. Each step of the group lasts the longest
+of its ranks' steps (``vllm/v1/engine/core.py``, ``DPEngineCoreProc``).
+
 Speed: once a step holds only decode tokens and nothing can be admitted, the batch stays the
 same until a request finishes, a block runs short, an arrival may be admitted or a client
 times out; that run of steps is computed at once
@@ -84,6 +92,7 @@ class SteppedEngine:
         self.blocks_policy = prefix is not None and prefix.config.policy == "blocks"
         self.exact_policy = prefix is not None and not self.blocks_policy
         self.front_end_s = timing.params.request_overhead_s
+        self.lockstep = config.enable_expert_parallel and config.replicas > 1
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -94,6 +103,8 @@ class SteppedEngine:
         ``arrival`` are send times (ignored back to back); ``n_out`` >= 1.
         """
         self._setup(n_in, n_out, arrival, sessions)
+        if self.lockstep:
+            return self._run_lockstep()
         while True:
             busy = [(r.busy_until, r.index) for r in self.replicas if r.busy_until is not None]
             next_step = min(busy) if busy else (np.inf, -1)
@@ -108,6 +119,41 @@ class SteppedEngine:
                 break
         self.timeline.flush()
         return self._results()
+
+    def _run_lockstep(self) -> dict:
+        """The event loop of data-parallel ranks stepping together (module docstring)."""
+        while True:
+            ready = self._next_ready()
+            until = self.replicas[0].busy_until
+            if ready < np.inf and (until is None or ready <= until):
+                self._arrive(self.order[self.next_arrival], ready)
+            elif until is not None:
+                for replica in self.replicas:
+                    self._finish_step(replica)
+                self._start_group(until)
+            else:
+                break
+        self.timeline.flush()
+        return self._results()
+
+    def _start_group(self, now: float) -> None:
+        """One lockstep step of every rank: each schedules its own batch; all last as long as
+        the slowest; ranks without work run a dummy one-token batch (none when no rank has
+        work)."""
+        for replica in self.replicas:
+            self._start_step(replica, now)
+        stepping = [r for r in self.replicas if r.busy_until is not None]
+        if not stepping:
+            return
+        longest = max(r.busy_until for r in stepping) - now
+        for replica in self.replicas:
+            if replica.busy_until is None:       # vLLM's execute_dummy_batch
+                costs = self.timing.step_costs(np.ones(1), np.zeros(1), 1)
+                empty = np.zeros(0, np.int64)
+                replica.step = [now, None, empty, empty, np.zeros(0, bool), costs, None]
+            replica.step[1] = np.array([longest])
+            replica.step[5] = replica.step[5]._replace(duration_s=longest)
+            replica.busy_until = now + longest
 
     def _setup(self, n_in, n_out, arrival, sessions) -> None:
         n, cfg = n_in.size, self.config
@@ -180,7 +226,10 @@ class SteppedEngine:
                     self._done(i, now)
                     return
         replica.waiting.append(i)
-        if replica.busy_until is None:
+        if self.lockstep:
+            if replica.busy_until is None:       # the whole group is idle
+                self._start_group(now)
+        elif replica.busy_until is None:
             self._start_step(replica, now)
         elif len(replica.running) < self.config.max_num_seqs:
             self._interrupt(replica, now)
@@ -373,7 +422,7 @@ class SteppedEngine:
         ids = np.array([b[0] for b in batch], np.int64)
         new = np.array([b[1] for b in batch], np.int64)
         decoding = np.array([b[2] for b in batch])
-        if decoding.all():
+        if decoding.all() and not self.lockstep:
             durations, run_costs = self._decode_run(replica, ids, now)
             replica.step = [now, durations, ids, new, decoding, None, run_costs]
         else:
