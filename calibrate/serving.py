@@ -84,7 +84,8 @@ class Replay:
         """The same replay with other timing parameters."""
         timing = make_timing("roofline", self.timing.llm, self.timing.gpu, self._own(params),
                              True, self.config.tensor_parallel_size,
-                             self.config.expert_parallel_size)
+                             self.config.expert_parallel_size,
+                             self.config.pipeline_parallel_size)
         return Replay(self.run, timing, self.config, self.block_size, self.prefix_content)
 
     def _own(self, params: TimingParams) -> TimingParams:
@@ -116,7 +117,8 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     """Set ``run`` up for the simulation core with the library's LLM and GPU entries and
     ``params`` (default :func:`~kavier.models.timing.default_params`).
 
-    The run's tensor-parallel size becomes the replica's, its data-parallel size the number
+    The run's tensor- and pipeline-parallel sizes become the replica's, its data-parallel size
+    the number
     of replicas (least-outstanding routing, as vLLM's internal data-parallel load balancer),
     and expert parallelism splits the experts over all of their GPUs.
 
@@ -132,6 +134,7 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     block = engine["block_size"]
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,
                           tensor_parallel_size=engine["tensor_parallel_size"],
+                          pipeline_parallel_size=engine.get("pipeline_parallel_size") or 1,
                           enable_expert_parallel=bool(engine.get("enable_expert_parallel")),
                           max_num_seqs=engine["max_num_seqs"],
                           max_num_batched_tokens=engine["max_num_batched_tokens"],
@@ -144,7 +147,8 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
                          f"{block}", path=run.path, field="hash_block_size")
     replay = Replay(run, make_timing("roofline", llm, gpu, None, True,
                                      config.tensor_parallel_size,
-                                     config.expert_parallel_size), config, block, content)
+                                     config.expert_parallel_size,
+                                     config.pipeline_parallel_size), config, block, content)
     return replay.with_params(params or default_params("roofline", gpu))
 
 
@@ -248,8 +252,11 @@ class _Space:
         return value <= 0.01 * SCALES_S[name]
 
 
-def _start(params: TimingParams, name: str) -> float:
+def _start(timing: RooflineTiming, name: str) -> float:
+    params = timing.params
     value = getattr(params, name)
+    if value is None and name == "allreduce_latency_s":     # the link's measured latency
+        value = (timing.tp_link if timing.tensor_parallel_size > 1 else timing.ep_link).latency_s
     if value is None:            # kv_memory_efficiency and attention_efficiency fall back
         value = (params.memory_efficiency if name.startswith("kv")
                  else params.compute_efficiency if name.endswith("efficiency") else 0.0)
@@ -301,6 +308,12 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
     if "request_overhead_s" in fit and replay.run.engine["timestamps"] == "engine":
         raise InputError("the run's latencies start at the engine's queue (engine timestamps), "
                          "so they hold no front-end time to fit", field="--fit")
+    timing = replay.timing
+    if ({"allreduce_latency_s", "link_efficiency"} & set(fit)
+            and timing.tensor_parallel_size == timing.expert_parallel_size == 1):
+        raise InputError("the run has no collectives (tensor and expert parallel size 1), so "
+                         "it holds no allreduce_latency_s or link_efficiency to fit",
+                         field="--fit")
     if not 0.05 < max_efficiency <= 1.0:
         raise InputError(f"must be in (0.05, 1], got {max_efficiency}", field="--max-efficiency")
     mask = fit_mask(replay.run, split)
@@ -309,7 +322,7 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
         raise InputError("no successful requests in the fit share of the run", field="--split")
     space = _Space(tuple(fit), max_efficiency)
     start = replay.timing.params
-    z0 = np.array([space.coordinate(p, _start(start, p)) for p in fit])
+    z0 = np.array([space.coordinate(p, _start(replay.timing, p)) for p in fit])
     count, at_start = [0], []
 
     def params_at(z) -> TimingParams:

@@ -244,7 +244,8 @@ def _arrivals(table: pa.Table, rate_scale, poisson_rate, seed, back_to_back) -> 
 
 def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
            prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
-           block_size, tensor_parallel_size=1, expert_parallel_size=1):
+           block_size, tensor_parallel_size=1, expert_parallel_size=1,
+           pipeline_parallel_size=1):
     """Timing, workload, prefix cache and block size from the common options."""
     from calibrate.profile import Profile
 
@@ -259,7 +260,8 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
         params = profile.params
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
     timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
-                         kv_cache == "on", tensor_parallel_size, expert_parallel_size)
+                         kv_cache == "on", tensor_parallel_size, expert_parallel_size,
+                         pipeline_parallel_size)
     exact = prefix_cache_policy in ("prefill", "full")
     why = f"with --prefix-cache-policy {prefix_cache_policy}"
     _reject_unused([("max_cached_prompts", not exact, why),
@@ -341,7 +343,8 @@ def _common(o: dict):
         o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
         o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
         o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"),
-        config.tensor_parallel_size, config.expert_parallel_size)
+        config.tensor_parallel_size, config.expert_parallel_size,
+        config.pipeline_parallel_size)
     _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
     table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
                       o.pop("seed"), config.back_to_back)
@@ -429,7 +432,8 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
                            None if force else ROW_LIMIT)
     check_fragment_rows(table, timing, config, export)
     with run_folder(output_folder) as out:
-        output = RunOutput(out, export, sus, timing.gpu, config.replicas)
+        output = RunOutput(out, export, sus, timing.gpu,
+                           config.replicas * config.pipeline_parallel_size)
         with output:
             summary = run_engine(table, timing, config, block, prefix, sus, output.requests,
                                  output.steps, *slos)
@@ -445,9 +449,13 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
             "toolkit_version": toolkit_version(),
         }
         out.json("summary.json", summary)
-    layout = (f"{config.replicas} × {config.tensor_parallel_size} (tensor parallel)"
-              if config.tensor_parallel_size > 1 else f"{config.replicas}")
-    experts = (f", experts over {config.expert_parallel_size} GPUs"
+    layout = (f"{config.replicas} × {config.tensor_parallel_size} (tensor parallel over "
+              f"{timing.tp_link.name})" if config.tensor_parallel_size > 1
+              else f"{config.replicas}")
+    if config.pipeline_parallel_size > 1:
+        layout += (f" × {config.pipeline_parallel_size} (pipeline stages over "
+                   f"{timing.stage_link.name})")
+    experts = (f", experts over {config.expert_parallel_size} GPUs ({timing.ep_link.name})"
                if config.expert_parallel_size > 1 else "")
     click.echo(f"{timing.llm.name} on {layout} × {timing.gpu.name}{experts}, {timing.name} "
                f"model, {summary['engine_path']} engine (max_num_seqs {config.max_num_seqs}, "

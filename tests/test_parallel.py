@@ -31,7 +31,7 @@ def test_tp2_shortens_compute_and_memory_bound_passes_and_reports_the_allreduce(
     # the all-reduce: 2 per layer of n × hidden × 2 bytes over NVLink 4 at 450 GB/s × 0.7
     n = 1000.0
     ring = 2 * 1 / 2 * n * 4096 * 2 / (450e9 * 0.7)
-    assert two.comm_s(n) == pytest.approx(2 * 32 * (1e-5 + ring))
+    assert two.comm_s(n) == pytest.approx(2 * 32 * (6e-6 + ring))    # NVLink: 6 µs
     assert one.comm_s(n) == 0.0
     assert two.kv_bytes_per_token == one.kv_bytes_per_token / 2
 
@@ -163,7 +163,7 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert split.weight_bytes(t) == pytest.approx((shared + 48 * local * expert) * 2)
     assert split.weight_bytes(t) < alone.weight_bytes(t)
     size = t * 2048 * 2                       # all-gather + reduce-scatter per layer
-    expected = 2 * 48 * (1e-5 + size / (64e9 * 0.7))
+    expected = 2 * 48 * (7e-6 + size / (64e9 * 0.7))         # PCIe: 7 µs a hop
     assert split.comm_s(t) == pytest.approx(expected) and alone.comm_s(t) == 0.0
     dense_blocks = kv_pool_blocks(llm, gpu, 16)
     assert kv_pool_blocks(llm, gpu, 16, expert_parallel_size=2) > dense_blocks
@@ -220,3 +220,127 @@ def test_data_parallel_ranks_with_expert_parallelism_step_in_lockstep():
     assert (alone_steps[alone_steps.replica == 1].n_seqs == 0).all()
     ranks_alone = alone_steps[alone_steps.replica == 0]
     assert ranks_alone.duration_s.sum() == pytest.approx(alone.e2e_s.iloc[0], rel=1e-9)
+
+
+def test_the_node_topology_chooses_the_link_of_each_collective():
+    from kavier.models.timing import collective_link
+
+    h100, pcie = gpu_library().get("H100-SXM"), gpu_library().get("A100-80GB-PCIe")
+    nvlink = collective_link(h100, 8)                 # one HGX node: NVSwitch, one hop
+    assert (nvlink.kind, nvlink.gbps, nvlink.hops, nvlink.latency_s) == ("NVLink", 450, 1, 6e-6)
+    across = collective_link(h100, 16)                # two nodes: the ring crosses the network
+    assert (across.kind, across.gbps, across.hops) == ("network", 50, 1)
+    assert collective_link(h100, 32).hops == 3
+    ring = collective_link(pcie, 4)                   # no node size known: one PCIe node
+    assert (ring.kind, ring.gbps, ring.hops) == ("PCIe", 32, 3)
+    llm = llm_library().get("Llama-3.1-70B")
+    eight, sixteen = (make_timing("roofline", llm, h100, PARAMS, tensor_parallel_size=tp)
+                      for tp in (8, 16))
+    n, size = 64.0, 64.0 * llm.hidden_dim * 2
+    assert sixteen.comm_s(n) == pytest.approx(
+        2 * llm.n_layers * (2e-5 * 1 + 2 * 15 / 16 * size / (50e9 * 0.7)))
+    assert sixteen.comm_s(n) > 3 * eight.comm_s(n)    # the network is 9× slower than NVLink
+    four = make_timing("roofline", llm, pcie, PARAMS, tensor_parallel_size=4)
+    assert four.comm_s(0.0) == pytest.approx(2 * llm.n_layers * 3 * 7e-6)   # latency only
+    fitted = make_timing("roofline", llm, pcie, PARAMS.with_(allreduce_latency_s=1e-4),
+                         tensor_parallel_size=4)
+    assert fitted.comm_s(0.0) == pytest.approx(2 * llm.n_layers * 3 * 1e-4)
+    lonely = dataclasses.replace(h100, network_gbps=None)
+    with pytest.raises(Exception, match="span nodes of 8.*no network_gbps"):
+        make_timing("roofline", llm, lonely, PARAMS, tensor_parallel_size=16)
+
+
+def _pp_run(table, pp, tp=1, llm="Llama-3.1-8B", gpu="A100-80GB", **engine):
+    config = EngineConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, **engine)
+    timing = make_timing("roofline", llm_library().get(llm), gpu_library().get(gpu), PARAMS,
+                         tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    requests, steps = [], []
+    summary = simulate(table, timing, config, 16, None,
+                       Sustainability(PowerModel.linear_for(timing.gpu), gpus_per_replica=tp),
+                       requests.append, lambda b, _p: steps.append(b))
+    return (summary, pa.concat_tables(requests).to_pandas().sort_values("id"),
+            pa.Table.from_batches(steps).to_pandas(), timing)
+
+
+def test_pipeline_stages_pass_one_request_on_with_a_hop_between_them():
+    one = pa.table({"n_input_tokens": [1500], "n_output_tokens": [40], "arrival_s": [0.0]})
+    s1, r1, _, _ = _pp_run(one, 1)
+    s2, r2, steps, timing = _pp_run(one, 2)
+    hop_prefill, hop_decode = timing.p2p_s(1500), timing.p2p_s(1)
+    assert timing.stage_share == 0.5 and hop_decode > 0
+    # each stage does half of every pass (32 layers, 16 a stage): a pass takes as long as on
+    # one GPU plus the activations' hop between the stages
+    assert r2.ttft_s.iloc[0] == pytest.approx(r1.ttft_s.iloc[0] + hop_prefill, rel=1e-9)
+    assert r2.tpot_s.iloc[0] == pytest.approx(r1.tpot_s.iloc[0] + hop_decode, rel=1e-9)
+    assert set(steps.replica) == {0, 1} and (steps.n_steps == 1).all()
+    first, second = steps[steps.replica == 0], steps[steps.replica == 1]
+    np.testing.assert_allclose(second.start_s.to_numpy(), first.start_s.to_numpy()
+                               + first.duration_s.to_numpy()
+                               + np.array([hop_prefill] + [hop_decode] * (len(first) - 1)))
+    assert s2["gpus"] == 2 and s2["replicas"] == 1 and s1["gpus"] == 1
+    assert s2["gpu_hours"] == pytest.approx(steps.duration_s.sum() / 3600)
+    assert s2["gpu_hours"] == pytest.approx(s1["gpu_hours"], rel=1e-9)    # same work
+
+
+def test_pipeline_keeps_batches_in_flight_with_bubbles_between_them():
+    rng = np.random.default_rng(5)
+    n = 60
+    table = pa.table({"n_input_tokens": rng.integers(100, 6000, n),
+                      "n_output_tokens": rng.integers(2, 80, n),
+                      "arrival_s": np.sort(rng.uniform(0, 3, n))})
+    summary, requests, steps, timing = _pp_run(table, 2, tp=2, llm="Llama-3.1-70B",
+                                               max_num_batched_tokens=2048)
+    assert summary["n_finished"] == n and summary["gpus"] == 4
+    for group in (0, 1):                      # one stage never runs two batches at once
+        g = steps[steps.replica == group]
+        assert (g.start_s.to_numpy()[1:] >= (g.start_s + g.duration_s).to_numpy()[:-1]
+                - 1e-12).all()
+    first, second = (steps[steps.replica == k].reset_index(drop=True) for k in (0, 1))
+    ends = (first.start_s + first.duration_s).to_numpy()
+    # two batches in flight: stage 0 takes the next batch while stage 1 runs the last one
+    assert (first.start_s.to_numpy()[1:] < (second.start_s + second.duration_s)
+            .to_numpy()[:-1]).any()
+    assert (second.start_s.to_numpy() >= ends - 1e-12).all()
+    # a prompt longer than the budget has its chunks in consecutive batches at once
+    assert (first.prefill_tokens == 2048).sum() >= 2
+    idle = summary["timeline_s"] * 2 - (first.duration_s.sum() + second.duration_s.sum())
+    assert idle > 0                           # bubbles: stages wait for each other
+    # conservation: every request's tokens come out once
+    assert requests.n_output_tokens.sum() == int(table.column("n_output_tokens")
+                                                 .to_numpy().sum())
+    assert (requests.ttft_s > 0).all() and (requests.e2e_s >= requests.ttft_s).all()
+
+
+def test_pipeline_stages_split_the_weights_and_the_kv_pool_and_refuse_what_is_not_modelled():
+    llm, gpu = llm_library().get("Llama-3.1-70B"), gpu_library().get("A100-80GB")
+    assert kv_pool_blocks(llm, gpu, 16, pipeline_parallel_size=2,
+                          tensor_parallel_size=2) == kv_pool_blocks(llm, gpu, 16,
+                                                                    tensor_parallel_size=4)
+    three = make_timing("roofline", llm, gpu, PARAMS, pipeline_parallel_size=3)
+    assert three.stage_share == 27 / 80       # the largest of 27, 27 and 26 layers
+    with pytest.raises(Exception, match="81 pipeline stages"):
+        make_timing("roofline", llm, gpu, PARAMS, pipeline_parallel_size=81)
+    with pytest.raises(Exception, match="thesis timing model"):
+        make_timing("thesis", llm, gpu, pipeline_parallel_size=2)
+    with pytest.raises(Exception, match="with expert parallelism is not modelled"):
+        EngineConfig(replicas=2, pipeline_parallel_size=2, enable_expert_parallel=True)
+    with pytest.raises(Exception, match="no network_gbps"):
+        make_timing("roofline", llm, dataclasses.replace(gpu, network_gbps=None), PARAMS,
+                    tensor_parallel_size=8, pipeline_parallel_size=2)
+
+
+def test_pipeline_preempts_only_requests_not_in_flight_and_times_out_after_they_return():
+    rng = np.random.default_rng(11)
+    n = 40
+    table = pa.table({"n_input_tokens": rng.integers(200, 1500, n),
+                      "n_output_tokens": rng.integers(50, 300, n),
+                      "arrival_s": np.sort(rng.uniform(0, 1, n))})
+    summary, requests, steps, _ = _pp_run(table, 2, num_gpu_blocks=300)
+    assert summary["preemptions"] > 0 and summary["n_finished"] == n
+    assert steps.kv_blocks_used.max() <= 300
+    assert requests.n_output_tokens.sum() == int(table.column("n_output_tokens")
+                                                 .to_numpy().sum())
+    timed, late, _, _ = _pp_run(table, 2, request_timeout_s=2.0)
+    assert 0 < timed["n_failed"] < n
+    failed = late[late.status != "ok"]
+    assert (failed.e2e_s.isna() | (failed.e2e_s <= 2.0 + 1e-9)).all()

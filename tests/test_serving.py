@@ -408,3 +408,10 @@ def test_max_efficiency_bounds_the_fit_and_is_checked():
         fit_serving(replay, ("compute_efficiency",), max_efficiency=1.5, max_evaluations=1)
     with pytest.raises(Exception, match="--split"):
         fit_serving(replay, ("compute_efficiency",), split=0.0, max_evaluations=1)
+
+
+def test_collective_terms_are_not_fitted_on_a_run_without_collectives():
+    replay = replay_for(read_serving(PRO))
+    for name in ("allreduce_latency_s", "link_efficiency"):
+        with pytest.raises(Exception, match="no collectives"):
+            fit_serving(replay, ("compute_efficiency", name), max_evaluations=1)

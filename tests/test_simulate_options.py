@@ -103,7 +103,8 @@ CASES = {
                                ["--activation-reserve-gib", "3", "--num-gpu-blocks", "300"]),
     "request_timeout_s": (["--request-timeout", "1"], ["--request-timeout", "0"]),
     "tensor_parallel_size": (["--tensor-parallel-size", "2"], ["--tensor-parallel-size", "3"]),
-    "pipeline_parallel_size": None,          # only 1: test_pipeline_parallel_is_rejected
+    "pipeline_parallel_size": (["--pipeline-parallel-size", "2"],      # 32 layers: 33 stages
+                               ["--pipeline-parallel-size", "33"]),
     "enable_expert_parallel": (["--llm", "Qwen3-30B-A3B", "--gpu", "H100-SXM", "--replicas",
                                 "2", "--enable-expert-parallel"], ["--enable-expert-parallel"]),
     "back_to_back": (["--back-to-back"], None),
@@ -184,9 +185,3 @@ def test_cli_defaults_are_the_config_defaults():
         MEMORY_BOUND_UTILIZATION
     assert PrefixCacheConfig().min_tokens == 256 and "[256]" in params[
         "prefix_cache_min_tokens"].help
-
-
-def test_pipeline_parallel_is_rejected(tmp_path, trace):
-    bad = outcome(tmp_path, trace, ["--pipeline-parallel-size", "2"])
-    assert not isinstance(bad, dict) and bad.exit_code == 2
-    assert "pipeline parallelism is not modelled" in bad.output

@@ -70,10 +70,11 @@ class TimingParams:
         measurements where the hard maximum misses by up to 16 %. Decode steps (one token,
         about 1 FLOP per byte) sit far below the ridge and keep the hard maximum, which has a
         closed-form sum.
-    allreduce_latency_s : float
-        Tensor and expert parallelism only: fixed time of one collective (NCCL's launch and
-        synchronisation; nccl-tests measure 5–10 µs over NVLink, 10–30 µs over PCIe for small
-        messages). Default 10 µs.
+    allreduce_latency_s : float or None
+        Tensor and expert parallelism only: fixed time of one collective step over the link
+        in use (NCCL's launch and synchronisation), s; a collective takes
+        :attr:`Link.hops` of them. ``None`` (the default) takes the link's measured figure,
+        :data:`LINK_LATENCY_S`: NVLink 6 µs, PCIe 7 µs per ring hop, network 20 µs.
     link_efficiency : float
         Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
         a ring collective (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
@@ -104,7 +105,7 @@ class TimingParams:
     prefill_sharpness: float | None = None
     batch_step_overhead_s: float = 0.0
     batch_seq_overhead_s: float = 0.0
-    allreduce_latency_s: float = 1e-5
+    allreduce_latency_s: float | None = None
     link_efficiency: float = 0.7
     compute_half_tokens: float = 0.0
 
@@ -182,6 +183,7 @@ class _TimingBase:
     kv_cache: bool = True
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     name = "base"
 
@@ -335,41 +337,55 @@ class RooflineTiming(_TimingBase):
         efficiency = self.params.kv_memory_efficiency or self.params.memory_efficiency
         return self.gpu.bytes_per_s * efficiency
 
+    @cached_property
+    def stage_share(self) -> float:
+        """Share of the layers on the slowest pipeline stage, ``ceil(L / PP) / L`` (vLLM
+        splits the layers as evenly as it can; 1 without pipeline parallelism). Every
+        per-rank quantity below is one stage's: with ``PP`` stages a step's costs are those of
+        one stage's GPUs, and the embedding and LM head are spread over the stages with the
+        layers (an approximation: vLLM puts them on the first and last stage)."""
+        layers = self.llm.n_layers
+        return -(-layers // self.pipeline_parallel_size) / layers
+
     @property
     def _attention_flops_per_position(self) -> float:
         """``4·L·d_attn / TP``: FLOPs of ``QKᵀ`` and ``AV`` per (query, key) pair on one
-        tensor-parallel rank (the heads are split across ranks)."""
-        return 4.0 * self.llm.n_layers * self.llm.attention_dim / self.tensor_parallel_size
+        tensor-parallel rank (the heads are split across ranks) of one stage."""
+        return (4.0 * self.llm.n_layers * self.llm.attention_dim / self.tensor_parallel_size
+                * self.stage_share)
 
     @property
     def _matmul_params(self) -> float:
-        """Weight-matmul parameters per token on one rank: active, non-embedding, ``/ TP``."""
-        return self.llm.matmul_params / self.tensor_parallel_size
+        """Weight-matmul parameters per token on one rank: active, non-embedding, ``/ TP``,
+        of one stage."""
+        return self.llm.matmul_params / self.tensor_parallel_size * self.stage_share
 
     @property
     def _lm_head_flops(self) -> float:
         """One logits computation on one rank (the vocabulary is split across ranks)."""
-        return self.llm.lm_head_flops / self.tensor_parallel_size
+        return self.llm.lm_head_flops / self.tensor_parallel_size * self.stage_share
 
     @property
     def kv_bytes_per_token(self) -> float:
-        """KV-cache bytes per token on one rank: eq. 4.1 with the rank's KV heads,
-        ``n_kv_heads / TP``, or one replicated head when there are fewer heads than ranks
-        (vLLM replicates them)."""
-        return kv_bytes_per_token_per_rank(self.llm, self.tensor_parallel_size)
+        """KV-cache bytes per token on one rank of one stage: eq. 4.1 with the rank's KV
+        heads, ``n_kv_heads / TP``, or one replicated head when there are fewer heads than
+        ranks (vLLM replicates them)."""
+        return (kv_bytes_per_token_per_rank(self.llm, self.tensor_parallel_size)
+                * self.stage_share)
 
     @cached_property
     def _dense_weight_bytes(self) -> float:
-        return self.llm.weight_bytes / self.tensor_parallel_size
+        return self.llm.weight_bytes / self.tensor_parallel_size * self.stage_share
 
     def weight_bytes(self, n_tokens=1.0):
-        """Weight bytes one rank streams in a pass over ``n_tokens`` tokens: all its weights
-        (``W / TP``, a float) for a dense model; the shared ones plus the experts the tokens
-        are routed to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`)."""
+        """Weight bytes one rank of one stage streams in a pass over ``n_tokens`` tokens: all
+        its weights (``W / TP``, a float) for a dense model; the shared ones plus the experts
+        the tokens are routed to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`).
+        """
         if not self.llm.n_experts:
             return self._dense_weight_bytes
         return (self.llm.weight_bytes_read(n_tokens, self.expert_parallel_size)
-                / self.tensor_parallel_size)
+                / self.tensor_parallel_size * self.stage_share)
 
     def floor_s(self, n_tokens=1.0):
         """Shortest forward pass over ``n_tokens`` tokens, s: ``prefill_floor_s`` or the time
@@ -384,32 +400,68 @@ class RooflineTiming(_TimingBase):
             return self.params.prefill_floor_s
         return weight_bytes / self._bytes_per_s
 
+    @cached_property
+    def tp_link(self) -> Link:
+        """The link the tensor-parallel all-reduces run over (:func:`collective_link`)."""
+        return collective_link(self.gpu, self.tensor_parallel_size)
+
+    @cached_property
+    def ep_link(self) -> Link:
+        """The link the expert-parallel all-gathers and reduce-scatters run over."""
+        return collective_link(self.gpu, self.expert_parallel_size)
+
+    def _collective_s(self, link: Link, size, volume: float):
+        """One collective moving ``volume × size`` bytes per GPU over ``link``, s."""
+        latency = self.params.allreduce_latency_s
+        latency = link.latency_s if latency is None else latency
+        return latency * link.hops + volume * size / (link.gbps * 1e9
+                                                      * self.params.link_efficiency)
+
+    @cached_property
+    def stage_link(self) -> Link:
+        """The link activations cross between pipeline stages: within a node when the
+        replica's ``TP × PP`` GPUs fit one, else the network."""
+        return collective_link(self.gpu, self.tensor_parallel_size * self.pipeline_parallel_size,
+                               "pipeline-parallel-size")
+
+    def p2p_s(self, n_tokens) -> float:
+        """Sending the hidden states of ``n_tokens`` tokens to the next pipeline stage, s:
+        one hop's latency plus ``n × hidden × bytes / TP`` per GPU over :attr:`stage_link`
+        (each tensor-parallel rank sends its slice; vLLM's ``send_tensor_dict``)."""
+        link = self.stage_link
+        latency = self.params.allreduce_latency_s
+        latency = link.latency_s if latency is None else latency
+        size = (float(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
+                / self.tensor_parallel_size)
+        return latency + size / (link.gbps * 1e9 * self.params.link_efficiency)
+
     def comm_s(self, n_tokens):
         """Collective communication of one pass over ``n_tokens`` tokens, s; linear in ``n``.
 
         * Tensor parallelism: two ring all-reduces per layer (after attention and after the
-          MLP; Shoeybi et al. 2019, Megatron-LM) of ``n × hidden × bytes``, each ``latency +
-          2·(TP − 1)/TP × bytes / (link × η)``.
+          MLP; Shoeybi et al. 2019, Megatron-LM) of ``n × hidden × bytes``, each ``hops ×
+          latency + 2·(TP − 1)/TP × bytes / (link × η)`` over :attr:`tp_link`.
         * Expert parallelism over ``EP`` GPUs: per expert layer an all-gather of the hidden
           states of all ranks' tokens and a reduce-scatter of the expert outputs (vLLM's
-          default ``allgather_reducescatter`` all-to-all backend), each ``latency + (EP − 1) ×
-          n × hidden × bytes / (link × η)`` with balanced ranks.
+          default ``allgather_reducescatter`` all-to-all backend), each ``hops × latency +
+          (EP − 1) × n × hidden × bytes / (link × η)`` with balanced ranks, over
+          :attr:`ep_link`.
 
-        0 without either. ``link`` is the GPU's ``interconnect_gbps``, ``η``
-        ``link_efficiency``, the latency ``allreduce_latency_s``.
+        0 without either. ``η`` is ``link_efficiency``, the latency ``allreduce_latency_s``
+        or the link's own (:data:`LINK_LATENCY_S`).
         """
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
         if tp == 1 and ep == 1:
             return 0.0
-        link = self.gpu.interconnect_gbps * 1e9 * self.params.link_efficiency
         size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
-        latency = self.params.allreduce_latency_s
         total = 0.0
+        layers = self.llm.n_layers * self.stage_share
         if tp > 1:
-            total = total + 2.0 * self.llm.n_layers * (latency + 2.0 * (tp - 1) / tp * size
-                                                       / link)
+            total = total + 2.0 * layers * self._collective_s(
+                self.tp_link, size, 2.0 * (tp - 1) / tp)
         if ep > 1:
-            total = total + 2.0 * self.llm.n_layers * (latency + (ep - 1) * size / link)
+            total = total + 2.0 * layers * self._collective_s(
+                self.ep_link, size, ep - 1.0)
         return total
 
     def forward_compute_s(self, n_new, n_cached=0) -> np.ndarray:
@@ -677,6 +729,75 @@ def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
         compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
+LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 7e-6, "network": 2e-5}
+"""Fixed time of one collective step per kind of link, s (small-message all-reduces measured
+with nccl-tests):
+
+* ``NVLink``: 6 µs for 2 H100 SXM over NVLink SHARP (NVIDIA/nccl issue 1259); an NVSwitch
+  reaches every GPU in one hop, so it does not grow with the GPUs.
+* ``PCIe``: per ring hop; 8.3–12 µs for 2 PCIe GPUs (flashinfer PR 5023, NCCL column;
+  tinygrad/open-gpu-kernel-modules issue 17, 2 × RTX 4090), 42–54 µs for 8 (NVIDIA/nccl
+  issues 1530, 8 × RTX 4090, and 1439, 8 × RTX 3090): 7 µs × (GPUs − 1) is within about 20 % of
+  both.
+* ``network``: 19.9 µs for one A100 in each of two nodes over HDR InfiniBand (NVIDIA/nccl-tests
+  issue 150), per node hop."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """The link one collective runs over.
+
+    Attributes
+    ----------
+    kind : str
+        ``NVLink``, ``PCIe`` or ``network`` (a key of :data:`LINK_LATENCY_S`).
+    name : str
+        As the GPU library names it (``NVLink 4``, ``PCIe 5.0 x16``, ``network``).
+    gbps : float
+        Bandwidth per GPU and direction, GB/s.
+    hops : int
+        Latency steps of one collective: 1 over an NVSwitch, GPUs − 1 around a PCIe ring,
+        nodes − 1 across the network.
+    """
+
+    kind: str
+    name: str
+    gbps: float
+    hops: int
+
+    @property
+    def latency_s(self) -> float:
+        """Measured time of one collective step over this kind of link, s."""
+        return LINK_LATENCY_S[self.kind]
+
+
+def collective_link(gpu: GPUSpec, n_gpus: int, field: str = "tensor-parallel-size") -> Link:
+    """The link a collective over ``n_gpus`` GPUs runs over, chosen by the node's topology.
+
+    Within one node (``n_gpus <= gpus_per_node``, or no node size known) it is the GPU's
+    interconnect (``interconnect_gbps``): NVLink when its name says so, else PCIe. Past one
+    node, the ring's slowest hop is the network (``network_gbps`` per GPU), crossed ``nodes −
+    1`` times.
+
+    Raises
+    ------
+    InputError
+        When the GPU entry lacks the bandwidth of the link the layout needs.
+    """
+    per_node = gpu.gpus_per_node
+    if per_node is not None and n_gpus > per_node:
+        if gpu.network_gbps is None:
+            raise InputError(f"{n_gpus} GPUs span nodes of {per_node}, and the {gpu.name} entry "
+                             "has no network_gbps for the link between them", field=field)
+        return Link("network", "network", gpu.network_gbps, -(-n_gpus // per_node) - 1)
+    if gpu.interconnect_gbps is None:
+        raise InputError(f"the {gpu.name} entry has no interconnect_gbps for collectives over "
+                         f"{n_gpus} GPUs", field=field)
+    kind = "NVLink" if gpu.interconnect.startswith("NVLink") else "PCIe"
+    return Link(kind, gpu.interconnect or kind, gpu.interconnect_gbps,
+                1 if kind == "NVLink" else n_gpus - 1)
+
+
 def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> float:
     """KV-cache bytes per token on one tensor-parallel rank: eq. 4.1 (GQA-aware) with
     ``n_kv_heads / TP`` heads, or one replicated head when ``TP > n_kv_heads`` (vLLM)."""
@@ -685,7 +806,7 @@ def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> 
 
 
 def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
-                   expert_parallel_size: int = 1) -> None:
+                   expert_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
     """Reject a parallel layout vLLM would refuse, or one the GPU has no link for.
 
     Raises
@@ -693,18 +814,26 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
     InputError
         When ``n_heads`` is not divisible by TP, KV heads neither divide nor are a multiple of
         it, expert parallelism is asked of a dense model or does not divide the experts, or
-        the GPU entry has no ``interconnect_gbps``.
+        the GPU entry lacks the link a collective needs (:func:`collective_link`), or
+        pipeline stages outnumber the layers or meet expert parallelism (not modelled).
     """
-    tp, ep = tensor_parallel_size, expert_parallel_size
+    tp, ep, pp = tensor_parallel_size, expert_parallel_size, pipeline_parallel_size
     if tp < 1 or ep < 1:
         raise InputError(f"must be >= 1, got {min(tp, ep)}", field="tensor-parallel-size")
+    if not 1 <= pp <= llm.n_layers:
+        raise InputError(f"{pp} pipeline stages for {llm.name}'s {llm.n_layers} layers; "
+                         "every stage needs a layer", field="pipeline-parallel-size")
+    if pp > 1 and ep > 1:
+        raise InputError("pipeline parallelism with expert parallelism is not modelled",
+                         field="pipeline-parallel-size")
+    if pp > 1:
+        collective_link(gpu, tp * pp, "pipeline-parallel-size")
     if ep > 1 and (not llm.n_experts or llm.n_experts % ep):
         raise InputError(f"expert parallelism over {ep} GPUs needs a mixture of experts whose "
                          f"experts they divide ({llm.name} has {llm.n_experts})",
                          field="enable-expert-parallel")
-    if ep > 1 and gpu.interconnect_gbps is None:
-        raise InputError(f"the {gpu.name} entry has no interconnect_gbps for expert-parallel "
-                         "traffic", field="enable-expert-parallel")
+    if ep > 1:
+        collective_link(gpu, ep, "enable-expert-parallel")
     if tp == 1:
         return
     kv = llm.n_kv_heads
@@ -712,14 +841,13 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
         raise InputError(f"{llm.name} has {llm.n_heads} attention and {kv} KV heads, which "
                          f"{tp} ranks cannot split (vLLM requires divisibility)",
                          field="tensor-parallel-size")
-    if gpu.interconnect_gbps is None:
-        raise InputError(f"the {gpu.name} entry has no interconnect_gbps for tensor-parallel "
-                         "all-reduces", field="tensor-parallel-size")
+    collective_link(gpu, tp)
 
 
 def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | None = None,
                 kv_cache: bool = True, tensor_parallel_size: int = 1,
-                expert_parallel_size: int = 1) -> ThesisTiming | RooflineTiming:
+                expert_parallel_size: int = 1,
+                pipeline_parallel_size: int = 1) -> ThesisTiming | RooflineTiming:
     """Build the timing model called ``name`` (``thesis`` or ``roofline``), with ``params``
     or :func:`default_params`.
 
@@ -737,19 +865,23 @@ def make_timing(name: str, llm: LLMSpec, gpu: GPUSpec, params: TimingParams | No
     except KeyError:
         raise ValueError(f"unknown timing model '{name}'; known: {', '.join(TIMING_MODELS)}"
                          ) from None
-    if name == "thesis" and (tensor_parallel_size != 1 or llm.n_experts):
+    if name == "thesis" and (tensor_parallel_size != 1 or pipeline_parallel_size != 1
+                             or llm.n_experts):
         raise InputError("the thesis timing model (eqs. 4.2-4.6) has one GPU and dense "
-                         "weights; use --timing-model roofline for tensor parallelism or a "
-                         "mixture of experts", field="timing-model")
+                         "weights; use --timing-model roofline for tensor or pipeline "
+                         "parallelism or a mixture of experts", field="timing-model")
     if name == "thesis" and params is not None and params.compute_half_tokens:
         raise InputError("the thesis timing model (eq. 4.2) has one compute efficiency at "
                          "every size; compute_half_tokens needs --timing-model roofline",
                          field="compute_half_tokens")
-    if (llm.n_experts or tensor_parallel_size > 1) and not kv_cache:
-        raise InputError("a mixture of experts or tensor parallelism without the KV cache is "
-                         "not modelled", field="kv-cache")
-    check_parallel(llm, gpu, tensor_parallel_size, expert_parallel_size)
+    if (llm.n_experts or tensor_parallel_size > 1 or pipeline_parallel_size > 1
+            ) and not kv_cache:
+        raise InputError("a mixture of experts or tensor or pipeline parallelism without the "
+                         "KV cache is not modelled", field="kv-cache")
+    check_parallel(llm, gpu, tensor_parallel_size, expert_parallel_size,
+                   pipeline_parallel_size)
     return cls(llm=llm, gpu=gpu, params=params or default_params(name, gpu),
                kv_cache=kv_cache,
                tensor_parallel_size=tensor_parallel_size,
-               expert_parallel_size=expert_parallel_size)
+               expert_parallel_size=expert_parallel_size,
+               pipeline_parallel_size=pipeline_parallel_size)

@@ -35,8 +35,9 @@ class EngineConfig:
         GPUs per replica that split every layer (vLLM's ``--tensor-parallel-size``): weights,
         heads and KV heads divided across them, two all-reduces per layer.
     pipeline_parallel_size : int
-        Pipeline stages per replica (vLLM's ``--pipeline-parallel-size``); only 1 is modelled
-        so far, larger values are rejected.
+        Pipeline stages per replica (vLLM's ``--pipeline-parallel-size``): the layers split
+        over ``PP`` groups of ``TP`` GPUs, up to ``PP`` batches in flight
+        (:mod:`kavier.sim.engine`). A replica is ``TP × PP`` GPUs.
     enable_expert_parallel : bool
         Split a mixture of experts' experts over all ``replicas × tensor_parallel_size`` GPUs
         (vLLM's ``--enable-expert-parallel`` with data parallelism: the replicas are its
@@ -71,9 +72,11 @@ class EngineConfig:
         choices=ROUTERS))
     tensor_parallel_size: int = field(default=1, metadata=_help(
         "GPUs per replica splitting every layer (weights, heads, KV heads; two all-reduces "
-        "per layer over the GPU's interconnect).", min=1))
+        "per layer over the GPU's interconnect, or the network past one node of the GPU "
+        "library's gpus_per_node).", min=1))
     pipeline_parallel_size: int = field(default=1, metadata=_help(
-        "Pipeline stages per replica (only 1 is modelled so far).", min=1))
+        "Pipeline stages per replica: the layers split over PP groups of TP GPUs, up to PP "
+        "batches in flight (a replica is TP × PP GPUs).", min=1))
     enable_expert_parallel: bool = field(default=False, metadata=_help(
         "Split the experts of a mixture of experts over all replicas × TP GPUs (vLLM's "
         "data + expert parallelism; the replicas are the data-parallel ranks)."))
@@ -100,8 +103,8 @@ class EngineConfig:
         "(trace arrival times ignored)."))
 
     def __post_init__(self):
-        if self.pipeline_parallel_size != 1:
-            raise InputError("pipeline parallelism is not modelled yet; only 1 stage",
+        if self.pipeline_parallel_size > 1 and self.enable_expert_parallel:
+            raise InputError("pipeline parallelism with expert parallelism is not modelled",
                              field="pipeline-parallel-size")
         if self.router not in ROUTERS:
             raise InputError(f"unknown router {self.router!r}; known: {', '.join(ROUTERS)}",
@@ -135,7 +138,7 @@ def flag(name: str) -> str:
 def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
                    gpu_memory_utilization: float = 0.9,
                    activation_reserve_gib: float = 0.0, tensor_parallel_size: int = 1,
-                   expert_parallel_size: int = 1) -> int:
+                   expert_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> int:
     """Blocks of KV cache that fit next to the weights, sized the way vLLM sizes its pool.
 
     ``floor((memory × utilization − weights / TP − activation reserve) / (block_size × KV
@@ -145,19 +148,24 @@ def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
     count of blocks for the replica). Llama-3.1-70B on 4 × A100-80GB at 0.9: (72 GiB −
     32.9 GiB) / (16 × 80 KiB) = 32,029 blocks, 512 k tokens. With expert parallelism a GPU
     holds the shared weights and ``E / EP`` experts (:meth:`LLMSpec.resident_weight_bytes`).
+    With ``PP`` pipeline stages a GPU holds the weights and the KV of its stage's layers,
+    ``ceil(L / PP) / L`` of them on the largest stage (vLLM sizes the pool by the tightest
+    worker), so both terms shrink by that share.
 
     Raises
     ------
     InputError
         When the weights and the reserve alone do not fit, or not one block does.
     """
-    weights = llm.resident_weight_bytes(expert_parallel_size) / tensor_parallel_size
+    share = -(-llm.n_layers // pipeline_parallel_size) / llm.n_layers
+    weights = llm.resident_weight_bytes(expert_parallel_size) / tensor_parallel_size * share
     free = gpu.memory_bytes * gpu_memory_utilization - weights - activation_reserve_gib * 2**30
-    per_token = kv_bytes_per_token_per_rank(llm, tensor_parallel_size)
+    per_token = kv_bytes_per_token_per_rank(llm, tensor_parallel_size) * share
     blocks = int(free // (block_size * per_token)) if free > 0 else 0
     if blocks < 1:
-        on = (f" per GPU with tensor parallel size {tensor_parallel_size}"
-              if tensor_parallel_size > 1 else "")
+        on = (f" per GPU with tensor × pipeline parallel size {tensor_parallel_size} × "
+              f"{pipeline_parallel_size}"
+              if tensor_parallel_size * pipeline_parallel_size > 1 else "")
         raise InputError(f"{llm.name} weights ({weights / 2**30:.1f} GiB{on}) and "
                          f"{activation_reserve_gib:g} GiB of activations leave no KV block in "
                          f"{gpu_memory_utilization:.0%} of the {gpu.name}'s "

@@ -32,6 +32,18 @@ meanwhile (vLLM's ``execute_dummy_batch``), and a request reaching an idle rank 
 others step waits for the next common step boundary. Each step of the group lasts the longest
 of its ranks' steps (``vllm/v1/engine/core.py``, ``DPEngineCoreProc``).
 
+Pipeline parallelism (``pipeline_parallel_size`` PP > 1): a replica is PP stages of TP GPUs
+and keeps up to PP batches in flight (vLLM V1's batch queue, ``step_with_batch_queue``). When
+the queue has room the scheduler builds another batch at once from the requests not in
+flight — a decoding request waits for its token, a prompt's next chunk may follow the last —
+and computed tokens advance at scheduling, as vLLM's do; otherwise the engine waits for the
+oldest batch (an arrival meanwhile is scheduled when it returns). A batch passes the stages in
+order, each taking the batch's stage time (:meth:`RooflineTiming.step_costs` of one stage's
+layers), with :meth:`RooflineTiming.p2p_s` between them, and enters a stage when the batch
+before it has left it: bubbles appear when batches differ in size or the queue runs dry. The
+timeline has one row per batch and stage (GPU group ``replica × PP + stage``). Requests in
+flight are neither preempted nor timed out until their batch returns.
+
 Speed: once a step holds only decode tokens and nothing can be admitted, the batch stays the
 same until a request finishes, a block runs short, an arrival may be admitted or a client
 times out; that run of steps is computed at once
@@ -64,6 +76,8 @@ class _Replica:
         self.exact = exact
         self.busy_until: float | None = None
         self.step: list | None = None
+        self.flight: deque[list] = deque()       # pipeline parallelism: batches in flight
+        self.stage_free: list[float] = []        # when each stage's last batch leaves it
 
 
 class SteppedEngine:
@@ -93,6 +107,7 @@ class SteppedEngine:
         self.exact_policy = prefix is not None and not self.blocks_policy
         self.front_end_s = timing.params.request_overhead_s
         self.lockstep = config.enable_expert_parallel and config.replicas > 1
+        self.pp = config.pipeline_parallel_size
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -113,8 +128,12 @@ class SteppedEngine:
                 self._arrive(self.order[self.next_arrival], ready)
             elif busy:
                 replica = self.replicas[next_step[1]]
-                self._finish_step(replica)
-                self._start_step(replica, next_step[0])
+                if self.pp > 1:
+                    self._finish_batch(replica)
+                    self._fill(replica, next_step[0])
+                else:
+                    self._finish_step(replica)
+                    self._start_step(replica, next_step[0])
             else:
                 break
         self.timeline.flush()
@@ -187,6 +206,9 @@ class SteppedEngine:
             exact = [self.prefix] + [PrefixCache(self.prefix.config, self.prefix.content,
                                                  sessions) for _ in range(cfg.replicas - 1)]
         self.replicas = [_Replica(k, self.num_blocks, exact[k]) for k in range(cfg.replicas)]
+        self.inflight = np.zeros(n, np.int64)   # tokens in batches in flight (PP > 1)
+        for replica in self.replicas:
+            replica.stage_free = [0.0] * self.pp
         first_block = None
         if self.prefix is not None:
             content, size = self.prefix.content, self.block_size
@@ -230,8 +252,11 @@ class SteppedEngine:
             if replica.busy_until is None:       # the whole group is idle
                 self._start_group(now)
         elif replica.busy_until is None:
-            self._start_step(replica, now)
-        elif len(replica.running) < self.config.max_num_seqs:
+            if self.pp > 1:
+                self._fill(replica, now)
+            else:
+                self._start_step(replica, now)
+        elif self.pp == 1 and len(replica.running) < self.config.max_num_seqs:
             self._interrupt(replica, now)
 
     def _done(self, i: int, now: float) -> None:
@@ -304,7 +329,8 @@ class SteppedEngine:
 
     def _schedule(self, replica: _Replica, now: float) -> list[tuple[int, int, bool]]:
         if self.config.request_timeout_s is not None:
-            for i in [i for i in replica.running if self.deadline[i] <= now]:
+            for i in [i for i in replica.running
+                      if self.deadline[i] <= now and not self.inflight[i]]:
                 self._abort(replica, i, now)
         budget = self.config.max_num_batched_tokens
         batch = self._schedule_running_fast(replica)
@@ -320,7 +346,10 @@ class SteppedEngine:
 
     def _wanted(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         decoding = self.computed[ids] >= self.prompt[ids]
-        return decoding, np.where(decoding, 1, self.prompt[ids] - self.computed[ids])
+        wanted = np.where(decoding, 1, self.prompt[ids] - self.computed[ids])
+        if self.pp > 1:                         # a decode in flight waits for its token
+            wanted = np.where(decoding & (self.inflight[ids] > 0), 0, wanted)
+        return decoding, wanted
 
     def _schedule_running_fast(self, replica: _Replica) -> list | None:
         """The running requests' work, vectorized; None when the pool cannot hold it."""
@@ -348,16 +377,29 @@ class SteppedEngine:
             if budget == 0 or i not in replica.running:
                 continue
             decoding = self.computed[i] >= self.prompt[i]
+            if decoding and self.inflight[i]:
+                continue
             new = 1 if decoding else min(self.prompt[i] - self.computed[i], budget)
             while (self._blocks_for(i, new) - self.blocks[i] > replica.pool.free
                    and i in replica.running):
-                self._preempt(replica, replica.running[-1])       # the newest goes first
-            if i not in replica.running:
+                victim = self._victim(replica)
+                if victim is None:
+                    break
+                self._preempt(replica, victim)
+            if i not in replica.running or (self._blocks_for(i, new) - self.blocks[i]
+                                            > replica.pool.free):
                 continue
             self._allocate(replica, np.array([i]), new)
             budget -= new
             batch.append((i, int(new), bool(decoding)))
         return batch, budget
+
+    def _victim(self, replica: _Replica) -> int | None:
+        """The request a block shortage preempts: the newest running one, or with batches in
+        flight the newest not in one (None when every running request is)."""
+        if self.pp == 1:
+            return replica.running[-1]
+        return next((i for i in reversed(replica.running) if not self.inflight[i]), None)
 
     def _lookup(self, replica: _Replica, i: int) -> tuple[int, int, list[int]]:
         """Prefix hit of waiting request ``i``: (tokens, blocks taken from the free ones,
@@ -494,17 +536,71 @@ class SteppedEngine:
             if self.blocks_policy:
                 self._register(replica, ids[~decoding])
             tokens = ids[self.computed[ids] >= self.prompt[ids]]
-            had = tokens[self.generated[tokens] > 0]
-            self.itl.add(end - self.last[had])
-            self.first[tokens[self.generated[tokens] == 0]] = end
-            self.generated[tokens] += 1
-            self.last[tokens] = end
+            self._next_tokens(tokens, end)
+        self._leave_if_done(replica, tokens, end)
+        replica.busy_until = None
+
+    def _next_tokens(self, tokens: np.ndarray, end: float) -> None:
+        """Requests ``tokens`` get one output token at ``end`` (the first: TTFT)."""
+        had = tokens[self.generated[tokens] > 0]
+        self.itl.add(end - self.last[had])
+        self.first[tokens[self.generated[tokens] == 0]] = end
+        self.generated[tokens] += 1
+        self.last[tokens] = end
+
+    def _leave_if_done(self, replica: _Replica, tokens: np.ndarray, end: float) -> None:
         done = tokens[self.generated[tokens] >= self.n_out[tokens]]
         self.end[done] = end
         for i in done.tolist():
             replica.running.remove(i)
             self._release(replica, i)
             self._done(i, end)
+
+    # --- pipeline parallelism ---------------------------------------------------------------
+
+    def _fill(self, replica: _Replica, now: float) -> None:
+        """Schedule batches while the pipeline has room and there is work (module
+        docstring)."""
+        while len(replica.flight) < self.pp:
+            batch = self._schedule(replica, now)
+            if not batch:
+                break
+            self._start_batch(replica, batch, now)
+        replica.busy_until = replica.flight[0][-1] if replica.flight else None
+
+    def _start_batch(self, replica: _Replica, batch: list, now: float) -> None:
+        """Put ``batch`` into the pipeline: computed tokens advance now; each stage takes it
+        when the batch before has left, after the activations' hop from the stage before."""
+        ids = np.array([b[0] for b in batch], np.int64)
+        new = np.array([b[1] for b in batch], np.int64)
+        decoding = np.array([b[2] for b in batch])
+        self._allocate(replica, ids, new)
+        costs = self.timing.step_costs(new, self.computed[ids], int(decoding.sum()))
+        emits = self.computed[ids] + new >= self.prompt[ids]
+        self.computed[ids] += new
+        self.inflight[ids] += new
+        stage, hop = float(costs.duration_s), float(self.timing.p2p_s(new.sum()))
+        starts, t = [], now - hop
+        for s in range(self.pp):
+            start = max(t + hop, replica.stage_free[s])
+            starts.append(start)
+            t = replica.stage_free[s] = start + stage
+        replica.flight.append([starts, stage, ids, new, decoding, costs, emits, t])
+
+    def _finish_batch(self, replica: _Replica) -> None:
+        """The oldest batch leaves the last stage: its stages' intervals go to the timeline,
+        and its requests get their tokens."""
+        starts, stage, ids, new, decoding, costs, emits, end = replica.flight.popleft()
+        prefill, decode = int(new[~decoding].sum()), int(decoding.sum())
+        for s, start in enumerate(starts):
+            self.timeline.add(replica.index * self.pp + s, start, stage, 1, ids.size, prefill,
+                              decode, replica.pool.used, costs)
+        self.inflight[ids] -= new
+        if self.blocks_policy:
+            self._register(replica, ids[~decoding])
+        tokens = ids[emits]
+        self._next_tokens(tokens, end)
+        self._leave_if_done(replica, tokens, end)
         replica.busy_until = None
 
     # --- results ----------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def pool_blocks(timing, config: EngineConfig, block_size: int) -> int:
         return config.num_gpu_blocks
     return kv_pool_blocks(timing.llm, timing.gpu, block_size, config.gpu_memory_utilization,
                           config.activation_reserve_gib, config.tensor_parallel_size,
-                          config.expert_parallel_size)
+                          config.expert_parallel_size, config.pipeline_parallel_size)
 
 
 def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
@@ -113,6 +113,10 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         raise ValueError(f"tensor parallel size differs: timing {tp}, config "
                          f"{config.tensor_parallel_size}, sustainability "
                          f"{sustainability.gpus_per_replica}")
+    if getattr(timing, "pipeline_parallel_size", 1) != config.pipeline_parallel_size:
+        raise ValueError(f"pipeline parallel size differs: timing "
+                         f"{timing.pipeline_parallel_size}, config "
+                         f"{config.pipeline_parallel_size}")
     if getattr(timing, "expert_parallel_size", 1) != config.expert_parallel_size:
         raise ValueError(f"expert parallel size differs: timing {timing.expert_parallel_size}"
                          f", config {config.expert_parallel_size}")
@@ -131,7 +135,8 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     arrival = column(table, "arrival_s", np.float64) if has_arrivals else np.zeros(n_in.size)
     sessions = table.column("session_id") if "session_id" in table.column_names else None
     summary = Summary(config.replicas, timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
-                      sustainability, slo_ttft_s, slo_tpot_s, config.back_to_back)
+                      sustainability, slo_ttft_s, slo_tpot_s, config.back_to_back,
+                      config.pipeline_parallel_size)
     kv_per_token = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
     load = OfferedLoad(timing, config.max_num_seqs, blocks * block_size, config.replicas)
 

@@ -16,6 +16,9 @@ class Summary:
     Parameters
     ----------
     replicas : int
+    stages : int
+        Pipeline stages per replica: the timeline's ``replica`` column counts GPU groups,
+        ``replicas × stages`` of them, each ``gpus_per_replica`` GPUs.
     peak_flops_per_s, peak_bytes_per_s : float
         Of one GPU, for the run's MFU and MBU.
     sustainability : Sustainability
@@ -28,8 +31,10 @@ class Summary:
 
     def __init__(self, replicas: int, peak_flops_per_s: float, peak_bytes_per_s: float,
                  sustainability, slo_ttft_s: float | None = None,
-                 slo_tpot_s: float | None = None, closed_loop: bool = False) -> None:
+                 slo_tpot_s: float | None = None, closed_loop: bool = False,
+                 stages: int = 1) -> None:
         self.replicas, self.sus, self.closed_loop = replicas, sustainability, closed_loop
+        self.groups = replicas * stages
         self.peak_flops_per_s, self.peak_bytes_per_s = peak_flops_per_s, peak_bytes_per_s
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
         self.counts = dict.fromkeys(("n_requests", "n_finished", "n_failed", "n_input_tokens",
@@ -39,7 +44,7 @@ class Summary:
         self.first_arrival, self.last_arrival, self.last_end = np.inf, -np.inf, 0.0
         self._queues: list[tuple[np.ndarray, np.ndarray]] = []
         self.sketches = {m: QuantileSketch() for m in ("ttft_s", "tpot_s", "e2e_s")}
-        self.busy_s = np.zeros(replicas)
+        self.busy_s = np.zeros(self.groups)
         self.seconds = dict.fromkeys(("prefill", "decode"), 0.0)
         self.work = dict.fromkeys(("flops", "dram_bytes", "comm_s", "energy_busy_j",
                                    "co2_busy_g", "busy_ci_s"), 0.0)
@@ -86,7 +91,7 @@ class Summary:
         power (:meth:`Sustainability.intervals`) for the writers."""
         get = {name: to_numpy(b.column(name)) for name in b.schema.names}
         duration = get["duration_s"]
-        self.busy_s += np.bincount(get["replica"], duration, minlength=self.replicas)
+        self.busy_s += np.bincount(get["replica"], duration, minlength=self.groups)
         pre, dec = get["prefill_tokens"], get["decode_tokens"]
         with np.errstate(divide="ignore", invalid="ignore"):
             share = np.where(pre + dec > 0, pre / (pre + dec), 0.0)
@@ -116,12 +121,12 @@ class Summary:
         out = {
             **{k: c[k] for k in ("n_requests", "n_finished", "n_failed", "n_input_tokens",
                                  "n_output_tokens", "n_cached_tokens", "preemptions")},
-            "replicas": self.replicas, "gpus": self.replicas * gpus,
+            "replicas": self.replicas, "gpus": self.groups * gpus,
             "makespan_s": makespan, "timeline_s": end,
             "gpu_hours": gpus * busy / 3600.0,
             "prefill_gpu_hours": gpus * self.seconds["prefill"] / 3600.0,
             "decode_gpu_hours": gpus * self.seconds["decode"] / 3600.0,
-            "provisioned_gpu_hours": gpus * self.replicas * end / 3600.0,
+            "provisioned_gpu_hours": gpus * self.groups * end / 3600.0,
             "output_throughput_tok_s": c["n_output_tokens"] / makespan if makespan > 0
             else None,
             "total_throughput_tok_s": (c["n_input_tokens"] + c["n_output_tokens"]) / makespan
@@ -159,18 +164,18 @@ class Summary:
 
     def _energy(self, end: float, busy: float) -> dict:
         sus, w = self.sus, self.work
-        idle_s = self.replicas * end - busy
+        idle_s = self.groups * end - busy
         idle_j = sus.idle_w() * idle_s
         gpu_j = w["energy_busy_j"] + idle_j
         out = {**sus.to_dict(), "energy_busy_wh": w["energy_busy_j"] / 3600.0,
                "energy_idle_wh": idle_j / 3600.0, "energy_gpu_wh": gpu_j / 3600.0,
                "energy_gpu_j": gpu_j, "energy_facility_wh": gpu_j * sus.pue / 3600.0,
-               "mean_power_w": gpu_j / (self.replicas * sus.gpus_per_replica * end)
+               "mean_power_w": gpu_j / (self.groups * sus.gpus_per_replica * end)
                if end > 0 else None}
         if sus.carbon is not None:
             if end > 0:
                 sus.carbon.check_covers(0.0, end)
-            idle_ci = self.replicas * float(sus.carbon.integral(0.0, end)) - w["busy_ci_s"]
+            idle_ci = self.groups * float(sus.carbon.integral(0.0, end)) - w["busy_ci_s"]
             idle_co2 = float(sus.co2_of(sus.idle_w(), idle_ci))
             out["co2_g"] = w["co2_busy_g"] + idle_co2
             out["co2_idle_g"] = idle_co2

@@ -201,6 +201,13 @@ class GPUSpec:
     interconnect_gbps : float or None
         Its bandwidth per GPU and direction, GB/s (the figure a ring all-reduce's bus
         bandwidth is measured against); None when unknown (no tensor parallelism then).
+    gpus_per_node : int or None
+        GPUs in one node of the board's reference server (8 on an HGX/DGX board); a
+        collective over more GPUs crosses nodes and runs over the network. None: no node
+        size is known, and every layout is taken to fit one node.
+    network_gbps : float or None
+        Inter-node bandwidth per GPU and direction, GB/s (the reference server's NICs
+        divided over its GPUs); None when unknown (no layout across nodes then).
     aliases : tuple of str
         Other names the entry answers to: the names ``nvidia-smi --query-gpu=name`` prints.
     """
@@ -216,6 +223,8 @@ class GPUSpec:
     gemm_tflops: float | None = None
     interconnect: str = ""
     interconnect_gbps: float | None = None
+    gpus_per_node: int | None = None
+    network_gbps: float | None = None
     source: str = ""
     aliases: tuple[str, ...] = ()
 
