@@ -88,7 +88,10 @@ def _offered_load_row(summary: dict) -> list[tuple[str, str]]:
            else "one request at a time")
     verdict = ("more than the replicas can serve: the queue grows while requests arrive"
                if rho >= 1 else "within capacity")
-    return [("offered load", f"{rho:.2f} — {summary['service_demand_s'] / 3600:.3g} GPU-hours "
+    per_replica = summary["gpus"] // summary["replicas"]
+    unit = ("GPU-hours" if per_replica == 1
+            else f"replica-hours ({per_replica} GPUs each)")
+    return [("offered load", f"{rho:.2f} — {summary['service_demand_s'] / 3600:.3g} {unit} "
              f"of work {how} arriving over {summary['arrival_span_s'] / 3600:.3g} h on "
              f"{summary['replicas']} replica(s); {verdict}")]
 

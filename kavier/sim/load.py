@@ -19,7 +19,9 @@ from the simulated schedule, which stretches with the queue):
 ``ρ < 1`` leaves headroom; ``ρ ≥ 1`` means no schedule keeps up and the queue grows for as long
 as the arrivals last. The batching figure is a lower bound on the GPU time needed (per-step
 overheads of smaller batches and preemptions come on top), so queues can build a little below
-``ρ = 1``.
+``ρ = 1``. With pipeline parallelism the timing's costs are one stage's, so the demand is what
+a replica needs with every stage busy; bubbles between unequal batches come on top, and queues
+can build well below ``ρ = 1`` (docs/models.md, "Pipeline parallelism").
 """
 
 from __future__ import annotations
