@@ -113,12 +113,33 @@ class Replay:
                 pa.Table.from_batches(steps) if steps else None)
 
 
+ASYNC_SCHEDULING_SINCE = (0, 14)
+"""The vLLM release that made async scheduling its default (v0.14.0, January 2026: the vLLM
+roadmap's "async scheduling on by default", PR 27614; PR 31998 extended it to speculative
+decoding)."""
+
+
+def async_scheduling(engine: dict) -> bool:
+    """Whether the run's engine scheduled one step ahead: its recorded ``async_scheduling``,
+    else vLLM's default for its ``version`` (on from :data:`ASYNC_SCHEDULING_SINCE`; off for
+    another engine or an unknown version)."""
+    if engine.get("async_scheduling") is not None:
+        return bool(engine["async_scheduling"])
+    if str(engine.get("name", "vLLM")).lower() != "vllm":
+        return False
+    try:
+        version = tuple(int(p) for p in str(engine.get("version")).split(".")[:2])
+    except ValueError:
+        return False
+    return version >= ASYNC_SCHEDULING_SINCE
+
+
 def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     """Set ``run`` up for the simulation core with the library's LLM and GPU entries and
     ``params`` (default :func:`~kavier.models.timing.default_params`).
 
-    The run's tensor- and pipeline-parallel sizes become the replica's, its data-parallel size
-    the number
+    The run's tensor- and pipeline-parallel sizes become the replica's, its scheduling mode
+    :func:`async_scheduling`'s, its data-parallel size the number
     of replicas (least-outstanding routing, as vLLM's internal data-parallel load balancer),
     and expert parallelism splits the experts over all of their GPUs.
 
@@ -135,6 +156,7 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,
                           tensor_parallel_size=engine["tensor_parallel_size"],
                           pipeline_parallel_size=engine.get("pipeline_parallel_size") or 1,
+                          async_scheduling=async_scheduling(engine),
                           enable_expert_parallel=bool(engine.get("enable_expert_parallel")),
                           max_num_seqs=engine["max_num_seqs"],
                           max_num_batched_tokens=engine["max_num_batched_tokens"],
@@ -341,12 +363,20 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
         return {"fit": score(true, pred, mask), "heldout": score(true, pred, ~mask),
                 "all": score(true, pred, np.ones(mask.size, bool))}
 
-    simplex = np.vstack([z0] + [z0 + np.eye(len(fit))[i] for i in range(len(fit))])
-    result = minimize(loss, z0, method="Nelder-Mead",
-                      options={"maxfev": max_evaluations, "initial_simplex": simplex,
-                               "xatol": 1e-2, "fatol": 1e-2})
+    # Nelder-Mead, restarted from its best point with a fresh simplex while that still
+    # improves and evaluations remain: a replay's losses jump where a request's admission moves
+    # by a step, and a collapsed simplex stalls on such an edge
+    best_z, best = z0, np.inf
+    while count[0] < max_evaluations:
+        simplex = np.vstack([best_z] + [best_z + np.eye(len(fit))[i] for i in range(len(fit))])
+        result = minimize(loss, best_z, method="Nelder-Mead",
+                          options={"maxfev": max_evaluations - count[0],
+                                   "initial_simplex": simplex, "xatol": 1e-2, "fatol": 1e-2})
+        if result.fun >= best:
+            break
+        best_z, best = result.x, result.fun
     # no better point found: keep the start itself (its coordinates' round trip is inexact)
-    params = params_at(result.x) if result.fun < at_start[0] else start
+    params = params_at(best_z) if best < at_start[0] else start
     on_bound = [p for p in fit if space.on_bound(p, getattr(params, p))]
     return ServingFit(params, tuple(fit), scores(start), scores(params), on_bound, count[0])
 

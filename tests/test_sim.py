@@ -412,3 +412,28 @@ def test_memory_is_bounded_by_the_trace_not_by_one_answers_length(tmp_path, engi
     assert "ITL p50" in out.stdout
     peak_mib = int(out.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mib < 400, peak_mib         # 144 and 212 MiB measured; unbounded 1.7 GB
+
+
+def test_async_scheduling_admits_an_arrival_one_step_later(llama8b, a10):
+    timing = RooflineTiming(llama8b, a10, TimingParams(request_overhead_s=0.0))
+    first = float(timing.step_costs(np.array([2000]), np.zeros(1), 0).duration_s)
+    table = pa.table({"n_input_tokens": [2000, 300], "n_output_tokens": [50, 20],
+                      "arrival_s": [0.0, first / 2]})      # B arrives during A's prefill
+    sync, sync_steps, _ = run(table, timing, EngineConfig())
+    ahead, ahead_steps, _ = run(table, timing, EngineConfig(async_scheduling=True))
+    # A reached an idle engine: scheduled at once either way
+    assert ahead.ttft_s[0] == pytest.approx(sync.ttft_s[0], rel=1e-12)
+    # B missed the scheduling of the step after A's prefill: it joins one step later, after
+    # one decode step of A alone
+    lone_decode = float(timing.decode_run(np.array([2000.0]), 1).duration_s[0])
+    assert ahead.scheduled_s[1] == pytest.approx(sync.scheduled_s[1] + lone_decode, rel=1e-9)
+    # (its prefill step then batches A one token further on: microseconds more)
+    assert ahead.ttft_s[1] == pytest.approx(sync.ttft_s[1] + lone_decode, rel=1e-6)
+    assert ahead.ttft_s[1] > sync.ttft_s[1] + lone_decode
+    assert sync.scheduled_s[1] == pytest.approx(first, rel=1e-12)
+    # running requests lose nothing: every step is back to back
+    for steps in (sync_steps, ahead_steps):
+        ends = (steps.start_s + steps.duration_s).to_numpy()
+        np.testing.assert_allclose(steps.start_s.to_numpy()[1:], ends[:-1], rtol=1e-12)
+    with pytest.raises(Exception, match="async scheduling with pipeline parallelism"):
+        EngineConfig(async_scheduling=True, pipeline_parallel_size=2)

@@ -94,6 +94,8 @@ CASES = {
     "replicas": (["--replicas", "3"], ["--replicas", "0"]),
     "router": (["--replicas", "3", "--router", "round-robin"], ["--router", "round-robin"]),
     "max_num_seqs": (["--max-num-seqs", "2"], ["--max-num-seqs", "0"]),
+    "async_scheduling": (["--async-scheduling", "--poisson-rate", "20"],
+                         ["--async-scheduling", "--pipeline-parallel-size", "2"]),
     "max_num_batched_tokens": (["--max-num-batched-tokens", "256"], None),
     "chunked_prefill": (["--max-num-batched-tokens", "256", "--no-chunked-prefill"], None),
     "num_gpu_blocks": (["--num-gpu-blocks", "300"], ["--num-gpu-blocks", "10"]),

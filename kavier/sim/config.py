@@ -42,6 +42,11 @@ class EngineConfig:
         Split a mixture of experts' experts over all ``replicas × tensor_parallel_size`` GPUs
         (vLLM's ``--enable-expert-parallel`` with data parallelism: the replicas are its
         data-parallel ranks; :attr:`expert_parallel_size`).
+    async_scheduling : bool
+        Schedule one step ahead, as vLLM's ``--async-scheduling`` (on by default since vLLM
+        0.14): each step's batch is built while the step before runs, so a request reaching a
+        busy engine joins the step after the next one, not the next (:mod:`kavier.sim.engine`).
+        Off: vLLM's synchronous scheduler (before 0.14, and the thesis's vLLM 0.9.0).
     max_num_seqs : int
         Requests running at once per replica (vLLM's default 256; 1 is the thesis's
         one-request-at-a-time mode).
@@ -80,6 +85,9 @@ class EngineConfig:
     enable_expert_parallel: bool = field(default=False, metadata=_help(
         "Split the experts of a mixture of experts over all replicas × TP GPUs (vLLM's "
         "data + expert parallelism; the replicas are the data-parallel ranks)."))
+    async_scheduling: bool = field(default=False, metadata=_help(
+        "Schedule one step ahead, as vLLM's --async-scheduling (its default since 0.14): a "
+        "request reaching a busy engine joins the step after the next one."))
     max_num_seqs: int = field(default=256, metadata=_help(
         "Requests running at once per replica (1: the thesis's one-at-a-time mode).", min=1))
     max_num_batched_tokens: int = field(default=8192, metadata=_help(
@@ -103,6 +111,9 @@ class EngineConfig:
         "(trace arrival times ignored)."))
 
     def __post_init__(self):
+        if self.pipeline_parallel_size > 1 and self.async_scheduling:
+            raise InputError("async scheduling with pipeline parallelism is not modelled",
+                             field="async-scheduling")
         if self.pipeline_parallel_size > 1 and self.enable_expert_parallel:
             raise InputError("pipeline parallelism with expert parallelism is not modelled",
                              field="pipeline-parallel-size")

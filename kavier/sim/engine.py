@@ -32,6 +32,13 @@ meanwhile (vLLM's ``execute_dummy_batch``), and a request reaching an idle rank 
 others step waits for the next common step boundary. Each step of the group lasts the longest
 of its ranks' steps (``vllm/v1/engine/core.py``, ``DPEngineCoreProc``).
 
+Async scheduling (``async_scheduling``, vLLM's ``--async-scheduling``, its default since 0.14;
+vLLM PR 19970): the scheduler builds step N+1's batch when step N starts, one step ahead of the
+GPU. A running request loses nothing (its next token is a placeholder), but a request that
+reaches a busy engine during step N missed that scheduling and joins step N+2: admission
+considers only requests that reached the engine before the step that is ending began. An idle
+engine schedules an arrival at once.
+
 Pipeline parallelism (``pipeline_parallel_size`` PP > 1): a replica is PP stages of TP GPUs
 and keeps up to PP batches in flight (vLLM V1's batch queue, ``step_with_batch_queue``). When
 the queue has room the scheduler builds another batch at once from the requests not in
@@ -76,6 +83,8 @@ class _Replica:
         self.exact = exact
         self.busy_until: float | None = None
         self.step: list | None = None
+        self.cutoff = 0.0         # async scheduling: arrivals up to here are seen
+        self.lagged = False       # async scheduling: an arrival waits for the next step
         self.flight: deque[list] = deque()       # pipeline parallelism: batches in flight
         self.stage_free: list[float] = []        # when each stage's last batch leaves it
 
@@ -108,6 +117,7 @@ class SteppedEngine:
         self.front_end_s = timing.params.request_overhead_s
         self.lockstep = config.enable_expert_parallel and config.replicas > 1
         self.pp = config.pipeline_parallel_size
+        self.ahead = config.async_scheduling
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -248,6 +258,9 @@ class SteppedEngine:
                     self._done(i, now)
                     return
         replica.waiting.append(i)
+        if replica.busy_until is None:           # an idle engine schedules at once
+            for r in (self.replicas if self.lockstep else (replica,)):
+                r.cutoff = now
         if self.lockstep:
             if replica.busy_until is None:       # the whole group is idle
                 self._start_group(now)
@@ -414,8 +427,13 @@ class SteppedEngine:
 
     def _admit(self, replica: _Replica, batch: list, budget: int, now: float) -> list:
         cfg = self.config
+        replica.lagged = False
         while replica.waiting and len(replica.running) < cfg.max_num_seqs and budget > 0:
             i = replica.waiting[0]
+            if (self.ahead and not self.admitted[i]
+                    and self.arrival[i] + self.front_end_s > replica.cutoff):
+                replica.lagged = True            # missed this step's scheduling
+                break
             if now >= self.deadline[i]:
                 replica.waiting.popleft()
                 self._fail(i, now)
@@ -482,6 +500,8 @@ class SteppedEngine:
         """Durations of a run of pure-decode steps with this batch (see the module
         docstring); blocks for all of them are allocated now."""
         k = min(int((self.n_out[ids] - self.generated[ids]).min()), MAX_RUN_STEPS)
+        if replica.lagged:                      # a waiting request is seen after one step
+            k = 1
         held = self.blocks[ids]
 
         def blocks_for(steps: int) -> int:
@@ -519,6 +539,7 @@ class SteppedEngine:
         now, durations, ids, new, decoding, costs, run_costs = replica.step
         k = durations.size
         end = now + float(durations.sum())
+        replica.cutoff = end - float(durations[-1])      # the last step's scheduling time
         if costs is None:                         # a decode run: the first k of its steps
             costs = Costs(end - now, *(float(a[:k].sum()) for a in run_costs[1:]))
         self.timeline.add(replica.index, now, end - now, k, ids.size,

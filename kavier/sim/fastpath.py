@@ -207,7 +207,8 @@ def _itl_pieces(n_in: np.ndarray, n_out: np.ndarray, size: int) -> tuple[np.ndar
 
 def eligible(config) -> bool:
     """Whether :class:`FastPath` gives the stepped engine's results for this configuration
-    (one replica of one pipeline stage, one request at a time, no client timeout; any timing
-    model)."""
+    (one replica of one pipeline stage, one request at a time, no client timeout, synchronous
+    scheduling; any timing model)."""
     return (config.replicas == 1 and config.max_num_seqs == 1
-            and config.request_timeout_s is None and config.pipeline_parallel_size == 1)
+            and config.request_timeout_s is None and config.pipeline_parallel_size == 1
+            and not config.async_scheduling)
