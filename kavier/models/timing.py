@@ -700,11 +700,11 @@ the real GPU keeps up).
   4090 and 0.78 on an RTX PRO 6000 Blackwell (0.74–0.85 on data-centre GPUs; ``gemm_tflops``
   in the GPU library, with sources). Serving runs reach a share of that measured rate; the
   bundled vLLM 0.19 runs, fitted by ``kavier calibrate --dataset vllm-serving-…``
-  (docs/calibration.md), give 0.76 (RTX PRO 6000) and 0.90 (RTX 4090). The default is
+  (docs/calibration.md), give 0.76–0.82 (RTX PRO 6000) and 0.90–0.91 (RTX 4090). The default is
   ``compute_efficiency = 0.80 × gemm_share``: one library-wide 0.80 times the board's
   measured share (:attr:`~kavier.models.library.GPUSpec.gemm_share`).
 * **Memory.** Weight streaming 0.85 and KV streaming 0.50 of peak DRAM bandwidth, inside the
-  fitted ranges (weights 0.67–0.89, KV 0.41–0.76); KV below weights on every fit, as paged
+  fitted ranges (weights 0.78–0.93, KV 0.36–0.81); KV below weights on every fit, as paged
   attention gathers scattered blocks. Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth
   in batched decode on an H100.
 
