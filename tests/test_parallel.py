@@ -176,25 +176,33 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
                         enable_expert_parallel=True).expert_parallel_size == 4
 
 
-def _moe_steps(table):
-    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
-    config = EngineConfig(replicas=2, enable_expert_parallel=True, router="round-robin")
-    timing = make_timing("roofline", llm, gpu, PARAMS,
-                         expert_parallel_size=config.expert_parallel_size)
+def _random_requests(seed, n, prompts, outputs, span):
+    rng = np.random.default_rng(seed)
+    return pa.table({"n_input_tokens": rng.integers(*prompts, n),
+                     "n_output_tokens": rng.integers(*outputs, n),
+                     "arrival_s": np.sort(rng.uniform(0, span, n))})
+
+
+def _served(table, timing, config):
+    """(summary, request record, timeline, timing) of one run."""
     requests, steps = [], []
     summary = simulate(table, timing, config, 16, None,
-                       Sustainability(PowerModel.linear_for(gpu)), requests.append,
-                       lambda b, _p: steps.append(b))
+                       Sustainability(PowerModel.linear_for(timing.gpu),
+                                      gpus_per_replica=config.tensor_parallel_size),
+                       requests.append, lambda b, _p: steps.append(b))
     return (summary, pa.concat_tables(requests).to_pandas().sort_values("id"),
             pa.Table.from_batches(steps).to_pandas(), timing)
 
 
+def _moe_steps(table):
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    config = EngineConfig(replicas=2, enable_expert_parallel=True, router="round-robin")
+    return _served(table, make_timing("roofline", llm, gpu, PARAMS,
+                                      expert_parallel_size=config.expert_parallel_size), config)
+
+
 def test_data_parallel_ranks_with_expert_parallelism_step_in_lockstep():
-    rng = np.random.default_rng(3)
-    n = 40
-    table = pa.table({"n_input_tokens": rng.integers(50, 3000, n),
-                      "n_output_tokens": rng.integers(1, 200, n),
-                      "arrival_s": np.sort(rng.uniform(0, 4, n))})
+    table = _random_requests(3, 40, (50, 3000), (1, 200), 4)
     summary, requests, steps, timing = _moe_steps(table)
     by_rank = [steps[steps.replica == k].reset_index(drop=True) for k in (0, 1)]
     # every interval of one rank has its twin on the other: same start, same length
@@ -252,14 +260,9 @@ def test_the_node_topology_chooses_the_link_of_each_collective():
 
 def _pp_run(table, pp, tp=1, llm="Llama-3.1-8B", gpu="A100-80GB", **engine):
     config = EngineConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, **engine)
-    timing = make_timing("roofline", llm_library().get(llm), gpu_library().get(gpu), PARAMS,
-                         tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    requests, steps = [], []
-    summary = simulate(table, timing, config, 16, None,
-                       Sustainability(PowerModel.linear_for(timing.gpu), gpus_per_replica=tp),
-                       requests.append, lambda b, _p: steps.append(b))
-    return (summary, pa.concat_tables(requests).to_pandas().sort_values("id"),
-            pa.Table.from_batches(steps).to_pandas(), timing)
+    return _served(table, make_timing("roofline", llm_library().get(llm),
+                                      gpu_library().get(gpu), PARAMS, tensor_parallel_size=tp,
+                                      pipeline_parallel_size=pp), config)
 
 
 def test_pipeline_stages_pass_one_request_on_with_a_hop_between_them():
@@ -283,11 +286,8 @@ def test_pipeline_stages_pass_one_request_on_with_a_hop_between_them():
 
 
 def test_pipeline_keeps_batches_in_flight_with_bubbles_between_them():
-    rng = np.random.default_rng(5)
     n = 60
-    table = pa.table({"n_input_tokens": rng.integers(100, 6000, n),
-                      "n_output_tokens": rng.integers(2, 80, n),
-                      "arrival_s": np.sort(rng.uniform(0, 3, n))})
+    table = _random_requests(5, n, (100, 6000), (2, 80), 3)
     summary, requests, steps, timing = _pp_run(table, 2, tp=2, llm="Llama-3.1-70B",
                                                max_num_batched_tokens=2048)
     assert summary["n_finished"] == n and summary["gpus"] == 4
@@ -330,11 +330,8 @@ def test_pipeline_stages_split_the_weights_and_the_kv_pool_and_refuse_what_is_no
 
 
 def test_pipeline_preempts_only_requests_not_in_flight_and_times_out_after_they_return():
-    rng = np.random.default_rng(11)
     n = 40
-    table = pa.table({"n_input_tokens": rng.integers(200, 1500, n),
-                      "n_output_tokens": rng.integers(50, 300, n),
-                      "arrival_s": np.sort(rng.uniform(0, 1, n))})
+    table = _random_requests(11, n, (200, 1500), (50, 300), 1)
     summary, requests, steps, _ = _pp_run(table, 2, num_gpu_blocks=300)
     assert summary["preemptions"] > 0 and summary["n_finished"] == n
     assert steps.kv_blocks_used.max() <= 300
