@@ -410,12 +410,14 @@ class RooflineTiming(_TimingBase):
         """The link the expert-parallel all-gathers and reduce-scatters run over."""
         return collective_link(self.gpu, self.expert_parallel_size)
 
-    def _collective_s(self, link: Link, size, volume: float):
-        """One collective moving ``volume × size`` bytes per GPU over ``link``, s."""
+    def _collective_s(self, link: Link, size, volume: float, hops: int | None = None):
+        """One collective (or point-to-point send, ``hops=1``) moving ``volume × size`` bytes
+        per GPU over ``link``, s: ``hops`` latency steps (default the link's), the fitted
+        ``allreduce_latency_s`` or the link's own."""
         latency = self.params.allreduce_latency_s
         latency = link.latency_s if latency is None else latency
-        return latency * link.hops + volume * size / (link.gbps * 1e9
-                                                      * self.params.link_efficiency)
+        return latency * (link.hops if hops is None else hops) + volume * size / (
+            link.gbps * 1e9 * self.params.link_efficiency)
 
     @cached_property
     def stage_link(self) -> Link:
@@ -428,12 +430,9 @@ class RooflineTiming(_TimingBase):
         """Sending the hidden states of ``n_tokens`` tokens to the next pipeline stage, s:
         one hop's latency plus ``n × hidden × bytes / TP`` per GPU over :attr:`stage_link`
         (each tensor-parallel rank sends its slice; vLLM's ``send_tensor_dict``)."""
-        link = self.stage_link
-        latency = self.params.allreduce_latency_s
-        latency = link.latency_s if latency is None else latency
         size = (float(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
                 / self.tensor_parallel_size)
-        return latency + size / (link.gbps * 1e9 * self.params.link_efficiency)
+        return self._collective_s(self.stage_link, size, 1.0, hops=1)
 
     def comm_s(self, n_tokens):
         """Collective communication of one pass over ``n_tokens`` tokens, s; linear in ``n``.

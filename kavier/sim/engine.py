@@ -89,6 +89,12 @@ class _Replica:
         self.stage_free: list[float] = []        # when each stage's last batch leaves it
 
 
+def _unzip(batch: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A schedule's ``(request, new tokens, decoding)`` tuples as three arrays."""
+    return (np.array([b[0] for b in batch], np.int64), np.array([b[1] for b in batch], np.int64),
+            np.array([b[2] for b in batch], bool))
+
+
 class SteppedEngine:
     """Step-by-step simulation of every replica (the general path).
 
@@ -116,6 +122,8 @@ class SteppedEngine:
         self.exact_policy = prefix is not None and not self.blocks_policy
         self.front_end_s = timing.params.request_overhead_s
         self.lockstep = config.enable_expert_parallel and config.replicas > 1
+        if self.lockstep:                        # the one-token batch an idle rank runs
+            self.dummy_costs = timing.step_costs(np.ones(1), np.zeros(1), 1)
         self.pp = config.pipeline_parallel_size
         self.ahead = config.async_scheduling
 
@@ -177,9 +185,9 @@ class SteppedEngine:
         longest = max(r.busy_until for r in stepping) - now
         for replica in self.replicas:
             if replica.busy_until is None:       # vLLM's execute_dummy_batch
-                costs = self.timing.step_costs(np.ones(1), np.zeros(1), 1)
                 empty = np.zeros(0, np.int64)
-                replica.step = [now, None, empty, empty, np.zeros(0, bool), costs, None]
+                replica.step = [now, None, empty, empty, np.zeros(0, bool), self.dummy_costs,
+                                None]
             replica.step[1] = np.array([longest])
             replica.step[5] = replica.step[5]._replace(duration_s=longest)
             replica.busy_until = now + longest
@@ -258,18 +266,17 @@ class SteppedEngine:
                     self._done(i, now)
                     return
         replica.waiting.append(i)
-        if replica.busy_until is None:           # an idle engine schedules at once
+        if replica.busy_until is None:           # an idle engine (group) schedules at once
             for r in (self.replicas if self.lockstep else (replica,)):
                 r.cutoff = now
-        if self.lockstep:
-            if replica.busy_until is None:       # the whole group is idle
+            if self.lockstep:
                 self._start_group(now)
-        elif replica.busy_until is None:
-            if self.pp > 1:
+            elif self.pp > 1:
                 self._fill(replica, now)
             else:
                 self._start_step(replica, now)
-        elif self.pp == 1 and len(replica.running) < self.config.max_num_seqs:
+        elif (not self.lockstep and self.pp == 1
+              and len(replica.running) < self.config.max_num_seqs):
             self._interrupt(replica, now)
 
     def _done(self, i: int, now: float) -> None:
@@ -479,9 +486,7 @@ class SteppedEngine:
         if not batch:
             replica.busy_until = None
             return
-        ids = np.array([b[0] for b in batch], np.int64)
-        new = np.array([b[1] for b in batch], np.int64)
-        decoding = np.array([b[2] for b in batch])
+        ids, new, decoding = _unzip(batch)
         if decoding.all() and not self.lockstep:
             durations, run_costs = self._decode_run(replica, ids, now)
             replica.step = [now, durations, ids, new, decoding, None, run_costs]
@@ -592,9 +597,7 @@ class SteppedEngine:
     def _start_batch(self, replica: _Replica, batch: list, now: float) -> None:
         """Put ``batch`` into the pipeline: computed tokens advance now; each stage takes it
         when the batch before has left, after the activations' hop from the stage before."""
-        ids = np.array([b[0] for b in batch], np.int64)
-        new = np.array([b[1] for b in batch], np.int64)
-        decoding = np.array([b[2] for b in batch])
+        ids, new, decoding = _unzip(batch)
         self._allocate(replica, ids, new)
         costs = self.timing.step_costs(new, self.computed[ids], int(decoding.sum()))
         emits = self.computed[ids] + new >= self.prompt[ids]
