@@ -6,7 +6,8 @@ Folder layout::
     predictions.csv   per request: fit or held out, measured and predicted TTFT, TPOT, E2E
     scores.json       MAPE and signed errors of mean/p50/p90/p99, before and after the fit,
                       on the fit requests and held out, and for every predicted run; ITL
-                      (mean, and p50/p90/p99 where the run recorded every gap)
+                      (mean, and p50/p90/p99 where the run recorded every gap); the
+                      held-out step-phase floor (calibrate.serving.phase_floor)
     cdf.png, .pdf     measured vs predicted CDFs of TTFT, TPOT and E2E (held-out requests)
     timeseries.png, .pdf
                       running and waiting requests and KV-cache usage, measured (the engine's
@@ -138,8 +139,9 @@ def _row(label: str, s: dict) -> str:
 
 
 def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: dict,
-             scores_itl: dict) -> str:
-    """The score tables and the fitted parameters as markdown."""
+             scores_itl: dict, scores_floor: dict | None) -> str:
+    """The score tables and the fitted parameters as markdown; ``scores_floor`` is
+    :func:`~calibrate.serving.phase_floor`'s (a row of its own; None for none)."""
     lines = [f"# Serving calibration: {profile.llm} on {profile.gpu} ({profile.engine})", "",
              f"Data: {', '.join(profile.datasets)}; {profile.cv}.", "",
              "Per-request MAPE % (signed error of mean / p50 / p90 / p99, %):", "",
@@ -149,6 +151,8 @@ def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: di
              _row("calibrated, fit requests", fit.after["fit"]),
              _row("calibrated, held out", fit.after["heldout"]),
              _row("calibrated, all requests", fit.after["all"])]
+    if scores_floor is not None:
+        lines.append(_row("step-phase floor, held out", scores_floor))
     lines += [_row(f"calibrated, predicting {name}", s) for name, s in predicted_runs.items()]
     itl = scores_itl
     lines += ["", "Inter-token latency, all requests (measured → simulated, s; signed error):",
@@ -190,4 +194,4 @@ def write_serving_report(writer: RunWriter, fit: ServingFit, profile: Profile,
         plt.close(fig)
     writer.json("profile.json", profile.to_dict())
     writer.text("report.md", markdown(fit, profile, predicted_runs, scores["timeseries"],
-                                      scores["itl"]))
+                                      scores["itl"], scores["phase_floor_heldout"]))

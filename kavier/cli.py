@@ -658,7 +658,8 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
               "preemptions": {"predicted": result.summary["preemptions"],
                               "measured": "not recorded by the run"},
               "timeseries": timeseries_errors(run.timeseries, simulated),
-              "itl": result.itl, "predicted_runs": result.predicted_runs}
+              "itl": result.itl, "predicted_runs": result.predicted_runs,
+              "phase_floor_heldout": result.floor}
     with run_folder(output_folder) as out:
         write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
                              result.predicted_runs)
@@ -669,6 +670,8 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
     rows = [("defaults, held out", f.before["heldout"]), ("calibrated, fit", f.after["fit"]),
             ("calibrated, held out", f.after["heldout"]),
             ("calibrated, all requests", f.after["all"])]
+    if result.floor is not None:
+        rows.append(("step-phase floor, held out", result.floor))
     rows += [(f"predicting {n}", s) for n, s in result.predicted_runs.items()]
     for label, s in rows:
         click.echo(f"{label[:35]:<36}" + "".join(

@@ -239,12 +239,15 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
                  "--predict", RTX4090, "--output-folder", out)
     assert result.exit_code == 0, result.output
     assert "calibrated, held out" in result.output and "predicting" in result.output
+    assert "step-phase floor, held out" in result.output
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == 300 and set(table["split"]) == {"fit", "heldout"}
     for name in ("cdf.png", "cdf.pdf", "timeseries.png", "timeseries.pdf", "report.md"):
         assert (out / name).stat().st_size > 1000
     scores = json.loads((out / "scores.json").read_text())
     assert scores["fitted"] == ["compute_efficiency", "memory_efficiency"]
+    assert scores["phase_floor_heldout"]["ttft_s"]["n"] == (table["split"] == "heldout").sum()
+    assert "step-phase floor" in (out / "report.md").read_text()
     measured_tpot = read_serving(PRO).requests
     ok = measured_tpot["n_output_tokens"] > 1
     token_mean = ((measured_tpot["e2e_s"] - measured_tpot["ttft_s"])[ok].sum()
@@ -429,3 +432,38 @@ def test_replays_schedule_ahead_as_the_runs_vllm_did():
     assert not async_scheduling({"name": "vLLM", "version": "unknown"})
     assert not async_scheduling({"name": "SGLang", "version": "0.19.0"})
     assert replay_for(read_serving(PRO)).config.async_scheduling       # vLLM 0.19.0
+
+
+def _run_of(n_in, n_out, arrival):
+    from archive.serving import ServingRun
+
+    base = read_serving(PRO)
+    requests = base.requests.iloc[:len(arrival)].copy()
+    requests["n_input_tokens"], requests["n_output_tokens"] = n_in, n_out
+    requests["arrival_s"], requests["hash_ids"] = arrival, None
+    engine = {**base.engine, "enable_prefix_caching": False}
+    return ServingRun(requests.reset_index(drop=True), engine, None, 16, "made")
+
+
+def test_step_phase_floor_is_zero_on_an_idle_engine_and_not_under_load():
+    """:func:`phase_floor`: requests reaching an idle engine start at once, so moving them by
+    less than a step changes nothing; requests reaching an engine that is stepping wait for
+    a step boundary, whose phase moves their TTFT by up to a step."""
+    from calibrate.serving import phase_floor
+
+    n = 40
+    idle = replay_for(_run_of(np.full(n, 200), np.full(n, 4), np.arange(n) * 2.0))
+    pred, _, steps = idle.predict()
+    floor = phase_floor(idle, pred, steps, np.ones(n, bool))
+    assert floor["ttft_s"]["n"] == n
+    assert all(floor[m]["mape_pct"] == pytest.approx(0.0, abs=1e-9) for m in METRICS)
+    # one long answer keeps the engine stepping; the short requests join it mid-step
+    n_out = np.full(n, 4)
+    n_out[0] = 4000
+    busy = replay_for(_run_of(np.full(n, 200), n_out, np.r_[0.0, 0.5 + np.arange(n - 1)]))
+    pred, _, steps = busy.predict()
+    late = np.arange(n) > 0
+    floor = phase_floor(busy, pred, steps, late)
+    assert floor["ttft_s"]["mape_pct"] > 5.0
+    assert floor["tpot_s"]["mape_pct"] < 1.0      # the steps themselves are alike
+    assert phase_floor(busy, pred, None, late) is None
