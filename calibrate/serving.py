@@ -255,7 +255,8 @@ def phase_floor(replay: Replay, predicted: pd.DataFrame, steps: pa.Table | None,
     A step-level simulator cannot know where in the engine's step each real request
     arrived, so a request that waits for the step in flight, or for a slot, may start one
     step earlier or later than it did. When TTFT is a few steps long that phase is tens of
-    percent of it, and a per-request MAPE under this floor is not a property of the model.
+    percent of it, and a per-request MAPE near this floor is not a property of the model
+    (it is the spread phase makes, not a strict bound: a replay can land closer by chance).
     The shift keeps the workload's statistics (rate and sizes).
 
     Returns
