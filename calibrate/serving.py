@@ -486,6 +486,6 @@ def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
         pred, _, _ = replay_for(other, result.params).predict()
         scored[name] = score(measured(other), pred, np.ones(len(pred), bool))
     mask = fit_mask(run, split)
-    floor = phase_floor(calibrated, predicted, steps, ~mask if split < 1.0 else mask)
+    floor = phase_floor(calibrated, predicted, steps, ~mask)   # the held-out rows' mask
     return ServingCalibration(run, result, measured(run), predicted, mask, summary, steps,
                               scored, itl_scores(run, predicted, summary), floor)

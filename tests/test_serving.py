@@ -467,3 +467,12 @@ def test_step_phase_floor_is_zero_on_an_idle_engine_and_not_under_load():
     assert floor["ttft_s"]["mape_pct"] > 5.0
     assert floor["tpot_s"]["mape_pct"] < 1.0      # the steps themselves are alike
     assert phase_floor(busy, pred, None, late) is None
+
+
+def test_step_phase_floor_scores_the_held_out_requests_as_their_row_does():
+    from calibrate.serving import calibrate_serving
+
+    half = calibrate_serving(PRO, ("compute_efficiency",), 0.5, max_evaluations=2)
+    assert half.floor["ttft_s"]["n"] == half.fit.after["heldout"]["ttft_s"]["n"] > 0
+    whole = calibrate_serving(PRO, ("compute_efficiency",), 1.0, max_evaluations=2)
+    assert whole.floor["ttft_s"]["n"] == whole.fit.after["heldout"]["ttft_s"]["n"] == 0
