@@ -4,13 +4,18 @@ Prints wall seconds and simulated requests per second of :func:`kavier.sim.simul
 (engine plus summary, no files) for:
 
 * the Azure 2023 conversation trace (19,366 requests) batched on 1, 8 and 64 replicas
-  (Llama-3-8B on A100-80GB, roofline defaults, vLLM's scheduler defaults, least-outstanding);
+  (Llama-3-8B on A100-80GB, roofline defaults, vLLM's scheduler defaults, least-outstanding),
+  on the compiled loop (:mod:`kavier.sim.compiled`) and, with ``--python``, on the Python
+  engine it compiles;
 * a 1,000,000-request trace (the Azure trace repeated with arrivals shifted by its span) on 64
   replicas (``--million``; minutes);
 * the Marconi-shaped workload (96,584 requests) one at a time, back to back, thesis timing on an
   A10 (the closed-form path).
 
-Run: ``python benchmarks/bench_engine.py [--million]``.
+The first line times loading the compiled loop (from numba's cache, or compiling it: about
+15 s the first time after a change); the runs after it exclude that one-time cost.
+
+Run: ``python benchmarks/bench_engine.py [--million] [--python]``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from kavier.sim.simulation import simulate
 from kavier.sim.sustainability import Sustainability
 
 
-def timed(label: str, table: pa.Table, timing, config: EngineConfig) -> None:
+def timed(label: str, table: pa.Table, timing, config: EngineConfig, path="auto") -> None:
     sus = Sustainability(PowerModel.linear_for(timing.gpu))
     start = time.perf_counter()
-    s = simulate(table, timing, config, 16, None, sus, lambda t: None, lambda b, p: None)
+    s = simulate(table, timing, config, 16, None, sus, lambda t: None, lambda b, p: None,
+                 path=path)
     wall = time.perf_counter() - start
     print(f"{label:<52} {wall:>8.2f} s  {table.num_rows / wall:>9,.0f} req/s  "
           f"({s['engine_path']}; p99 TTFT {s['p99_ttft_s']:.3g} s, "
@@ -56,12 +62,18 @@ def repeated(table: pa.Table, n: int) -> pa.Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--million", action="store_true", help="also the 1,000,000-request run")
+    parser.add_argument("--python", action="store_true",
+                        help="also the Python engine on the Azure trace")
     args = parser.parse_args()
     azure = archive.read_trace("azure-llm-inference-2023-conv").table
     a100 = make_timing("roofline", llm_library().get("Llama-3-8B"),
                        gpu_library().get("A100-80GB"))
+    timed("loading the compiled loop (10 requests)", azure.slice(0, 10), a100, EngineConfig())
     for n in (1, 8, 64):
         timed(f"azure conv, {n} × A100-80GB, batched", azure, a100, EngineConfig(replicas=n))
+        if args.python:
+            timed(f"azure conv, {n} × A100-80GB, batched", azure, a100,
+                  EngineConfig(replicas=n), path="stepped")
     if args.million:
         timed("1,000,000 requests (azure × 52), 64 × A100-80GB", repeated(azure, 1_000_000),
               a100, EngineConfig(replicas=64))

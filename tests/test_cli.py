@@ -44,7 +44,7 @@ def test_simulate_with_profile_on_azure(profile_dir, tmp_path):
     req = pd.read_parquet(out / "requests.parquet")
     summary = json.loads((out / "summary.json").read_text())
     assert len(req) == summary["n_requests"] == 19366
-    assert summary["timing_model"] == "roofline" and summary["engine_path"] == "stepped"
+    assert summary["timing_model"] == "roofline" and summary["engine_path"] == "compiled"
     steps = pd.read_parquet(out / "steps.parquet")
     assert summary["gpu_hours"] == pytest.approx(steps["duration_s"].sum() / 3600)
     frag = pd.read_parquet(out / "fragments.parquet")

@@ -537,8 +537,10 @@ class RooflineTiming(_TimingBase):
         tokens = float(np.sum(n))
         weights = float(self.weight_bytes(tokens))
         memory = float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
-        high = (max(compute, memory) if n_decoding == n.size
-                else float(self._soft_max(compute, memory)))
+        high = max(compute, memory)
+        p = self.params.prefill_sharpness
+        if n_decoding != n.size and p is not None and high > 0:   # _soft_max, on floats
+            high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
         duration = (high + n_decoding * self.params.token_overhead_s
                     + self._batch_overhead_s(n.size) + float(self.comm_s(tokens)))
         return Costs(duration, matmul + attention, weights + kv,
@@ -590,6 +592,27 @@ class RooflineTiming(_TimingBase):
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
                      + self._batch_overhead_s(n) + self.comm_s(tokens))
         return Costs(durations, matmul + attention, weights + kv, compute, memory)
+
+    def decode_run_work(self, context: np.ndarray, n_steps: int) -> tuple[float, ...]:
+        """FLOPs, bytes, compute and memory time of the first ``n_steps`` steps of
+        :meth:`decode_run` (the fields of its :class:`Costs` after the duration, summed).
+
+        With the KV cache in closed form over the steps (``Σ_j (c + n·(j + 1)) = k·c +
+        n·k(k + 1)/2`` context positions for ``c = Σ context``), so that a run's work costs
+        the same in every engine and no more than its first step; without it the sums of
+        :meth:`decode_run`'s arrays.
+        """
+        if not self.kv_cache:
+            return tuple(float(a.sum()) for a in self.decode_run(context, n_steps)[1:])
+        n, k = _as_array(context).size, float(n_steps)
+        pairs = k * float(_as_array(context).sum()) + n * (k * (k + 1.0) / 2.0)
+        matmul = k * (n * (2.0 * self._matmul_params + self._lm_head_flops))
+        attention = self._attention_flops_per_position * pairs
+        kv = self.kv_bytes_per_token * pairs
+        weights = k * float(self.weight_bytes(float(n)))
+        memory = k * float(self._floor_of(self.weight_bytes(float(n)))) + kv / self._kv_bytes_per_s
+        return (matmul + attention, weights + kv, float(self._compute_s(matmul, attention, k)),
+                memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after

@@ -55,6 +55,8 @@ Speed: once a step holds only decode tokens and nothing can be admitted, the bat
 same until a request finishes, a block runs short, an arrival may be admitted or a client
 times out; that run of steps is computed at once
 (:meth:`~kavier.models.timing.RooflineTiming.decode_run`) and recorded as one timeline interval.
+Where :func:`kavier.sim.compiled.applies`, runs step in :mod:`kavier.sim.compiled`, this loop
+compiled, with identical results.
 """
 
 from __future__ import annotations
@@ -186,8 +188,7 @@ class SteppedEngine:
         for replica in self.replicas:
             if replica.busy_until is None:       # vLLM's execute_dummy_batch
                 empty = np.zeros(0, np.int64)
-                replica.step = [now, None, empty, empty, np.zeros(0, bool), self.dummy_costs,
-                                None]
+                replica.step = [now, None, empty, empty, np.zeros(0, bool), self.dummy_costs]
             replica.step[1] = np.array([longest])
             replica.step[5] = replica.step[5]._replace(duration_s=longest)
             replica.busy_until = now + longest
@@ -488,8 +489,8 @@ class SteppedEngine:
             return
         ids, new, decoding = _unzip(batch)
         if decoding.all() and not self.lockstep:
-            durations, run_costs = self._decode_run(replica, ids, now)
-            replica.step = [now, durations, ids, new, decoding, None, run_costs]
+            durations = self._decode_run(replica, ids, now)
+            replica.step = [now, durations, ids, new, decoding, None]
         else:
             self._allocate(replica, ids, new)
             if self.kv:
@@ -498,7 +499,7 @@ class SteppedEngine:
                 full = np.where(decoding, self.computed[ids] + 1, new)
                 costs = self.timing.step_costs(full, np.zeros(ids.size), int(decoding.sum()))
             durations = np.array([costs.duration_s])
-            replica.step = [now, durations, ids, new, decoding, costs, None]
+            replica.step = [now, durations, ids, new, decoding, costs]
         replica.busy_until = now + float(durations.sum())
 
     def _decode_run(self, replica: _Replica, ids: np.ndarray, now: float):
@@ -518,15 +519,14 @@ class SteppedEngine:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if blocks_for(mid) <= replica.pool.free else (lo, mid - 1)
             k = lo
-        run_costs = self.timing.decode_run(self.computed[ids], k)
-        durations = run_costs.duration_s
+        durations = self.timing.decode_run(self.computed[ids], k).duration_s
         deadline = float(self.deadline[ids].min())
         if deadline < np.inf and k > 1:         # stop at the first boundary past a timeout
             ends = now + np.cumsum(durations)
             k = min(int(np.searchsorted(ends, deadline)) + 1, k)
             durations = durations[:k]
         self._allocate(replica, ids, k)
-        return durations, run_costs
+        return durations
 
     def _interrupt(self, replica: _Replica, at: float) -> None:
         """End a decode run at the first step boundary at or after ``at``."""
@@ -541,12 +541,12 @@ class SteppedEngine:
             self._allocate(replica, ids, keep)
 
     def _finish_step(self, replica: _Replica) -> None:
-        now, durations, ids, new, decoding, costs, run_costs = replica.step
+        now, durations, ids, new, decoding, costs = replica.step
         k = durations.size
         end = now + float(durations.sum())
         replica.cutoff = end - float(durations[-1])      # the last step's scheduling time
         if costs is None:                         # a decode run: the first k of its steps
-            costs = Costs(end - now, *(float(a[:k].sum()) for a in run_costs[1:]))
+            costs = Costs(end - now, *self.timing.decode_run_work(self.computed[ids], k))
         self.timeline.add(replica.index, now, end - now, k, ids.size,
                           int(new[~decoding].sum()), int(k * decoding.sum()),
                           replica.pool.used, costs)

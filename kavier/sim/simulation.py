@@ -90,9 +90,11 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
         power (:meth:`Sustainability.intervals`), each replica's in time order.
     slo_ttft_s, slo_tpot_s : float or None
         SLOs for goodput.
-    path : {"auto", "stepped"}
-        ``auto`` takes the closed-form path where it applies; ``stepped`` always steps (the
-        tests compare the two).
+    path : {"auto", "stepped", "compiled"}
+        ``auto`` takes the closed-form path where it applies, else the compiled stepped loop
+        where it applies (:func:`kavier.sim.compiled.applies`), else the Python one;
+        ``stepped`` always steps in Python and ``compiled`` always in the compiled loop (the
+        tests compare the three).
 
     Returns
     -------
@@ -105,7 +107,8 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     InputError
         For unsupported option combinations, or a request whose KV cannot fit an empty pool.
     ValueError
-        For an unknown ``path``, or ``"stepped"`` with the thesis timing model.
+        For an unknown ``path``, ``"stepped"`` or ``"compiled"`` with the thesis timing
+        model, or ``"compiled"`` where the compiled loop does not apply.
     """
     config = resolve(config, timing.kv_cache)
     tp = getattr(timing, "tensor_parallel_size", 1)
@@ -151,9 +154,9 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
 
     timeline = Timeline(timing.gpu.flops_per_s, timing.gpu.bytes_per_s,
                         kv_per_token * block_size, steps, getattr(timing, "comm_s", None))
-    if path not in ("auto", "stepped"):
+    if path not in ("auto", "stepped", "compiled"):
         raise ValueError(f"unknown engine path {path!r}")
-    if path == "stepped" and not isinstance(timing, RooflineTiming):
+    if path != "auto" and not isinstance(timing, RooflineTiming):
         raise ValueError("the thesis timing model has no stepped path (no batch step)")
     if eligible(config) and path == "auto":
         itl = QuantileSketch()
@@ -171,13 +174,13 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
                     "evictions": engine.pool.evictions}
         used = "closed-form"
     else:
-        engine = SteppedEngine(timing, config, blocks, block_size, prefix, timeline)
+        engine, used = _stepped_engine(timing, config, prefix, path)
+        engine = engine(timing, config, blocks, block_size, prefix, timeline)
         out = engine.run(n_in, n_out, arrival, None if sessions is None
                          else np.asarray(sessions.to_numpy(zero_copy_only=False)))
         itl = engine.itl
         emit(request_table(np.arange(n_in.size), sessions, n_in, n_out, out, kv_per_token))
         counters = engine.cache_counters()
-        used = "stepped"
     result = summary.result()
     result.update(itl.percentiles("itl_s"))
     span = summary.last_arrival - summary.first_arrival if has_arrivals and n_in.size else 0.0
@@ -185,6 +188,26 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     result.update({"engine_path": used, "kv_pool_blocks": blocks, "block_size": block_size,
                    "prefix_cache": _cache_stats(prefix, counters, summary)})
     return result
+
+
+def _stepped_engine(timing, config: EngineConfig, prefix: PrefixCache | None, path: str):
+    """The engine class that steps this run and its ``engine_path``: the compiled loop
+    (:mod:`kavier.sim.compiled`) where it applies, unless ``path`` asks for the Python one.
+
+    Raises
+    ------
+    ValueError
+        For ``path="compiled"`` where the compiled loop does not apply.
+    """
+    if path == "stepped":
+        return SteppedEngine, "stepped"
+    # numba takes about 0.2 s to import: only runs that step pay it
+    from kavier.sim import compiled
+    if compiled.applies(timing, config, prefix):
+        return compiled.CompiledEngine, "compiled"
+    if path == "compiled":
+        raise ValueError("the compiled engine does not run this configuration")
+    return SteppedEngine, "stepped"
 
 
 def _cache_stats(prefix: PrefixCache | None, counters: dict, summary: Summary) -> dict | None:

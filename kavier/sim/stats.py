@@ -81,6 +81,24 @@ class QuantileSketch:
         self._counts += np.bincount(index, weights[positive],
                                     minlength=self._counts.size).astype(np.int64)
 
+    @property
+    def bins(self) -> tuple[float, float, float, int]:
+        """``(lo, hi, log γ, number of bins)``: value ``v`` in ``[lo, hi]`` falls in bin
+        ``ceil(log(v / lo) / log γ)`` (for code that bins values itself, then
+        :meth:`add_counts`)."""
+        return self._lo, self._hi, self._log_gamma, self._counts.size
+
+    def add_counts(self, counts: np.ndarray, zeros: int, vmin: float, vmax: float) -> None:
+        """Add values binned elsewhere as :attr:`bins` says: ``counts`` per bin, ``zeros``
+        values <= 0, and the smallest and largest value (ignored when nothing was added)."""
+        if counts.shape != self._counts.shape:
+            raise ValueError(f"{counts.size} bins, expected {self._counts.size}")
+        if int(counts.sum()) + zeros == 0:
+            return
+        self._counts += counts
+        self._zeros += zeros
+        self._min, self._max = min(self._min, vmin), max(self._max, vmax)
+
     def _flush(self) -> None:
         for weight in {w for _, w in self._pending}:
             values = np.concatenate([v for v, w in self._pending if w == weight])

@@ -158,8 +158,9 @@ class Summary:
         arrival = np.concatenate([a for a, _ in self._queues])
         queue = np.concatenate([q for _, q in self._queues])[np.argsort(arrival, kind="stable")]
         tenth = max(queue.size // 10, 1)
-        first, last = float(np.nanmean(queue[:tenth])), float(np.nanmean(queue[-tenth:]))
-        backlog = (not self.closed_loop) and last > 1.0 and last > 10.0 * first
+        first, last = _mean_scheduled(queue[:tenth]), _mean_scheduled(queue[-tenth:])
+        backlog = (not self.closed_loop and first is not None and last is not None
+                   and last > 1.0 and last > 10.0 * first)
         return {"queue_first_tenth_s": first, "queue_last_tenth_s": last, "backlog": backlog}
 
     def _energy(self, end: float, busy: float) -> dict:
@@ -180,3 +181,10 @@ class Summary:
             out["co2_g"] = w["co2_busy_g"] + idle_co2
             out["co2_idle_g"] = idle_co2
         return out
+
+
+def _mean_scheduled(queue: np.ndarray) -> float | None:
+    """Mean queueing delay of the requests that were scheduled (NaN: timed out before), s;
+    None when none was."""
+    queue = queue[~np.isnan(queue)]
+    return float(queue.mean()) if queue.size else None
