@@ -25,11 +25,16 @@ def azure():
     return table.append_column("session_id", sessions)
 
 
-def run(table, timing, config, path):
+@pytest.fixture(scope="module")
+def mooncake():
+    return archive.read_trace("mooncake-fast25-conversation")
+
+
+def run(table, timing, config, path, block=16, prefix=None):
     reqs, steps = [], []
     sus = Sustainability(PowerModel.linear_for(timing.gpu),
                          gpus_per_replica=config.tensor_parallel_size)
-    s = simulate(table, timing, config, 16, None, sus, reqs.append,
+    s = simulate(table, timing, config, block, prefix, sus, reqs.append,
                  lambda b, p: steps.append(b), path=path)
     return (pa.concat_tables(reqs).to_pandas(),
             pa.Table.from_batches(steps).to_pandas() if steps else None, s)
@@ -78,14 +83,36 @@ def test_compiled_and_python_engines_give_identical_runs(azure, case):
         assert fast[2]["queue_first_tenth_s"] is None
 
 
+@pytest.mark.parametrize("replicas,block,blocks,router", [
+    (1, 16, None, "least-outstanding"),
+    (2, 16, 9000, "round-robin"),
+    (3, 512, 300, "prefix-affinity")])
+def test_compiled_prefix_cache_gives_identical_runs(mooncake, replicas, block, blocks, router):
+    """The ``blocks`` prefix cache in one pool: hits, LRU evictions, preemptions that find
+    their blocks again, first-block affinity."""
+    timing = RooflineTiming(llm_library().get("Llama-3-8B"), gpu_library().get("A100-80GB"))
+    config = EngineConfig(replicas=replicas, num_gpu_blocks=blocks, router=router)
+    out = [run(mooncake.table.slice(0, 1200), timing, config, path, block,
+               PrefixCache(PrefixCacheConfig("blocks"), mooncake.content))
+           for path in ("stepped", "auto")]
+    assert [o[2]["engine_path"] for o in out] == ["stepped", "compiled"]
+    assert out[0][0].equals(out[1][0]) and out[0][1].equals(out[1][1])
+    assert {k: v for k, v in out[0][2].items() if k != "engine_path"} == {
+        k: v for k, v in out[1][2].items() if k != "engine_path"}
+    cache = out[1][2]["prefix_cache"]
+    assert cache["hits_tokens"] > 0 and out[1][0]["n_cached_tokens"].sum() > 0
+    if blocks is not None:
+        assert cache["evictions"] > 0 and out[1][2]["preemptions"] > 0
+
+
 def test_compiled_path_is_refused_where_it_does_not_apply(azure):
     timing = RooflineTiming(llm_library().get("Llama-3-8B"), gpu_library().get("A100-80GB"))
     assert compiled.applies(timing, resolve(EngineConfig(), True), None)
-    cache = PrefixCache(PrefixCacheConfig("blocks"),
+    exact = PrefixCache(PrefixCacheConfig("prefill", min_tokens=512),
                         archive.read_trace("mooncake-fast25-conversation").content)
     for config, prefix in ((EngineConfig(back_to_back=True, max_num_seqs=4), None),
                            (EngineConfig(pipeline_parallel_size=2), None),
-                           (EngineConfig(), cache)):
+                           (EngineConfig(), exact)):
         assert not compiled.applies(timing, config, prefix)
     with pytest.raises(ValueError, match="compiled engine does not run"):
         run(azure, timing, EngineConfig(back_to_back=True, max_num_seqs=4), "compiled")

@@ -5,22 +5,26 @@ It is the same scheduler, step for step — vLLM V1's iteration-level loop of
 :mod:`kavier.sim.engine` (running requests first, FCFS admissions within the token budget,
 ``max_num_seqs`` and the KV pool, recompute preemption of the newest with no admissions in
 that step, chunked prefill on or off, async scheduling, client timeouts, decode runs computed
-at once and cut by arrivals) — and the same arithmetic: the step costs of
-:meth:`RooflineTiming.step_costs` and :meth:`RooflineTiming.decode_run` term by term in the
-same order, the functions of a step's token count (weights a mixture of experts streams,
-their floor, the collectives) tabulated by the timing itself, and sums in numpy's pairwise
-order. A test runs both engines over many configurations and asserts identical request
-records and timelines.
+at once and cut by arrivals), the same KV pool (:class:`~kavier.sim.kvpool.BlockPool`: plain
+and cached blocks, reference counts, lazy LRU eviction, the ``blocks`` prefix cache with its
+chained block keys, found again after a preemption), the same routers — and the same
+arithmetic: the step costs of :meth:`RooflineTiming.step_costs` and
+:meth:`RooflineTiming.decode_run` term by term in the same order, the functions of a step's
+token count (weights a mixture of experts streams, their floor, the collectives) tabulated by
+the timing itself, and sums in numpy's pairwise order. ``tests/test_compiled.py`` runs both
+engines over many configurations and requires equal request records, timelines and summaries.
 
 It applies (:func:`applies`) with the roofline timing and the KV cache on, one pipeline stage,
-no lockstep data parallelism, no prefix cache, and requests sent at their trace times; every
-other run steps in Python. The only difference is speed: the Python loop costs about 80 µs
-per scheduled step, this one about a microsecond (``benchmarks/bench_engine.py``).
+no lockstep data parallelism, no exact-match prompt cache (``prefill``/``full``), and requests
+sent at their trace times; every other run steps in Python. The only difference is speed: the
+Python loop costs about 80 µs per scheduled step, this one about 2 µs
+(``benchmarks/bench_engine.py``).
 
 The loop keeps all its state in arrays and returns whenever its buffer of timeline intervals
 is full, so the timeline streams out (and a crash loses nothing written) while memory stays
-bounded by the buffer, not by the run. Inter-token latencies are binned into the same
-log-spaced histogram as :class:`~kavier.sim.stats.QuantileSketch`.
+bounded by the buffer and the per-request state, not by the run's length. Inter-token
+latencies are binned into the same log-spaced histogram as
+:class:`~kavier.sim.stats.QuantileSketch`.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.typed import Dict, List
 
 from kavier.models.timing import RooflineTiming
 from kavier.sim.engine import MAX_RUN_STEPS
+from kavier.sim.prefix import first_block
 from kavier.sim.routers import Router
 from kavier.sim.stats import QuantileSketch
 
 # request columns (int): tokens and state
 N_IN, N_OUT, PROMPT, COMPUTED, GENERATED, BLOCKS, PREEMPT, ADMITTED, REPLICA, TIMED_OUT, \
-    NEXT = range(11)
+    NEXT, REUSED, REGISTERED, HASHED = range(14)
 # request columns (float): times, s
 ARRIVAL, DEADLINE, SCHEDULED, FIRST, LAST, END = range(6)
 # replica columns (int)
@@ -45,7 +51,10 @@ FREE, NRUN, HEAD, TAIL, NWAIT, LAGGED, BUSY, NSTEPS, ISRUN, NB, SUMC = range(11)
 # replica columns (float)
 BUSY_UNTIL, CUTOFF, T0, C_DUR, C_FLOPS, C_BYTES, C_COMP, C_MEM = range(8)
 # global counters
-NEXT_ARRIVAL, ROUTED, ROWS, ZEROS = range(4)
+NEXT_ARRIVAL, ROUTED, ROWS, ZEROS, QUERIES, HITS, EVICTIONS = range(7)
+# the KV pool's cached blocks: per slot, per replica
+SL_REF, SL_KEY, SL_PREV, SL_NEXT = range(4)
+L_HEAD, L_TAIL, L_TOP, L_PLAIN = range(4)
 # timeline columns
 TI_REPLICA, TI_STEPS, TI_SEQS, TI_PREFILL, TI_DECODE, TI_KV = range(6)
 TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
@@ -53,7 +62,7 @@ TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
 K_F, K_FA, K_PASS, K_BKV, K_TOK, K_BSTEP, K_BSEQ, K_SHARP, K_MP2, K_LM, K_APOS, K_KVB, \
     K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG = range(17)
 # engine settings
-S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR = range(6)
+S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR, S_PREFIX = range(7)
 
 INTERVALS = 65_536
 """Timeline intervals the loop collects before it hands them on."""
@@ -61,7 +70,8 @@ INTERVALS = 65_536
 
 def applies(timing, config, prefix) -> bool:
     """Whether the compiled loop runs this configuration (the module docstring's list)."""
-    return (isinstance(timing, RooflineTiming) and timing.kv_cache and prefix is None
+    return (isinstance(timing, RooflineTiming) and timing.kv_cache
+            and (prefix is None or prefix.config.policy == "blocks")
             and config.pipeline_parallel_size == 1 and not config.back_to_back
             and not (config.enable_expert_parallel and config.replicas > 1))
 
@@ -247,16 +257,14 @@ def _pop(ri, pi, r):
 
 @njit(cache=True)
 def _remove(run, pi, r, i):
-    """Take ``i`` out of replica ``r``'s running list, keeping the order (``list.remove``);
-    False when it is not there."""
+    """Take ``i`` out of replica ``r``'s running list, keeping the order (``list.remove``)."""
     n = pi[r, NRUN]
     for p in range(n):
         if run[r, p] == i:
             for q in range(p, n - 1):
                 run[r, q] = run[r, q + 1]
             pi[r, NRUN] = n - 1
-            return True
-    return False
+            return
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -267,23 +275,139 @@ def _fail(ri, rf, i):
     rf[i, END] = rf[i, DEADLINE]
 
 
+# --- the KV pool (kavier.sim.kvpool.BlockPool) ---------------------------------------------
+# kv = (keys, koff, held, slots, stack, lru, index): every request's chained prompt-block keys
+# (keys[koff[i]:koff[i + 1]]) and which of them it holds cached; per replica the cached blocks
+# in slots (reference count, key, LRU neighbours), a stack of unused slots, the LRU list of
+# evictable slots with the plain free blocks (lru), and key → slot (index, one dict each).
+
 @njit(cache=True)
-def _release(ri, pi, r, i):
-    pi[r, FREE] += ri[i, BLOCKS]
+def _unlink(slots, lru, r, slot):
+    p, q = slots[r, slot, SL_PREV], slots[r, slot, SL_NEXT]
+    if p >= 0:
+        slots[r, p, SL_NEXT] = q
+    else:
+        lru[r, L_HEAD] = q
+    if q >= 0:
+        slots[r, q, SL_PREV] = p
+    else:
+        lru[r, L_TAIL] = p
+
+
+@njit(cache=True)
+def _take(pi, kv, g, r, n):
+    """:meth:`BlockPool.allocate`: ``n`` free blocks, plain ones first, then the least
+    recently used cached ones (evicted)."""
+    slots, stack, lru, index = kv[3], kv[4], kv[5], kv[6]
+    plain = min(n, lru[r, L_PLAIN])
+    lru[r, L_PLAIN] -= plain
+    pi[r, FREE] -= n
+    for _ in range(n - plain):
+        slot = lru[r, L_HEAD]
+        _unlink(slots, lru, r, slot)
+        del index[r][slots[r, slot, SL_KEY]]
+        stack[r, lru[r, L_TOP]] = slot
+        lru[r, L_TOP] += 1
+        g[EVICTIONS] += 1
+
+
+@njit(cache=True)
+def _give(pi, kv, r, n):
+    """Plain blocks back to the pool."""
+    kv[5][r, L_PLAIN] += n
+    pi[r, FREE] += n
+
+
+@njit(cache=True)
+def _match(kv, r, i, limit):
+    """:meth:`BlockPool.match` of request ``i``'s keys: (blocks hit, of them evictable)."""
+    keys, koff, slots, index = kv[0], kv[1], kv[3], kv[6]
+    hit = from_free = 0
+    lo = koff[i]
+    for b in range(min(limit, koff[i + 1] - lo)):
+        if keys[lo + b] not in index[r]:
+            break
+        hit += 1
+        if slots[r, index[r][keys[lo + b]], SL_REF] == 0:
+            from_free += 1
+    return hit, from_free
+
+
+@njit(cache=True)
+def _acquire(ri, pi, kv, r, i, hit):
+    """:meth:`BlockPool.acquire` of request ``i``'s first ``hit`` blocks."""
+    keys, koff, held, slots, lru, index = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
+    for b in range(hit):
+        slot = index[r][keys[koff[i] + b]]
+        if slots[r, slot, SL_REF] == 0:
+            _unlink(slots, lru, r, slot)
+            pi[r, FREE] -= 1
+        slots[r, slot, SL_REF] += 1
+        held[koff[i] + b] = 1
+    ri[i, HASHED] = hit
+
+
+@njit(cache=True)
+def _register(ri, kv, r, i, bs):
+    """:meth:`SteppedEngine._register`: request ``i``'s newly full prompt blocks get their
+    keys, unless a block with that key is cached already."""
+    keys, koff, held, slots, stack, lru, index = kv
+    lo = koff[i]
+    full = min(ri[i, COMPUTED] // bs, koff[i + 1] - lo)
+    for b in range(ri[i, REGISTERED], full):
+        if keys[lo + b] in index[r]:
+            continue
+        lru[r, L_TOP] -= 1
+        slot = stack[r, lru[r, L_TOP]]
+        slots[r, slot, SL_REF], slots[r, slot, SL_KEY] = 1, keys[lo + b]
+        index[r][keys[lo + b]] = slot
+        held[lo + b] = 1
+        ri[i, HASHED] += 1
+    ri[i, REGISTERED] = max(ri[i, REGISTERED], full)
+
+
+@njit(cache=True)
+def _release(ri, pi, kv, r, i):
+    """:meth:`SteppedEngine._release`: request ``i``'s plain blocks back, its cached ones
+    in reverse prompt order to the LRU end once nobody holds them."""
+    keys, koff, held, slots, lru, index = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
+    _give(pi, kv, r, ri[i, BLOCKS] - ri[i, HASHED])
+    if ri[i, HASHED]:
+        for b in range(koff[i + 1] - 1, koff[i] - 1, -1):
+            if not held[b]:
+                continue
+            held[b] = 0
+            slot = index[r][keys[b]]
+            slots[r, slot, SL_REF] -= 1
+            if slots[r, slot, SL_REF] == 0:
+                t = lru[r, L_TAIL]
+                slots[r, slot, SL_PREV], slots[r, slot, SL_NEXT] = t, -1
+                if t >= 0:
+                    slots[r, t, SL_NEXT] = slot
+                else:
+                    lru[r, L_HEAD] = slot
+                lru[r, L_TAIL] = slot
+                pi[r, FREE] += 1
+    ri[i, HASHED] = 0
     ri[i, BLOCKS] = 0
 
 
 @njit(cache=True)
-def _allocate(ri, pi, r, i, ahead, bs):
+def _allocate(ri, pi, kv, g, r, i, ahead, bs):
+    """:meth:`SteppedEngine._allocate` for one request."""
     target = -(-(ri[i, COMPUTED] + ahead) // bs)
-    pi[r, FREE] -= target - ri[i, BLOCKS]
+    extra = target - ri[i, BLOCKS]
+    if extra > 0:
+        _take(pi, kv, g, r, extra)
+    elif extra < 0:
+        _give(pi, kv, r, -extra)
     ri[i, BLOCKS] = target
 
 
 @njit(cache=True)
-def _preempt(ri, pi, run, r, i):
+def _preempt(ri, pi, kv, g, run, r, i):
     _remove(run, pi, r, i)
-    _release(ri, pi, r, i)
+    _release(ri, pi, kv, r, i)
     ri[i, COMPUTED] = 0
     ri[i, PROMPT] = ri[i, N_IN] + ri[i, GENERATED]
     ri[i, PREEMPT] += 1
@@ -291,7 +415,7 @@ def _preempt(ri, pi, run, r, i):
 
 
 @njit(cache=True)
-def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
+def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
     """:meth:`SteppedEngine._schedule`: the batch into ``bids/bnew/bdec[r]``; its size."""
     bs = s[S_BS]
     if not math.isinf(k[K_TIMEOUT]):
@@ -300,7 +424,7 @@ def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
             i = run[r, p]
             if rf[i, DEADLINE] <= now:
                 _remove(run, pi, r, i)
-                _release(ri, pi, r, i)
+                _release(ri, pi, kv, r, i)
                 _fail(ri, rf, i)
             else:
                 p += 1
@@ -317,7 +441,8 @@ def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
         bnew[r, p] = new
     nb = 0
     if extra <= pi[r, FREE]:
-        pi[r, FREE] -= extra
+        if extra:                                # before admissions take blocks
+            _take(pi, kv, g, r, extra)
         for p in range(nrun):
             i, new = run[r, p], bnew[r, p]
             ri[i, BLOCKS] = max(-(-(ri[i, COMPUTED] + new) // bs), ri[i, BLOCKS])
@@ -327,7 +452,7 @@ def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
                 bdec[r, nb] = 1 if ri[i, COMPUTED] >= ri[i, PROMPT] else 0
                 nb += 1
                 budget -= new
-        return _admit(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now, nb, budget)
+        return _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budget)
     # one by one, preempting the newest (_schedule_running); no admissions after it
     snapshot = run[r, :nrun].copy()
     for i in snapshot:
@@ -342,11 +467,11 @@ def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
         new = 1 if decoding else min(ri[i, PROMPT] - ri[i, COMPUTED], budget)
         while -(-(ri[i, COMPUTED] + new) // bs) - ri[i, BLOCKS] > pi[r, FREE] and here:
             victim = run[r, pi[r, NRUN] - 1]
-            _preempt(ri, pi, run, r, victim)
+            _preempt(ri, pi, kv, g, run, r, victim)
             here = victim != i
         if not here or -(-(ri[i, COMPUTED] + new) // bs) - ri[i, BLOCKS] > pi[r, FREE]:
             continue
-        _allocate(ri, pi, r, i, new, bs)
+        _allocate(ri, pi, kv, g, r, i, new, bs)
         budget -= new
         bids[r, nb] = i
         bnew[r, nb] = new
@@ -356,8 +481,8 @@ def _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now):
 
 
 @njit(cache=True)
-def _admit(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now, nb, budget):
-    """:meth:`SteppedEngine._admit` (no prefix cache)."""
+def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budget):
+    """:meth:`SteppedEngine._admit`, with the ``blocks`` prefix cache when it is on."""
     bs = s[S_BS]
     pi[r, LAGGED] = 0
     while pi[r, NWAIT] and pi[r, NRUN] < s[S_MAXSEQS] and budget > 0:
@@ -370,23 +495,33 @@ def _admit(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now, nb, budget):
             _pop(ri, pi, r)
             _fail(ri, rf, i)
             continue
-        remaining = ri[i, PROMPT]
+        hit = from_free = 0
+        if s[S_PREFIX]:                          # recompute at least the last token
+            hit, from_free = _match(kv, r, i, (ri[i, PROMPT] - 1) // bs)
+        start = hit * bs
+        remaining = ri[i, PROMPT] - start
         new = min(remaining, budget)
         if new < remaining and not s[S_CHUNKED]:
             if nb:
                 break
             new = remaining
-        if -(-new // bs) > pi[r, FREE]:
+        if -(-(start + new) // bs) - hit + from_free > pi[r, FREE]:
             break
         _pop(ri, pi, r)
         run[r, pi[r, NRUN]] = i
         pi[r, NRUN] += 1
-        ri[i, BLOCKS] = 0
-        ri[i, COMPUTED] = 0
+        if hit:
+            _acquire(ri, pi, kv, r, i, hit)
+        ri[i, REGISTERED] = ri[i, BLOCKS] = hit
+        ri[i, COMPUTED] = start
+        if s[S_PREFIX]:
+            g[QUERIES] += ri[i, PROMPT]
+            g[HITS] += start
         if not ri[i, ADMITTED]:
             ri[i, ADMITTED] = 1
             rf[i, SCHEDULED] = now
-        _allocate(ri, pi, r, i, new, bs)
+            ri[i, REUSED] = start
+        _allocate(ri, pi, kv, g, r, i, new, bs)
         budget -= new
         bids[r, nb] = i
         bnew[r, nb] = new
@@ -396,11 +531,11 @@ def _admit(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now, nb, budget):
 
 
 @njit(cache=True)
-def _start_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, r, now):
+def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now):
     """:meth:`SteppedEngine._start_step` and :meth:`~SteppedEngine._decode_run`."""
     wb, floor, comm = t
     bs = s[S_BS]
-    nb = _schedule(k, s, ri, rf, pi, pf, run, bids, bnew, bdec, r, now)
+    nb = _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now)
     pi[r, NB] = nb
     if nb == 0:
         pi[r, BUSY] = 0
@@ -412,7 +547,7 @@ def _start_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, r
         n_dec += bdec[r, b]
     if n_dec < nb:                               # one step with prefill work
         for b in range(nb):
-            _allocate(ri, pi, r, bids[r, b], bnew[r, b], bs)
+            _allocate(ri, pi, kv, g, r, bids[r, b], bnew[r, b], bs)
             work[4, b] = ri[bids[r, b], COMPUTED]
         out = np.empty(5)
         _step_costs(k, wb, floor, comm, bnew[r], work[4], nb, n_dec, work, out)
@@ -447,7 +582,7 @@ def _start_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, r
                 steps = j + 1
                 break
     for b in range(nb):
-        _allocate(ri, pi, r, bids[r, b], steps, bs)
+        _allocate(ri, pi, kv, g, r, bids[r, b], steps, bs)
     pi[r, ISRUN], pi[r, NSTEPS], pi[r, SUMC] = 1, steps, sumc
     pf[r, BUSY_UNTIL] = now + _pairwise(scratch[0], 0, steps)
 
@@ -463,7 +598,7 @@ def _run_blocks(ri, bids, r, nb, steps, bs):
 
 
 @njit(cache=True)
-def _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, at):
+def _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, at):
     """:meth:`SteppedEngine._interrupt`: end a decode run at the first boundary at or after
     ``at``."""
     steps = pi[r, NSTEPS]
@@ -481,11 +616,11 @@ def _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, at):
         pi[r, NSTEPS] = keep
         pf[r, BUSY_UNTIL] = pf[r, T0] + acc
         for b in range(pi[r, NB]):
-            _allocate(ri, pi, r, bids[r, b], keep, s[S_BS])
+            _allocate(ri, pi, kv, g, r, bids[r, b], keep, s[S_BS])
 
 
 @njit(cache=True)
-def _finish_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, counts, g, gf,
+def _finish_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, counts, gf,
                  tli, tlf, num_blocks, r):
     """:meth:`SteppedEngine._finish_step`: one timeline row, the tokens, the leavers."""
     now, steps, nb = pf[r, T0], pi[r, NSTEPS], pi[r, NB]
@@ -512,6 +647,12 @@ def _finish_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, counts
     tli[row, TI_KV] = num_blocks - pi[r, FREE]
     tlf[row, TF_START], tlf[row, TF_DUR] = now, end - now
     tlf[row, TF_FLOPS], tlf[row, TF_BYTES], tlf[row, TF_COMP], tlf[row, TF_MEM] = costs
+    if steps == 1:                               # the step's tokens are computed
+        for b in range(nb):
+            i = bids[r, b]
+            ri[i, COMPUTED] += bnew[r, b]
+            if s[S_PREFIX] and not bdec[r, b]:
+                _register(ri, kv, r, i, s[S_BS])
     for b in range(nb):
         i = bids[r, b]
         if steps > 1:                            # a token each step for every request
@@ -520,7 +661,6 @@ def _finish_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, counts
             ri[i, GENERATED] += steps
             rf[i, LAST] = end
         else:
-            ri[i, COMPUTED] += bnew[r, b]
             if ri[i, COMPUTED] < ri[i, PROMPT]:
                 continue
             if ri[i, GENERATED] > 0:
@@ -532,18 +672,17 @@ def _finish_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, counts
         if ri[i, GENERATED] >= ri[i, N_OUT]:
             rf[i, END] = end
             _remove(run, pi, r, i)
-            _release(ri, pi, r, i)
+            _release(ri, pi, kv, r, i)
     if steps > 1:
         _itl_run(k, counts, g, gf, scratch[0], steps, nb)
     pi[r, BUSY] = 0
 
 
 @njit(cache=True)
-def _arrive(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order, route, i,
-            now):
-    """:meth:`SteppedEngine._arrive`: request ``i`` reaches the engine and is routed."""
-    g_routed = route[-1] + 1
-    route[-1] = g_routed
+def _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, route, i, now):
+    """:meth:`SteppedEngine._arrive`: request ``i`` reaches the engine and is routed
+    (``route[i]``: a fixed replica, or -1 for round-robin and least-outstanding)."""
+    g[ROUTED] += 1
     if not math.isinf(k[K_TIMEOUT]):
         rf[i, DEADLINE] = rf[i, ARRIVAL] + k[K_TIMEOUT]
     replicas = pi.shape[0]
@@ -552,7 +691,7 @@ def _arrive(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order
     elif route[i] >= 0:
         r = route[i]
     elif s[S_RR]:
-        r = (g_routed - 1) % replicas
+        r = (g[ROUTED] - 1) % replicas
     else:
         r, best = 0, pi[0, NWAIT] + pi[0, NRUN]
         for q in range(1, replicas):
@@ -565,14 +704,14 @@ def _arrive(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order
     _push(ri, pi, r, i, False)
     if not pi[r, BUSY]:                          # an idle engine schedules at once
         pf[r, CUTOFF] = now
-        _start_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, r, now)
+        _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now)
     elif pi[r, NRUN] < s[S_MAXSEQS]:
-        _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, now)
+        _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, now)
 
 
 @njit(cache=True)
-def _loop(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order, route,
-          counts, g, gf, tli, tlf, num_blocks):
+def _loop(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, order, route,
+          counts, gf, tli, tlf, num_blocks):
     """The event loop until every request is served (True) or the timeline buffer is full
     (False; call again after emptying it)."""
     n = order.size
@@ -589,12 +728,12 @@ def _loop(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order, 
         if ready <= best and ready < np.inf:
             i = order[g[NEXT_ARRIVAL]]
             g[NEXT_ARRIVAL] += 1
-            _arrive(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order,
-                    route, i, ready)
+            _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, route,
+                    i, ready)
         elif br >= 0:
-            _finish_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, counts, g,
+            _finish_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, counts,
                          gf, tli, tlf, num_blocks, br)
-            _start_step(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, br,
+            _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, br,
                         best)
         else:
             return True
@@ -615,8 +754,9 @@ class CompiledEngine:
         if not applies(timing, config, prefix):
             raise ValueError("the compiled engine does not run this configuration")
         self.timing, self.config, self.timeline = timing, config, timeline
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.prefix = num_blocks, block_size, prefix
         self.itl = QuantileSketch()
+        self._counters = np.zeros(7, np.int64)
 
     def _constants(self) -> np.ndarray:
         t, p, cfg = self.timing, self.timing.params, self.config
@@ -650,7 +790,7 @@ class CompiledEngine:
         """Serve every request; the per-request arrays of :meth:`SteppedEngine.run`."""
         cfg, n, replicas = self.config, n_in.size, self.config.replicas
         seqs = cfg.max_num_seqs
-        ri = np.zeros((n, 11), np.int64)
+        ri = np.zeros((n, 14), np.int64)
         ri[:, N_IN], ri[:, N_OUT] = n_in, n_out
         ri[:, PROMPT], ri[:, REPLICA] = n_in, -1
         rf = np.full((n, 6), np.nan)
@@ -659,20 +799,21 @@ class CompiledEngine:
         pi[:, FREE] = self.num_blocks
         pf = np.zeros((replicas, 8))
         order = np.argsort(rf[:, ARRIVAL], kind="stable")
-        route = np.full(n + 1, -1, np.int64)     # fixed choices, then the routed count
-        if cfg.router == "prefix-affinity" and sessions is not None and replicas > 1:
-            router = Router(cfg.router, replicas, sessions)
-            route[:n] = [router.pick(i, []) for i in range(n)]
-        route[-1] = 0
+        route = np.full(n, -1, np.int64)         # prefix-affinity's fixed replicas
+        if cfg.router == "prefix-affinity" and replicas > 1:
+            router = Router(cfg.router, replicas, sessions,
+                            first_block(self.prefix, self.block_size))
+            route[:] = [-1 if (r := router.fixed(i)) is None else r for i in range(n)]
         s = np.array([cfg.max_num_batched_tokens, seqs, bool(cfg.chunked_prefill),
                       bool(cfg.async_scheduling), self.block_size,
-                      cfg.router == "round-robin"], np.int64)
+                      cfg.router == "round-robin", self.prefix is not None], np.int64)
+        kv = self._pool(n_in, replicas)
         most = int(max(cfg.max_num_batched_tokens, (n_in + n_out).max(initial=0))) + seqs
         t = self._tables(most)
         longest = int(min(n_out.max(initial=1), MAX_RUN_STEPS))
         scratch, work = np.empty((1, longest + 1)), np.empty((5, seqs))
         counts = np.zeros(int(self.itl.bins[3]), np.int64)
-        g, gf = np.zeros(4, np.int64), np.array([np.inf, -np.inf])
+        g, gf = self._counters, np.array([np.inf, -np.inf])
         tli, tlf = np.empty((INTERVALS, 6), np.int64), np.empty((INTERVALS, 6))
         run = np.zeros((replicas, seqs), np.int64)
         bids, bnew, bdec = (np.zeros((replicas, seqs), np.int64) for _ in range(3))
@@ -680,8 +821,8 @@ class CompiledEngine:
         done = False
         while not done:
             g[ROWS] = 0
-            done = _loop(k, s, t, ri, rf, pi, pf, run, bids, bnew, bdec, scratch, work, order,
-                         route, counts, g, gf, tli, tlf, self.num_blocks)
+            done = _loop(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work,
+                         order, route, counts, gf, tli, tlf, self.num_blocks)
             self._emit(tli[:g[ROWS]], tlf[:g[ROWS]])
         self.timeline.flush()
         self.itl.add_counts(counts, int(g[ZEROS]), float(gf[0]), float(gf[1]))
@@ -690,7 +831,7 @@ class CompiledEngine:
                 "scheduled_s": rf[:, SCHEDULED],
                 "queue_s": rf[:, SCHEDULED] - (rf[:, ARRIVAL] + front),
                 "first_token_s": rf[:, FIRST], "end_s": rf[:, END],
-                "n_cached_tokens": np.zeros(n, np.int64), "preemptions": ri[:, PREEMPT],
+                "n_cached_tokens": ri[:, REUSED], "preemptions": ri[:, PREEMPT],
                 "timed_out": ri[:, TIMED_OUT].astype(bool)}
 
     def _emit(self, tli: np.ndarray, tlf: np.ndarray) -> None:
@@ -702,6 +843,27 @@ class CompiledEngine:
             "flops": tlf[:, TF_FLOPS], "dram_bytes": tlf[:, TF_BYTES],
             "compute_s": tlf[:, TF_COMP], "memory_s": tlf[:, TF_MEM]})
 
+    def _pool(self, n_in: np.ndarray, replicas: int) -> tuple:
+        """Every replica's empty KV pool and every request's prompt-block keys (the ``kv``
+        tuple the loop takes; keys only with the ``blocks`` prefix cache)."""
+        n = n_in.size
+        keys = [self.prefix.block_keys(i, int(n_in[i]) // self.block_size) for i in range(n)
+                ] if self.prefix is not None else [[] for _ in range(n)]
+        koff = np.zeros(n + 1, np.int64)
+        koff[1:] = np.cumsum([len(k) for k in keys])
+        flat = np.fromiter((key for k in keys for key in k), np.uint64, int(koff[-1]))
+        cap = max(1, min(self.num_blocks, flat.size))   # cached blocks are pool blocks
+        slots = np.full((replicas, cap, 4), -1, np.int64)
+        slots[:, :, SL_REF] = 0
+        stack = np.tile(np.arange(cap, dtype=np.int64), (replicas, 1))
+        lru = np.full((replicas, 4), -1, np.int64)
+        lru[:, L_TOP], lru[:, L_PLAIN] = cap, self.num_blocks
+        index = List([Dict.empty(types.int64, types.int64) for _ in range(replicas)])
+        return (flat.view(np.int64), koff, np.zeros(flat.size, np.int64), slots, stack, lru,
+                index)
+
     def cache_counters(self) -> dict:
-        """Prefix-cache counters (none: the compiled engine runs without a prefix cache)."""
-        return {"queries_tokens": 0, "hits_tokens": 0, "evictions": 0}
+        """Prefix-cache counters summed over the replicas (tokens; evicted blocks)."""
+        g = self._counters
+        return {"queries_tokens": int(g[QUERIES]), "hits_tokens": int(g[HITS]),
+                "evictions": int(g[EVICTIONS])}

@@ -67,7 +67,7 @@ import numpy as np
 
 from kavier.models.timing import Costs
 from kavier.sim.kvpool import BlockPool
-from kavier.sim.prefix import PrefixCache
+from kavier.sim.prefix import PrefixCache, first_block
 from kavier.sim.routers import Router
 from kavier.sim.stats import QuantileSketch
 
@@ -228,15 +228,8 @@ class SteppedEngine:
         self.inflight = np.zeros(n, np.int64)   # tokens in batches in flight (PP > 1)
         for replica in self.replicas:
             replica.stage_free = [0.0] * self.pp
-        first_block = None
-        if self.prefix is not None:
-            content, size = self.prefix.content, self.block_size
-
-            def first_block(i):
-                row = content.row(i)
-                part = row[:1] if content.kind == "hashes" else row[:size]
-                return part.tobytes() if part.size else None
-        self.router = Router(cfg.router, cfg.replicas, sessions, first_block)
+        self.router = Router(cfg.router, cfg.replicas, sessions,
+                             first_block(self.prefix, self.block_size))
         self.itl = QuantileSketch()
         self.cache_queries = self.cache_hits = 0
         self.exact_queries = 0

@@ -206,3 +206,19 @@ class PrefixCache:
 def stable_hash(data: bytes) -> int:
     """64-bit BLAKE2b of ``data`` as an int: the same in every process (unlike ``hash``)."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def first_block(prefix: PrefixCache | None, block_size: int):
+    """``f(i)`` → the bytes of request ``i``'s first prompt block (its first hash, for hashed
+    content), or None when its prompt is empty; None without prompt content (the
+    ``prefix-affinity`` router's key when there are no sessions)."""
+    if prefix is None:
+        return None
+    content = prefix.content
+
+    def key(i: int) -> bytes | None:
+        row = content.row(i)
+        part = row[:1] if content.kind == "hashes" else row[:block_size]
+        return part.tobytes() if part.size else None
+
+    return key

@@ -41,12 +41,19 @@ class Router:
             return 0
         if self.name == "round-robin":
             return (self._routed - 1) % self.replicas
-        if self.name == "prefix-affinity":
-            key = None
-            if self.sessions is not None:
-                key = b"session" + str(self.sessions[i]).encode()
-            elif self.first_block is not None:
-                key = self.first_block(i)
-            if key is not None:
-                return stable_hash(key) % self.replicas
+        fixed = self.fixed(i)
+        if fixed is not None:
+            return fixed
         return min(range(self.replicas), key=lambda k: (outstanding[k], k))
+
+    def fixed(self, i: int) -> int | None:
+        """The replica ``prefix-affinity`` sends request ``i`` to whatever the load (its
+        session's or first block's hash), or None (other routers, or neither key)."""
+        if self.name != "prefix-affinity":
+            return None
+        key = None
+        if self.sessions is not None:
+            key = b"session" + str(self.sessions[i]).encode()
+        elif self.first_block is not None:
+            key = self.first_block(i)
+        return None if key is None else stable_hash(key) % self.replicas
