@@ -7,6 +7,10 @@ Prints wall seconds and simulated requests per second of :func:`kavier.sim.simul
   (Llama-3-8B on A100-80GB, roofline defaults, vLLM's scheduler defaults, least-outstanding),
   on the compiled loop (:mod:`kavier.sim.compiled`) and, with ``--python``, on the Python
   engine it compiles;
+* the Mooncake conversation trace (12,031 requests with their prompts' block hashes) on 8
+  replicas with the ``blocks`` prefix cache (vLLM's automatic prefix caching in each KV pool),
+  prefix-affinity routing; the line after it times hashing the prompt blocks alone, which
+  both engines do first;
 * a 1,000,000-request trace (the Azure trace repeated with arrivals shifted by its span) on 64
   replicas (``--million``; minutes);
 * the Marconi-shaped workload (96,584 requests) one at a time, back to back, thesis timing on an
@@ -32,14 +36,16 @@ from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import PowerModel
 from kavier.models.timing import make_timing
 from kavier.sim.config import EngineConfig
+from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
 from kavier.sim.simulation import simulate
 from kavier.sim.sustainability import Sustainability
 
 
-def timed(label: str, table: pa.Table, timing, config: EngineConfig, path="auto") -> None:
+def timed(label: str, table: pa.Table, timing, config: EngineConfig, path="auto",
+          prefix=None) -> None:
     sus = Sustainability(PowerModel.linear_for(timing.gpu))
     start = time.perf_counter()
-    s = simulate(table, timing, config, 16, None, sus, lambda t: None, lambda b, p: None,
+    s = simulate(table, timing, config, 16, prefix, sus, lambda t: None, lambda b, p: None,
                  path=path)
     wall = time.perf_counter() - start
     print(f"{label:<52} {wall:>8.2f} s  {table.num_rows / wall:>9,.0f} req/s  "
@@ -74,6 +80,17 @@ def main() -> None:
         if args.python:
             timed(f"azure conv, {n} × A100-80GB, batched", azure, a100,
                   EngineConfig(replicas=n), path="stepped")
+    mooncake = archive.read_trace("mooncake-fast25-conversation")
+    for path in ("auto", "stepped") if args.python else ("auto",):
+        timed("mooncake conv, 8 × A100-80GB, prefix cache (blocks)", mooncake.table, a100,
+              EngineConfig(replicas=8, router="prefix-affinity"), path,
+              PrefixCache(PrefixCacheConfig("blocks"), mooncake.content))
+    cache, n_in = PrefixCache(PrefixCacheConfig("blocks"), mooncake.content), \
+        mooncake.table.column("n_input_tokens").to_numpy()
+    start = time.perf_counter()
+    n_keys = sum(len(cache.block_keys(i, int(n) // 16)) for i, n in enumerate(n_in))
+    print(f"{'  of which hashing the prompt blocks':<52} {time.perf_counter() - start:>8.2f} s"
+          f"  ({n_keys:,} block keys)", flush=True)
     if args.million:
         timed("1,000,000 requests (azure × 52), 64 × A100-80GB", repeated(azure, 1_000_000),
               a100, EngineConfig(replicas=64))

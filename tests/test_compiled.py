@@ -59,6 +59,10 @@ CASES = {
         tensor_parallel_size=2, max_num_seqs=64)),
     "mixture of experts": (("Qwen3-30B-A3B", "RTX-PRO-6000", 1), TimingParams(),
                            EngineConfig(replicas=2, num_gpu_blocks=2000)),
+    "data-parallel ranks with expert parallelism, in lockstep": (
+        ("Qwen3-30B-A3B", "RTX-PRO-6000", 1), TimingParams(batch_step_overhead_s=0.001),
+        EngineConfig(replicas=2, enable_expert_parallel=True, num_gpu_blocks=1500,
+                     max_num_seqs=32)),
 }
 
 
@@ -66,7 +70,8 @@ CASES = {
 def test_compiled_and_python_engines_give_identical_runs(azure, case):
     (llm, gpu, tp), params, config = CASES[case]
     timing = RooflineTiming(llm_library().get(llm), gpu_library().get(gpu), params,
-                            tensor_parallel_size=tp)
+                            tensor_parallel_size=tp,
+                            expert_parallel_size=config.expert_parallel_size)
     python = run(azure, timing, config, "stepped")
     fast = run(azure, timing, config, "auto")
     assert python[2]["engine_path"] == "stepped" and fast[2]["engine_path"] == "compiled"
@@ -74,8 +79,10 @@ def test_compiled_and_python_engines_give_identical_runs(azure, case):
     assert (python[1] is fast[1] is None) or python[1].equals(fast[1])
     assert {k: v for k, v in python[2].items() if k != "engine_path"} == {
         k: v for k, v in fast[2].items() if k != "engine_path"}
-    if case == "preemptions":
+    if case in ("preemptions", "data-parallel ranks with expert parallelism, in lockstep"):
         assert python[2]["preemptions"] > 100
+    if "lockstep" in case:                       # idle ranks ran dummy batches
+        assert (python[1]["n_seqs"] == 0).any()
     if case.startswith("timeouts"):
         assert 0 < (python[0]["status"] == "timeout").sum() < len(python[0])
     if case.startswith("front end"):                  # every request gives up in the front end
@@ -110,6 +117,8 @@ def test_compiled_path_is_refused_where_it_does_not_apply(azure):
     assert compiled.applies(timing, resolve(EngineConfig(), True), None)
     exact = PrefixCache(PrefixCacheConfig("prefill", min_tokens=512),
                         archive.read_trace("mooncake-fast25-conversation").content)
+    assert compiled.applies(timing, EngineConfig(replicas=2, enable_expert_parallel=True),
+                            None)
     for config, prefix in ((EngineConfig(back_to_back=True, max_num_seqs=4), None),
                            (EngineConfig(pipeline_parallel_size=2), None),
                            (EngineConfig(), exact)):

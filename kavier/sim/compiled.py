@@ -5,9 +5,11 @@ It is the same scheduler, step for step — vLLM V1's iteration-level loop of
 :mod:`kavier.sim.engine` (running requests first, FCFS admissions within the token budget,
 ``max_num_seqs`` and the KV pool, recompute preemption of the newest with no admissions in
 that step, chunked prefill on or off, async scheduling, client timeouts, decode runs computed
-at once and cut by arrivals), the same KV pool (:class:`~kavier.sim.kvpool.BlockPool`: plain
-and cached blocks, reference counts, lazy LRU eviction, the ``blocks`` prefix cache with its
-chained block keys, found again after a preemption), the same routers — and the same
+at once and cut by arrivals; data-parallel ranks with expert parallelism stepping in
+lockstep, with dummy batches on idle ranks), the same KV pool
+(:class:`~kavier.sim.kvpool.BlockPool`: plain and cached blocks, reference counts, lazy LRU
+eviction, the ``blocks`` prefix cache with its chained block keys, found again after a
+preemption), the same routers — and the same
 arithmetic: the step costs of :meth:`RooflineTiming.step_costs` and
 :meth:`RooflineTiming.decode_run` term by term in the same order, the functions of a step's
 token count (weights a mixture of experts streams, their floor, the collectives) tabulated by
@@ -15,8 +17,8 @@ the timing itself, and sums in numpy's pairwise order. ``tests/test_compiled.py`
 engines over many configurations and requires equal request records, timelines and summaries.
 
 It applies (:func:`applies`) with the roofline timing and the KV cache on, one pipeline stage,
-no lockstep data parallelism, no exact-match prompt cache (``prefill``/``full``), and requests
-sent at their trace times; every other run steps in Python. The only difference is speed: the
+no exact-match prompt cache (``prefill``/``full``), and requests sent at their trace times;
+every other run steps in Python. The only difference is speed: the
 Python loop costs about 80 µs per scheduled step, this one about 2 µs
 (``benchmarks/bench_engine.py``).
 
@@ -60,9 +62,9 @@ TI_REPLICA, TI_STEPS, TI_SEQS, TI_PREFILL, TI_DECODE, TI_KV = range(6)
 TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
 # timing constants
 K_F, K_FA, K_PASS, K_BKV, K_TOK, K_BSTEP, K_BSEQ, K_SHARP, K_MP2, K_LM, K_APOS, K_KVB, \
-    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG = range(17)
+    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG, K_DUMMY = range(18)
 # engine settings
-S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR, S_PREFIX = range(7)
+S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR, S_PREFIX, S_LOCK = range(8)
 
 INTERVALS = 65_536
 """Timeline intervals the loop collects before it hands them on."""
@@ -72,8 +74,7 @@ def applies(timing, config, prefix) -> bool:
     """Whether the compiled loop runs this configuration (the module docstring's list)."""
     return (isinstance(timing, RooflineTiming) and timing.kv_cache
             and (prefix is None or prefix.config.policy == "blocks")
-            and config.pipeline_parallel_size == 1 and not config.back_to_back
-            and not (config.enable_expert_parallel and config.replicas > 1))
+            and config.pipeline_parallel_size == 1 and not config.back_to_back)
 
 
 # --- arithmetic, as numpy and the timing do it ------------------------------------------------
@@ -545,7 +546,7 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
     n_dec = 0
     for b in range(nb):
         n_dec += bdec[r, b]
-    if n_dec < nb:                               # one step with prefill work
+    if n_dec < nb or s[S_LOCK]:                  # one step (with prefill work, or a rank's)
         for b in range(nb):
             _allocate(ri, pi, kv, g, r, bids[r, b], bnew[r, b], bs)
             work[4, b] = ri[bids[r, b], COMPUTED]
@@ -702,11 +703,63 @@ def _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work
         _fail(ri, rf, i)
         return
     _push(ri, pi, r, i, False)
-    if not pi[r, BUSY]:                          # an idle engine schedules at once
+    if not pi[r, BUSY] and s[S_LOCK]:            # an idle group schedules at once
+        pf[:, CUTOFF] = now
+        _start_group(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, now)
+    elif not pi[r, BUSY]:                        # an idle engine schedules at once
         pf[r, CUTOFF] = now
         _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now)
-    elif pi[r, NRUN] < s[S_MAXSEQS]:
+    elif pi[r, NRUN] < s[S_MAXSEQS] and not s[S_LOCK]:
         _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, now)
+
+
+@njit(cache=True)
+def _start_group(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, now):
+    """:meth:`SteppedEngine._start_group`: every rank schedules its batch; all last as long as
+    the slowest; a rank without work runs the dummy one-token batch (``k[K_DUMMY:]``)."""
+    longest = -np.inf
+    for r in range(pi.shape[0]):
+        _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r,
+                    now)
+        if pi[r, BUSY]:
+            longest = max(longest, pf[r, BUSY_UNTIL])
+    if longest == -np.inf:
+        return
+    longest = longest - now
+    for r in range(pi.shape[0]):
+        if not pi[r, BUSY]:                      # vLLM's execute_dummy_batch
+            pi[r, BUSY], pi[r, ISRUN], pi[r, NSTEPS], pi[r, NB] = 1, 0, 1, 0
+            pf[r, T0] = now
+            pf[r, C_FLOPS:C_MEM + 1] = k[K_DUMMY + 1:K_DUMMY + 5]
+        pf[r, C_DUR] = longest
+        pf[r, BUSY_UNTIL] = now + longest
+
+
+@njit(cache=True)
+def _loop_lockstep(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, order,
+                   route, counts, gf, tli, tlf, num_blocks):
+    """:meth:`SteppedEngine._run_lockstep`, returning as :func:`_loop` does."""
+    n, replicas = order.size, pi.shape[0]
+    while True:
+        if g[ROWS] + replicas > tli.shape[0]:
+            return False
+        ready = np.inf
+        if g[NEXT_ARRIVAL] < n:
+            ready = rf[order[g[NEXT_ARRIVAL]], ARRIVAL] + k[K_FRONT]
+        until = pf[0, BUSY_UNTIL]
+        if ready < np.inf and (not pi[0, BUSY] or ready <= until):
+            i = order[g[NEXT_ARRIVAL]]
+            g[NEXT_ARRIVAL] += 1
+            _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, route,
+                    i, ready)
+        elif pi[0, BUSY]:
+            for r in range(replicas):
+                _finish_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch,
+                             counts, gf, tli, tlf, num_blocks, r)
+            _start_group(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work,
+                         until)
+        else:
+            return True
 
 
 @njit(cache=True)
@@ -760,7 +813,7 @@ class CompiledEngine:
 
     def _constants(self) -> np.ndarray:
         t, p, cfg = self.timing, self.timing.params, self.config
-        k = np.zeros(17)
+        k = np.zeros(K_DUMMY + 5)
         k[[K_F, K_FA, K_PASS, K_BKV, K_TOK, K_BSTEP, K_BSEQ]] = (
             t._flops_per_s, t._attention_flops_per_s, t._pass_compute_s, t._kv_bytes_per_s,
             p.token_overhead_s, p.batch_step_overhead_s, p.batch_seq_overhead_s)
@@ -770,6 +823,7 @@ class CompiledEngine:
             t.kv_bytes_per_token, p.request_overhead_s)
         k[K_TIMEOUT] = np.inf if cfg.request_timeout_s is None else cfg.request_timeout_s
         k[[K_LO, K_HI, K_LOGG]] = self.itl.bins[:3]
+        k[K_DUMMY:] = t.step_costs(np.ones(1), np.zeros(1), 1)   # an idle rank's batch
         return k
 
     def _tables(self, most_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -806,7 +860,8 @@ class CompiledEngine:
             route[:] = [-1 if (r := router.fixed(i)) is None else r for i in range(n)]
         s = np.array([cfg.max_num_batched_tokens, seqs, bool(cfg.chunked_prefill),
                       bool(cfg.async_scheduling), self.block_size,
-                      cfg.router == "round-robin", self.prefix is not None], np.int64)
+                      cfg.router == "round-robin", self.prefix is not None,
+                      cfg.enable_expert_parallel and replicas > 1], np.int64)
         kv = self._pool(n_in, replicas)
         most = int(max(cfg.max_num_batched_tokens, (n_in + n_out).max(initial=0))) + seqs
         t = self._tables(most)
@@ -821,8 +876,9 @@ class CompiledEngine:
         done = False
         while not done:
             g[ROWS] = 0
-            done = _loop(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work,
-                         order, route, counts, gf, tli, tlf, self.num_blocks)
+            done = (_loop_lockstep if s[S_LOCK] else _loop)(
+                k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, order,
+                route, counts, gf, tli, tlf, self.num_blocks)
             self._emit(tli[:g[ROWS]], tlf[:g[ROWS]])
         self.timeline.flush()
         self.itl.add_counts(counts, int(g[ZEROS]), float(gf[0]), float(gf[1]))
