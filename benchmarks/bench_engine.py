@@ -9,7 +9,7 @@ Prints wall seconds and simulated requests per second of :func:`kavier.sim.simul
   engine it compiles;
 * the Mooncake conversation trace (12,031 requests with their prompts' block hashes) on 8
   replicas with the ``blocks`` prefix cache (vLLM's automatic prefix caching in each KV pool),
-  prefix-affinity routing; the line after it times hashing the prompt blocks alone, which
+  least-outstanding routing; the line after it times hashing the prompt blocks alone, which
   both engines do first;
 * a 1,000,000-request trace (the Azure trace repeated with arrivals shifted by its span) on 64
   replicas (``--million``; minutes);
@@ -83,7 +83,7 @@ def main() -> None:
     mooncake = archive.read_trace("mooncake-fast25-conversation")
     for path in ("auto", "stepped") if args.python else ("auto",):
         timed("mooncake conv, 8 × A100-80GB, prefix cache (blocks)", mooncake.table, a100,
-              EngineConfig(replicas=8, router="prefix-affinity"), path,
+              EngineConfig(replicas=8), path,
               PrefixCache(PrefixCacheConfig("blocks"), mooncake.content))
     cache, n_in = PrefixCache(PrefixCacheConfig("blocks"), mooncake.content), \
         mooncake.table.column("n_input_tokens").to_numpy()

@@ -34,8 +34,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
-from numba.typed import Dict, List
+from numba import njit
 
 from kavier.models.timing import RooflineTiming
 from kavier.sim.engine import MAX_RUN_STEPS
@@ -49,14 +48,14 @@ N_IN, N_OUT, PROMPT, COMPUTED, GENERATED, BLOCKS, PREEMPT, ADMITTED, REPLICA, TI
 # request columns (float): times, s
 ARRIVAL, DEADLINE, SCHEDULED, FIRST, LAST, END = range(6)
 # replica columns (int)
-FREE, NRUN, HEAD, TAIL, NWAIT, LAGGED, BUSY, NSTEPS, ISRUN, NB, SUMC = range(11)
+FREE, PLAIN, NRUN, HEAD, TAIL, NWAIT, LAGGED, BUSY, NSTEPS, ISRUN, NB, SUMC = range(12)
 # replica columns (float)
 BUSY_UNTIL, CUTOFF, T0, C_DUR, C_FLOPS, C_BYTES, C_COMP, C_MEM = range(8)
 # global counters
 NEXT_ARRIVAL, ROUTED, ROWS, ZEROS, QUERIES, HITS, EVICTIONS = range(7)
 # the KV pool's cached blocks: per slot, per replica
 SL_REF, SL_KEY, SL_PREV, SL_NEXT = range(4)
-L_HEAD, L_TAIL, L_TOP, L_PLAIN = range(4)
+L_HEAD, L_TAIL, L_TOP = range(3)
 # timeline columns
 TI_REPLICA, TI_STEPS, TI_SEQS, TI_PREFILL, TI_DECODE, TI_KV = range(6)
 TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
@@ -277,10 +276,39 @@ def _fail(ri, rf, i):
 
 
 # --- the KV pool (kavier.sim.kvpool.BlockPool) ---------------------------------------------
-# kv = (keys, koff, held, slots, stack, lru, index): every request's chained prompt-block keys
+# kv = (keys, koff, held, slots, stack, lru, table): every request's chained prompt-block keys
 # (keys[koff[i]:koff[i + 1]]) and which of them it holds cached; per replica the cached blocks
 # in slots (reference count, key, LRU neighbours), a stack of unused slots, the LRU list of
-# evictable slots with the plain free blocks (lru), and key → slot (index, one dict each).
+# evictable slots (lru), and key → slot (table: open addressing with linear probing, [key,
+# slot] pairs, slot -1 empty; the keys are already hashes, so their low bits place them).
+
+@njit(cache=True)
+def _find(table, r, key):
+    """Position of ``key`` in replica ``r``'s table, or of the empty place it would take."""
+    mask = table.shape[1] - 1
+    p = key & mask
+    while table[r, p, 1] >= 0 and table[r, p, 0] != key:
+        p = (p + 1) & mask
+    return p
+
+
+@njit(cache=True)
+def _forget(table, r, key):
+    """Delete ``key`` (present) from the table, shifting the entries after it back so that
+    every key stays reachable from its home place (backward-shift deletion)."""
+    mask = table.shape[1] - 1
+    p = _find(table, r, key)
+    table[r, p, 1] = -1
+    q = p
+    while True:
+        q = (q + 1) & mask
+        if table[r, q, 1] < 0:
+            return
+        if ((q - (table[r, q, 0] & mask)) & mask) >= ((q - p) & mask):
+            table[r, p, 0], table[r, p, 1] = table[r, q, 0], table[r, q, 1]
+            table[r, q, 1] = -1
+            p = q
+
 
 @njit(cache=True)
 def _unlink(slots, lru, r, slot):
@@ -296,40 +324,48 @@ def _unlink(slots, lru, r, slot):
 
 
 @njit(cache=True)
-def _take(pi, kv, g, r, n):
-    """:meth:`BlockPool.allocate`: ``n`` free blocks, plain ones first, then the least
-    recently used cached ones (evicted)."""
-    slots, stack, lru, index = kv[3], kv[4], kv[5], kv[6]
-    plain = min(n, lru[r, L_PLAIN])
-    lru[r, L_PLAIN] -= plain
+def _take(pi, r, n):
+    """:meth:`BlockPool.allocate` of ``n`` free blocks, plain ones first: returns how many
+    least recently used cached blocks must be evicted for the rest (:func:`_evict`). Kept
+    apart from the eviction so that the per-request calls pass no pool tables."""
+    plain = min(n, pi[r, PLAIN])
+    pi[r, PLAIN] -= plain
     pi[r, FREE] -= n
-    for _ in range(n - plain):
+    return n - plain
+
+
+@njit(cache=True)
+def _evict(kv, g, r, n):
+    """Evict the ``n`` least recently used cached blocks (their keys are forgotten)."""
+    slots, stack, lru, table = kv[3], kv[4], kv[5], kv[6]
+    for _ in range(n):
         slot = lru[r, L_HEAD]
         _unlink(slots, lru, r, slot)
-        del index[r][slots[r, slot, SL_KEY]]
+        _forget(table, r, slots[r, slot, SL_KEY])
         stack[r, lru[r, L_TOP]] = slot
         lru[r, L_TOP] += 1
         g[EVICTIONS] += 1
 
 
 @njit(cache=True)
-def _give(pi, kv, r, n):
+def _give(pi, r, n):
     """Plain blocks back to the pool."""
-    kv[5][r, L_PLAIN] += n
+    pi[r, PLAIN] += n
     pi[r, FREE] += n
 
 
 @njit(cache=True)
 def _match(kv, r, i, limit):
     """:meth:`BlockPool.match` of request ``i``'s keys: (blocks hit, of them evictable)."""
-    keys, koff, slots, index = kv[0], kv[1], kv[3], kv[6]
+    keys, koff, slots, table = kv[0], kv[1], kv[3], kv[6]
     hit = from_free = 0
     lo = koff[i]
     for b in range(min(limit, koff[i + 1] - lo)):
-        if keys[lo + b] not in index[r]:
+        p = _find(table, r, keys[lo + b])
+        if table[r, p, 1] < 0:
             break
         hit += 1
-        if slots[r, index[r][keys[lo + b]], SL_REF] == 0:
+        if slots[r, table[r, p, 1], SL_REF] == 0:
             from_free += 1
     return hit, from_free
 
@@ -337,9 +373,9 @@ def _match(kv, r, i, limit):
 @njit(cache=True)
 def _acquire(ri, pi, kv, r, i, hit):
     """:meth:`BlockPool.acquire` of request ``i``'s first ``hit`` blocks."""
-    keys, koff, held, slots, lru, index = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
+    keys, koff, held, slots, lru, table = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
     for b in range(hit):
-        slot = index[r][keys[koff[i] + b]]
+        slot = table[r, _find(table, r, keys[koff[i] + b]), 1]
         if slots[r, slot, SL_REF] == 0:
             _unlink(slots, lru, r, slot)
             pi[r, FREE] -= 1
@@ -352,16 +388,17 @@ def _acquire(ri, pi, kv, r, i, hit):
 def _register(ri, kv, r, i, bs):
     """:meth:`SteppedEngine._register`: request ``i``'s newly full prompt blocks get their
     keys, unless a block with that key is cached already."""
-    keys, koff, held, slots, stack, lru, index = kv
+    keys, koff, held, slots, stack, lru, table = kv
     lo = koff[i]
     full = min(ri[i, COMPUTED] // bs, koff[i + 1] - lo)
     for b in range(ri[i, REGISTERED], full):
-        if keys[lo + b] in index[r]:
+        p = _find(table, r, keys[lo + b])
+        if table[r, p, 1] >= 0:
             continue
         lru[r, L_TOP] -= 1
         slot = stack[r, lru[r, L_TOP]]
         slots[r, slot, SL_REF], slots[r, slot, SL_KEY] = 1, keys[lo + b]
-        index[r][keys[lo + b]] = slot
+        table[r, p, 0], table[r, p, 1] = keys[lo + b], slot
         held[lo + b] = 1
         ri[i, HASHED] += 1
     ri[i, REGISTERED] = max(ri[i, REGISTERED], full)
@@ -371,14 +408,14 @@ def _register(ri, kv, r, i, bs):
 def _release(ri, pi, kv, r, i):
     """:meth:`SteppedEngine._release`: request ``i``'s plain blocks back, its cached ones
     in reverse prompt order to the LRU end once nobody holds them."""
-    keys, koff, held, slots, lru, index = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
-    _give(pi, kv, r, ri[i, BLOCKS] - ri[i, HASHED])
+    _give(pi, r, ri[i, BLOCKS] - ri[i, HASHED])
     if ri[i, HASHED]:
+        keys, koff, held, slots, lru, table = kv[0], kv[1], kv[2], kv[3], kv[5], kv[6]
         for b in range(koff[i + 1] - 1, koff[i] - 1, -1):
             if not held[b]:
                 continue
             held[b] = 0
-            slot = index[r][keys[b]]
+            slot = table[r, _find(table, r, keys[b]), 1]
             slots[r, slot, SL_REF] -= 1
             if slots[r, slot, SL_REF] == 0:
                 t = lru[r, L_TAIL]
@@ -394,15 +431,15 @@ def _release(ri, pi, kv, r, i):
 
 
 @njit(cache=True)
-def _allocate(ri, pi, kv, g, r, i, ahead, bs):
-    """:meth:`SteppedEngine._allocate` for one request."""
+def _allocate(ri, pi, r, i, ahead, bs):
+    """:meth:`SteppedEngine._allocate` for one request; returns the cached blocks to evict
+    (:func:`_take`)."""
     target = -(-(ri[i, COMPUTED] + ahead) // bs)
     extra = target - ri[i, BLOCKS]
-    if extra > 0:
-        _take(pi, kv, g, r, extra)
-    elif extra < 0:
-        _give(pi, kv, r, -extra)
     ri[i, BLOCKS] = target
+    if extra < 0:
+        _give(pi, r, -extra)
+    return _take(pi, r, extra) if extra > 0 else 0
 
 
 @njit(cache=True)
@@ -443,7 +480,9 @@ def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
     nb = 0
     if extra <= pi[r, FREE]:
         if extra:                                # before admissions take blocks
-            _take(pi, kv, g, r, extra)
+            evict = _take(pi, r, extra)
+            if evict:
+                _evict(kv, g, r, evict)
         for p in range(nrun):
             i, new = run[r, p], bnew[r, p]
             ri[i, BLOCKS] = max(-(-(ri[i, COMPUTED] + new) // bs), ri[i, BLOCKS])
@@ -472,7 +511,9 @@ def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
             here = victim != i
         if not here or -(-(ri[i, COMPUTED] + new) // bs) - ri[i, BLOCKS] > pi[r, FREE]:
             continue
-        _allocate(ri, pi, kv, g, r, i, new, bs)
+        evict = _allocate(ri, pi, r, i, new, bs)
+        if evict:
+            _evict(kv, g, r, evict)
         budget -= new
         bids[r, nb] = i
         bnew[r, nb] = new
@@ -522,7 +563,9 @@ def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budge
             ri[i, ADMITTED] = 1
             rf[i, SCHEDULED] = now
             ri[i, REUSED] = start
-        _allocate(ri, pi, kv, g, r, i, new, bs)
+        evict = _allocate(ri, pi, r, i, new, bs)
+        if evict:
+            _evict(kv, g, r, evict)
         budget -= new
         bids[r, nb] = i
         bnew[r, nb] = new
@@ -548,7 +591,9 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
         n_dec += bdec[r, b]
     if n_dec < nb or s[S_LOCK]:                  # one step (with prefill work, or a rank's)
         for b in range(nb):
-            _allocate(ri, pi, kv, g, r, bids[r, b], bnew[r, b], bs)
+            evict = _allocate(ri, pi, r, bids[r, b], bnew[r, b], bs)
+            if evict:
+                _evict(kv, g, r, evict)
             work[4, b] = ri[bids[r, b], COMPUTED]
         out = np.empty(5)
         _step_costs(k, wb, floor, comm, bnew[r], work[4], nb, n_dec, work, out)
@@ -583,7 +628,9 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
                 steps = j + 1
                 break
     for b in range(nb):
-        _allocate(ri, pi, kv, g, r, bids[r, b], steps, bs)
+        evict = _allocate(ri, pi, r, bids[r, b], steps, bs)
+        if evict:
+            _evict(kv, g, r, evict)
     pi[r, ISRUN], pi[r, NSTEPS], pi[r, SUMC] = 1, steps, sumc
     pf[r, BUSY_UNTIL] = now + _pairwise(scratch[0], 0, steps)
 
@@ -599,7 +646,7 @@ def _run_blocks(ri, bids, r, nb, steps, bs):
 
 
 @njit(cache=True)
-def _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, at):
+def _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, at):
     """:meth:`SteppedEngine._interrupt`: end a decode run at the first boundary at or after
     ``at``."""
     steps = pi[r, NSTEPS]
@@ -617,7 +664,7 @@ def _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, at):
         pi[r, NSTEPS] = keep
         pf[r, BUSY_UNTIL] = pf[r, T0] + acc
         for b in range(pi[r, NB]):
-            _allocate(ri, pi, kv, g, r, bids[r, b], keep, s[S_BS])
+            _allocate(ri, pi, r, bids[r, b], keep, s[S_BS])   # gives blocks back
 
 
 @njit(cache=True)
@@ -710,7 +757,7 @@ def _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work
         pf[r, CUTOFF] = now
         _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now)
     elif pi[r, NRUN] < s[S_MAXSEQS] and not s[S_LOCK]:
-        _interrupt(k, s, t, ri, pi, kv, g, pf, bids, scratch, r, now)
+        _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, now)
 
 
 @njit(cache=True)
@@ -849,8 +896,8 @@ class CompiledEngine:
         ri[:, PROMPT], ri[:, REPLICA] = n_in, -1
         rf = np.full((n, 6), np.nan)
         rf[:, ARRIVAL], rf[:, DEADLINE] = arrival, np.inf
-        pi = np.zeros((replicas, 11), np.int64)
-        pi[:, FREE] = self.num_blocks
+        pi = np.zeros((replicas, 12), np.int64)
+        pi[:, FREE] = pi[:, PLAIN] = self.num_blocks
         pf = np.zeros((replicas, 8))
         order = np.argsort(rf[:, ARRIVAL], kind="stable")
         route = np.full(n, -1, np.int64)         # prefix-affinity's fixed replicas
@@ -912,11 +959,11 @@ class CompiledEngine:
         slots = np.full((replicas, cap, 4), -1, np.int64)
         slots[:, :, SL_REF] = 0
         stack = np.tile(np.arange(cap, dtype=np.int64), (replicas, 1))
-        lru = np.full((replicas, 4), -1, np.int64)
-        lru[:, L_TOP], lru[:, L_PLAIN] = cap, self.num_blocks
-        index = List([Dict.empty(types.int64, types.int64) for _ in range(replicas)])
+        lru = np.full((replicas, 3), -1, np.int64)
+        lru[:, L_TOP] = cap
+        table = np.full((replicas, 1 << int(2 * cap - 1).bit_length(), 2), -1, np.int64)
         return (flat.view(np.int64), koff, np.zeros(flat.size, np.int64), slots, stack, lru,
-                index)
+                table)
 
     def cache_counters(self) -> dict:
         """Prefix-cache counters summed over the replicas (tokens; evicted blocks)."""
