@@ -19,7 +19,7 @@ engines over many configurations and requires equal request records, timelines a
 It applies (:func:`applies`) with the roofline timing and the KV cache on, one pipeline stage,
 no exact-match prompt cache (``prefill``/``full``), and requests sent at their trace times;
 every other run steps in Python. The only difference is speed: the
-Python loop costs about 80 µs per scheduled step, this one about 2 µs
+Python loop costs about 80 µs per scheduled step, this one about 3 µs
 (``benchmarks/bench_engine.py``).
 
 The loop keeps all its state in arrays and returns whenever its buffer of timeline intervals
