@@ -1,0 +1,58 @@
+"""How far the library defaults are from each bundled serving run, and which way: replays every
+run uncalibrated and prints, per run, the per-request MAPE of TTFT, TPOT and E2E over all
+requests and the median (p10, p90) of predicted / measured — a ratio under 1 is a model faster
+than the GPU. With ``--param NAME=V1,V2,...`` it repeats the replays with that timing parameter
+(:class:`kavier.models.timing.TimingParams`) set to each value, to see whether one physical
+term explains a run's miss or needs others beside it.
+
+Run: ``python benchmarks/serving_defaults.py [--param allreduce_latency_s=1.5e-5,3e-5]``
+(about a second per replay; the MoE run's lockstep ranks are the slowest).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from archive.serving import read_serving
+from calibrate.serving import METRICS, measured, replay_for, score
+
+RUNS = ("vllm-serving-rtxpro6000-llama3.1-8b", "vllm-serving-rtx4090-llama3.1-8b",
+        "vllm-serving-rtxpro6000-qwen3-32b-tp2", "vllm-serving-rtxpro6000-qwen3-30b-a3b")
+
+
+def line(run, replay, params, label: str) -> str:
+    predicted, _, _ = replay.with_params(params).predict()
+    truth = measured(run)
+    s = score(truth, predicted, np.ones(len(predicted), bool))
+    cells = []
+    for m in METRICS:
+        ratio = np.asarray(predicted[m], float) / np.asarray(truth[m], float)
+        p10, p50, p90 = np.nanpercentile(ratio, [10, 50, 90])
+        cells.append(f"{s[m]['mape_pct']:6.2f} % ({p50:.3f}, {p10:.2f}–{p90:.2f})")
+    return f"  {label:<28}" + "  ".join(cells)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--param", help="NAME=V1,V2,... : a timing parameter to sweep")
+    args = parser.parse_args()
+    sweep = []
+    if args.param:
+        name, _, values = args.param.partition("=")
+        sweep = [(name, float(v)) for v in values.split(",")]
+    print("per run: MAPE over all requests (median predicted/measured, p10–p90) for "
+          + ", ".join(METRICS))
+    for name in RUNS:
+        run = read_serving(name)
+        replay = replay_for(run)
+        print(f"{name} ({len(measured(run))} requests)", flush=True)
+        base = replay.timing.params
+        print(line(run, replay, base, "library defaults"), flush=True)
+        for key, value in sweep:
+            print(line(run, replay, base.with_(**{key: value}), f"{key}={value:g}"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
