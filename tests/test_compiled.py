@@ -172,3 +172,24 @@ def test_moe_with_one_expert_runs_compiled_like_the_dense_model(azure):
            for m in (dense, one)]
     assert out[0][2]["engine_path"] == out[1][2]["engine_path"] == "compiled"
     np.testing.assert_allclose(out[0][0]["e2e_s"], out[1][0]["e2e_s"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_compiled_loop_resumes_when_its_timeline_buffer_fills(azure, monkeypatch, lockstep):
+    """The loop returns every INTERVALS rows and carries on: with a buffer of 7 rows the run
+    hands its timeline out in many batches and still equals the Python engine's."""
+    llm = llm_library().get("Qwen3-30B-A3B" if lockstep else "Llama-3-8B")
+    config = EngineConfig(replicas=2, enable_expert_parallel=lockstep, num_gpu_blocks=3000)
+    timing = RooflineTiming(llm, gpu_library().get("RTX-PRO-6000"),
+                            expert_parallel_size=config.expert_parallel_size)
+    table = azure.slice(0, 200)
+    python = run(table, timing, config, "stepped")
+    monkeypatch.setattr(compiled, "INTERVALS", 7)
+    batches = []
+    sus = Sustainability(PowerModel.linear_for(timing.gpu))
+    reqs = []
+    simulate(table, timing, config, 16, None, sus, reqs.append,
+             lambda b, p: batches.append(b))
+    assert len(batches) > 50 and max(b.num_rows for b in batches) <= 7
+    assert pa.concat_tables(reqs).to_pandas().equals(python[0])
+    assert pa.Table.from_batches(batches).to_pandas().equals(python[1])
