@@ -609,10 +609,10 @@ class RooflineTiming(_TimingBase):
         matmul = k * (n * (2.0 * self._matmul_params + self._lm_head_flops))
         attention = self._attention_flops_per_position * pairs
         kv = self.kv_bytes_per_token * pairs
-        weights = k * float(self.weight_bytes(float(n)))
-        memory = k * float(self._floor_of(self.weight_bytes(float(n)))) + kv / self._kv_bytes_per_s
-        return (matmul + attention, weights + kv, float(self._compute_s(matmul, attention, k)),
-                memory)
+        weights = float(self.weight_bytes(float(n)))
+        memory = k * float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
+        return (matmul + attention, k * weights + kv,
+                float(self._compute_s(matmul, attention, k)), memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after

@@ -202,10 +202,16 @@ def _itl(k, counts, g, gf, value, weight):
     gf[0] = min(gf[0], value)
     gf[1] = max(gf[1], value)
     if value > 0:
-        v = min(max(value, k[K_LO]), k[K_HI])
-        counts[int(math.ceil(math.log(v / k[K_LO]) / k[K_LOGG]))] += weight
+        counts[_bin(k, value)] += weight
     else:
         g[ZEROS] += weight
+
+
+@njit(cache=True)
+def _bin(k, value):
+    """The sketch's bin of a positive value (:attr:`QuantileSketch.bins`)."""
+    v = min(max(value, k[K_LO]), k[K_HI])
+    return int(math.ceil(math.log(v / k[K_LO]) / k[K_LOGG]))
 
 
 @njit(cache=True)
@@ -221,8 +227,9 @@ def _itl_run(k, counts, g, gf, durations, steps, weight):
             counts[b] += weight
             gf[1] = max(gf[1], v)
         elif k[K_LO] < v < k[K_HI]:
-            _itl(k, counts, g, gf, v, weight)
-            b = int(math.ceil(math.log(v / k[K_LO]) / k[K_LOGG]))
+            b = _bin(k, v)
+            counts[b] += weight
+            gf[0], gf[1] = min(gf[0], v), max(gf[1], v)
             edge = k[K_LO] * math.exp(b * k[K_LOGG]) * (1.0 - 1e-9)
         else:
             _itl(k, counts, g, gf, v, weight)
@@ -324,6 +331,18 @@ def _unlink(slots, lru, r, slot):
 
 
 @njit(cache=True)
+def _append(slots, lru, r, slot):
+    """Put ``slot`` at the most recently used end of replica ``r``'s evictable list."""
+    t = lru[r, L_TAIL]
+    slots[r, slot, SL_PREV], slots[r, slot, SL_NEXT] = t, -1
+    if t >= 0:
+        slots[r, t, SL_NEXT] = slot
+    else:
+        lru[r, L_HEAD] = slot
+    lru[r, L_TAIL] = slot
+
+
+@njit(cache=True)
 def _take(pi, r, n):
     """:meth:`BlockPool.allocate` of ``n`` free blocks, plain ones first: returns how many
     least recently used cached blocks must be evicted for the rest (:func:`_evict`). Kept
@@ -418,13 +437,7 @@ def _release(ri, pi, kv, r, i):
             slot = table[r, _find(table, r, keys[b]), 1]
             slots[r, slot, SL_REF] -= 1
             if slots[r, slot, SL_REF] == 0:
-                t = lru[r, L_TAIL]
-                slots[r, slot, SL_PREV], slots[r, slot, SL_NEXT] = t, -1
-                if t >= 0:
-                    slots[r, t, SL_NEXT] = slot
-                else:
-                    lru[r, L_HEAD] = slot
-                lru[r, L_TAIL] = slot
+                _append(slots, lru, r, slot)
                 pi[r, FREE] += 1
     ri[i, HASHED] = 0
     ri[i, BLOCKS] = 0
@@ -450,6 +463,14 @@ def _preempt(ri, pi, kv, g, run, r, i):
     ri[i, PROMPT] = ri[i, N_IN] + ri[i, GENERATED]
     ri[i, PREEMPT] += 1
     _push(ri, pi, r, i, True)
+
+
+@njit(cache=True)
+def _add(bids, bnew, bdec, r, nb, i, new, decoding):
+    """Put request ``i``'s ``new`` tokens into replica ``r``'s batch of ``nb``; the new
+    size."""
+    bids[r, nb], bnew[r, nb], bdec[r, nb] = i, new, 1 if decoding else 0
+    return nb + 1
 
 
 @njit(cache=True)
@@ -487,10 +508,7 @@ def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
             i, new = run[r, p], bnew[r, p]
             ri[i, BLOCKS] = max(-(-(ri[i, COMPUTED] + new) // bs), ri[i, BLOCKS])
             if new > 0:
-                bids[r, nb] = i
-                bnew[r, nb] = new
-                bdec[r, nb] = 1 if ri[i, COMPUTED] >= ri[i, PROMPT] else 0
-                nb += 1
+                nb = _add(bids, bnew, bdec, r, nb, i, new, ri[i, COMPUTED] >= ri[i, PROMPT])
                 budget -= new
         return _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budget)
     # one by one, preempting the newest (_schedule_running); no admissions after it
@@ -515,10 +533,7 @@ def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
         if evict:
             _evict(kv, g, r, evict)
         budget -= new
-        bids[r, nb] = i
-        bnew[r, nb] = new
-        bdec[r, nb] = 1 if decoding else 0
-        nb += 1
+        nb = _add(bids, bnew, bdec, r, nb, i, new, decoding)
     return nb
 
 
@@ -567,10 +582,7 @@ def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budge
         if evict:
             _evict(kv, g, r, evict)
         budget -= new
-        bids[r, nb] = i
-        bnew[r, nb] = new
-        bdec[r, nb] = 0
-        nb += 1
+        nb = _add(bids, bnew, bdec, r, nb, i, new, False)
     return nb
 
 
@@ -950,11 +962,12 @@ class CompiledEngine:
         """Every replica's empty KV pool and every request's prompt-block keys (the ``kv``
         tuple the loop takes; keys only with the ``blocks`` prefix cache)."""
         n = n_in.size
-        keys = [self.prefix.block_keys(i, int(n_in[i]) // self.block_size) for i in range(n)
-                ] if self.prefix is not None else [[] for _ in range(n)]
-        koff = np.zeros(n + 1, np.int64)
-        koff[1:] = np.cumsum([len(k) for k in keys])
-        flat = np.fromiter((key for k in keys for key in k), np.uint64, int(koff[-1]))
+        koff, flat = np.zeros(n + 1, np.int64), np.zeros(0, np.uint64)
+        if self.prefix is not None:
+            keys = [self.prefix.block_keys(i, int(n_in[i]) // self.block_size)
+                    for i in range(n)]
+            koff[1:] = np.cumsum([len(k) for k in keys])
+            flat = np.fromiter((key for k in keys for key in k), np.uint64, int(koff[-1]))
         cap = max(1, min(self.num_blocks, flat.size))   # cached blocks are pool blocks
         slots = np.full((replicas, cap, 4), -1, np.int64)
         slots[:, :, SL_REF] = 0

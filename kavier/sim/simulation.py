@@ -174,8 +174,8 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
                     "evictions": engine.pool.evictions}
         used = "closed-form"
     else:
-        engine, used = _stepped_engine(timing, config, prefix, path)
-        engine = engine(timing, config, blocks, block_size, prefix, timeline)
+        engine_class, used = _stepped_engine(timing, config, prefix, path)
+        engine = engine_class(timing, config, blocks, block_size, prefix, timeline)
         out = engine.run(n_in, n_out, arrival, None if sessions is None
                          else np.asarray(sessions.to_numpy(zero_copy_only=False)))
         itl = engine.itl
