@@ -456,6 +456,16 @@ def _allocate(ri, pi, r, i, ahead, bs):
 
 
 @njit(cache=True)
+def _hold(ri, pi, kv, g, r, i, ahead, bs):
+    """:func:`_allocate` with its evictions, for the once-per-request calls (admission, a
+    preemption pass); the per-step loops over a batch call the two apart so that they pass
+    no pool tables per request (:func:`_take`)."""
+    evict = _allocate(ri, pi, r, i, ahead, bs)
+    if evict:
+        _evict(kv, g, r, evict)
+
+
+@njit(cache=True)
 def _preempt(ri, pi, kv, g, run, r, i):
     _remove(run, pi, r, i)
     _release(ri, pi, kv, r, i)
@@ -529,9 +539,7 @@ def _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now):
             here = victim != i
         if not here or -(-(ri[i, COMPUTED] + new) // bs) - ri[i, BLOCKS] > pi[r, FREE]:
             continue
-        evict = _allocate(ri, pi, r, i, new, bs)
-        if evict:
-            _evict(kv, g, r, evict)
+        _hold(ri, pi, kv, g, r, i, new, bs)
         budget -= new
         nb = _add(bids, bnew, bdec, r, nb, i, new, decoding)
     return nb
@@ -578,9 +586,7 @@ def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budge
             ri[i, ADMITTED] = 1
             rf[i, SCHEDULED] = now
             ri[i, REUSED] = start
-        evict = _allocate(ri, pi, r, i, new, bs)
-        if evict:
-            _evict(kv, g, r, evict)
+        _hold(ri, pi, kv, g, r, i, new, bs)
         budget -= new
         nb = _add(bids, bnew, bdec, r, nb, i, new, False)
     return nb
