@@ -143,7 +143,7 @@ _RANGES = {
     "token_overhead_s": (0.0, None, False), "prefill_floor_s": (0.0, None, True),
     "prefill_sharpness": (1.0, None, True), "batch_step_overhead_s": (0.0, None, False),
     "batch_seq_overhead_s": (0.0, None, False), "allreduce_latency_s": (0.0, None, True),
-    "link_efficiency": (0.0, 1.0, False), "compute_half_tokens": (0.0, None, False),
+    "link_efficiency": (0.0, 1.0, True), "compute_half_tokens": (0.0, None, False),
 }
 """Physical range of each timing parameter: (low, high or None, may be null). Efficiencies are
 fractions of a peak, in (0, 1]; overheads and the floor non-negative seconds; the soft-maximum

@@ -319,8 +319,11 @@ class _Space:
 def _start(timing: RooflineTiming, name: str) -> float:
     params = timing.params
     value = getattr(params, name)
+    link = timing.tp_link if timing.tensor_parallel_size > 1 else timing.ep_link
     if value is None and name == "allreduce_latency_s":     # the link's measured latency
-        value = (timing.tp_link if timing.tensor_parallel_size > 1 else timing.ep_link).latency_s
+        value = link.latency_s
+    if value is None and name == "link_efficiency":          # the link's own share
+        value = link.efficiency
     if value is None:            # kv_memory_efficiency and attention_efficiency fall back
         value = (params.memory_efficiency if name.startswith("kv")
                  else params.compute_efficiency if name.endswith("efficiency") else 0.0)

@@ -163,7 +163,7 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert split.weight_bytes(t) == pytest.approx((shared + 48 * local * expert) * 2)
     assert split.weight_bytes(t) < alone.weight_bytes(t)
     size = t * 2048 * 2                       # all-gather + reduce-scatter per layer
-    expected = 2 * 48 * (7e-6 + size / (64e9 * 0.7))         # PCIe: 7 µs a hop
+    expected = 2 * 48 * (7e-6 + size / (64e9 * 0.25))        # PCIe: 7 µs a hop, 0.25
     assert split.comm_s(t) == pytest.approx(expected) and alone.comm_s(t) == 0.0
     dense_blocks = kv_pool_blocks(llm, gpu, 16)
     assert kv_pool_blocks(llm, gpu, 16, expert_parallel_size=2) > dense_blocks
@@ -341,3 +341,17 @@ def test_pipeline_preempts_only_requests_not_in_flight_and_times_out_after_they_
     assert 0 < timed["n_failed"] < n
     failed = late[late.status != "ok"]
     assert (failed.e2e_s.isna() | (failed.e2e_s <= 2.0 + 1e-9)).all()
+
+
+def test_link_efficiency_defaults_by_kind_of_link_and_a_given_value_overrides_it():
+    llm = llm_library().get("Qwen3-32B")
+    n, size = 64.0, 64 * 5120 * 2
+    for gpu_name, gbps, share in (("RTX-PRO-6000", 64e9, 0.25), ("H100-SXM", 450e9, 0.7)):
+        gpu = gpu_library().get(gpu_name)
+        default = make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=2)
+        assert default.tp_link.efficiency == share
+        latency = default.tp_link.latency_s * default.tp_link.hops
+        assert default.comm_s(n) == pytest.approx(2 * 64 * (latency + size / (gbps * share)))
+        given = make_timing("roofline", llm, gpu, PARAMS.with_(link_efficiency=0.5),
+                            tensor_parallel_size=2)
+        assert given.comm_s(n) == pytest.approx(2 * 64 * (latency + size / (gbps * 0.5)))

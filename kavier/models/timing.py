@@ -75,10 +75,10 @@ class TimingParams:
         in use (NCCL's launch and synchronisation), s; a collective takes
         :attr:`Link.hops` of them. ``None`` (the default) takes the link's measured figure,
         :data:`LINK_LATENCY_S`: NVLink 6 µs, PCIe 7 µs per ring hop, network 20 µs.
-    link_efficiency : float
+    link_efficiency : float or None
         Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
-        a ring collective (nccl-tests' bus bandwidth reaches 0.7–0.85 of the link on large
-        messages). Default 0.7.
+        one of the engine's collectives. ``None`` (the default) takes the link's own figure,
+        :data:`LINK_EFFICIENCY`: NVLink and network 0.7, PCIe 0.25.
     compute_half_tokens : float
         Roofline only: ``n½``, the tokens of a forward pass at which its weight matmuls reach
         half of ``C_e``; over ``T`` tokens they run at ``F · C_e · T / (T + n½)``. GEMM
@@ -106,7 +106,7 @@ class TimingParams:
     batch_step_overhead_s: float = 0.0
     batch_seq_overhead_s: float = 0.0
     allreduce_latency_s: float | None = None
-    link_efficiency: float = 0.7
+    link_efficiency: float | None = None
     compute_half_tokens: float = 0.0
 
     def to_dict(self) -> dict:
@@ -414,10 +414,11 @@ class RooflineTiming(_TimingBase):
         """One collective (or point-to-point send, ``hops=1``) moving ``volume × size`` bytes
         per GPU over ``link``, s: ``hops`` latency steps (default the link's), the fitted
         ``allreduce_latency_s`` or the link's own."""
-        latency = self.params.allreduce_latency_s
+        latency, efficiency = self.params.allreduce_latency_s, self.params.link_efficiency
         latency = link.latency_s if latency is None else latency
+        efficiency = link.efficiency if efficiency is None else efficiency
         return latency * (link.hops if hops is None else hops) + volume * size / (
-            link.gbps * 1e9 * self.params.link_efficiency)
+            link.gbps * 1e9 * efficiency)
 
     @cached_property
     def stage_link(self) -> Link:
@@ -446,8 +447,9 @@ class RooflineTiming(_TimingBase):
           (EP − 1) × n × hidden × bytes / (link × η)`` with balanced ranks, over
           :attr:`ep_link`.
 
-        0 without either. ``η`` is ``link_efficiency``, the latency ``allreduce_latency_s``
-        or the link's own (:data:`LINK_LATENCY_S`).
+        0 without either. ``η`` is ``link_efficiency`` or the link's own
+        (:data:`LINK_EFFICIENCY`), the latency ``allreduce_latency_s`` or the link's own
+        (:data:`LINK_LATENCY_S`).
         """
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
         if tp == 1 and ep == 1:
@@ -765,6 +767,32 @@ with nccl-tests):
   issue 150), per node hop."""
 
 
+LINK_EFFICIENCY = {"NVLink": 0.7, "PCIe": 0.25, "network": 0.7}
+"""Achieved share of a link's bandwidth in the engine's collectives, per kind of link (the
+default of ``TimingParams.link_efficiency``):
+
+* ``NVLink`` and ``network``: 0.7, nccl-tests' bus bandwidth on large messages (0.7–0.85 of
+  the link).
+* ``PCIe``: 0.25, set from vLLM serving under load, where nccl-tests' large-message figure does
+  not hold. The two 2-GPU runs over PCIe 5.0 x16 in the bundled data (2 × RTX PRO 6000, vLLM
+  0.19: Qwen3-32B at TP = 2 and Qwen3-30B-A3B at DP = 2 with expert parallelism), replayed with
+  every other term at its library default, run about 30 % too fast at 0.7 (median predicted /
+  measured TPOT 0.72 and 0.75) in every regime: a 2,048-token prefill step of the TP run is
+  about 340 ms measured (prompt throughput) against 271 ms modelled, 61 ms of it all-reduces,
+  and decode steps of 128 sequences 56–59 ms against 47 ms. One value fits both runs — an
+  all-reduce per layer pair and an all-gather/reduce-scatter per expert layer: 0.20–0.25 on a
+  0.05 grid (``benchmarks/serving_defaults.py --param link_efficiency=...``), the rounder kept.
+  The direction matches what is reported of PCIe-only nodes: GPUs without peer-to-peer
+  (GeForce) stage collectives through host memory; vLLM turns its custom all-reduce off past
+  two PCIe GPUs (``custom_all_reduce.py``); NCCL takes 344 µs for a 64 KB all-reduce over 8
+  PCIe Blackwell (SM120) GPUs (sgl-project/sglang PR 32479) and all-reduce was 68.6 % of
+  decode GPU time on 8 × A800 PCIe (vllm-project/vllm PR 50941); and two-GPU workstations
+  often run each GPU at x8 (local-inference-lab/rtx6kpro issue 15), half the x16 bandwidth the
+  library lists, which shows here as efficiency. It rests on one machine: calibrate
+  ``link_efficiency`` (``kavier calibrate --fit ...,link_efficiency``) where a node's
+  collectives are known to be faster (peer-to-peer with vLLM's custom all-reduce)."""
+
+
 @dataclass(frozen=True)
 class Link:
     """The link one collective runs over.
@@ -772,7 +800,8 @@ class Link:
     Attributes
     ----------
     kind : str
-        ``NVLink``, ``PCIe`` or ``network`` (a key of :data:`LINK_LATENCY_S`).
+        ``NVLink``, ``PCIe`` or ``network`` (a key of :data:`LINK_LATENCY_S` and
+        :data:`LINK_EFFICIENCY`).
     name : str
         As the GPU library names it (``NVLink 4``, ``PCIe 5.0 x16``, ``network``).
     gbps : float
@@ -791,6 +820,11 @@ class Link:
     def latency_s(self) -> float:
         """Measured time of one collective step over this kind of link, s."""
         return LINK_LATENCY_S[self.kind]
+
+    @property
+    def efficiency(self) -> float:
+        """Achieved share of this kind of link's bandwidth in the engine's collectives."""
+        return LINK_EFFICIENCY[self.kind]
 
 
 def collective_link(gpu: GPUSpec, n_gpus: int, field: str = "tensor-parallel-size") -> Link:
