@@ -3,9 +3,12 @@ run uncalibrated and prints, per run, the per-request MAPE of TTFT, TPOT and E2E
 requests and the median (p10, p90) of predicted / measured — a ratio under 1 is a model faster
 than the GPU. With ``--param NAME=V1,V2,...`` it repeats the replays with that timing parameter
 (:class:`kavier.models.timing.TimingParams`) set to each value, to see whether one physical
-term explains a run's miss or needs others beside it.
+term explains a run's miss or needs others beside it. With ``--windows S`` it also prints the
+defaults' median ratio per window of ``S`` seconds of arrivals, to see whether a miss is the
+same for all requests or grows with the load they met.
 
-Run: ``python benchmarks/serving_defaults.py [--param allreduce_latency_s=1.5e-5,3e-5]``
+Run: ``python benchmarks/serving_defaults.py [--param allreduce_latency_s=1.5e-5,3e-5]
+[--windows 5]``
 (about a second per replay; the MoE run's lockstep ranks are the slowest).
 """
 
@@ -34,9 +37,23 @@ def line(run, replay, params, label: str) -> str:
     return f"  {label:<28}" + "  ".join(cells)
 
 
+def windows(run, replay, params, width: float) -> None:
+    """Median predicted / measured per window of ``width`` s of arrivals, one line each."""
+    predicted, _, _ = replay.with_params(params).predict()
+    ratio = {x: np.asarray(predicted[x], float) / np.asarray(measured(run)[x], float)
+             for x in METRICS}
+    window = np.floor(run.requests["arrival_s"].to_numpy() / width).astype(int)
+    for k in np.unique(window):
+        m = window == k
+        cells = "  ".join(f"{x} {np.nanmedian(ratio[x][m]):.3f}" for x in METRICS)
+        print(f"    arrivals {k * width:g}–{(k + 1) * width:g} s ({m.sum()}): {cells}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--param", help="NAME=V1,V2,... : a timing parameter to sweep")
+    parser.add_argument("--windows", type=float, metavar="S",
+                        help="also print the defaults' median ratios per S s of arrivals")
     args = parser.parse_args()
     sweep = []
     if args.param:
@@ -50,6 +67,8 @@ def main() -> None:
         print(f"{name} ({len(measured(run))} requests)", flush=True)
         base = replay.timing.params
         print(line(run, replay, base, "library defaults"), flush=True)
+        if args.windows:
+            windows(run, replay, base, args.windows)
         for key, value in sweep:
             print(line(run, replay, base.with_(**{key: value}), f"{key}={value:g}"), flush=True)
 
