@@ -17,8 +17,8 @@ any request waited), it splits each second into the decode steps at the default 
 decode-only cost and what remains, and prints what remains per prompt token (all ranks'
 tokens: data-parallel ranks stepping in lockstep each wait for the others' prefill).
 
-Run: ``python benchmarks/decode_steps.py [RUN ...]`` (the four bundled serving runs by
-default; a few seconds).
+Run: ``python benchmarks/decode_steps.py [RUN ...]`` (every bundled serving run by default;
+a few seconds).
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import argparse
 import numpy as np
 import pandas as pd
 
+from archive.datasets import kind_of, list_datasets
 from archive.serving import read_serving
 from calibrate.serving import replay_for
-
-RUNS = ("vllm-serving-rtxpro6000-llama3.1-8b", "vllm-serving-rtx4090-llama3.1-8b",
-        "vllm-serving-rtxpro6000-qwen3-32b-tp2", "vllm-serving-rtxpro6000-qwen3-30b-a3b")
 
 
 def seconds(run) -> pd.DataFrame:
@@ -67,7 +65,14 @@ def model_decode(timing, seqs: float, context: float) -> tuple[float, ...]:
                                       float(timing.comm_s(n))))
 
 
+def model_steps_ms(timing, frame: pd.DataFrame) -> list[tuple[float, ...]]:
+    """:func:`model_decode` of each row's batch (``seqs_per_rank``, ``context_per_rank``)."""
+    pairs = zip(frame.seqs_per_rank, frame.context_per_rank, strict=True)
+    return [model_decode(timing, s, c) for s, c in pairs]
+
+
 def report(name: str) -> None:
+    """Print the decode-only comparison and the filling seconds' prompt cost of run ``name``."""
     run = read_serving(name)
     timing = replay_for(run).timing
     d = seconds(run)
@@ -75,9 +80,7 @@ def report(name: str) -> None:
     print(f"{name}: {len(decode)} decode-only seconds")
     if decode.empty:
         return
-    pairs = zip(decode.seqs_per_rank, decode.context_per_rank, strict=True)
-    decode[["model_ms", "compute_ms", "memory_ms", "comm_ms"]] = [
-        model_decode(timing, s, c) for s, c in pairs]
+    decode[["model_ms", "compute_ms", "memory_ms", "comm_ms"]] = model_steps_ms(timing, decode)
     decode["diff_ms"] = decode.step_ms - decode.model_ms
     cols = ["t_s", "seqs_per_rank", "context_per_rank", "step_ms", "model_ms", "compute_ms",
             "memory_ms", "comm_ms", "diff_ms"]
@@ -86,29 +89,26 @@ def report(name: str) -> None:
     (a, b), *_ = np.linalg.lstsq(x, decode.diff_ms, rcond=None)
     print(f"  measured − model = {a:.2f} ms + {b:.4f} ms per sequence; median ratio "
           f"{np.median(decode.step_ms / decode.model_ms):.3f}")
-    first_wait = d.t_s[d.waiting > 0].min() if (d.waiting > 0).any() else np.inf
+    first_wait = np.min(d.t_s[d.waiting > 0].to_numpy(), initial=np.inf)
     filling = d[(d.prompt_tok_s > 0) & (d.t_s < first_wait) & (d.seqs_per_rank >= 2)]
     if filling.empty:
         return
-    ranks = run.engine.get("data_parallel_size") or 1
-    steps = filling.generation_tok_s / (filling.seqs_per_rank * ranks)
-    decode_ms = np.array([model_decode(timing, s, c)[0] for s, c in
-                          zip(filling.seqs_per_rank, filling.context_per_rank, strict=True)])
+    steps = 1000.0 / filling.step_ms                    # steps in the second
+    decode_ms = np.array([cost[0] for cost in model_steps_ms(timing, filling)])
     measured = 1000.0 * (1000.0 - steps * decode_ms).sum() / filling.prompt_tok_s.sum()
     n, context = int(filling.seqs_per_rank.median()), float(filling.context_per_rank.median())
     chunk = 512
-    new = np.r_[np.ones(n), chunk]
-    cached = np.r_[np.full(n, context / n), 0.0]
-    mixed = timing.step_costs(new, cached, n).duration_s
-    alone = timing.step_costs(np.ones(n), np.full(n, context / n), n).duration_s
+    mixed = timing.step_costs(np.r_[np.ones(n), chunk], np.r_[np.full(n, context / n), 0.0], n)
+    added_us = 1e3 * (1000.0 * mixed.duration_s - model_decode(timing, n, context)[0]) / chunk
     print(f"  {len(filling)} filling seconds: {measured:.1f} µs per prompt token beside the "
-          f"default decode steps; the default model adds {1e6 * (mixed - alone) / chunk:.1f} µs "
+          f"default decode steps; the default model adds {added_us:.1f} µs "
           f"per token of a {chunk}-token chunk joining {n} decodes")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", default=RUNS)
+    parser.add_argument("runs", nargs="*", default=[
+        name for name in list_datasets() if kind_of(name) == "serving"])
     for name in parser.parse_args().runs:
         report(name)
 

@@ -25,23 +25,25 @@ RUNS = ("vllm-serving-rtxpro6000-llama3.1-8b", "vllm-serving-rtx4090-llama3.1-8b
         "vllm-serving-rtxpro6000-qwen3-32b-tp2", "vllm-serving-rtxpro6000-qwen3-30b-a3b")
 
 
-def line(run, replay, params, label: str) -> str:
-    predicted, _, _ = replay.with_params(params).predict()
+def ratios(run, predicted) -> dict[str, np.ndarray]:
+    """Predicted / measured per request, for each of :data:`METRICS`."""
     truth = measured(run)
-    s = score(truth, predicted, np.ones(len(predicted), bool))
+    return {m: np.asarray(predicted[m], float) / np.asarray(truth[m], float) for m in METRICS}
+
+
+def line(run, predicted, label: str) -> str:
+    """One run's MAPE and ratio percentiles over all requests, as one line."""
+    s = score(measured(run), predicted, np.ones(len(predicted), bool))
     cells = []
-    for m in METRICS:
-        ratio = np.asarray(predicted[m], float) / np.asarray(truth[m], float)
+    for m, ratio in ratios(run, predicted).items():
         p10, p50, p90 = np.nanpercentile(ratio, [10, 50, 90])
         cells.append(f"{s[m]['mape_pct']:6.2f} % ({p50:.3f}, {p10:.2f}–{p90:.2f})")
     return f"  {label:<28}" + "  ".join(cells)
 
 
-def windows(run, replay, params, width: float) -> None:
+def windows(run, predicted, width: float) -> None:
     """Median predicted / measured per window of ``width`` s of arrivals, one line each."""
-    predicted, _, _ = replay.with_params(params).predict()
-    ratio = {x: np.asarray(predicted[x], float) / np.asarray(measured(run)[x], float)
-             for x in METRICS}
+    ratio = ratios(run, predicted)
     window = np.floor(run.requests["arrival_s"].to_numpy() / width).astype(int)
     for k in np.unique(window):
         m = window == k
@@ -66,11 +68,13 @@ def main() -> None:
         replay = replay_for(run)
         print(f"{name} ({len(measured(run))} requests)", flush=True)
         base = replay.timing.params
-        print(line(run, replay, base, "library defaults"), flush=True)
+        predicted, _, _ = replay.predict()
+        print(line(run, predicted, "library defaults"), flush=True)
         if args.windows:
-            windows(run, replay, base, args.windows)
+            windows(run, predicted, args.windows)
         for key, value in sweep:
-            print(line(run, replay, base.with_(**{key: value}), f"{key}={value:g}"), flush=True)
+            predicted, _, _ = replay.with_params(base.with_(**{key: value})).predict()
+            print(line(run, predicted, f"{key}={value:g}"), flush=True)
 
 
 if __name__ == "__main__":
