@@ -40,7 +40,13 @@ from archive.serving import ServingRun
 from archive.traces import PromptContent
 from kavier.models.library import gpu_library, llm_library
 from kavier.models.power import PowerModel
-from kavier.models.timing import RooflineTiming, TimingParams, default_params, make_timing
+from kavier.models.timing import (
+    ROOFLINE_DEFAULTS,
+    RooflineTiming,
+    TimingParams,
+    default_params,
+    make_timing,
+)
 from kavier.sim.config import EngineConfig
 from kavier.sim.prefix import PrefixCache, PrefixCacheConfig
 from kavier.sim.simulation import simulate
@@ -53,7 +59,7 @@ chunks identify compute, small and large batches separate weight from KV streami
 count and batch sizes the two overheads)."""
 FITTABLE = SERVING_FIT_PARAMS + ("request_overhead_s", "token_overhead_s", "prefill_floor_s",
                                  "attention_efficiency", "allreduce_latency_s",
-                                 "link_efficiency", "compute_half_tokens")
+                                 "link_efficiency", "compute_half_tokens", "prefill_sharpness")
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
 
@@ -293,7 +299,8 @@ SCALES_S = {"batch_step_overhead_s": 1e-3, "batch_seq_overhead_s": 1e-5,
 class _Space:
     """The optimiser's unbounded coordinates ``z`` and the parameters they stand for: an
     efficiency is ``lo + (hi − lo) · sigmoid(z)`` in ``[0.05, max_efficiency]``, an overhead
-    ``scale · exp(z)`` (positive; it reaches 0 in the limit)."""
+    ``scale · exp(z)`` (positive; it reaches 0 in the limit), the soft maximum's exponent
+    ``1 + exp(z)`` (at least 1, the sum of compute and memory time)."""
 
     def __init__(self, fit: tuple[str, ...], max_efficiency: float) -> None:
         self.fit, self.hi = fit, max_efficiency
@@ -301,18 +308,24 @@ class _Space:
     def value(self, name: str, z: float) -> float:
         if name.endswith("efficiency"):      # link_efficiency too: a share of a peak
             return float(0.05 + (self.hi - 0.05) / (1.0 + np.exp(-z)))
+        if name == "prefill_sharpness":
+            return 1.0 + float(np.exp(np.clip(z, -30.0, 30.0)))
         return SCALES_S[name] * float(np.exp(np.clip(z, -30.0, 30.0)))
 
     def coordinate(self, name: str, value: float) -> float:
         if name.endswith("efficiency"):
             share = np.clip((value - 0.05) / (self.hi - 0.05), 0.02, 0.98)
             return float(np.log(share / (1.0 - share)))
+        if name == "prefill_sharpness":
+            return float(np.log(max(value - 1.0, 1e-3)))
         return float(np.log(max(value, 0.1 * SCALES_S[name]) / SCALES_S[name]))
 
     def on_bound(self, name: str, value: float) -> bool:
         """Within 1 % of the top of an efficiency's range, or an overhead at ~0."""
         if name.endswith("efficiency"):
             return self.hi - value <= 0.01 * (self.hi - 0.05) or value <= 0.06
+        if name == "prefill_sharpness":
+            return value <= 1.01
         return value <= 0.01 * SCALES_S[name]
 
 
@@ -324,6 +337,8 @@ def _start(timing: RooflineTiming, name: str) -> float:
         value = link.latency_s
     if value is None and name == "link_efficiency":          # the link's own share
         value = link.efficiency
+    if value is None and name == "prefill_sharpness":        # hard max: start at the default
+        value = ROOFLINE_DEFAULTS.prefill_sharpness
     if value is None:            # kv_memory_efficiency and attention_efficiency fall back
         value = (params.memory_efficiency if name.startswith("kv")
                  else params.compute_efficiency if name.endswith("efficiency") else 0.0)

@@ -405,6 +405,32 @@ def test_fit_recovers_the_tokens_at_half_compute_efficiency():
     assert fit.params.compute_efficiency == pytest.approx(0.5, rel=0.05)
 
 
+def test_fit_recovers_the_prefill_sharpness_and_keeps_it_at_least_one():
+    """``prefill_sharpness`` is identified by a run's mixed steps: a run made with p = 1.4
+    gives it back from the library's 2.0, and the fit's coordinate never maps below 1 (the
+    sum of compute and memory time)."""
+    from archive.serving import ServingRun
+    from calibrate.serving import _Space
+
+    base = read_serving(PRO)
+    requests = base.requests.iloc[:120].copy()
+    truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
+                         kv_memory_efficiency=0.6, request_overhead_s=0.0,
+                         prefill_sharpness=1.4)
+    predicted, _, _ = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
+                                 truth).predict()
+    for m in METRICS:
+        requests[m] = predicted[m].to_numpy()
+    replay = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
+                        truth.with_(prefill_sharpness=None))
+    fit = fit_serving(replay, ("prefill_sharpness",), max_evaluations=60)
+    assert fit.params.prefill_sharpness == pytest.approx(1.4, rel=0.05)
+    space = _Space(("prefill_sharpness",), 0.95)
+    assert space.value("prefill_sharpness", -50.0) >= 1.0
+    assert space.value("prefill_sharpness", space.coordinate("prefill_sharpness", 2.5)) == (
+        pytest.approx(2.5))
+
+
 def test_max_efficiency_bounds_the_fit_and_is_checked():
     replay = replay_for(read_serving(PRO))
     fit = fit_serving(replay, ("compute_efficiency",), max_efficiency=0.3, max_evaluations=4)

@@ -8,6 +8,7 @@ from kavier.models.timing import (
     RooflineTiming,
     ThesisTiming,
     TimingParams,
+    default_params,
     make_timing,
     sum_max_linear,
 )
@@ -75,6 +76,24 @@ def test_roofline_prefill_is_floor_bound_for_short_prompts(llama8b, a10):
     assert float(model.prefill_s(8)) == pytest.approx(floor + 0.025)
     soft = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=2.0))
     assert float(soft.prefill_s(8)) > float(model.prefill_s(8))
+
+
+def test_library_default_combines_a_mixed_steps_compute_and_memory_as_a_2_norm(llama8b, a10):
+    """Without a profile a step with a prefill chunk costs ``(compute² + memory²)^½`` (the
+    A10 sweep fits p = 1.96, the MoE serving run 2.02); a pure decode step keeps the hard
+    maximum, and an explicit ``None`` restores it for mixed steps too."""
+    params = default_params("roofline", a10)
+    assert params.prefill_sharpness == 2.0
+    model = RooflineTiming(llama8b, a10, params)
+    n, c = np.array([512.0, 1.0, 1.0]), np.array([0.0, 300.0, 900.0])
+    mixed = model.step_costs(n, c, n_decoding=2)
+    assert mixed.duration_s == pytest.approx(np.hypot(mixed.compute_s, mixed.memory_s))
+    decode = model.step_costs(n[1:], c[1:], n_decoding=2)
+    assert decode.duration_s == pytest.approx(max(decode.compute_s, decode.memory_s))
+    hard = RooflineTiming(llama8b, a10, params.with_(prefill_sharpness=None))
+    hard_mixed = hard.step_costs(n, c, n_decoding=2)
+    assert hard_mixed.duration_s == pytest.approx(max(mixed.compute_s, mixed.memory_s))
+    assert hard_mixed.duration_s < mixed.duration_s
 
 
 def test_compute_half_tokens_slows_short_passes_as_a_saturating_efficiency(llama8b, a10):

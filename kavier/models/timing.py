@@ -67,9 +67,10 @@ class TimingParams:
         Real kernels do not switch sharply from memory- to compute-bound at the ridge point;
         prefill passes of 64–512 tokens sit right there (ridge of an A10 at the thesis
         efficiencies: about 100 tokens), and a soft maximum with ``p ≈ 1.7`` matches the A10
-        measurements where the hard maximum misses by up to 16 %. Decode steps (one token,
+        measurements where the hard maximum misses by up to 16 %. In a batched step it
+        applies when a prefill chunk is in the batch (a mixed step). Decode steps (one token,
         about 1 FLOP per byte) sit far below the ridge and keep the hard maximum, which has a
-        closed-form sum.
+        closed-form sum. The library default (:data:`ROOFLINE_DEFAULTS`) is 2.
     allreduce_latency_s : float or None
         Tensor and expert parallelism only: fixed time of one collective step over the link
         in use (NCCL's launch and synchronisation), s; a collective takes
@@ -710,7 +711,7 @@ class RooflineTiming(_TimingBase):
 TIMING_MODELS = {"thesis": ThesisTiming, "roofline": RooflineTiming}
 
 ROOFLINE_DEFAULTS = TimingParams(compute_efficiency=0.80, memory_efficiency=0.85,
-                                 kv_memory_efficiency=0.50)
+                                 kv_memory_efficiency=0.50, prefill_sharpness=2.0)
 """The library's roofline parameters for a GPU without a profile (``request_overhead_s``
 stays the thesis's 25 ms, the overheads 0); :func:`default_params` scales the compute
 efficiency by the GPU's measured GEMM share.
@@ -732,9 +733,18 @@ the real GPU keeps up).
   attention gathers scattered blocks. Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth
   in batched decode on an H100.
 
-The three values are round ones picked on a coarse grid (0.05 steps,
-``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both Llama runs,
-not fitted to either."""
+* **Mixed steps.** ``prefill_sharpness = 2``: a step with a prefill chunk costs
+  ``(compute² + memory²)^½``, not the larger of the two. A step is a sequence of kernels, each
+  compute- or memory-bound on its own (the chunk's GEMMs and attention against the decodes'
+  KV reads), so its time lies between the maximum and the sum of the totals. Three
+  independent fits put the exponent there: the A10 prefill sweep 1.96 (thesis data, shipped
+  profile ``a10-llama-3-8b-vllm``), the Qwen3-30B-A3B serving run 2.02 and the Qwen3-32B TP = 2
+  run 1.0 (``kavier calibrate --dataset … --fit …,prefill_sharpness``; docs/calibration.md).
+
+The three efficiencies are round ones picked on a coarse grid (0.05 steps,
+``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both Llama runs
+with the hard maximum, not fitted to either; they were kept when the soft maximum came in
+(docs/calibration.md, "Library defaults", says why)."""
 
 
 def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
