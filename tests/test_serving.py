@@ -381,22 +381,27 @@ def test_fit_recovers_parameters_a_client_timed_run_was_made_with():
     assert objective(fit.after["heldout"]) < objective(fit.before["heldout"]) / 10
 
 
-def test_fit_recovers_the_tokens_at_half_compute_efficiency():
-    """``compute_half_tokens`` (chunk-size-dependent compute efficiency) is identified by a
-    run's mix of prefill chunk sizes: a run made with n½ = 48 and C_e = 0.5 gives them back."""
+def _made_replay(truth: TimingParams, start: TimingParams):
+    """The first 120 requests of the RTX PRO 6000 run with the latencies a replay with
+    ``truth`` gives them, set up for a fit from ``start``."""
     from archive.serving import ServingRun
 
     base = read_serving(PRO)
     requests = base.requests.iloc[:120].copy()
-    truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
-                         kv_memory_efficiency=0.6, request_overhead_s=0.0,
-                         compute_half_tokens=48.0)
     predicted, _, _ = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
                                  truth).predict()
     for m in METRICS:
         requests[m] = predicted[m].to_numpy()
-    replay = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
-                        truth.with_(compute_efficiency=0.35, compute_half_tokens=0.0))
+    return replay_for(ServingRun(requests, base.engine, None, 16, "made"), start)
+
+
+def test_fit_recovers_the_tokens_at_half_compute_efficiency():
+    """``compute_half_tokens`` (chunk-size-dependent compute efficiency) is identified by a
+    run's mix of prefill chunk sizes: a run made with n½ = 48 and C_e = 0.5 gives them back."""
+    truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
+                         kv_memory_efficiency=0.6, request_overhead_s=0.0,
+                         compute_half_tokens=48.0)
+    replay = _made_replay(truth, truth.with_(compute_efficiency=0.35, compute_half_tokens=0.0))
     # (the replay schedules ahead, as the run's vLLM 0.19 did: admissions move by whole steps,
     # so the loss has edges the restarted simplex needs the evaluations to get past)
     fit = fit_serving(replay, ("compute_efficiency", "compute_half_tokens"),
@@ -409,20 +414,12 @@ def test_fit_recovers_the_prefill_sharpness_and_keeps_it_at_least_one():
     """``prefill_sharpness`` is identified by a run's mixed steps: a run made with p = 1.4
     gives it back from the library's 2.0, and the fit's coordinate never maps below 1 (the
     sum of compute and memory time)."""
-    from archive.serving import ServingRun
     from calibrate.serving import _Space
 
-    base = read_serving(PRO)
-    requests = base.requests.iloc[:120].copy()
     truth = TimingParams(compute_efficiency=0.5, memory_efficiency=0.7,
                          kv_memory_efficiency=0.6, request_overhead_s=0.0,
                          prefill_sharpness=1.4)
-    predicted, _, _ = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
-                                 truth).predict()
-    for m in METRICS:
-        requests[m] = predicted[m].to_numpy()
-    replay = replay_for(ServingRun(requests, base.engine, None, 16, "made"),
-                        truth.with_(prefill_sharpness=None))
+    replay = _made_replay(truth, truth.with_(prefill_sharpness=None))
     fit = fit_serving(replay, ("prefill_sharpness",), max_evaluations=60)
     assert fit.params.prefill_sharpness == pytest.approx(1.4, rel=0.05)
     space = _Space(("prefill_sharpness",), 0.95)
