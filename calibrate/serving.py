@@ -321,7 +321,8 @@ class _Space:
         return float(np.log(max(value, 0.1 * SCALES_S[name]) / SCALES_S[name]))
 
     def on_bound(self, name: str, value: float) -> bool:
-        """Within 1 % of the top of an efficiency's range, or an overhead at ~0."""
+        """Within 1 % of the top of an efficiency's range, an overhead at ~0, or the soft
+        maximum's exponent at ~1."""
         if name.endswith("efficiency"):
             return self.hi - value <= 0.01 * (self.hi - 0.05) or value <= 0.06
         if name == "prefill_sharpness":

@@ -736,10 +736,12 @@ the real GPU keeps up).
 * **Mixed steps.** ``prefill_sharpness = 2``: a step with a prefill chunk costs
   ``(compute² + memory²)^½``, not the larger of the two. A step is a sequence of kernels, each
   compute- or memory-bound on its own (the chunk's GEMMs and attention against the decodes'
-  KV reads), so its time lies between the maximum and the sum of the totals. Three
-  independent fits put the exponent there: the A10 prefill sweep 1.96 (thesis data, shipped
-  profile ``a10-llama-3-8b-vllm``), the Qwen3-30B-A3B serving run 2.02 and the Qwen3-32B TP = 2
-  run 1.0 (``kavier calibrate --dataset … --fit …,prefill_sharpness``; docs/calibration.md).
+  KV reads), so its time lies between the maximum and the sum of the totals. Fits free to
+  choose the exponent put it near 2 on four of five datasets: the A10 prefill sweep 1.96
+  (thesis data, shipped profile ``a10-llama-3-8b-vllm``) and the RTX PRO 6000 Llama, RTX 4090
+  Llama and Qwen3-30B-A3B serving runs 2.02, 2.37 and 2.02; the Qwen3-32B TP = 2 run alone
+  prefers the sum, 1.0 (``kavier calibrate --dataset … --fit …,prefill_sharpness``;
+  docs/calibration.md).
 
 The three efficiencies are round ones picked on a coarse grid (0.05 steps,
 ``benchmarks/defaults_grid.py``) for the smallest worst per-request MAPE over both Llama runs
