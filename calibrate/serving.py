@@ -291,16 +291,20 @@ def objective(s: dict) -> float:
 
 SCALES_S = {"batch_step_overhead_s": 1e-3, "batch_seq_overhead_s": 1e-5,
             "token_overhead_s": 1e-5, "request_overhead_s": 1e-2, "prefill_floor_s": 1e-2,
-            "allreduce_latency_s": 1e-5, "compute_half_tokens": 100.0}
-"""Typical size of each overhead, s (``compute_half_tokens`` in tokens): the optimiser works in
-``log(value / scale)``, so a parameter of 10 µs and one of 10 ms move alike."""
+            "allreduce_latency_s": 1e-5, "compute_half_tokens": 100.0, "prefill_sharpness": 1.0}
+"""Typical size of each overhead, s (``compute_half_tokens`` in tokens, ``prefill_sharpness``
+its excess over :data:`LOWER`): the optimiser works in ``log((value − lower) / scale)``, so a
+parameter of 10 µs and one of 10 ms move alike."""
+LOWER = {"prefill_sharpness": 1.0}
+"""Lowest value of a parameter of :data:`SCALES_S` (0 where not named): the soft maximum's
+exponent is at least 1, the sum of compute and memory time."""
 
 
 class _Space:
     """The optimiser's unbounded coordinates ``z`` and the parameters they stand for: an
     efficiency is ``lo + (hi − lo) · sigmoid(z)`` in ``[0.05, max_efficiency]``, an overhead
-    ``scale · exp(z)`` (positive; it reaches 0 in the limit), the soft maximum's exponent
-    ``1 + exp(z)`` (at least 1, the sum of compute and memory time)."""
+    ``lower + scale · exp(z)`` (above :data:`LOWER`, 0 for an overhead, 1 for the soft
+    maximum's exponent; it reaches the lower end in the limit)."""
 
     def __init__(self, fit: tuple[str, ...], max_efficiency: float) -> None:
         self.fit, self.hi = fit, max_efficiency
@@ -308,26 +312,21 @@ class _Space:
     def value(self, name: str, z: float) -> float:
         if name.endswith("efficiency"):      # link_efficiency too: a share of a peak
             return float(0.05 + (self.hi - 0.05) / (1.0 + np.exp(-z)))
-        if name == "prefill_sharpness":
-            return 1.0 + float(np.exp(np.clip(z, -30.0, 30.0)))
-        return SCALES_S[name] * float(np.exp(np.clip(z, -30.0, 30.0)))
+        return LOWER.get(name, 0.0) + SCALES_S[name] * float(np.exp(np.clip(z, -30.0, 30.0)))
 
     def coordinate(self, name: str, value: float) -> float:
         if name.endswith("efficiency"):
             share = np.clip((value - 0.05) / (self.hi - 0.05), 0.02, 0.98)
             return float(np.log(share / (1.0 - share)))
-        if name == "prefill_sharpness":
-            return float(np.log(max(value - 1.0, 1e-3)))
-        return float(np.log(max(value, 0.1 * SCALES_S[name]) / SCALES_S[name]))
+        scale = SCALES_S[name]
+        return float(np.log(max(value - LOWER.get(name, 0.0), 0.1 * scale) / scale))
 
     def on_bound(self, name: str, value: float) -> bool:
-        """Within 1 % of the top of an efficiency's range, an overhead at ~0, or the soft
-        maximum's exponent at ~1."""
+        """Within 1 % of the top of an efficiency's range, or any other parameter at ~its
+        lower end (an overhead at ~0, the soft maximum's exponent at ~1)."""
         if name.endswith("efficiency"):
             return self.hi - value <= 0.01 * (self.hi - 0.05) or value <= 0.06
-        if name == "prefill_sharpness":
-            return value <= 1.01
-        return value <= 0.01 * SCALES_S[name]
+        return value - LOWER.get(name, 0.0) <= 0.01 * SCALES_S[name]
 
 
 def _start(timing: RooflineTiming, name: str) -> float:
