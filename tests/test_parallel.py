@@ -163,7 +163,7 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert split.weight_bytes(t) == pytest.approx((shared + 48 * local * expert) * 2)
     assert split.weight_bytes(t) < alone.weight_bytes(t)
     size = t * 2048 * 2                       # all-gather + reduce-scatter per layer
-    expected = 2 * 48 * (7e-6 + size / (64e9 * 0.25))        # PCIe: 7 µs a hop, 0.25
+    expected = 2 * 48 * (4e-5 + size / (64e9 * 0.25))        # PCIe: 40 µs a hop, 0.25
     assert split.comm_s(t) == pytest.approx(expected) and alone.comm_s(t) == 0.0
     dense_blocks = kv_pool_blocks(llm, gpu, 16)
     assert kv_pool_blocks(llm, gpu, 16, expert_parallel_size=2) > dense_blocks
@@ -249,7 +249,7 @@ def test_the_node_topology_chooses_the_link_of_each_collective():
         2 * llm.n_layers * (2e-5 * 1 + 2 * 15 / 16 * size / (50e9 * 0.7)))
     assert sixteen.comm_s(n) > 3 * eight.comm_s(n)    # the network is 9× slower than NVLink
     four = make_timing("roofline", llm, pcie, PARAMS, tensor_parallel_size=4)
-    assert four.comm_s(0.0) == pytest.approx(2 * llm.n_layers * 3 * 7e-6)   # latency only
+    assert four.comm_s(0.0) == pytest.approx(2 * llm.n_layers * 3 * 4e-5)   # latency only
     fitted = make_timing("roofline", llm, pcie, PARAMS.with_(allreduce_latency_s=1e-4),
                          tensor_parallel_size=4)
     assert fitted.comm_s(0.0) == pytest.approx(2 * llm.n_layers * 3 * 1e-4)

@@ -75,7 +75,7 @@ class TimingParams:
         Tensor and expert parallelism only: fixed time of one collective step over the link
         in use (NCCL's launch and synchronisation), s; a collective takes
         :attr:`Link.hops` of them. ``None`` (the default) takes the link's measured figure,
-        :data:`LINK_LATENCY_S`: NVLink 6 µs, PCIe 7 µs per ring hop, network 20 µs.
+        :data:`LINK_LATENCY_S`: NVLink 6 µs, PCIe 40 µs per ring hop, network 20 µs.
     link_efficiency : float or None
         Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
         one of the engine's collectives. ``None`` (the default) takes the link's own figure,
@@ -765,16 +765,22 @@ def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
         compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
-LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 7e-6, "network": 2e-5}
-"""Fixed time of one collective step per kind of link, s (small-message all-reduces measured
-with nccl-tests):
+LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 4e-5, "network": 2e-5}
+"""Fixed time of one collective step per kind of link, s:
 
 * ``NVLink``: 6 µs for 2 H100 SXM over NVLink SHARP (NVIDIA/nccl issue 1259); an NVSwitch
   reaches every GPU in one hop, so it does not grow with the GPUs.
-* ``PCIe``: per ring hop; 8.3–12 µs for 2 PCIe GPUs (flashinfer PR 5023, NCCL column;
-  tinygrad/open-gpu-kernel-modules issue 17, 2 × RTX 4090), 42–54 µs for 8 (NVIDIA/nccl
-  issues 1530, 8 × RTX 4090, and 1439, 8 × RTX 3090): 7 µs × (GPUs − 1) is within about 20 % of
-  both.
+* ``PCIe``: 40 µs per ring hop, what NCCL costs over PCIe at the message sizes of decode
+  (tens to hundreds of KB), not the few-KB floor of nccl-tests (8.3–12 µs for 2 PCIe GPUs,
+  flashinfer PR 5023; 45 µs for 4 KB over 8 RTX 6000D, sgl-project/sglang PR 32479). At decode
+  shapes the same sources give 344 µs for 64 KB over 8 PCIe Blackwell GPUs (49 µs a hop, sglang
+  PR 32479) and 292 µs a call profiled in vLLM decode on 8 × A800 PCIe (42 µs a hop,
+  vllm-project/vllm PR 50941); the bundled 2 × RTX PRO 6000 runs (vLLM 0.19) leave 4.3 ms (TP =
+  2, 128 all-reduces) and 4.6 ms (DP = 2 with experts, 96 collectives) a decode step over the
+  model at 7 µs, flat in the batch size (``benchmarks/decode_steps.py``): 41–55 µs a
+  collective. Nodes where vLLM's custom all-reduce runs (peer-to-peer over one PCIe switch) are
+  faster, about 20 µs for 4 GPUs inside a CUDA graph (haohervchb/sglang-V100 PR 2): calibrate
+  ``allreduce_latency_s`` there.
 * ``network``: 19.9 µs for one A100 in each of two nodes over HDR InfiniBand (NVIDIA/nccl-tests
   issue 150), per node hop."""
 
