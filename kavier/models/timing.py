@@ -779,8 +779,9 @@ LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 4e-5, "network": 2e-5}
   2, 128 all-reduces) and 4.6 ms (DP = 2 with experts, 96 collectives) a decode step over the
   model at 7 µs, flat in the batch size (``benchmarks/decode_steps.py``): 41–55 µs a
   collective. Nodes where vLLM's custom all-reduce runs (peer-to-peer over one PCIe switch) are
-  faster, about 20 µs for 4 GPUs inside a CUDA graph (haohervchb/sglang-V100 PR 2): calibrate
-  ``allreduce_latency_s`` there.
+  faster, about 20 µs for 4 GPUs inside a CUDA graph (haohervchb/sglang-V100 PR 2), and a
+  16-GPU PCIe-switch host takes 36–40 µs a collective at decode sizes (local-inference-lab/b12x
+  PR 139) where the ring's 15 hops give 600 µs: calibrate ``allreduce_latency_s`` there.
 * ``network``: 19.9 µs for one A100 in each of two nodes over HDR InfiniBand (NVIDIA/nccl-tests
   issue 150), per node hop."""
 
