@@ -86,11 +86,12 @@ def test_moe_active_flops_and_distinct_expert_traffic_by_hand():
     attention = 4 * 48 * 32 * 128 * 1                                   # one (q, k) pair
     assert one.flops == pytest.approx(2 * (llm.active_params - embeddings)
                                       + 2 * 151936 * 2048 + attention)
-    assert one.bytes == pytest.approx((shared + 48 * 8 * expert) * 2 + llm.kv_bytes_per_token)
+    streamed = shared - 151936 * 2048            # the input embedding is gathered, not read
+    assert one.bytes == pytest.approx((streamed + 48 * 8 * expert) * 2 + llm.kv_bytes_per_token)
     t = 64.0
     touched = 128 * (1 - (1 - 8 / 128) ** t)
-    assert timing.weight_bytes(t) == pytest.approx((shared + 48 * touched * expert) * 2)
-    assert timing.weight_bytes(1e6) == pytest.approx(llm.weight_bytes)  # every expert
+    assert timing.weight_bytes(t) == pytest.approx((streamed + 48 * touched * expert) * 2)
+    assert timing.weight_bytes(1e6) == pytest.approx(llm.weight_bytes - 151936 * 2048 * 2)
 
 
 def test_hf_config_moe_and_refusals():
@@ -160,7 +161,8 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert llm.resident_weight_bytes(2) == pytest.approx((shared + 48 * 64 * expert) * 2)
     t = 16.0                                  # a GPU's experts touched by both ranks' tokens
     local = 64 * (1 - (1 - 8 / 128) ** (2 * t))
-    assert split.weight_bytes(t) == pytest.approx((shared + 48 * local * expert) * 2)
+    streamed = shared - 151936 * 2048             # held, but its lookup gathers rows
+    assert split.weight_bytes(t) == pytest.approx((streamed + 48 * local * expert) * 2)
     assert split.weight_bytes(t) < alone.weight_bytes(t)
     size = t * 2048 * 2                       # all-gather + reduce-scatter per layer
     expected = 2 * 48 * (4e-5 + size / (64e9 * 0.25))        # PCIe: 40 µs a hop, 0.25

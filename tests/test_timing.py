@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archive.errors import InputError
+from kavier.models.library import llm_library
 from kavier.models.timing import (
     RooflineTiming,
     ThesisTiming,
@@ -26,9 +27,9 @@ def brute_decode(model, n_in, n_out):
         if model.kv_cache:
             compute = ((2 * llm.matmul_params + llm.lm_head_flops) / flops
                        + 4 * llm.n_layers * llm.attention_dim * c / attn)
-            total += max(compute, (llm.weight_bytes + llm.kv_bytes_per_token * c) / by)
+            total += max(compute, (llm.streamed_weight_bytes + llm.kv_bytes_per_token * c) / by)
         else:
-            memory = (llm.weight_bytes + llm.kv_bytes_per_token * c) / by
+            memory = (llm.streamed_weight_bytes + llm.kv_bytes_per_token * c) / by
             total += max(float(model.forward_compute_s(c, 0)), memory)
         total += p.token_overhead_s
     return total
@@ -72,7 +73,8 @@ def test_kv_off_never_faster_and_times_grow_with_tokens(llama8b, a10, cls):
 
 def test_roofline_prefill_is_floor_bound_for_short_prompts(llama8b, a10):
     model = RooflineTiming(llama8b, a10)
-    floor = (llama8b.weight_bytes + 8 * llama8b.kv_bytes_per_token) / (a10.bytes_per_s * 0.6)
+    floor = ((llama8b.streamed_weight_bytes + 8 * llama8b.kv_bytes_per_token)
+             / (a10.bytes_per_s * 0.6))
     assert float(model.prefill_s(8)) == pytest.approx(floor + 0.025)
     soft = RooflineTiming(llama8b, a10, TimingParams(prefill_sharpness=2.0))
     assert float(soft.prefill_s(8)) > float(model.prefill_s(8))
@@ -117,3 +119,15 @@ def test_compute_half_tokens_slows_short_passes_as_a_saturating_efficiency(llama
     assert itl.sum() == pytest.approx(float(half.decode_s([500.0], [40.0])[0]), rel=1e-9)
     with pytest.raises(InputError, match="compute_half_tokens needs --timing-model roofline"):
         make_timing("thesis", llama8b, a10, TimingParams(compute_half_tokens=10.0))
+
+
+def test_a_pass_streams_every_weight_but_an_untied_input_embedding(llama8b, a10):
+    granite = llm_library().get("Granite-20B")                # tied: the LM head reads it all
+    assert granite.streamed_weight_bytes == granite.weight_bytes
+    table = llama8b.vocab_size * llama8b.hidden_dim * 2       # untied: its lookup gathers rows
+    assert llama8b.streamed_weight_bytes == pytest.approx(llama8b.weight_bytes - table)
+    decode = RooflineTiming(llama8b, a10).step_costs(np.array([1.0]), np.array([99.0]), 1)
+    assert decode.bytes == pytest.approx(llama8b.weight_bytes - table
+                                         + 100 * llama8b.kv_bytes_per_token)
+    thesis = ThesisTiming(llama8b, a10)                       # eq. 4.6 as written: all of them
+    assert thesis.time_per_token_s() == pytest.approx(llama8b.weight_bytes / (600e9 * 0.6))

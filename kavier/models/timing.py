@@ -376,13 +376,14 @@ class RooflineTiming(_TimingBase):
 
     @cached_property
     def _dense_weight_bytes(self) -> float:
-        return self.llm.weight_bytes / self.tensor_parallel_size * self.stage_share
+        return self.llm.streamed_weight_bytes / self.tensor_parallel_size * self.stage_share
 
     def weight_bytes(self, n_tokens=1.0):
-        """Weight bytes one rank of one stage streams in a pass over ``n_tokens`` tokens: all
-        its weights (``W / TP``, a float) for a dense model; the shared ones plus the experts
-        the tokens are routed to for a mixture of experts (:meth:`LLMSpec.weight_bytes_read`).
-        """
+        """Weight bytes one rank of one stage streams in a pass over ``n_tokens`` tokens: its
+        weights but the untied input embedding, whose lookup gathers rows
+        (:attr:`LLMSpec.streamed_weight_bytes` ``/ TP``, a float) for a dense model; the
+        shared ones plus the experts the tokens are routed to for a mixture of experts
+        (:meth:`LLMSpec.weight_bytes_read`). The thesis model (eq. 4.6) streams them all."""
         if not self.llm.n_experts:
             return self._dense_weight_bytes
         return (self.llm.weight_bytes_read(n_tokens, self.expert_parallel_size)
@@ -729,8 +730,10 @@ the real GPU keeps up).
   ``compute_efficiency = 0.80 × gemm_share``: one library-wide 0.80 times the board's
   measured share (:attr:`~kavier.models.library.GPUSpec.gemm_share`).
 * **Memory.** Weight streaming 0.85 and KV streaming 0.50 of peak DRAM bandwidth, inside the
-  fitted ranges (weights 0.78–0.93, KV 0.36–0.81); KV below weights on every fit, as paged
-  attention gathers scattered blocks. Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth
+  fitted ranges (weights 0.78–0.93, KV 0.36–0.81, when the roofline streamed the input
+  embedding too; 0.81–0.86 and 0.41–0.75 for the four shipped serving profiles since it
+  gathers its rows, docs/calibration.md "Current figures"); KV below weights on every fit, as
+  paged attention gathers scattered blocks. Recasens et al. 2025 measure 0.6–0.8 of peak bandwidth
   in batched decode on an H100.
 
 * **Mixed steps.** ``prefill_sharpness = 2``: a step with a prefill chunk costs
