@@ -74,7 +74,7 @@ class TimingParams:
     allreduce_latency_s : float or None
         Tensor and expert parallelism only: fixed time of one collective step over the link
         in use (NCCL's launch and synchronisation), s; a collective takes
-        :attr:`Link.hops` of them. ``None`` (the default) takes the link's measured figure,
+        :attr:`Link.hops` of them. ``None`` (the default) takes the link's own figure,
         :data:`LINK_LATENCY_S`: NVLink 6 µs, PCIe 40 µs per ring hop, network 20 µs.
     link_efficiency : float or None
         Tensor and expert parallelism only: achieved share of the interconnect's bandwidth in
