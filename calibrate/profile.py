@@ -5,7 +5,10 @@ A profile is a JSON file::
     {"profile_version": "1", "gpu": "A10", "llm": "Llama-3-8B", "engine": "vLLM 0.9.0",
      "timing_model": "roofline", "params": {...TimingParams...},
      "mape_pct": {...}, "datasets": [...], "data_sha256": "...", "cv": "...",
-     "created": "2026-11-23T10:00:00+00:00", "toolkit_version": "0.1.0"}
+     "created": "2026-11-23T10:00:00+00:00", "toolkit_version": "0.1.0", "timing_revision": 2}
+
+``timing_revision`` is :data:`~kavier.models.timing.TIMING_REVISION` when the profile was fitted
+(1 for files without it); :meth:`Profile.stale` says when the roofline has changed since.
 
 ``kavier simulate --profile FILE`` (or the name of a profile shipped in ``calibrate/profiles/``,
 :func:`profile_path`) reads ``timing_model`` and ``params`` from it, and the
@@ -21,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from archive.errors import InputError, read_json_object
-from kavier.models.timing import TIMING_MODELS, TimingParams
+from kavier.models.timing import TIMING_MODELS, TIMING_REVISION, TimingParams
 
 PROFILE_VERSION = "1"
 
@@ -74,6 +77,18 @@ class Profile:
     created: str = ""
     toolkit_version: str = ""
     power: dict | None = None
+    timing_revision: int = TIMING_REVISION
+
+    def stale(self) -> str | None:
+        """Why this roofline profile's parameters no longer mean what they were fitted as, or
+        None: its ``timing_revision`` differs from :data:`~kavier.models.timing.TIMING_REVISION`
+        (whose docstring lists what each revision changed). The thesis model has not changed."""
+        if self.timing_model != "roofline" or self.timing_revision == TIMING_REVISION:
+            return None
+        return (f"fitted against roofline revision {self.timing_revision}, this toolkit's is "
+                f"{TIMING_REVISION} (kavier.models.timing.TIMING_REVISION lists the changes): "
+                "its step times now differ from those its MAPE was measured with; refit it "
+                "with kavier calibrate")
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -99,6 +114,10 @@ class Profile:
         path = profile_path(path)
         d = read_json_object(path, "profile")
         d.pop("profile_version", None)
+        revision = d.setdefault("timing_revision", 1)
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+            raise InputError(f"expected a positive integer, got {revision!r}", path=path,
+                             field="timing_revision")
         for key in ("gpu", "llm", "timing_model", "params"):
             if key not in d:
                 raise InputError("missing in profile", path=path, field=key)

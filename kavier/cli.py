@@ -255,6 +255,8 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
     params, profile = None, None
     if profile_path:
         profile = Profile.read(profile_path)
+        if why := profile.stale():
+            click.echo(f"warning: profile {profile_path}: {why}", err=True)
         if gpu and gpu.lower() != profile.gpu.lower():
             raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
                              field="gpu")

@@ -218,3 +218,26 @@ def test_the_sweeps_weigh_equally_in_the_fit(a10_data):
     assert len(seen) == 1 + 9            # the full fit and every leave-one-size-out fold
     for decode, w in seen:
         assert w[decode].sum() == pytest.approx(w[~decode].sum(), rel=1e-12)
+
+
+def test_a_profile_fitted_against_an_older_roofline_says_so(result, tmp_path):
+    import json
+
+    from archive.errors import InputError
+    from kavier.models.timing import TIMING_REVISION
+
+    profile = Profile(gpu="A10", llm="Llama-3-8B", engine="vLLM 0.9.0", timing_model="roofline",
+                      params=result.estimator.params_)
+    path = profile.write(tmp_path / "p.json")
+    assert Profile.read(path).timing_revision == TIMING_REVISION and profile.stale() is None
+    written = json.loads(path.read_text())
+    del written["timing_revision"]                     # a file from before profiles recorded it
+    path.write_text(json.dumps(written))
+    old = Profile.read(path)
+    assert old.timing_revision == 1 and "refit it" in old.stale()
+    assert Profile(gpu="A10", llm="Llama-3-8B", engine="", timing_model="thesis",
+                   params=result.estimator.params_, timing_revision=1).stale() is None
+    written["timing_revision"] = "2"
+    path.write_text(json.dumps(written))
+    with pytest.raises(InputError, match="timing_revision"):
+        Profile.read(path)

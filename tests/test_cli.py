@@ -225,6 +225,18 @@ def test_profiles_with_unphysical_parameters_are_one_line(profile_dir, tmp_path,
     assert result.exit_code == 2 and f"field 'params.{field}'" in result.output, result.output
 
 
+def test_a_profile_from_an_older_roofline_runs_with_a_warning(profile_dir, tmp_path):
+    profile = json.loads((profile_dir / "profile.json").read_text())
+    del profile["timing_revision"]
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    (tmp_path / "t.csv").write_text("num_input_tokens,num_output_tokens\n5,3\n")
+    args = ["--trace", str(tmp_path / "t.csv"), "--output-folder", str(tmp_path / "o")]
+    old = run("simulate", *args, "--profile", str(tmp_path / "p.json"))
+    assert old.exit_code == 0 and "warning: profile" in old.output and "refit" in old.output
+    current = run("simulate", *args, "--profile", str(profile_dir / "profile.json"))
+    assert current.exit_code == 0 and "warning" not in current.output
+
+
 def test_a_broken_dataset_card_is_one_line(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset.json").write_text("{bad")

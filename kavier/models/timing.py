@@ -768,6 +768,17 @@ def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
         compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
+TIMING_REVISION = 2
+"""Revision of what the roofline model's parameters mean, which a calibrated profile records
+(``calibrate.profile.Profile.timing_revision``): a profile fitted against another revision gives
+other step times than those its MAPE was measured with. Bumped whenever a change moves the
+roofline's predictions for the same parameters:
+
+1. Profiles written before profiles recorded it.
+2. PCIe collectives cost 40 µs a ring hop (:data:`LINK_LATENCY_S`, was 7 µs), and a pass no
+   longer streams an untied input embedding (:attr:`LLMSpec.streamed_weight_bytes`)."""
+
+
 LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 4e-5, "network": 2e-5}
 """Fixed time of one collective step per kind of link, s:
 
