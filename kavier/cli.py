@@ -245,18 +245,26 @@ def _arrivals(table: pa.Table, rate_scale, poisson_rate, seed, back_to_back) -> 
     return table.append_column("arrival_s", from_numpy(arrival))
 
 
+def _read_profile(path):
+    """:meth:`calibrate.profile.Profile.read`, with a one-line warning on stderr when the
+    profile was fitted against another roofline revision (:meth:`Profile.stale`)."""
+    from calibrate.profile import Profile
+
+    profile = Profile.read(path)
+    if why := profile.stale():
+        click.echo(f"warning: profile {path}: {why}", err=True)
+    return profile
+
+
 def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
            prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
            block_size, tensor_parallel_size=1, expert_parallel_size=1,
            pipeline_parallel_size=1):
     """Timing, workload, prefix cache and block size from the common options."""
-    from calibrate.profile import Profile
 
     params, profile = None, None
     if profile_path:
-        profile = Profile.read(profile_path)
-        if why := profile.stale():
-            click.echo(f"warning: profile {profile_path}: {why}", err=True)
+        profile = _read_profile(profile_path)
         if gpu and gpu.lower() != profile.gpu.lower():
             raise InputError(f"profile is for GPU {profile.gpu}, not {gpu}", path=profile_path,
                              field="gpu")
@@ -790,7 +798,7 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         from archive.serving import read_serving
         from calibrate.power_phases import serving_phases
 
-        params = Profile.read(profile_path).params if profile_path else None
+        params = _read_profile(profile_path).params if profile_path else None
         section["phases"] = serving_phases(capture, read_serving(capture), samples,
                                            result.best, params)
     elif measurements is not None and "request_id" in samples.columns:
@@ -874,10 +882,9 @@ def _fit_phases(measurements, samples, model, profile_path, gpu: str | None):
     """:func:`calibrate.power_phases.fit_memory_bound_utilization` with the profile's timing,
     else the library defaults for the dataset's GPU and LLM."""
     from calibrate.power_phases import fit_memory_bound_utilization, request_power
-    from calibrate.profile import Profile
 
     if profile_path:
-        profile = Profile.read(profile_path)
+        profile = _read_profile(profile_path)
         timing = make_timing(profile.timing_model, *_specs(profile.llm, profile.gpu,
                                                             None, None), profile.params)
     else:
