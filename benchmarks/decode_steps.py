@@ -17,8 +17,9 @@ any request waited), it splits each second into the decode steps at the default 
 decode-only cost and what remains, and prints what remains per prompt token (all ranks'
 tokens: data-parallel ranks stepping in lockstep each wait for the others' prefill).
 
-Run: ``python benchmarks/decode_steps.py [RUN ...]`` (every bundled serving run by default;
-a few seconds).
+Run: ``python benchmarks/decode_steps.py [RUN ...] [--profile FILE]`` (every bundled serving
+run by default; a few seconds). ``--profile`` puts a calibrated profile's parameters in place of
+the library defaults (``model`` below is then that profile's).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pandas as pd
 
 from archive.datasets import kind_of, list_datasets
 from archive.serving import read_serving
+from calibrate.profile import Profile
 from calibrate.serving import replay_for
 
 
@@ -71,10 +73,11 @@ def model_steps_ms(timing, frame: pd.DataFrame) -> list[tuple[float, ...]]:
     return [model_decode(timing, s, c) for s, c in pairs]
 
 
-def report(name: str) -> None:
-    """Print the decode-only comparison and the filling seconds' prompt cost of run ``name``."""
+def report(name: str, params=None) -> None:
+    """Print the decode-only comparison and the filling seconds' prompt cost of run ``name``
+    (with ``params``, else the library defaults)."""
     run = read_serving(name)
-    timing = replay_for(run).timing
+    timing = replay_for(run, params).timing
     d = seconds(run)
     decode = d[(d.prompt_tok_s == 0) & (d.seqs_per_rank >= 2)].copy()
     print(f"{name}: {len(decode)} decode-only seconds")
@@ -101,7 +104,7 @@ def report(name: str) -> None:
     mixed = timing.step_costs(np.r_[np.ones(n), chunk], np.r_[np.full(n, context / n), 0.0], n)
     added_us = 1e3 * (1000.0 * mixed.duration_s - model_decode(timing, n, context)[0]) / chunk
     print(f"  {len(filling)} filling seconds: {measured:.1f} µs per prompt token beside the "
-          f"default decode steps; the default model adds {added_us:.1f} µs "
+          f"model's decode steps; the model adds {added_us:.1f} µs "
           f"per token of a {chunk}-token chunk joining {n} decodes")
 
 
@@ -109,8 +112,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", default=[
         name for name in list_datasets() if kind_of(name) == "serving"])
-    for name in parser.parse_args().runs:
-        report(name)
+    parser.add_argument("--profile", help="a calibrated profile's parameters instead of the "
+                                          "library defaults")
+    args = parser.parse_args()
+    params = Profile.read(args.profile).params if args.profile else None
+    for name in args.runs:
+        report(name, params)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ CASES = {
     "mixture of experts": (("Qwen3-30B-A3B", "RTX-PRO-6000", 1), TimingParams(),
                            EngineConfig(replicas=2, num_gpu_blocks=2000)),
     "data-parallel ranks with expert parallelism, in lockstep": (
-        ("Qwen3-30B-A3B", "RTX-PRO-6000", 1), TimingParams(batch_step_overhead_s=0.001),
+        ("Qwen3-30B-A3B", "RTX-PRO-6000", 1), TimingParams(batch_step_overhead_s=0.001,
+                                                           compute_half_tokens=100.0),
         EngineConfig(replicas=2, enable_expert_parallel=True, num_gpu_blocks=1500,
                      max_num_seqs=32)),
 }

@@ -64,7 +64,8 @@ def test_one_expert_moe_equals_the_dense_model():
     dense = llm_library().get("Llama-3.1-8B")
     moe = dataclasses.replace(dense, name="one-expert", n_experts=1, n_experts_per_token=1)
     gpu = gpu_library().get("A100-80GB")
-    a, b = (make_timing("roofline", m, gpu, PARAMS) for m in (dense, moe))
+    params = PARAMS.with_(compute_half_tokens=80.0)
+    a, b = (make_timing("roofline", m, gpu, params) for m in (dense, moe))
     for n in (1.0, 300.0, 5000.0):
         assert b.pass_costs(n, 100.0).duration_s == pytest.approx(a.pass_costs(n, 100.0)
                                                                   .duration_s, rel=1e-12)
@@ -92,6 +93,30 @@ def test_moe_active_flops_and_distinct_expert_traffic_by_hand():
     touched = 128 * (1 - (1 - 8 / 128) ** t)
     assert timing.weight_bytes(t) == pytest.approx((streamed + 48 * touched * expert) * 2)
     assert timing.weight_bytes(1e6) == pytest.approx(llm.weight_bytes - 151936 * 2048 * 2)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_the_gemm_ramp_is_paid_once_per_expert_touched(ep):
+    llm = llm_library().get("Qwen3-30B-A3B")
+    expert, half = 3 * 2048 * 768, 100.0
+    dense_mm = llm.matmul_params - 48 * 8 * expert       # attention projections and router
+    gpu = gpu_library().get("RTX-PRO-6000")
+    timing = make_timing("roofline", llm, gpu, PARAMS.with_(compute_half_tokens=half),
+                         expert_parallel_size=ep)
+    rate = gpu.flops_per_s * PARAMS.compute_efficiency
+    for t in (1.0, 64.0, 512.0):
+        touched = 128 * (1 - (1 - 8 / 128) ** (ep * t)) / ep     # this GPU's experts
+        assert timing.pass_compute_s(t) == pytest.approx(
+            2 * half * (dense_mm + 48 * touched * expert) / rate, rel=1e-12)
+    if ep == 1:       # one token runs the k experts' GEMMs: the dense constant, active weights
+        assert timing.pass_compute_s(1.0) == pytest.approx(
+            2 * half * llm.matmul_params / rate, rel=1e-12)
+    # a 512-token chunk's compute pays the ramp on every expert it touches, not on k of them
+    chunk = timing.pass_costs(512.0)
+    assert chunk.compute_s == pytest.approx(
+        make_timing("roofline", llm, gpu, PARAMS, expert_parallel_size=ep)
+        .pass_costs(512.0).compute_s + timing.pass_compute_s(512.0), rel=1e-12)
+    assert timing.pass_compute_s(512.0) > 5 * timing.pass_compute_s(1.0)
 
 
 def test_hf_config_moe_and_refusals():

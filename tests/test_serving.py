@@ -286,6 +286,26 @@ def test_shipped_profiles_by_name(tmp_path):
     assert wrong.exit_code == 2 and "did you mean rtx-4090-llama-3.1-8b-vllm-0.19" in wrong.output
 
 
+def _shipped_serving_profiles():
+    from calibrate.profile import shipped_profiles
+
+    return [name for name in shipped_profiles()
+            if any("serving" in d for d in Profile.read(name).datasets)]
+
+
+@pytest.mark.parametrize("name", _shipped_serving_profiles())
+def test_a_shipped_serving_profile_is_current_and_replays_to_its_recorded_scores(name):
+    # a change that moves the roofline's predictions must bump TIMING_REVISION and refit
+    profile = Profile.read(name)
+    assert profile.stale() is None
+    run_ = read_serving(profile.datasets[0])
+    predicted = replay_for(run_, profile.params).predict()[0]
+    held_out = score(measured(run_), predicted, ~fit_mask(run_, 0.5))
+    for metric in METRICS:
+        assert held_out[metric]["mape_pct"] == pytest.approx(
+            profile.mape_pct["heldout"][metric]["mape_pct"], rel=1e-9)
+
+
 def _engine_file(tmp_path):
     path = tmp_path / "engine.json"
     path.write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "llm": "Llama-3.1-8B",

@@ -316,17 +316,35 @@ class RooflineTiming(_TimingBase):
         efficiency = self.params.attention_efficiency or self.params.compute_efficiency
         return self.gpu.flops_per_s * efficiency
 
-    @property
-    def _pass_compute_s(self) -> float:
-        """Matmul time every forward pass costs beyond its tokens' FLOPs, s: ``2·P·n½ /
-        (F·C_e)`` (``compute_half_tokens``; 0 by default)."""
-        return 2.0 * self._matmul_params * self.params.compute_half_tokens / self._flops_per_s
+    def pass_compute_s(self, n_tokens=1.0):
+        """Matmul time a forward pass over ``n_tokens`` tokens costs beyond its tokens' FLOPs,
+        s: ``2·n½·P_g(n) / (F·C_e)`` (``compute_half_tokens``; 0 by default), ``P_g`` the
+        parameters of the distinct weight GEMMs the pass runs on one rank
+        (:meth:`LLMSpec.gemm_params` ``/ TP``, of one stage).
 
-    def _compute_s(self, matmul_flops, attention_flops, passes=1.0):
-        """Compute time of ``passes`` forward passes doing these FLOPs, s: the weight matmuls
-        (and LM head) at ``F·C_e`` plus :attr:`_pass_compute_s` per pass, the attention at the
-        attention efficiency."""
-        return (matmul_flops / self._flops_per_s + passes * self._pass_compute_s
+        The ramp ``m / (m + n½)`` holds per GEMM, ``m`` the tokens that GEMM multiplies:
+        summed over GEMMs ``g`` of ``P_g`` weights, ``Σ 2·P_g·(m_g + n½)`` is the pass's matmul
+        FLOPs plus ``2·n½·Σ P_g``. A dense model's GEMMs all see the pass's ``T`` tokens, so
+        this is the constant ``2·P·n½``; a mixture of experts runs one GEMM per expert touched,
+        each on its share of the routed tokens (``T·k/E`` on average, a few dozen in a 512-token
+        chunk of Qwen3-30B-A3B, where a dense GEMM sees all 512), so the term grows with the
+        experts touched — the fused-MoE kernel's short expert GEMMs run further below the
+        peak than a dense GEMM of the same FLOPs. One token touches ``k`` experts, which is
+        the dense constant with the active parameters."""
+        return (2.0 * self._gemm_params(n_tokens) * self.params.compute_half_tokens
+                / self._flops_per_s)
+
+    def _gemm_params(self, n_tokens):
+        if not self.llm.n_experts:
+            return self._matmul_params
+        return (self.llm.gemm_params(n_tokens, self.expert_parallel_size)
+                / self.tensor_parallel_size * self.stage_share)
+
+    def _compute_s(self, matmul_flops, attention_flops, pass_s):
+        """Compute time of forward passes doing these FLOPs, s: the weight matmuls (and LM
+        head) at ``F·C_e`` plus ``pass_s`` (their :meth:`pass_compute_s`, summed), the
+        attention at the attention efficiency."""
+        return (matmul_flops / self._flops_per_s + pass_s
                 + attention_flops / self._attention_flops_per_s)
 
     @property
@@ -474,7 +492,8 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = 2.0 * self._matmul_params * n + self._lm_head_flops
         pairs = n * c + n * (n + 1) / 2.0
-        return self._compute_s(matmul, self._attention_flops_per_position * pairs)
+        return self._compute_s(matmul, self._attention_flops_per_position * pairs,
+                               self.pass_compute_s(n))
 
     def forward_memory_s(self, n_context) -> np.ndarray:
         """Memory time of one forward pass that attends to ``n_context`` positions, s: the
@@ -513,7 +532,7 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = self._matmul_flops(n)
         attention = self._attention_flops_per_position * (n * c + n * (n + 1) / 2.0)
-        compute = self._compute_s(matmul, attention)
+        compute = self._compute_s(matmul, attention, self.pass_compute_s(n))
         kv = self.kv_bytes_per_token * (n + c)
         weights = self.weight_bytes(n)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
@@ -536,9 +555,9 @@ class RooflineTiming(_TimingBase):
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = float(np.sum(self._matmul_flops(n)))
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
-        compute = self._compute_s(matmul, attention)
-        kv = self.kv_bytes_per_token * float(np.sum(n + c))
         tokens = float(np.sum(n))
+        compute = self._compute_s(matmul, attention, float(self.pass_compute_s(tokens)))
+        kv = self.kv_bytes_per_token * float(np.sum(n + c))
         weights = float(self.weight_bytes(tokens))
         memory = float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
         high = max(compute, memory)
@@ -590,7 +609,7 @@ class RooflineTiming(_TimingBase):
             attention = a_pos * (m2 + m1) / 2.0
             kv = self.kv_bytes_per_token * m1
         tokens = float(n)           # one per sequence (MoE and TP need the KV cache)
-        compute = self._compute_s(matmul, attention)
+        compute = self._compute_s(matmul, attention, self.pass_compute_s(tokens))
         weights = self.weight_bytes(tokens)
         memory = self._floor_of(weights) + kv / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + n * self.params.token_overhead_s
@@ -616,7 +635,8 @@ class RooflineTiming(_TimingBase):
         weights = float(self.weight_bytes(float(n)))
         memory = k * float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
         return (matmul + attention, k * weights + kv,
-                float(self._compute_s(matmul, attention, k)), memory)
+                float(self._compute_s(matmul, attention, k * self.pass_compute_s(float(n)))),
+                memory)
 
     def decode_costs(self, n_in, n_out) -> Costs:
         """:class:`Costs` of each request's decode alone on the GPU (``n_out − 1`` steps after
@@ -636,7 +656,7 @@ class RooflineTiming(_TimingBase):
             matmul = 2.0 * self._matmul_params * s1 + m * self._lm_head_flops
             attention = a_pos * (s2 + s1) / 2.0
             kv = kvb * s1
-        compute = self._compute_s(matmul, attention, passes=m)
+        compute = self._compute_s(matmul, attention, m * self.pass_compute_s())
         memory = m * self.floor_s() + kv / self._kv_bytes_per_s
         return Costs(self.decode_s(n_in, n_out), matmul + attention,
                      m * self.weight_bytes() + kv, compute, memory)
@@ -656,7 +676,7 @@ class RooflineTiming(_TimingBase):
         else:
             compute = self._matmul_flops(c) / self._flops_per_s + a_pos * c * (c + 1) / 2.0 / (
                 self._attention_flops_per_s)
-        compute = compute + self._pass_compute_s
+        compute = compute + self.pass_compute_s()
         memory = self.floor_s() + kvb * c / self._kv_bytes_per_s
         durations = (np.maximum(compute, memory) + self.params.token_overhead_s
                      + self.comm_s(1.0))
@@ -680,7 +700,7 @@ class RooflineTiming(_TimingBase):
     def _decode_kv_on(self, n_in, steps):
         attn = self._attention_flops_per_position / self._attention_flops_per_s
         g0 = ((2.0 * self._matmul_params + self._lm_head_flops) / self._flops_per_s
-              + self._pass_compute_s + attn * n_in)
+              + self.pass_compute_s() + attn * n_in)
         m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
         return sum_max_linear(g0, attn, self.forward_memory_s(n_in), m1, steps)
 
@@ -691,7 +711,7 @@ class RooflineTiming(_TimingBase):
         lm = self._lm_head_flops / self._flops_per_s
         a = self._attention_flops_per_position / self._attention_flops_per_s / 2.0
         m1 = self.kv_bytes_per_token / self._kv_bytes_per_s
-        qa = p * n_in + lm + self._pass_compute_s + a * (n_in**2 + n_in)
+        qa = p * n_in + lm + self.pass_compute_s() + a * (n_in**2 + n_in)
         qb = p + a * (2.0 * n_in + 1.0)
         qc = a
         r0 = self.forward_memory_s(n_in)
@@ -768,7 +788,7 @@ def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
         compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
-TIMING_REVISION = 2
+TIMING_REVISION = 3
 """Revision of what the roofline model's parameters mean, which a calibrated profile records
 (``calibrate.profile.Profile.timing_revision``): a profile fitted against another revision gives
 other step times than those its MAPE was measured with. Bumped whenever a change moves the
@@ -776,7 +796,10 @@ roofline's predictions for the same parameters:
 
 1. Profiles written before profiles recorded it.
 2. PCIe collectives cost 40 µs a ring hop (:data:`LINK_LATENCY_S`, was 7 µs), and a pass no
-   longer streams an untied input embedding (:attr:`LLMSpec.streamed_weight_bytes`)."""
+   longer streams an untied input embedding (:attr:`LLMSpec.streamed_weight_bytes`).
+3. A mixture of experts pays ``compute_half_tokens``' GEMM ramp once per expert a pass touches
+   (:meth:`RooflineTiming.pass_compute_s`), not once for the ``k`` experts of one token. A
+   dense model's profile, or one with ``compute_half_tokens`` 0, predicts as under 2."""
 
 
 LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 4e-5, "network": 2e-5}

@@ -60,8 +60,8 @@ L_HEAD, L_TAIL, L_TOP = range(3)
 TI_REPLICA, TI_STEPS, TI_SEQS, TI_PREFILL, TI_DECODE, TI_KV = range(6)
 TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
 # timing constants
-K_F, K_FA, K_PASS, K_BKV, K_TOK, K_BSTEP, K_BSEQ, K_SHARP, K_MP2, K_LM, K_APOS, K_KVB, \
-    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG, K_DUMMY = range(18)
+K_F, K_FA, K_BKV, K_TOK, K_BSTEP, K_BSEQ, K_SHARP, K_MP2, K_LM, K_APOS, K_KVB, \
+    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG, K_DUMMY = range(17)
 # engine settings
 S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR, S_PREFIX, S_LOCK = range(8)
 
@@ -140,7 +140,7 @@ def _batch_overhead(k, n):
 
 
 @njit(cache=True)
-def _run_work(k, wb, floor, n, sumc, steps):
+def _run_work(k, wb, floor, passc, n, sumc, steps):
     """:meth:`RooflineTiming.decode_run_work`: FLOPs, bytes, compute and memory time of a
     decode run's first ``steps`` steps, closed form."""
     kk = float(steps)
@@ -149,16 +149,16 @@ def _run_work(k, wb, floor, n, sumc, steps):
     attention = k[K_APOS] * pairs
     kv = k[K_KVB] * pairs
     memory = kk * floor[n] + kv / k[K_BKV]
-    compute = matmul / k[K_F] + kk * k[K_PASS] + attention / k[K_FA]
+    compute = matmul / k[K_F] + kk * passc[n] + attention / k[K_FA]
     return matmul + attention, kk * wb[n] + kv, compute, memory
 
 
 @njit(cache=True)
-def _run_durations(k, floor, comm, n, sumc, first, steps, into):
+def _run_durations(k, floor, comm, passc, n, sumc, first, steps, into):
     """Durations of steps ``first..steps − 1`` of a decode run of ``n`` sequences with
     ``sumc`` context tokens into ``into``, term by term as :meth:`RooflineTiming.decode_run`."""
     matmul = n * (k[K_MP2] + k[K_LM])
-    base = matmul / k[K_F] + 1.0 * k[K_PASS]
+    base = matmul / k[K_F] + passc[n]
     tokens, batch = n * k[K_TOK], _batch_overhead(k, n)
     for j in range(first, steps):
         pairs = float(sumc) + n * (j + 1.0)
@@ -168,7 +168,7 @@ def _run_durations(k, floor, comm, n, sumc, first, steps, into):
 
 
 @njit(cache=True)
-def _step_costs(k, wb, floor, comm, new, cached, nb, n_dec, work, out):
+def _step_costs(k, wb, floor, comm, passc, new, cached, nb, n_dec, work, out):
     """:meth:`RooflineTiming.step_costs` of ``nb`` sequences: ``out`` ← its :class:`Costs`."""
     for i in range(nb):
         n, c = float(new[i]), float(cached[i])
@@ -178,9 +178,9 @@ def _step_costs(k, wb, floor, comm, new, cached, nb, n_dec, work, out):
         work[3, i] = n
     matmul = _pairwise(work[0], 0, nb)
     attention = k[K_APOS] * _pairwise(work[1], 0, nb)
-    compute = matmul / k[K_F] + 1.0 * k[K_PASS] + attention / k[K_FA]
     kv = k[K_KVB] * _pairwise(work[2], 0, nb)
     tokens = int(_pairwise(work[3], 0, nb))
+    compute = matmul / k[K_F] + passc[tokens] + attention / k[K_FA]
     weights = wb[tokens]
     memory = floor[tokens] + kv / k[K_BKV]
     high = max(compute, memory)
@@ -595,7 +595,7 @@ def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budge
 @njit(cache=True)
 def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now):
     """:meth:`SteppedEngine._start_step` and :meth:`~SteppedEngine._decode_run`."""
-    wb, floor, comm = t
+    wb, floor, comm, passc = t
     bs = s[S_BS]
     nb = _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now)
     pi[r, NB] = nb
@@ -614,7 +614,7 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
                 _evict(kv, g, r, evict)
             work[4, b] = ri[bids[r, b], COMPUTED]
         out = np.empty(5)
-        _step_costs(k, wb, floor, comm, bnew[r], work[4], nb, n_dec, work, out)
+        _step_costs(k, wb, floor, comm, passc, bnew[r], work[4], nb, n_dec, work, out)
         pf[r, C_DUR:C_MEM + 1] = out
         pi[r, ISRUN], pi[r, NSTEPS] = 0, 1
         pf[r, BUSY_UNTIL] = now + out[0]
@@ -637,7 +637,7 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
             else:
                 hi = mid - 1
         steps = lo
-    _run_durations(k, floor, comm, nb, sumc, 0, steps, scratch[0])
+    _run_durations(k, floor, comm, passc, nb, sumc, 0, steps, scratch[0])
     if deadline < np.inf and steps > 1:          # stop at the first boundary past a timeout
         acc = 0.0
         for j in range(steps):
@@ -670,10 +670,10 @@ def _interrupt(k, s, t, ri, pi, pf, bids, scratch, r, at):
     steps = pi[r, NSTEPS]
     if steps <= 1:
         return
-    floor, comm = t[1], t[2]
+    floor, comm, passc = t[1], t[2], t[3]
     acc, keep = 0.0, steps
     for j in range(steps):
-        _run_durations(k, floor, comm, pi[r, NB], pi[r, SUMC], j, j + 1, scratch[0])
+        _run_durations(k, floor, comm, passc, pi[r, NB], pi[r, SUMC], j, j + 1, scratch[0])
         acc += scratch[0, j]
         if pf[r, T0] + acc >= at:
             keep = j + 1
@@ -691,11 +691,11 @@ def _finish_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch,
     """:meth:`SteppedEngine._finish_step`: one timeline row, the tokens, the leavers."""
     now, steps, nb = pf[r, T0], pi[r, NSTEPS], pi[r, NB]
     if pi[r, ISRUN]:
-        wb, floor, comm = t
-        _run_durations(k, floor, comm, nb, pi[r, SUMC], 0, steps, scratch[0])
+        wb, floor, comm, passc = t
+        _run_durations(k, floor, comm, passc, nb, pi[r, SUMC], 0, steps, scratch[0])
         end = now + _pairwise(scratch[0], 0, steps)
         pf[r, CUTOFF] = end - scratch[0, steps - 1]
-        costs = _run_work(k, wb, floor, nb, pi[r, SUMC], steps)
+        costs = _run_work(k, wb, floor, passc, nb, pi[r, SUMC], steps)
     else:
         end = now + pf[r, C_DUR]
         pf[r, CUTOFF] = end - pf[r, C_DUR]
@@ -879,8 +879,8 @@ class CompiledEngine:
     def _constants(self) -> np.ndarray:
         t, p, cfg = self.timing, self.timing.params, self.config
         k = np.zeros(K_DUMMY + 5)
-        k[[K_F, K_FA, K_PASS, K_BKV, K_TOK, K_BSTEP, K_BSEQ]] = (
-            t._flops_per_s, t._attention_flops_per_s, t._pass_compute_s, t._kv_bytes_per_s,
+        k[[K_F, K_FA, K_BKV, K_TOK, K_BSTEP, K_BSEQ]] = (
+            t._flops_per_s, t._attention_flops_per_s, t._kv_bytes_per_s,
             p.token_overhead_s, p.batch_step_overhead_s, p.batch_seq_overhead_s)
         k[K_SHARP] = np.nan if p.prefill_sharpness is None else p.prefill_sharpness
         k[[K_MP2, K_LM, K_APOS, K_KVB, K_FRONT]] = (
@@ -891,18 +891,22 @@ class CompiledEngine:
         k[K_DUMMY:] = t.step_costs(np.ones(1), np.zeros(1), 1)   # an idle rank's batch
         return k
 
-    def _tables(self, most_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Weight bytes, their floor and the collectives of a step over 0..most tokens."""
+    def _tables(self, most_tokens: int) -> tuple[np.ndarray, ...]:
+        """Weight bytes, their floor, the collectives and the GEMM ramp
+        (:meth:`RooflineTiming.pass_compute_s`) of a step over 0..most tokens."""
+        timing = self.timing
         tokens = np.arange(most_tokens + 1, dtype=np.float64)
-        if self.timing.llm.n_experts:
+        if timing.llm.n_experts:
             # each count alone, as a step asks for it: numpy's pow over an array can differ
             # from its pow of one value in the last bit
-            wb = np.array([self.timing.weight_bytes(float(n)) for n in tokens])
+            wb = np.array([timing.weight_bytes(float(n)) for n in tokens])
+            passc = np.array([timing.pass_compute_s(float(n)) for n in tokens])
         else:
-            wb = np.broadcast_to(self.timing.weight_bytes(tokens), tokens.shape)
-        floor = np.broadcast_to(self.timing._floor_of(wb), tokens.shape)
-        comm = np.broadcast_to(self.timing.comm_s(tokens), tokens.shape)
-        return tuple(np.ascontiguousarray(a, np.float64) for a in (wb, floor, comm))
+            wb = np.broadcast_to(timing.weight_bytes(tokens), tokens.shape)
+            passc = np.broadcast_to(timing.pass_compute_s(tokens), tokens.shape)
+        floor = np.broadcast_to(timing._floor_of(wb), tokens.shape)
+        comm = np.broadcast_to(timing.comm_s(tokens), tokens.shape)
+        return tuple(np.ascontiguousarray(a, np.float64) for a in (wb, floor, comm, passc))
 
     def run(self, n_in: np.ndarray, n_out: np.ndarray, arrival: np.ndarray,
             sessions=None) -> dict:

@@ -107,12 +107,29 @@ class LLMSpec:
         GPU's own experts touched by ``EP × n`` tokens: ``(E/EP)·(1 − (1 − k/E)^(EP·n))``."""
         if not self.n_experts:
             return np.full(np.shape(n_tokens), float(self.streamed_weight_bytes))
-        ep = expert_parallel_size
-        tokens = np.asarray(n_tokens, np.float64) * ep
-        touched = self.experts_touched(tokens) / ep
         shared = (self.params - self.gathered_params
                   - self.n_layers * self.n_experts * self.expert_params)
+        touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
         return (shared + self.n_layers * touched * self.expert_params) * self.bytes_per_param
+
+    def _experts_touched_per_gpu(self, n_tokens, expert_parallel_size):
+        """One GPU's own experts per layer that ``n_tokens`` tokens on each of ``EP`` balanced
+        ranks touch, ``experts_touched(EP × n) / EP``."""
+        ep = expert_parallel_size
+        return self.experts_touched(np.asarray(n_tokens, np.float64) * ep) / ep
+
+    def gemm_params(self, n_tokens, expert_parallel_size: int = 1) -> np.ndarray:
+        """Parameters of the distinct weight matrices one GPU multiplies in a forward pass over
+        ``n_tokens`` tokens (each counted once, however many tokens it sees), LM head and
+        embedding aside: :attr:`matmul_params` for a dense model; for a mixture of experts the
+        shared matmul weights plus the GPU's experts touched (as :meth:`weight_bytes_read`),
+        ``matmul_params − L·k·expert + L·touched·expert`` (``touched = k`` for one token
+        without expert parallelism, which is :attr:`matmul_params` again)."""
+        if not self.n_experts:
+            return np.full(np.shape(n_tokens), float(self.matmul_params))
+        touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
+        routed = self.n_layers * self.expert_params
+        return (self.matmul_params - routed * self.n_experts_per_token) + routed * touched
 
     def resident_weight_bytes(self, expert_parallel_size: int = 1) -> float:
         """Weight bytes one GPU holds: all for a dense model; the shared weights and its
