@@ -676,15 +676,16 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
         out.json("summary.json", {"profile": "profile.json", "scores": "scores.json"})
     click.echo(f"calibrated roofline model for {llm} on {gpu} on the serving run {dataset} "
                f"({len(run.requests)} requests, {f.evaluations} replays)")
-    click.echo(f"{'per-request MAPE [%]':<36}{'TTFT':>8}{'TPOT':>8}{'E2E':>8}")
     rows = [("defaults, held out", f.before["heldout"]), ("calibrated, fit", f.after["fit"]),
             ("calibrated, held out", f.after["heldout"]),
             ("calibrated, all requests", f.after["all"])]
     if result.floor is not None:
         rows.append(("step-phase floor, held out", result.floor))
-    rows += [(f"predicting {n}", s) for n, s in result.predicted_runs.items()]
+    rows += [(f"predicting {n}, all requests", s) for n, s in result.predicted_runs.items()]
+    width = max(len(label) for label, _ in rows) + 1      # run names are long: never cut them
+    click.echo(f"{'per-request MAPE [%]':<{width}}{'TTFT':>8}{'TPOT':>8}{'E2E':>8}")
     for label, s in rows:
-        click.echo(f"{label[:35]:<36}" + "".join(
+        click.echo(f"{label:<{width}}" + "".join(
             f"{s[m]['mape_pct']:>8.2f}" if s[m]["n"] else f"{'—':>8}"
             for m in ("ttft_s", "tpot_s", "e2e_s")))
     click.echo("signed error, calibrated, all requests: " + "; ".join(

@@ -238,7 +238,8 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
                  "compute_efficiency,memory_efficiency", "--max-evaluations", "6",
                  "--predict", RTX4090, "--output-folder", out)
     assert result.exit_code == 0, result.output
-    assert "calibrated, held out" in result.output and "predicting" in result.output
+    assert "calibrated, held out" in result.output
+    assert f"predicting {RTX4090}, all requests" in result.output     # the whole name
     assert "step-phase floor, held out" in result.output
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == 300 and set(table["split"]) == {"fit", "heldout"}

@@ -87,8 +87,10 @@ class TimingParams:
         prefill chunks and small batches achieve less of the peak than long prompts
         (Sarathi-Serve, Agrawal et al., OSDI 2024: prefill throughput saturates with chunk
         size; the saturating form is our assumption). The pass's matmul time is then
-        ``2·P·(T + n½) / (F·C_e)``: a constant ``2·P·n½ / (F·C_e)`` more per pass, which is
-        how it is computed. Default 0: one efficiency at every size (the thesis's eq. 4.2).
+        ``2·P·(T + n½) / (F·C_e)``: a constant ``2·P·n½ / (F·C_e)`` more per pass for a dense
+        model, and per expert touched for a mixture of experts, whose expert GEMMs each see a
+        share of the tokens (:meth:`RooflineTiming.pass_compute_s`). Default 0: one efficiency
+        at every size (the thesis's eq. 4.2).
     batch_step_overhead_s, batch_seq_overhead_s : float
         Continuous batching only: extra time of a step that batches two or more sequences, and
         per sequence beyond the first (scheduling, sampling, kernels less efficient on ragged
