@@ -128,10 +128,66 @@ def test_hf_config_moe_and_refusals():
     assert spec.n_experts == 8 and spec.params / 1e9 == pytest.approx(46.7, abs=0.05)
     assert spec.active_params / 1e9 == pytest.approx(12.9, abs=0.05)
     for field, value in (("quantization_config", {"bits": 4}), ("kv_lora_rank", 512),
-                         ("sliding_window", 4096), ("shared_expert_intermediate_size", 5632),
-                         ("decoder_sparse_step", 2)):
+                         ("sliding_window", 4096), ("attention_chunk_size", 8192),
+                         ("decoder_sparse_step", 0), ("mlp_only_layers", [32]),
+                         ("first_k_dense_replace", 32), ("n_shared_experts", "2")):
         with pytest.raises(Exception, match=f"field '{field}'"):
             llm_from_hf_config({**mixtral, field: value})
+
+
+# Qwen/Qwen1.5-MoE-A2.7B and deepseek-ai/deepseek-moe-16b-base config.json (shapes only)
+QWEN15_MOE = {"num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+              "hidden_size": 2048, "vocab_size": 151936, "intermediate_size": 5632,
+              "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+              "num_experts": 60, "num_experts_per_tok": 4, "decoder_sparse_step": 1,
+              "mlp_only_layers": [], "hidden_act": "silu", "tie_word_embeddings": False,
+              "use_sliding_window": False, "sliding_window": 32768}
+DEEPSEEK_MOE = {"num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+                "hidden_size": 2048, "vocab_size": 102400, "intermediate_size": 10944,
+                "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2,
+                "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                "hidden_act": "silu", "tie_word_embeddings": False}
+
+
+def test_hf_config_shared_experts_and_dense_layers_by_hand():
+    h, attn = 2048, 2048 * (2 * 16 + 2 * 16) * 128
+    qwen = llm_from_hf_config(QWEN15_MOE)
+    expert = 3 * h * 1408
+    qwen_shared = 3 * h * 5632 + h                      # the shared expert and its gate
+    assert qwen.n_dense_layers == 0 and qwen.n_expert_layers == 24
+    assert qwen.params == 24 * (attn + 60 * expert + 60 * h + qwen_shared) + 2 * 151936 * h
+    assert qwen.params / 1e9 == pytest.approx(14.3, abs=0.05)           # model card
+    assert qwen.active_params / 1e9 == pytest.approx(2.7, abs=0.05)     # "2.7B activated"
+    deepseek = llm_from_hf_config(DEEPSEEK_MOE)
+    assert deepseek.n_experts == 64 and deepseek.n_dense_layers == 1
+    dense_mlp, shared = 3 * h * 10944, 2 * expert
+    assert deepseek.params == (28 * attn + dense_mlp + 27 * (64 * expert + 64 * h + shared)
+                               + 2 * 102400 * h)
+    assert deepseek.params / 1e9 == pytest.approx(16.4, abs=0.05)      # model card
+    assert deepseek.active_params / 1e9 == pytest.approx(2.8, abs=0.05)
+    # only the 27 expert layers route, hold experts apart and exchange tokens
+    assert deepseek.active_params == deepseek.params - 27 * 58 * expert
+    assert deepseek.resident_weight_bytes(4) == pytest.approx(
+        (deepseek.params - 27 * 64 * expert * 3 / 4) * 2)
+    timing = make_timing("roofline", deepseek, gpu_library().get("A100-80GB"), PARAMS,
+                         expert_parallel_size=2)
+    shared_bytes = deepseek.params - 102400 * h - 27 * 64 * expert
+    assert timing.weight_bytes(1.0) == pytest.approx(
+        (shared_bytes + 27 * 64 * (1 - (1 - 6 / 64) ** 2) / 2 * expert) * 2)
+    one_layer = make_timing("roofline", dataclasses.replace(deepseek, n_dense_layers=27),
+                            gpu_library().get("A100-80GB"), PARAMS, expert_parallel_size=2)
+    assert timing.comm_s(64.0) == pytest.approx(27 * one_layer.comm_s(64.0))
+    # a Qwen step of 2 makes every other layer dense
+    half = llm_from_hf_config({**QWEN15_MOE, "decoder_sparse_step": 2})
+    assert half.n_dense_layers == 12
+    assert half.params == (24 * attn + 12 * (60 * expert + 60 * h + qwen_shared)
+                           + 12 * 3 * h * 5632 + 2 * 151936 * h)
+    for config, name in ((QWEN15_MOE, "Qwen1.5-MoE-A2.7B"), (DEEPSEEK_MOE, "DeepSeekMoE-16B")):
+        entry = llm_library().get(name)                 # the library entry is its config read
+        assert dataclasses.replace(llm_from_hf_config(config), name=entry.name,
+                                   source=entry.source, aliases=entry.aliases) == entry
+    with pytest.raises(Exception, match="field 'n_dense_layers'"):
+        dataclasses.replace(llm_library().get("Llama-3.1-8B"), n_dense_layers=2)
 
 
 def _run(tp, path="auto", gpus=None):

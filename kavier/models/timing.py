@@ -463,9 +463,10 @@ class RooflineTiming(_TimingBase):
         * Tensor parallelism: two ring all-reduces per layer (after attention and after the
           MLP; Shoeybi et al. 2019, Megatron-LM) of ``n × hidden × bytes``, each ``hops ×
           latency + 2·(TP − 1)/TP × bytes / (link × η)`` over :attr:`tp_link`.
-        * Expert parallelism over ``EP`` GPUs: per expert layer an all-gather of the hidden
-          states of all ranks' tokens and a reduce-scatter of the expert outputs (vLLM's
-          default ``allgather_reducescatter`` all-to-all backend), each ``hops × latency +
+        * Expert parallelism over ``EP`` GPUs: per expert layer (:attr:`LLMSpec.n_expert_layers`)
+          an all-gather of the hidden states of all ranks' tokens and a reduce-scatter of the
+          expert outputs (vLLM's default ``allgather_reducescatter`` all-to-all backend), each
+          ``hops × latency +
           (EP − 1) × n × hidden × bytes / (link × η)`` with balanced ranks, over
           :attr:`ep_link`.
 
@@ -478,11 +479,12 @@ class RooflineTiming(_TimingBase):
             return 0.0
         size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
         total = 0.0
-        layers = self.llm.n_layers * self.stage_share
         if tp > 1:
+            layers = self.llm.n_layers * self.stage_share
             total = total + 2.0 * layers * self._collective_s(
                 self.tp_link, size, 2.0 * (tp - 1) / tp)
         if ep > 1:
+            layers = self.llm.n_expert_layers * self.stage_share     # the expert layers only
             total = total + 2.0 * layers * self._collective_s(
                 self.ep_link, size, ep - 1.0)
         return total

@@ -35,9 +35,13 @@ class LLMSpec:
         (``moe_intermediate_size``, Mixtral's ``intermediate_size``).
     n_experts, n_experts_per_token : int
         Mixture of experts: routed experts per layer (``num_local_experts`` /
-        ``num_experts``) and experts each token is routed to (``num_experts_per_tok``); 0 for a
-        dense model. Every layer's MLP is the expert layer (Mixtral; Qwen3-MoE with
-        ``decoder_sparse_step`` 1).
+        ``num_experts``, DeepSeek's ``n_routed_experts``) and experts each token is routed to
+        (``num_experts_per_tok``); 0 for a dense model. Shared experts, which every token
+        uses, are dense weights: they count in ``params`` and in every pass.
+    n_dense_layers : int
+        Mixture of experts: layers whose MLP is dense rather than the expert layer (DeepSeek's
+        ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``);
+        0, the default, when every layer's MLP is the expert layer (Mixtral, Qwen3-MoE).
     bytes_per_param : float
         Bytes per weight and per KV-cache element (2 for FP16/BF16).
     tie_word_embeddings : bool
@@ -61,6 +65,7 @@ class LLMSpec:
     tie_word_embeddings: bool = False
     n_experts: int = 0
     n_experts_per_token: int = 0
+    n_dense_layers: int = 0
     source: str = ""
     aliases: tuple[str, ...] = ()
 
@@ -71,6 +76,11 @@ class LLMSpec:
                              f"[1, n_experts] for a mixture of experts and both 0 for a dense "
                              f"model (got {self.n_experts_per_token} of {self.n_experts})",
                              field="n_experts_per_token")
+        if self.n_dense_layers and not 0 < self.n_dense_layers < self.n_layers * bool(
+                self.n_experts):
+            raise InputError(f"entry '{self.name}': n_dense_layers must be fewer than its "
+                             f"{self.n_layers} layers, and only a mixture of experts has them "
+                             f"(got {self.n_dense_layers})", field="n_dense_layers")
 
     @property
     def expert_params(self) -> int:
@@ -79,13 +89,20 @@ class LLMSpec:
         return 3 * self.hidden_dim * self.intermediate_dim if self.n_experts else 0
 
     @property
+    def n_expert_layers(self) -> int:
+        """Layers whose MLP is the expert layer, ``L_e = n_layers − n_dense_layers``; 0 for a
+        dense model."""
+        return self.n_layers - self.n_dense_layers if self.n_experts else 0
+
+    @property
     def inactive_params(self) -> int:
-        """Parameters a token does not use: ``L × (E − k)`` experts; 0 for a dense model."""
-        return self.n_layers * (self.n_experts - self.n_experts_per_token) * self.expert_params
+        """Parameters a token does not use: ``L_e × (E − k)`` experts; 0 for a dense model."""
+        return (self.n_expert_layers * (self.n_experts - self.n_experts_per_token)
+                * self.expert_params)
 
     @property
     def active_params(self) -> int:
-        """Parameters used per token: all for a dense model, ``params − L·(E − k)·expert``
+        """Parameters used per token: all for a dense model, ``params − L_e·(E − k)·expert``
         for a mixture of experts (Qwen3-30B-A3B: 30.5 B total, 3.3 B active)."""
         return self.params - self.inactive_params
 
@@ -107,10 +124,10 @@ class LLMSpec:
         GPU's own experts touched by ``EP × n`` tokens: ``(E/EP)·(1 − (1 − k/E)^(EP·n))``."""
         if not self.n_experts:
             return np.full(np.shape(n_tokens), float(self.streamed_weight_bytes))
-        shared = (self.params - self.gathered_params
-                  - self.n_layers * self.n_experts * self.expert_params)
+        layers = self.n_expert_layers
+        shared = self.params - self.gathered_params - layers * self.n_experts * self.expert_params
         touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
-        return (shared + self.n_layers * touched * self.expert_params) * self.bytes_per_param
+        return (shared + layers * touched * self.expert_params) * self.bytes_per_param
 
     def _experts_touched_per_gpu(self, n_tokens, expert_parallel_size):
         """One GPU's own experts per layer that ``n_tokens`` tokens on each of ``EP`` balanced
@@ -123,19 +140,20 @@ class LLMSpec:
         ``n_tokens`` tokens (each counted once, however many tokens it sees), LM head and
         embedding aside: :attr:`matmul_params` for a dense model; for a mixture of experts the
         shared matmul weights plus the GPU's experts touched (as :meth:`weight_bytes_read`),
-        ``matmul_params − L·k·expert + L·touched·expert`` (``touched = k`` for one token
+        ``matmul_params − L_e·k·expert + L_e·touched·expert`` (``touched = k`` for one token
         without expert parallelism, which is :attr:`matmul_params` again)."""
         if not self.n_experts:
             return np.full(np.shape(n_tokens), float(self.matmul_params))
         touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
-        routed = self.n_layers * self.expert_params
+        routed = self.n_expert_layers * self.expert_params
         return (self.matmul_params - routed * self.n_experts_per_token) + routed * touched
 
     def resident_weight_bytes(self, expert_parallel_size: int = 1) -> float:
         """Weight bytes one GPU holds: all for a dense model; the shared weights and its
         ``E / EP`` experts per layer with expert parallelism."""
         ep = expert_parallel_size
-        held = self.params - self.n_layers * self.n_experts * self.expert_params * (1 - 1 / ep)
+        held = (self.params
+                - self.n_expert_layers * self.n_experts * self.expert_params * (1 - 1 / ep))
         return held * self.bytes_per_param
 
     @property
@@ -397,11 +415,7 @@ _UNMODELLED = (
     ("linear_num_value_heads", lambda v: v, "linear attention"),
     ("layer_types", lambda v: v and any("linear" in str(t) or "sliding" in str(t) for t in v),
      "linear or sliding-window attention layers"),
-    ("shared_expert_intermediate_size", lambda v: v, "shared experts"),
-    ("n_shared_experts", lambda v: v, "shared experts"),
-    ("decoder_sparse_step", lambda v: v not in (None, 1), "dense layers between expert layers"),
-    ("mlp_only_layers", lambda v: v, "dense layers between expert layers"),
-    ("first_k_dense_replace", lambda v: v, "dense layers before the expert layers"),
+    ("attention_chunk_size", lambda v: v, "chunked local attention layers"),
 )
 """config.json fields of architecture features the timing model does not model: a model that
 has one is refused rather than simulated as a different model."""
@@ -415,6 +429,53 @@ def _refuse_unmodelled(config: dict, path) -> None:
     if config.get("sliding_window") and config.get("use_sliding_window", True):
         raise InputError("sliding-window attention is not modelled; this model would be "
                          "simulated as a different one", path=path, field="sliding_window")
+
+
+def _count(config: dict, key: str, default: int, path, least: int = 0) -> int:
+    """``config[key]`` as a whole number at least ``least`` (``default`` when absent)."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"must be a whole number of at least {least}, got {value!r}",
+                         path=path, field=key)
+    return value
+
+
+def _expert_layers(config: dict, layers: int, path) -> int:
+    """How many of the ``layers`` have the expert MLP, by the conventions of the configs that
+    interleave dense layers: Qwen-MoE's ``decoder_sparse_step`` (layer ``i`` is sparse when
+    ``(i + 1) % step == 0``) and ``mlp_only_layers`` (dense), DeepSeek's
+    ``first_k_dense_replace`` (the first ``k`` dense) and ``moe_layer_freq`` (``i % freq ==
+    0``), Llama-4's ``interleave_moe_layer_step`` (as Qwen's step); a layer is an expert layer
+    when every rule present says so (the Hugging Face modelling files of each)."""
+    step = _count(config, "decoder_sparse_step", 1, path, 1)
+    interleave = _count(config, "interleave_moe_layer_step", 1, path, 1)
+    first_dense = _count(config, "first_k_dense_replace", 0, path)
+    freq = _count(config, "moe_layer_freq", 1, path, 1)
+    dense = config.get("mlp_only_layers") or []
+    if not (isinstance(dense, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in dense)):
+        raise InputError(f"must be a list of layer indices in [0, {layers})", path=path,
+                         field="mlp_only_layers")
+    sparse = sum((i + 1) % step == 0 and (i + 1) % interleave == 0 and i >= first_dense
+                 and i % freq == 0 and i not in dense for i in range(layers))
+    if not sparse:
+        rules = [k for k in ("decoder_sparse_step", "interleave_moe_layer_step",
+                             "first_k_dense_replace", "moe_layer_freq", "mlp_only_layers")
+                 if config.get(k)]
+        raise InputError("experts are configured but these fields leave no layer with them",
+                         path=path, field=", ".join(rules))
+    return sparse
+
+
+def _shared_expert_params(config: dict, hidden: int, expert_width: int, path) -> int:
+    """Parameters of the shared experts of one expert layer, which every token uses: Qwen-MoE's
+    one shared expert of ``shared_expert_intermediate_size`` and its gate (``3·h·S + h``),
+    DeepSeek's ``n_shared_experts`` of the routed experts' width (``3·h·N·moe_width``)."""
+    qwen = _count(config, "shared_expert_intermediate_size", 0, path)
+    deepseek = _count(config, "n_shared_experts", 0, path)
+    return (3 * hidden * qwen + hidden if qwen else 0) + 3 * hidden * deepseek * expert_width
 
 
 def _first(config: dict, *keys: str, default=None):
@@ -434,16 +495,20 @@ def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LL
     untied), attention projections (``hidden × (n_heads + 2·n_kv_heads + n_heads) × head_dim``)
     and the MLP (three matrices for gated SiLU MLPs, two otherwise); norms and biases are
     ignored (< 0.1 % of the total). Mixtures of experts (Mixtral ``num_local_experts``,
-    Qwen-MoE ``num_experts`` and ``moe_intermediate_size``; ``num_experts_per_tok``) count
-    every expert and the router in ``params``; :attr:`LLMSpec.active_params` is what a token
-    uses.
+    Qwen-MoE ``num_experts`` and ``moe_intermediate_size``, DeepSeek ``n_routed_experts``;
+    ``num_experts_per_tok``) count every expert and the router in ``params``, and shared
+    experts (Qwen-MoE ``shared_expert_intermediate_size``, DeepSeek ``n_shared_experts``) and
+    dense layers among the expert layers (:func:`_expert_layers`; their MLP of
+    ``intermediate_size``) as weights every token uses; :attr:`LLMSpec.active_params` is what
+    a token uses (Qwen1.5-MoE-A2.7B: 14.3 B and 2.7 B, DeepSeekMoE-16B: 16.4 B and 2.8 B,
+    their model cards).
 
     Raises
     ------
     InputError
         When a required shape is missing, or the config has an architecture feature the timing
-        model does not model (quantization, MLA, linear or sliding-window attention, shared
-        experts, dense layers between expert layers), naming the field.
+        model does not model (quantization, MLA, linear, sliding-window or chunked attention),
+        or a malformed expert-layer field, naming the field.
     """
     path = None
     if not isinstance(config, dict):
@@ -466,20 +531,26 @@ def llm_from_hf_config(config: dict | str | Path, name: str | None = None) -> LL
     gated = config.get("hidden_act", config.get("activation_function", "")) in (
         "silu", "swiglu", "swish")
     _refuse_unmodelled(config, path)
-    experts = int(_first(config, "num_local_experts", "num_experts", default=0) or 0)
+    experts = int(_first(config, "num_local_experts", "num_experts", "n_routed_experts",
+                         default=0) or 0)
     per_token = int(config.get("num_experts_per_tok") or 0) if experts else 0
-    if experts:
-        inter = _first(config, "moe_intermediate_size", default=inter)
     attn = hidden * (2 * heads + 2 * kv_heads) * head_dim
-    mlp = (experts * 3 * hidden * inter + hidden * experts if experts
-           else (3 if gated else 2) * hidden * inter)
-    params = layers * (attn + mlp) + (1 if tied else 2) * vocab * hidden
+    dense_mlp = (3 if gated else 2) * hidden * inter
+    sparse, dense_layers = 0, 0
+    if experts:
+        sparse = _expert_layers(config, int(layers), path)
+        dense_layers = int(layers) - sparse
+        inter = _first(config, "moe_intermediate_size", default=inter)
+    expert_mlp = (experts * 3 * hidden * inter + hidden * experts
+                  + _shared_expert_params(config, hidden, inter, path)) if experts else 0
+    mlp = sparse * expert_mlp + (layers - sparse) * dense_mlp
+    params = layers * attn + mlp + (1 if tied else 2) * vocab * hidden
     dtype = str(config.get("torch_dtype", "bfloat16"))
     return LLMSpec(
         name=name or config.get("_name_or_path") or config.get("model_type", "custom"),
         params=int(params), n_layers=int(layers), n_heads=int(heads), n_kv_heads=int(kv_heads),
         head_dim=int(head_dim), hidden_dim=int(hidden), intermediate_dim=int(inter),
         vocab_size=int(vocab), bytes_per_param=_DTYPE_BYTES.get(dtype, 2),
-        n_experts=experts, n_experts_per_token=per_token,
+        n_experts=experts, n_experts_per_token=per_token, n_dense_layers=dense_layers,
         tie_word_embeddings=tied, source=f"Hugging Face config.json{f' ({path})' if path else ''}",
     )
