@@ -33,6 +33,7 @@ from archive.datasets import kind_of, list_datasets
 from archive.serving import read_serving
 from calibrate.profile import Profile
 from calibrate.serving import replay_for
+from kavier.models.timing import ExpertGroup
 
 
 def seconds(run) -> pd.DataFrame:
@@ -101,11 +102,16 @@ def report(name: str, params=None) -> None:
     measured = 1000.0 * (1000.0 - steps * decode_ms).sum() / filling.prompt_tok_s.sum()
     n, context = int(filling.seqs_per_rank.median()), float(filling.context_per_rank.median())
     chunk = 512
-    mixed = timing.step_costs(np.r_[np.ones(n), chunk], np.r_[np.full(n, context / n), 0.0], n)
+    ranks = timing.data_parallel_size      # the others decode n each meanwhile (lockstep)
+    group = (ExpertGroup(float(ranks * n + chunk), float((ranks - 1) * n + chunk))
+             if ranks > 1 else None)
+    mixed = timing.step_costs(np.r_[np.ones(n), chunk], np.r_[np.full(n, context / n), 0.0], n,
+                              group)
     added_us = 1e3 * (1000.0 * mixed.duration_s - model_decode(timing, n, context)[0]) / chunk
     print(f"  {len(filling)} filling seconds: {measured:.1f} µs per prompt token beside the "
           f"model's decode steps; the model adds {added_us:.1f} µs "
-          f"per token of a {chunk}-token chunk joining {n} decodes")
+          f"per token of a {chunk}-token chunk joining {n} decodes"
+          + (f" (the other ranks decoding {n} each)" if ranks > 1 else ""))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from kavier.models.library import gpu_library, llm_from_hf_config, llm_library
 from kavier.models.power import PowerModel
-from kavier.models.timing import TimingParams, make_timing
+from kavier.models.timing import ExpertGroup, TimingParams, make_timing
 from kavier.sim.config import EngineConfig, kv_pool_blocks
 from kavier.sim.simulation import simulate
 from kavier.sim.sustainability import Sustainability
@@ -167,7 +167,7 @@ def test_hf_config_shared_experts_and_dense_layers_by_hand():
     assert deepseek.active_params / 1e9 == pytest.approx(2.8, abs=0.05)
     # only the 27 expert layers route, hold experts apart and exchange tokens
     assert deepseek.active_params == deepseek.params - 27 * 58 * expert
-    assert deepseek.resident_weight_bytes(4) == pytest.approx(
+    assert deepseek.resident_weight_bytes(expert_parallel_size=4) == pytest.approx(
         (deepseek.params - 27 * 64 * expert * 3 / 4) * 2)
     timing = make_timing("roofline", deepseek, gpu_library().get("A100-80GB"), PARAMS,
                          expert_parallel_size=2)
@@ -239,7 +239,8 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     split = make_timing("roofline", llm, gpu, PARAMS, expert_parallel_size=2)
     expert = 3 * 2048 * 768
     shared = llm.params - 48 * 128 * expert
-    assert llm.resident_weight_bytes(2) == pytest.approx((shared + 48 * 64 * expert) * 2)
+    assert llm.resident_weight_bytes(expert_parallel_size=2) == pytest.approx(
+        (shared + 48 * 64 * expert) * 2)
     t = 16.0                                  # a GPU's experts touched by both ranks' tokens
     local = 64 * (1 - (1 - 8 / 128) ** (2 * t))
     streamed = shared - 151936 * 2048             # held, but its lookup gathers rows
@@ -257,6 +258,69 @@ def test_expert_parallelism_splits_the_experts_and_adds_their_traffic():
     assert config.expert_parallel_size == 2
     assert EngineConfig(replicas=2, tensor_parallel_size=2,
                         enable_expert_parallel=True).expert_parallel_size == 4
+
+
+def test_every_rank_of_an_expert_parallel_group_runs_the_experts_on_the_group_tokens():
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    timing = make_timing("roofline", llm, gpu, PARAMS.with_(compute_half_tokens=50.0),
+                         expert_parallel_size=2)
+    expert, h = 3 * 2048 * 768, 2048
+    new, cached = np.array([2048.0]), np.array([0.0])
+    # balanced ranks are the default: the group is twice this batch
+    balanced = timing.step_costs(new, cached, 0)
+    assert timing.step_costs(new, cached, 0, ExpertGroup(4096.0, 2048.0)) == pytest.approx(
+        balanced, rel=1e-12)
+    # one rank prefills 2,048 tokens while the other decodes 60: the expert layers of both
+    # see 2,108 tokens, half of the routed pairs on each GPU
+    group = ExpertGroup(2108.0, 2048.0)
+    busy = timing.step_costs(new, cached, 0, group)
+    routed = 2 * 48 * 8 * expert                   # FLOPs per token through k experts
+    assert balanced.flops - busy.flops == pytest.approx(routed * (2048 - 2108 / 2), rel=1e-12)
+    light = timing.step_costs(np.ones(60), np.full(60, 500.0), 60, group)
+    alone = timing.step_costs(np.ones(60), np.full(60, 500.0), 60)
+    assert light.flops - alone.flops == pytest.approx(routed * (2108 / 2 - 60), rel=1e-12)
+    touched = 64 * (1 - (1 - 8 / 128) ** 2108)     # this GPU's experts the group touches
+    streamed = llm.params - 151936 * h - 48 * 128 * expert
+    assert busy.bytes - light.bytes == pytest.approx(           # the same weights on both
+        (2048 - 60 * 501) * timing.kv_bytes_per_token, rel=1e-9)
+    assert timing.weight_bytes(1.0, 2108.0) == pytest.approx(
+        (streamed + 48 * touched * expert) * 2, rel=1e-12)
+    # the all-gather waits for the 2,048 tokens the decoding rank receives, on both ranks
+    exchange = 2 * 48 * (4e-5 + 2048 * h * 2 / (64e9 * 0.25))
+    assert timing.comm_s(60.0, 2048.0) == pytest.approx(exchange, rel=1e-12)
+    assert timing.comm_s(2048.0, 2048.0) == pytest.approx(exchange, rel=1e-12)
+
+
+def test_expert_parallelism_within_tensor_parallel_ranks_holds_whole_experts():
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    expert, h = 3 * 2048 * 768, 2048
+    shared = llm.params - 48 * 128 * expert
+    # TP = 2 with the experts split (one data-parallel rank): each GPU holds half the shared
+    # weights and 64 whole experts, the same bytes as 1/2 of every expert
+    for ep in (1, 2):
+        assert llm.resident_weight_bytes(2, ep) == pytest.approx(
+            (shared / 2 + 48 * 64 * expert) * 2)
+    assert llm.resident_weight_bytes(2, 4) == pytest.approx((shared / 2 + 48 * 32 * expert) * 2)
+    tp_only = make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=2)
+    split = make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=2,
+                        expert_parallel_size=2)
+    assert split.data_parallel_size == 1
+    for n in (1.0, 16.0, 512.0):
+        touched = 128 * (1 - (1 - 8 / 128) ** n)   # the tokens are on both GPUs already
+        streamed = shared - 151936 * h
+        assert split.weight_bytes(n) == pytest.approx(
+            (streamed / 2 + 48 * touched / 2 * expert) * 2, rel=1e-12)
+        assert split.weight_bytes(n) == pytest.approx(tp_only.weight_bytes(n), rel=1e-12)
+        assert split.comm_s(n) == pytest.approx(tp_only.comm_s(n))   # no exchange, all-reduce
+    # TP = 2 on two data-parallel ranks: the exchange runs between the two ranks, one hop
+    group = make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=2,
+                        expert_parallel_size=4)
+    assert group.data_parallel_size == 2 and group.ep_link.hops == 1
+    exchange = 2 * 48 * (4e-5 + 16 * h * 2 / (64e9 * 0.25))
+    assert group.comm_s(16.0) == pytest.approx(tp_only.comm_s(16.0) + exchange, rel=1e-12)
+    with pytest.raises(Exception, match="data-parallel ranks of TP GPUs"):
+        make_timing("roofline", llm, gpu, PARAMS, tensor_parallel_size=2,
+                    expert_parallel_size=3)
 
 
 def _random_requests(seed, n, prompts, outputs, span):
@@ -298,10 +362,18 @@ def test_data_parallel_ranks_with_expert_parallelism_step_in_lockstep():
     group = steps.groupby("start_s")
     assert (group.duration_s.first() >= group.own_s.max() - 1e-12).all()
     # a rank with nothing to run steps a dummy one-token batch meanwhile
+    # (its one token joins the group's: its experts run the other rank's tokens too)
+    steps["own_tokens"] = np.where(steps.n_seqs == 0, 1,
+                                   steps.prefill_tokens + steps.decode_tokens)
+    seen = steps.groupby("start_s").own_tokens.transform("sum")
     dummy = steps[steps.n_seqs == 0]
     assert len(dummy) > 0
+    expected = [timing.step_costs(np.ones(1), np.zeros(1), 1,
+                                  ExpertGroup(float(t), float(t - 1))).flops
+                for t in seen[dummy.index]]
+    np.testing.assert_allclose(dummy.flops, expected, rtol=1e-12)
     lone = timing.step_costs(np.ones(1), np.zeros(1), 1)
-    np.testing.assert_allclose(dummy.flops, lone.flops)
+    assert (dummy.flops > 2 * lone.flops).any()                 # the other rank's tokens
     assert (dummy.duration_s > 1.5 * lone.duration_s).any()    # waiting for the other rank
     assert (dummy.prefill_tokens == 0).all() and (dummy.decode_tokens == 0).all()
     assert summary["gpu_hours"] == pytest.approx(steps.duration_s.sum() / 3600)

@@ -120,13 +120,17 @@ def check_fragment_rows(table: pa.Table, timing, config, options: ExportOptions)
 
 def replica_memory_bytes(timing, summary: dict) -> float:
     """GPU memory a replica (with pipeline parallelism: a stage) holds, bytes: its weights
-    (all ranks) plus its KV pool (``kv_pool_blocks × block_size`` tokens at eq. 4.1's bytes
-    per token; none without the KV cache), times the stage's share of the layers. What
-    OpenDC's ``mem_capacity`` carries."""
+    (all ranks; with expert parallelism the shared ones and its GPUs' experts) plus its KV
+    pool (``kv_pool_blocks × block_size`` tokens at eq. 4.1's bytes per token; none without
+    the KV cache), times the stage's share of the layers. What OpenDC's ``mem_capacity``
+    carries."""
     kv = timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0
     share = getattr(timing, "stage_share", 1.0)
-    return (float(timing.llm.weight_bytes)
-            + summary["kv_pool_blocks"] * summary["block_size"] * kv) * share
+    weights = float(timing.llm.weight_bytes)
+    if timing.expert_parallel_size > 1:      # the replica holds its share of the experts
+        tp = timing.tensor_parallel_size
+        weights = timing.llm.resident_weight_bytes(tp, timing.expert_parallel_size) * tp
+    return (weights + summary["kv_pool_blocks"] * summary["block_size"] * kv) * share
 
 
 class RunOutput:

@@ -140,6 +140,28 @@ class Costs(NamedTuple):
     memory_s: np.ndarray
 
 
+class ExpertGroup(NamedTuple):
+    """The tokens of one step of the data-parallel ranks of an expert-parallel group, which
+    step together (:mod:`kavier.sim.engine`, lockstep). Every rank's expert layers see all
+    of them: the expert layer gathers every rank's hidden states (vLLM's default
+    ``allgather_reducescatter`` backend), so a rank's expert work and expert weight traffic
+    follow the group's tokens, not its own.
+
+    Attributes
+    ----------
+    tokens : float
+        Tokens of every rank in the step (an idle rank's dummy batch counts its one token):
+        ``T``, the ``expert_tokens`` of :meth:`LLMSpec.weight_bytes_read`.
+    received : float
+        Tokens the rank that receives the most gets in one all-gather, ``T − min_r n_r``
+        (over a ring every link but one carries each rank's tokens; ``(DP − 1)·n`` when
+        balanced).
+    """
+
+    tokens: float
+    received: float
+
+
 def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
@@ -318,11 +340,12 @@ class RooflineTiming(_TimingBase):
         efficiency = self.params.attention_efficiency or self.params.compute_efficiency
         return self.gpu.flops_per_s * efficiency
 
-    def pass_compute_s(self, n_tokens=1.0):
+    def pass_compute_s(self, n_tokens=1.0, expert_tokens=None):
         """Matmul time a forward pass over ``n_tokens`` tokens costs beyond its tokens' FLOPs,
         s: ``2·n½·P_g(n) / (F·C_e)`` (``compute_half_tokens``; 0 by default), ``P_g`` the
         parameters of the distinct weight GEMMs the pass runs on one rank
-        (:meth:`LLMSpec.gemm_params` ``/ TP``, of one stage).
+        (:meth:`LLMSpec.gemm_params`, of one stage; ``expert_tokens`` as
+        :meth:`weight_bytes`).
 
         The ramp ``m / (m + n½)`` holds per GEMM, ``m`` the tokens that GEMM multiplies:
         summed over GEMMs ``g`` of ``P_g`` weights, ``Σ 2·P_g·(m_g + n½)`` is the pass's matmul
@@ -333,14 +356,39 @@ class RooflineTiming(_TimingBase):
         experts touched — the fused-MoE kernel's short expert GEMMs run further below the
         peak than a dense GEMM of the same FLOPs. One token touches ``k`` experts, which is
         the dense constant with the active parameters."""
-        return (2.0 * self._gemm_params(n_tokens) * self.params.compute_half_tokens
-                / self._flops_per_s)
+        return (2.0 * self._gemm_params(n_tokens, expert_tokens)
+                * self.params.compute_half_tokens / self._flops_per_s)
 
-    def _gemm_params(self, n_tokens):
+    def _gemm_params(self, n_tokens, expert_tokens=None):
         if not self.llm.n_experts:
             return self._matmul_params
-        return (self.llm.gemm_params(n_tokens, self.expert_parallel_size)
-                / self.tensor_parallel_size * self.stage_share)
+        return (self.llm.gemm_params(self._expert_tokens(n_tokens, expert_tokens),
+                                     self.tensor_parallel_size, self.expert_parallel_size)
+                * self.stage_share)
+
+    @cached_property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks of the expert-parallel group, ``EP / TP`` (1 without expert
+        parallelism): the ranks whose tokens the expert layers gather."""
+        ep = self.expert_parallel_size
+        return ep // self.tensor_parallel_size if ep > 1 else 1
+
+    def _expert_tokens(self, n_tokens, expert_tokens):
+        """Tokens a GPU's expert layer sees in a pass over ``n_tokens`` tokens per rank:
+        ``expert_tokens`` when given (a lockstep step's :class:`ExpertGroup`), else those of
+        ``DP`` balanced ranks, ``DP × n``."""
+        if expert_tokens is not None:
+            return expert_tokens
+        return _as_array(n_tokens) * self.data_parallel_size
+
+    @cached_property
+    def _routed_flops_per_token(self) -> float:
+        """Routed-expert FLOPs one GPU spends per token its expert layer sees, ``2·L_e·k·
+        expert / split`` of one stage (:meth:`LLMSpec.expert_split`)."""
+        llm = self.llm
+        split = llm.expert_split(self.tensor_parallel_size, self.expert_parallel_size)
+        return (2.0 * llm.n_expert_layers * llm.n_experts_per_token * llm.expert_params
+                / split * self.stage_share)
 
     def _compute_s(self, matmul_flops, attention_flops, pass_s):
         """Compute time of forward passes doing these FLOPs, s: the weight matmuls (and LM
@@ -398,16 +446,19 @@ class RooflineTiming(_TimingBase):
     def _dense_weight_bytes(self) -> float:
         return self.llm.streamed_weight_bytes / self.tensor_parallel_size * self.stage_share
 
-    def weight_bytes(self, n_tokens=1.0):
+    def weight_bytes(self, n_tokens=1.0, expert_tokens=None):
         """Weight bytes one rank of one stage streams in a pass over ``n_tokens`` tokens: its
         weights but the untied input embedding, whose lookup gathers rows
         (:attr:`LLMSpec.streamed_weight_bytes` ``/ TP``, a float) for a dense model; the
-        shared ones plus the experts the tokens are routed to for a mixture of experts
-        (:meth:`LLMSpec.weight_bytes_read`). The thesis model (eq. 4.6) streams them all."""
+        shared ones plus its experts that the expert layer's tokens are routed to for a
+        mixture of experts (:meth:`LLMSpec.weight_bytes_read`): ``expert_tokens`` when given
+        (a lockstep step's group), else ``DP × n`` (:attr:`data_parallel_size` balanced
+        ranks). The thesis model (eq. 4.6) streams them all."""
         if not self.llm.n_experts:
             return self._dense_weight_bytes
-        return (self.llm.weight_bytes_read(n_tokens, self.expert_parallel_size)
-                / self.tensor_parallel_size * self.stage_share)
+        return (self.llm.weight_bytes_read(self._expert_tokens(n_tokens, expert_tokens),
+                                           self.tensor_parallel_size, self.expert_parallel_size)
+                * self.stage_share)
 
     def floor_s(self, n_tokens=1.0):
         """Shortest forward pass over ``n_tokens`` tokens, s: ``prefill_floor_s`` or the time
@@ -429,8 +480,10 @@ class RooflineTiming(_TimingBase):
 
     @cached_property
     def ep_link(self) -> Link:
-        """The link the expert-parallel all-gathers and reduce-scatters run over."""
-        return collective_link(self.gpu, self.expert_parallel_size)
+        """The link the expert-parallel all-gathers and reduce-scatters run over: that of the
+        group's ``EP`` GPUs, around a ring of its :attr:`data_parallel_size` ranks."""
+        return collective_link(self.gpu, self.expert_parallel_size,
+                               ring=self.data_parallel_size)
 
     def _collective_s(self, link: Link, size, volume: float, hops: int | None = None):
         """One collective (or point-to-point send, ``hops=1``) moving ``volume × size`` bytes
@@ -457,37 +510,47 @@ class RooflineTiming(_TimingBase):
                 / self.tensor_parallel_size)
         return self._collective_s(self.stage_link, size, 1.0, hops=1)
 
-    def comm_s(self, n_tokens):
+    def comm_s(self, n_tokens, received=None):
         """Collective communication of one pass over ``n_tokens`` tokens, s; linear in ``n``.
 
         * Tensor parallelism: two ring all-reduces per layer (after attention and after the
           MLP; Shoeybi et al. 2019, Megatron-LM) of ``n × hidden × bytes``, each ``hops ×
           latency + 2·(TP − 1)/TP × bytes / (link × η)`` over :attr:`tp_link`.
-        * Expert parallelism over ``EP`` GPUs: per expert layer (:attr:`LLMSpec.n_expert_layers`)
-          an all-gather of the hidden states of all ranks' tokens and a reduce-scatter of the
-          expert outputs (vLLM's default ``allgather_reducescatter`` all-to-all backend), each
-          ``hops × latency +
-          (EP − 1) × n × hidden × bytes / (link × η)`` with balanced ranks, over
-          :attr:`ep_link`.
+        * Expert parallelism over ``DP > 1`` data-parallel ranks (:attr:`data_parallel_size`):
+          per expert layer (:attr:`LLMSpec.n_expert_layers`) an all-gather of the hidden
+          states of all ranks' tokens and a reduce-scatter of the expert outputs (vLLM's
+          default ``allgather_reducescatter`` all-to-all backend), each ``hops × latency +
+          received × hidden × bytes / (link × η)`` over :attr:`ep_link`, ``received`` the
+          tokens the busiest GPU receives (:class:`ExpertGroup`; ``(DP − 1)·n`` with balanced
+          ranks). With one data-parallel rank the tokens are already on every GPU of the
+          group and the experts' outputs join the tensor-parallel all-reduce: no exchange.
 
         0 without either. ``η`` is ``link_efficiency`` or the link's own
         (:data:`LINK_EFFICIENCY`), the latency ``allreduce_latency_s`` or the link's own
         (:data:`LINK_LATENCY_S`).
         """
-        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
-        if tp == 1 and ep == 1:
-            return 0.0
-        size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
         total = 0.0
-        if tp > 1:
-            layers = self.llm.n_layers * self.stage_share
-            total = total + 2.0 * layers * self._collective_s(
-                self.tp_link, size, 2.0 * (tp - 1) / tp)
-        if ep > 1:
-            layers = self.llm.n_expert_layers * self.stage_share     # the expert layers only
-            total = total + 2.0 * layers * self._collective_s(
-                self.ep_link, size, ep - 1.0)
+        if self.tensor_parallel_size > 1:
+            total = total + self.tp_comm_s(n_tokens)
+        if self.data_parallel_size > 1:
+            if received is None:
+                received = _as_array(n_tokens) * (self.data_parallel_size - 1)
+            total = total + self.ep_comm_s(received)
         return total
+
+    def tp_comm_s(self, n_tokens):
+        """The tensor-parallel all-reduces of :meth:`comm_s`, s."""
+        tp = self.tensor_parallel_size
+        size = _as_array(n_tokens) * self.llm.hidden_dim * self.llm.bytes_per_param
+        return 2.0 * self.llm.n_layers * self.stage_share * self._collective_s(
+            self.tp_link, size, 2.0 * (tp - 1) / tp)
+
+    def ep_comm_s(self, received):
+        """The expert-parallel all-gathers and reduce-scatters of :meth:`comm_s` when the
+        busiest GPU receives ``received`` tokens in each, s."""
+        size = _as_array(received) * self.llm.hidden_dim * self.llm.bytes_per_param
+        return 2.0 * self.llm.n_expert_layers * self.stage_share * self._collective_s(
+            self.ep_link, size, 1.0)
 
     def forward_compute_s(self, n_new, n_cached=0) -> np.ndarray:
         """Compute time of one forward pass over ``n_new`` tokens after ``n_cached`` cached
@@ -543,7 +606,8 @@ class RooflineTiming(_TimingBase):
         return Costs(self._soft_max(compute, memory) + self.comm_s(n), matmul + attention,
                      weights + kv, compute, memory)
 
-    def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int) -> Costs:
+    def step_costs(self, n_new: np.ndarray, n_cached: np.ndarray, n_decoding: int,
+                   group: ExpertGroup | None = None) -> Costs:
         """:class:`Costs` of one engine step over a batch of sequences (iteration-level
         batching), floats.
 
@@ -555,21 +619,32 @@ class RooflineTiming(_TimingBase):
         ``prefill_sharpness`` when a prefill chunk is in the batch), plus ``token_overhead_s``
         per decode token and the batch overheads. For one sequence it is exactly a pass of
         :meth:`pass_costs` or one decode step of :meth:`decode_s`.
+
+        ``group``: the step of one data-parallel rank of an expert-parallel group
+        (:class:`ExpertGroup`): the routed experts' FLOPs, GEMM ramp and weight traffic follow
+        the group's tokens, the all-gathers the most any GPU receives; the rest (attention,
+        shared weights, LM head, KV) the rank's own batch. Without it the ranks are taken as
+        balanced (``DP`` ranks of this batch).
         """
         n, c = _as_array(n_new), _as_array(n_cached)
         matmul = float(np.sum(self._matmul_flops(n)))
         attention = self._attention_flops_per_position * float(np.sum(n * c + n * (n + 1) / 2.0))
         tokens = float(np.sum(n))
-        compute = self._compute_s(matmul, attention, float(self.pass_compute_s(tokens)))
+        expert, received = (None, None) if group is None else group
+        if group is not None:           # the routed experts run on the group's tokens
+            matmul = matmul + self._routed_flops_per_token * (
+                expert - tokens * self.data_parallel_size)
+        compute = self._compute_s(matmul, attention,
+                                  float(self.pass_compute_s(tokens, expert)))
         kv = self.kv_bytes_per_token * float(np.sum(n + c))
-        weights = float(self.weight_bytes(tokens))
+        weights = float(self.weight_bytes(tokens, expert))
         memory = float(self._floor_of(weights)) + kv / self._kv_bytes_per_s
         high = max(compute, memory)
         p = self.params.prefill_sharpness
         if n_decoding != n.size and p is not None and high > 0:   # _soft_max, on floats
             high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
         duration = (high + n_decoding * self.params.token_overhead_s
-                    + self._batch_overhead_s(n.size) + float(self.comm_s(tokens)))
+                    + self._batch_overhead_s(n.size) + float(self.comm_s(tokens, received)))
         return Costs(duration, matmul + attention, weights + kv,
                      compute, memory)
 
@@ -792,7 +867,7 @@ def default_params(name: str, gpu: GPUSpec | None = None) -> TimingParams:
         compute_efficiency=ROOFLINE_DEFAULTS.compute_efficiency * share)
 
 
-TIMING_REVISION = 3
+TIMING_REVISION = 4
 """Revision of what the roofline model's parameters mean, which a calibrated profile records
 (``calibrate.profile.Profile.timing_revision``): a profile fitted against another revision gives
 other step times than those its MAPE was measured with. Bumped whenever a change moves the
@@ -803,7 +878,14 @@ roofline's predictions for the same parameters:
    longer streams an untied input embedding (:attr:`LLMSpec.streamed_weight_bytes`).
 3. A mixture of experts pays ``compute_half_tokens``' GEMM ramp once per expert a pass touches
    (:meth:`RooflineTiming.pass_compute_s`), not once for the ``k`` experts of one token. A
-   dense model's profile, or one with ``compute_half_tokens`` 0, predicts as under 2."""
+   dense model's profile, or one with ``compute_half_tokens`` 0, predicts as under 2.
+4. Expert parallelism follows the tokens each GPU's experts see: the data-parallel ranks of a
+   group, stepping together, run their expert layers on the group's tokens
+   (:class:`ExpertGroup`: routed FLOPs, GEMM ramp, weight traffic), and the all-gather lasts
+   as long as the most any GPU receives; with tensor parallelism a GPU holds ``E / EP``
+   whole experts (was ``1 / TP`` of those) and sees its rank's tokens once, and a group of
+   one data-parallel rank exchanges nothing beyond the all-reduce. Dense models, and
+   expert parallelism over balanced ranks of one GPU each, predict as under 3."""
 
 
 LINK_LATENCY_S = {"NVLink": 6e-6, "PCIe": 4e-5, "network": 2e-5}
@@ -887,13 +969,16 @@ class Link:
         return LINK_EFFICIENCY[self.kind]
 
 
-def collective_link(gpu: GPUSpec, n_gpus: int, field: str = "tensor-parallel-size") -> Link:
+def collective_link(gpu: GPUSpec, n_gpus: int, field: str = "tensor-parallel-size",
+                    ring: int | None = None) -> Link:
     """The link a collective over ``n_gpus`` GPUs runs over, chosen by the node's topology.
 
     Within one node (``n_gpus <= gpus_per_node``, or no node size known) it is the GPU's
-    interconnect (``interconnect_gbps``): NVLink when its name says so, else PCIe. Past one
-    node, the ring's slowest hop is the network (``network_gbps`` per GPU), crossed ``nodes −
-    1`` times.
+    interconnect (``interconnect_gbps``): NVLink when its name says so, else PCIe, ``ring − 1``
+    latency steps around a PCIe ring of ``ring`` GPUs (default ``n_gpus``; the
+    expert-parallel exchange runs between the data-parallel ranks only). Past one node, the
+    ring's slowest hop is the network (``network_gbps`` per GPU), crossed ``nodes − 1``
+    times.
 
     Raises
     ------
@@ -911,7 +996,7 @@ def collective_link(gpu: GPUSpec, n_gpus: int, field: str = "tensor-parallel-siz
                          f"{n_gpus} GPUs", field=field)
     kind = "NVLink" if gpu.interconnect.startswith("NVLink") else "PCIe"
     return Link(kind, gpu.interconnect or kind, gpu.interconnect_gbps,
-                1 if kind == "NVLink" else n_gpus - 1)
+                1 if kind == "NVLink" else (ring or n_gpus) - 1)
 
 
 def kv_bytes_per_token_per_rank(llm: LLMSpec, tensor_parallel_size: int = 1) -> float:
@@ -944,6 +1029,10 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
                          field="pipeline-parallel-size")
     if pp > 1:
         collective_link(gpu, tp * pp, "pipeline-parallel-size")
+    if ep > 1 and ep % tp:
+        raise InputError(f"expert parallelism over {ep} GPUs with tensor parallel size {tp}: "
+                         "the group is data-parallel ranks of TP GPUs each",
+                         field="enable-expert-parallel")
     if ep > 1 and (not llm.n_experts or llm.n_experts % ep):
         raise InputError(f"expert parallelism over {ep} GPUs needs a mixture of experts whose "
                          f"experts they divide ({llm.name} has {llm.n_experts})",

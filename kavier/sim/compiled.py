@@ -61,7 +61,7 @@ TI_REPLICA, TI_STEPS, TI_SEQS, TI_PREFILL, TI_DECODE, TI_KV = range(6)
 TF_START, TF_DUR, TF_FLOPS, TF_BYTES, TF_COMP, TF_MEM = range(6)
 # timing constants
 K_F, K_FA, K_BKV, K_TOK, K_BSTEP, K_BSEQ, K_SHARP, K_MP2, K_LM, K_APOS, K_KVB, \
-    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG, K_DUMMY = range(17)
+    K_FRONT, K_TIMEOUT, K_LO, K_HI, K_LOGG, K_ROUTED, K_DP = range(18)
 # engine settings
 S_BUDGET, S_MAXSEQS, S_CHUNKED, S_AHEAD, S_BS, S_RR, S_PREFIX, S_LOCK = range(8)
 
@@ -168,8 +168,11 @@ def _run_durations(k, floor, comm, passc, n, sumc, first, steps, into):
 
 
 @njit(cache=True)
-def _step_costs(k, wb, floor, comm, passc, new, cached, nb, n_dec, work, out):
-    """:meth:`RooflineTiming.step_costs` of ``nb`` sequences: ``out`` ← its :class:`Costs`."""
+def _step_costs(k, t, new, cached, nb, n_dec, gt, grec, work, out):
+    """:meth:`RooflineTiming.step_costs` of ``nb`` sequences: ``out`` ← its :class:`Costs`.
+    ``gt`` and ``grec``: the :class:`ExpertGroup` of a lockstep step (the step's own tokens
+    and 0 otherwise, where the group is one rank)."""
+    wb, floor, comm, passc, commep = t
     for i in range(nb):
         n, c = float(new[i]), float(cached[i])
         work[0, i] = k[K_MP2] * n + k[K_LM]
@@ -180,14 +183,17 @@ def _step_costs(k, wb, floor, comm, passc, new, cached, nb, n_dec, work, out):
     attention = k[K_APOS] * _pairwise(work[1], 0, nb)
     kv = k[K_KVB] * _pairwise(work[2], 0, nb)
     tokens = int(_pairwise(work[3], 0, nb))
-    compute = matmul / k[K_F] + passc[tokens] + attention / k[K_FA]
-    weights = wb[tokens]
-    memory = floor[tokens] + kv / k[K_BKV]
+    if gt < 0:
+        gt, grec = tokens, 0
+    matmul = matmul + k[K_ROUTED] * (float(gt) - float(tokens) * k[K_DP])
+    compute = matmul / k[K_F] + passc[gt] + attention / k[K_FA]
+    weights = wb[gt]
+    memory = floor[gt] + kv / k[K_BKV]
     high = max(compute, memory)
     p = k[K_SHARP]
     if n_dec != nb and not math.isnan(p) and high > 0:
         high = high * (1.0 + (min(compute, memory) / high) ** p) ** (1.0 / p)
-    out[0] = high + n_dec * k[K_TOK] + _batch_overhead(k, nb) + comm[tokens]
+    out[0] = high + n_dec * k[K_TOK] + _batch_overhead(k, nb) + (comm[tokens] + commep[grec])
     out[1] = matmul + attention
     out[2] = weights + kv
     out[3] = compute
@@ -594,8 +600,10 @@ def _admit(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now, nb, budge
 
 @njit(cache=True)
 def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r, now):
-    """:meth:`SteppedEngine._start_step` and :meth:`~SteppedEngine._decode_run`."""
-    wb, floor, comm, passc = t
+    """:meth:`SteppedEngine._start_step` and :meth:`~SteppedEngine._decode_run`; in
+    lockstep the batch is scheduled and its blocks held, and :func:`_start_group` costs
+    it."""
+    floor, comm, passc = t[1], t[2], t[3]
     bs = s[S_BS]
     nb = _schedule(k, s, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, r, now)
     pi[r, NB] = nb
@@ -612,12 +620,11 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
             evict = _allocate(ri, pi, r, bids[r, b], bnew[r, b], bs)
             if evict:
                 _evict(kv, g, r, evict)
-            work[4, b] = ri[bids[r, b], COMPUTED]
-        out = np.empty(5)
-        _step_costs(k, wb, floor, comm, passc, bnew[r], work[4], nb, n_dec, work, out)
-        pf[r, C_DUR:C_MEM + 1] = out
         pi[r, ISRUN], pi[r, NSTEPS] = 0, 1
-        pf[r, BUSY_UNTIL] = now + out[0]
+        if not s[S_LOCK]:
+            out = _batch_costs(k, t, ri, bids, bnew, bdec, work, r, nb, -1, 0)
+            pf[r, C_DUR:C_MEM + 1] = out
+            pf[r, BUSY_UNTIL] = now + out[0]
         return
     steps = MAX_RUN_STEPS                        # a decode run
     sumc, deadline = 0, np.inf
@@ -651,6 +658,18 @@ def _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, 
             _evict(kv, g, r, evict)
     pi[r, ISRUN], pi[r, NSTEPS], pi[r, SUMC] = 1, steps, sumc
     pf[r, BUSY_UNTIL] = now + _pairwise(scratch[0], 0, steps)
+
+
+@njit(cache=True)
+def _batch_costs(k, t, ri, bids, bnew, bdec, work, r, nb, gt, grec):
+    """:func:`_step_costs` of rank ``r``'s scheduled batch of ``nb`` sequences."""
+    n_dec = 0
+    for b in range(nb):
+        n_dec += bdec[r, b]
+        work[4, b] = ri[bids[r, b], COMPUTED]
+    out = np.empty(5)
+    _step_costs(k, t, bnew[r], work[4], nb, n_dec, gt, grec, work, out)
+    return out
 
 
 @njit(cache=True)
@@ -691,7 +710,7 @@ def _finish_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch,
     """:meth:`SteppedEngine._finish_step`: one timeline row, the tokens, the leavers."""
     now, steps, nb = pf[r, T0], pi[r, NSTEPS], pi[r, NB]
     if pi[r, ISRUN]:
-        wb, floor, comm, passc = t
+        wb, floor, comm, passc = t[0], t[1], t[2], t[3]
         _run_durations(k, floor, comm, passc, nb, pi[r, SUMC], 0, steps, scratch[0])
         end = now + _pairwise(scratch[0], 0, steps)
         pf[r, CUTOFF] = end - scratch[0, steps - 1]
@@ -780,22 +799,37 @@ def _arrive(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work
 
 @njit(cache=True)
 def _start_group(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, now):
-    """:meth:`SteppedEngine._start_group`: every rank schedules its batch; all last as long as
-    the slowest; a rank without work runs the dummy one-token batch (``k[K_DUMMY:]``)."""
-    longest = -np.inf
-    for r in range(pi.shape[0]):
+    """:meth:`SteppedEngine._start_group`: every rank schedules its batch, costed with the
+    group's tokens; all last as long as the slowest; a rank without work runs the dummy
+    one-token batch."""
+    replicas = pi.shape[0]
+    gt, least = 0, np.iinfo(np.int64).max
+    for r in range(replicas):
         _start_step(k, s, t, ri, rf, pi, kv, g, pf, run, bids, bnew, bdec, scratch, work, r,
                     now)
+        tokens = 1                               # an idle rank's dummy token
         if pi[r, BUSY]:
-            longest = max(longest, pf[r, BUSY_UNTIL])
+            tokens = 0
+            for b in range(pi[r, NB]):
+                tokens += bnew[r, b]
+        gt += tokens
+        least = min(least, tokens)
+    longest = -np.inf
+    for r in range(replicas):
+        if pi[r, BUSY]:
+            out = _batch_costs(k, t, ri, bids, bnew, bdec, work, r, pi[r, NB], gt, gt - least)
+            pf[r, C_DUR:C_MEM + 1] = out
+            longest = max(longest, out[0])
     if longest == -np.inf:
         return
-    longest = longest - now
-    for r in range(pi.shape[0]):
+    one, none = np.ones(1, np.int64), np.zeros(1)
+    for r in range(replicas):
         if not pi[r, BUSY]:                      # vLLM's execute_dummy_batch
+            out = np.empty(5)
+            _step_costs(k, t, one, none, 1, 1, gt, gt - least, work, out)
             pi[r, BUSY], pi[r, ISRUN], pi[r, NSTEPS], pi[r, NB] = 1, 0, 1, 0
             pf[r, T0] = now
-            pf[r, C_FLOPS:C_MEM + 1] = k[K_DUMMY + 1:K_DUMMY + 5]
+            pf[r, C_FLOPS:C_MEM + 1] = out[1:5]
         pf[r, C_DUR] = longest
         pf[r, BUSY_UNTIL] = now + longest
 
@@ -878,7 +912,7 @@ class CompiledEngine:
 
     def _constants(self) -> np.ndarray:
         t, p, cfg = self.timing, self.timing.params, self.config
-        k = np.zeros(K_DUMMY + 5)
+        k = np.zeros(K_DP + 1)
         k[[K_F, K_FA, K_BKV, K_TOK, K_BSTEP, K_BSEQ]] = (
             t._flops_per_s, t._attention_flops_per_s, t._kv_bytes_per_s,
             p.token_overhead_s, p.batch_step_overhead_s, p.batch_seq_overhead_s)
@@ -888,25 +922,34 @@ class CompiledEngine:
             t.kv_bytes_per_token, p.request_overhead_s)
         k[K_TIMEOUT] = np.inf if cfg.request_timeout_s is None else cfg.request_timeout_s
         k[[K_LO, K_HI, K_LOGG]] = self.itl.bins[:3]
-        k[K_DUMMY:] = t.step_costs(np.ones(1), np.zeros(1), 1)   # an idle rank's batch
+        k[K_ROUTED] = t._routed_flops_per_token if t.llm.n_experts else 0.0
+        k[K_DP] = t.data_parallel_size
         return k
 
     def _tables(self, most_tokens: int) -> tuple[np.ndarray, ...]:
-        """Weight bytes, their floor, the collectives and the GEMM ramp
-        (:meth:`RooflineTiming.pass_compute_s`) of a step over 0..most tokens."""
+        """Weight bytes, their floor, the tensor-parallel collectives, the GEMM ramp
+        (:meth:`RooflineTiming.pass_compute_s`) and the expert-parallel collectives of a step:
+        all but the third over the tokens the expert layers see (0..``DP`` × most), the third
+        over a rank's own tokens (0..most), the last over the tokens the busiest GPU
+        receives."""
         timing = self.timing
         tokens = np.arange(most_tokens + 1, dtype=np.float64)
+        seen = np.arange(most_tokens * timing.data_parallel_size + 1, dtype=np.float64)
         if timing.llm.n_experts:
             # each count alone, as a step asks for it: numpy's pow over an array can differ
             # from its pow of one value in the last bit
-            wb = np.array([timing.weight_bytes(float(n)) for n in tokens])
-            passc = np.array([timing.pass_compute_s(float(n)) for n in tokens])
+            wb = np.array([timing.weight_bytes(float(n), float(n)) for n in seen])
+            passc = np.array([timing.pass_compute_s(float(n), float(n)) for n in seen])
         else:
-            wb = np.broadcast_to(timing.weight_bytes(tokens), tokens.shape)
-            passc = np.broadcast_to(timing.pass_compute_s(tokens), tokens.shape)
-        floor = np.broadcast_to(timing._floor_of(wb), tokens.shape)
-        comm = np.broadcast_to(timing.comm_s(tokens), tokens.shape)
-        return tuple(np.ascontiguousarray(a, np.float64) for a in (wb, floor, comm, passc))
+            wb = np.broadcast_to(timing.weight_bytes(seen), seen.shape)
+            passc = np.broadcast_to(timing.pass_compute_s(seen), seen.shape)
+        floor = np.broadcast_to(timing._floor_of(wb), seen.shape)
+        comm = (timing.tp_comm_s(tokens) if timing.tensor_parallel_size > 1
+                else np.zeros_like(tokens))
+        commep = (timing.ep_comm_s(seen) if timing.data_parallel_size > 1
+                  else np.zeros_like(seen))
+        return tuple(np.ascontiguousarray(a, np.float64)
+                     for a in (wb, floor, comm, passc, commep))
 
     def run(self, n_in: np.ndarray, n_out: np.ndarray, arrival: np.ndarray,
             sessions=None) -> dict:

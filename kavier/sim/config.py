@@ -158,7 +158,8 @@ def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
     ``get_num_blocks``, per worker; every rank holds the same blocks, so the pool is the same
     count of blocks for the replica). Llama-3.1-70B on 4 × A100-80GB at 0.9: (72 GiB −
     32.9 GiB) / (16 × 80 KiB) = 32,029 blocks, 512 k tokens. With expert parallelism a GPU
-    holds the shared weights and ``E / EP`` experts (:meth:`LLMSpec.resident_weight_bytes`).
+    holds its share of the shared weights and ``E / EP`` whole experts
+    (:meth:`LLMSpec.resident_weight_bytes`).
     With ``PP`` pipeline stages a GPU holds the weights and the KV of its stage's layers,
     ``ceil(L / PP) / L`` of them on the largest stage (vLLM sizes the pool by the tightest
     worker), so both terms shrink by that share.
@@ -169,7 +170,7 @@ def kv_pool_blocks(llm: LLMSpec, gpu: GPUSpec, block_size: int,
         When the weights and the reserve alone do not fit, or not one block does.
     """
     share = -(-llm.n_layers // pipeline_parallel_size) / llm.n_layers
-    weights = llm.resident_weight_bytes(expert_parallel_size) / tensor_parallel_size * share
+    weights = llm.resident_weight_bytes(tensor_parallel_size, expert_parallel_size) * share
     free = gpu.memory_bytes * gpu_memory_utilization - weights - activation_reserve_gib * 2**30
     per_token = kv_bytes_per_token_per_rank(llm, tensor_parallel_size) * share
     blocks = int(free // (block_size * per_token)) if free > 0 else 0

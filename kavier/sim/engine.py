@@ -65,7 +65,7 @@ from collections import deque
 
 import numpy as np
 
-from kavier.models.timing import Costs
+from kavier.models.timing import Costs, ExpertGroup
 from kavier.sim.kvpool import BlockPool
 from kavier.sim.prefix import PrefixCache, first_block
 from kavier.sim.routers import Router
@@ -124,8 +124,6 @@ class SteppedEngine:
         self.exact_policy = prefix is not None and not self.blocks_policy
         self.front_end_s = timing.params.request_overhead_s
         self.lockstep = config.enable_expert_parallel and config.replicas > 1
-        if self.lockstep:                        # the one-token batch an idle rank runs
-            self.dummy_costs = timing.step_costs(np.ones(1), np.zeros(1), 1)
         self.pp = config.pipeline_parallel_size
         self.ahead = config.async_scheduling
 
@@ -176,22 +174,35 @@ class SteppedEngine:
         return self._results()
 
     def _start_group(self, now: float) -> None:
-        """One lockstep step of every rank: each schedules its own batch; all last as long as
+        """One lockstep step of every rank: each schedules its own batch, whose costs follow
+        the group's tokens in the expert layers (:class:`ExpertGroup`); all last as long as
         the slowest; ranks without work run a dummy one-token batch (none when no rank has
         work)."""
-        for replica in self.replicas:
-            self._start_step(replica, now)
-        stepping = [r for r in self.replicas if r.busy_until is not None]
-        if not stepping:
+        batches = [self._schedule(r, now) for r in self.replicas]
+        if not any(batches):
+            for replica in self.replicas:
+                replica.busy_until = None
             return
-        longest = max(r.busy_until for r in stepping) - now
-        for replica in self.replicas:
-            if replica.busy_until is None:       # vLLM's execute_dummy_batch
-                empty = np.zeros(0, np.int64)
-                replica.step = [now, None, empty, empty, np.zeros(0, bool), self.dummy_costs]
-            replica.step[1] = np.array([longest])
-            replica.step[5] = replica.step[5]._replace(duration_s=longest)
-            replica.busy_until = now + longest
+        tokens = [sum(b[1] for b in batch) if batch else 1 for batch in batches]
+        group = ExpertGroup(float(sum(tokens)), float(sum(tokens) - min(tokens)))
+        steps = []
+        for replica, batch in zip(self.replicas, batches, strict=True):
+            if batch:
+                ids, new, decoding = _unzip(batch)
+                self._allocate(replica, ids, new)
+                costs = self.timing.step_costs(new, self.computed[ids], int(decoding.sum()),
+                                               group)
+            else:                                # vLLM's execute_dummy_batch
+                ids = new = np.zeros(0, np.int64)
+                decoding = np.zeros(0, bool)
+                costs = self.timing.step_costs(np.ones(1), np.zeros(1), 1, group)
+            steps.append([now, None, ids, new, decoding, costs])
+        longest = max(step[5].duration_s for step, batch in zip(steps, batches, strict=True)
+                      if batch)
+        for replica, step in zip(self.replicas, steps, strict=True):
+            step[1] = np.array([longest])
+            step[5] = step[5]._replace(duration_s=longest)
+            replica.step, replica.busy_until = step, now + longest
 
     def _setup(self, n_in, n_out, arrival, sessions) -> None:
         n, cfg = n_in.size, self.config

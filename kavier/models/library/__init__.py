@@ -116,45 +116,81 @@ class LLMSpec:
         e, k = self.n_experts, self.n_experts_per_token
         return e * (1.0 - (1.0 - k / e) ** t)
 
-    def weight_bytes_read(self, n_tokens, expert_parallel_size: int = 1) -> np.ndarray:
-        """Weight bytes one GPU streams in a forward pass over ``n_tokens`` tokens: all of them
-        for a dense model; for a mixture of experts the shared weights plus the distinct
-        experts the tokens touch. With expert parallelism over ``EP`` GPUs (each holding
-        ``E / EP`` experts and, balanced, receiving the tokens of all ``EP`` ranks) it is the
-        GPU's own experts touched by ``EP × n`` tokens: ``(E/EP)·(1 − (1 − k/E)^(EP·n))``."""
+    @property
+    def routed_params(self) -> int:
+        """Parameters of all routed experts, ``L_e × E × expert``; 0 for a dense model."""
+        return self.n_expert_layers * self.n_experts * self.expert_params
+
+    @staticmethod
+    def expert_split(tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> int:
+        """GPUs the routed experts are divided over: ``EP`` with expert parallelism (each GPU
+        holds ``E / EP`` whole experts), else ``TP`` (every GPU holds a ``1 / TP`` slice of
+        every expert, as vLLM's ``FusedMoE`` shards them)."""
+        return expert_parallel_size if expert_parallel_size > 1 else tensor_parallel_size
+
+    def weight_bytes_read(self, expert_tokens, tensor_parallel_size: int = 1,
+                          expert_parallel_size: int = 1) -> np.ndarray:
+        """Weight bytes one GPU streams in a forward pass: every weight but the untied input
+        embedding (:attr:`streamed_weight_bytes`) ``/ TP`` for a dense model; for a mixture of
+        experts its share of the shared weights, ``/ TP``, plus its experts that the expert
+        layer's tokens touch, ``L_e·touched(T)·expert / split``
+        (:meth:`experts_touched`, :meth:`expert_split`).
+
+        ``expert_tokens`` (``T``, any shape) are the tokens the GPU's expert layer sees: the
+        pass's own without expert parallelism; with it those of every data-parallel rank of
+        the group, which the expert layer gathers (vLLM's ``allgather_reducescatter``
+        backend), so ``T = DP × n`` when the ranks are balanced. With ``EP = TP`` and one
+        data-parallel rank the tokens are already on every GPU: ``T = n``."""
+        tp = tensor_parallel_size
         if not self.n_experts:
-            return np.full(np.shape(n_tokens), float(self.streamed_weight_bytes))
-        layers = self.n_expert_layers
-        shared = self.params - self.gathered_params - layers * self.n_experts * self.expert_params
-        touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
-        return (shared + layers * touched * self.expert_params) * self.bytes_per_param
+            return np.full(np.shape(expert_tokens), self.streamed_weight_bytes / tp)
+        return (self._shared_streamed_params / tp
+                + self._touched_params(expert_tokens, tp, expert_parallel_size)
+                ) * self.bytes_per_param
 
-    def _experts_touched_per_gpu(self, n_tokens, expert_parallel_size):
-        """One GPU's own experts per layer that ``n_tokens`` tokens on each of ``EP`` balanced
-        ranks touch, ``experts_touched(EP × n) / EP``."""
-        ep = expert_parallel_size
-        return self.experts_touched(np.asarray(n_tokens, np.float64) * ep) / ep
+    @property
+    def _shared_streamed_params(self) -> int:
+        return self.params - self.gathered_params - self.routed_params
 
-    def gemm_params(self, n_tokens, expert_parallel_size: int = 1) -> np.ndarray:
-        """Parameters of the distinct weight matrices one GPU multiplies in a forward pass over
-        ``n_tokens`` tokens (each counted once, however many tokens it sees), LM head and
-        embedding aside: :attr:`matmul_params` for a dense model; for a mixture of experts the
-        shared matmul weights plus the GPU's experts touched (as :meth:`weight_bytes_read`),
-        ``matmul_params − L_e·k·expert + L_e·touched·expert`` (``touched = k`` for one token
-        without expert parallelism, which is :attr:`matmul_params` again)."""
+    def _touched_params(self, expert_tokens, tensor_parallel_size, expert_parallel_size):
+        """One GPU's parameters of the distinct experts ``expert_tokens`` touch."""
+        touched = self.experts_touched(expert_tokens)
+        split = self.expert_split(tensor_parallel_size, expert_parallel_size)
+        return self.n_expert_layers * self.expert_params * touched / split
+
+    def gemm_params(self, expert_tokens, tensor_parallel_size: int = 1,
+                    expert_parallel_size: int = 1) -> np.ndarray:
+        """Parameters of the distinct weight matrices one GPU multiplies in a forward pass
+        (each counted once, however many tokens it sees), LM head and embedding aside:
+        :attr:`matmul_params` ``/ TP`` for a dense model; for a mixture of experts the shared
+        matmul weights ``/ TP`` plus the GPU's experts touched (as :meth:`weight_bytes_read`,
+        same ``expert_tokens``), ``(matmul_params − L_e·k·expert) / TP +
+        L_e·touched(T)·expert / split`` (``touched = k`` for one token on one GPU: the
+        active weights)."""
+        tp = tensor_parallel_size
         if not self.n_experts:
-            return np.full(np.shape(n_tokens), float(self.matmul_params))
-        touched = self._experts_touched_per_gpu(n_tokens, expert_parallel_size)
-        routed = self.n_expert_layers * self.expert_params
-        return (self.matmul_params - routed * self.n_experts_per_token) + routed * touched
+            return np.full(np.shape(expert_tokens), self.matmul_params / tp)
+        return (self.shared_matmul_params / tp
+                + self._touched_params(expert_tokens, tp, expert_parallel_size))
 
-    def resident_weight_bytes(self, expert_parallel_size: int = 1) -> float:
-        """Weight bytes one GPU holds: all for a dense model; the shared weights and its
-        ``E / EP`` experts per layer with expert parallelism."""
-        ep = expert_parallel_size
-        held = (self.params
-                - self.n_expert_layers * self.n_experts * self.expert_params * (1 - 1 / ep))
-        return held * self.bytes_per_param
+    @property
+    def shared_matmul_params(self) -> int:
+        """:attr:`matmul_params` but the ``k`` routed experts a token uses, ``matmul_params −
+        L_e·k·expert``: the matmul weights every token of a pass multiplies on its own GPU
+        (attention projections, router, shared experts, dense layers); all of them for a dense
+        model."""
+        return (self.matmul_params
+                - self.n_expert_layers * self.n_experts_per_token * self.expert_params)
+
+    def resident_weight_bytes(self, tensor_parallel_size: int = 1,
+                              expert_parallel_size: int = 1) -> float:
+        """Weight bytes one GPU holds: ``params / TP`` for a dense model; for a mixture of
+        experts the shared weights ``/ TP`` plus the routed experts ``/ split``
+        (:meth:`expert_split`: ``E / EP`` whole experts per layer with expert parallelism)."""
+        tp = tensor_parallel_size
+        split = self.expert_split(tp, expert_parallel_size)
+        return ((self.params - self.routed_params) / tp
+                + self.routed_params / split) * self.bytes_per_param
 
     @property
     def weight_bytes(self) -> float:
