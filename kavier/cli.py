@@ -969,7 +969,8 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
              currency, scheduler, workers, **options):
     """Cheapest deployment (GPU type × tensor-parallel size × replicas) whose TTFT and TPOT
     meet the SLOs at a percentile; every candidate's replicas, GPUs, SLO attainment and cost
-    per million tokens, cheapest first."""
+    per million tokens, cheapest first. With --enable-expert-parallel a candidate's experts are
+    split over all its GPUs; a one-GPU candidate holds them all."""
     from kavier.analysis.capacity import plan_candidate, ranked
     from kavier.analysis.sweep import run_points
 

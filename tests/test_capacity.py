@@ -50,3 +50,20 @@ def test_capacity_rejects_what_it_searches_and_bad_lists(trace):
         result = run(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
     assert "give --slo-ttft" in run("--trace", trace).output
+
+
+def test_capacity_with_expert_parallelism_adds_ranks_until_the_experts_fit(trace):
+    # Qwen3-30B-A3B's 57 GiB do not fit one A100-40GB; split over two data-parallel ranks
+    # they do, and one GPU with every expert is the deployment without expert parallelism
+    result = run("--trace", trace, "--llm", "Qwen3-30B-A3B", "--gpu", "A100-40GB,H100-SXM",
+                 "--tensor-parallel-sizes", "1", "--slo-ttft", "2", "--slo-tpot", "0.1",
+                 "--enable-expert-parallel")
+    assert result.exit_code == 0, result.output
+    rows = {r[0]: r for r in (line.split() for line in result.output.splitlines()[1:-1])}
+    assert rows["H100-SXM"][1:4] == ["1", "1", "1"]
+    assert rows["A100-40GB"][1:3] == ["1", "2"] and rows["A100-40GB"][-2:] == ["1-", "2+"]
+    alone = run("--trace", trace, "--llm", "Qwen3-30B-A3B", "--gpu", "A100-40GB",
+                "--tensor-parallel-sizes", "1", "--slo-ttft", "2", "--enable-expert-parallel",
+                "--max-replicas", "1")
+    assert alone.exit_code != 0 and "cannot run on 1 replicas" in alone.output
+    assert "leave no KV block" in alone.output

@@ -291,6 +291,19 @@ def test_every_rank_of_an_expert_parallel_group_runs_the_experts_on_the_group_to
     assert timing.comm_s(2048.0, 2048.0) == pytest.approx(exchange, rel=1e-12)
 
 
+def test_experts_that_the_gpus_do_not_divide_load_the_busiest_gpu():
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    expert = 3 * 2048 * 768
+    shared = llm.params - 48 * 128 * expert
+    # vLLM's determine_expert_map: 128 experts over 3 GPUs are 43, 43 and 42
+    assert llm.expert_split(1, 3) == pytest.approx(128 / 43)
+    assert llm.resident_weight_bytes(1, 3) == pytest.approx((shared + 48 * 43 * expert) * 2)
+    three = make_timing("roofline", llm, gpu, PARAMS, expert_parallel_size=3)
+    routed = 2 * 48 * 8 * expert * 43 / 128          # the busiest GPU's share of the pairs
+    assert three._routed_flops_per_token == pytest.approx(routed)
+    assert llm.expert_split(1, 2) == 2.0 and llm.expert_split(4, 1) == 4.0
+
+
 def test_expert_parallelism_within_tensor_parallel_ranks_holds_whole_experts():
     llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
     expert, h = 3 * 2048 * 768, 2048

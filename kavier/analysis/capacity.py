@@ -6,7 +6,10 @@ found by doubling and then bisecting over full simulations (the percentile of a 
 system falls as replicas are added, so the search is monotone in practice). Each candidate is
 one point of :func:`kavier.analysis.sweep.run_points`, so candidates run in local worker
 processes or on a Dask cluster. A candidate that cannot run (weights that do not fit the
-GPUs, heads a degree cannot split) is reported with the reason, not dropped silently.
+GPUs, heads a degree cannot split) is reported with the reason, not dropped silently. With
+expert parallelism the experts of every candidate are split over all its replicas × TP GPUs
+(the replicas are the data-parallel ranks of one group); a one-GPU candidate holds every
+expert, the same deployment as without it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kavier.models.power import PowerModel
 from kavier.models.timing import make_timing
 from kavier.sim.prefix import PrefixCache
 from kavier.sim.requests import timed_out
-from kavier.sim.simulation import simulate
+from kavier.sim.simulation import pool_blocks, simulate
 from kavier.sim.sustainability import Sustainability
 
 
@@ -54,6 +57,15 @@ def _meets(point: dict, values: dict, summary: dict) -> bool:
         values[name] <= point[f"slo_{name}"] for name in values)
 
 
+def _misfit(timing, config, block_size: int) -> str | None:
+    """Why the weights leave no room for a KV pool (:func:`pool_blocks`), or None."""
+    try:
+        pool_blocks(timing, config, block_size)
+    except InputError as exc:
+        return exc.message
+    return None
+
+
 def plan_candidate(point: dict) -> dict:
     """The smallest replica count of one candidate that meets the SLOs, and its cost.
 
@@ -75,12 +87,20 @@ def plan_candidate(point: dict) -> dict:
     try:
         config = replace(point["config"], tensor_parallel_size=tp)
         results: dict[int, tuple] = {}
+        why: list[str | None] = [None]           # the last count tried, when it did not fit
 
         def meets(n: int) -> bool:
             at = replace(config, replicas=n)       # expert parallelism spans the replicas
+            if at.enable_expert_parallel and n * tp == 1:   # one GPU holds every expert
+                at = replace(at, enable_expert_parallel=False)
             timing = make_timing(point["timing_model"], point["llm"], point["gpu"],
                                  point["params"], point["kv_cache"], tp,
                                  at.expert_parallel_size)
+            misfit = config.enable_expert_parallel and _misfit(timing, at, point["block"])
+            if misfit:                           # more ranks hold fewer experts each
+                out["tried"][n], why[0] = False, misfit
+                return False
+            why[0] = None
             summary, values = _percentiles(point, at, timing)
             results[n] = (summary, values)
             out["tried"][n] = _meets(point, values, summary)
@@ -90,6 +110,8 @@ def plan_candidate(point: dict) -> dict:
         while not meets(high):
             low, high = high, high * 2
             if high > point["max_replicas"]:
+                if why[0]:
+                    return {**out, "status": f"cannot run on {low} replicas: {why[0]}"}
                 return {**out, "status": f"misses with {low} replicas"}
         while high - low > 1:
             mid = (low + high) // 2

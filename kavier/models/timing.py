@@ -1014,7 +1014,8 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
     ------
     InputError
         When ``n_heads`` is not divisible by TP, KV heads neither divide nor are a multiple of
-        it, expert parallelism is asked of a dense model or does not divide the experts, or
+        it, expert parallelism is asked of a dense model or of other than data-parallel ranks
+        of TP GPUs, or
         the GPU entry lacks the link a collective needs (:func:`collective_link`), or
         pipeline stages outnumber the layers or meet expert parallelism (not modelled).
     """
@@ -1033,10 +1034,9 @@ def check_parallel(llm: LLMSpec, gpu: GPUSpec, tensor_parallel_size: int,
         raise InputError(f"expert parallelism over {ep} GPUs with tensor parallel size {tp}: "
                          "the group is data-parallel ranks of TP GPUs each",
                          field="enable-expert-parallel")
-    if ep > 1 and (not llm.n_experts or llm.n_experts % ep):
-        raise InputError(f"expert parallelism over {ep} GPUs needs a mixture of experts whose "
-                         f"experts they divide ({llm.name} has {llm.n_experts})",
-                         field="enable-expert-parallel")
+    if ep > 1 and not llm.n_experts:
+        raise InputError(f"expert parallelism over {ep} GPUs needs a mixture of experts "
+                         f"({llm.name} is dense)", field="enable-expert-parallel")
     if ep > 1:
         collective_link(gpu, ep, "enable-expert-parallel")
     if tp == 1:

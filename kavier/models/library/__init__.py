@@ -121,12 +121,17 @@ class LLMSpec:
         """Parameters of all routed experts, ``L_e × E × expert``; 0 for a dense model."""
         return self.n_expert_layers * self.n_experts * self.expert_params
 
-    @staticmethod
-    def expert_split(tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> int:
-        """GPUs the routed experts are divided over: ``EP`` with expert parallelism (each GPU
-        holds ``E / EP`` whole experts), else ``TP`` (every GPU holds a ``1 / TP`` slice of
-        every expert, as vLLM's ``FusedMoE`` shards them)."""
-        return expert_parallel_size if expert_parallel_size > 1 else tensor_parallel_size
+    def expert_split(self, tensor_parallel_size: int = 1, expert_parallel_size: int = 1) -> float:
+        """How many parts the routed experts are divided into, as the busiest GPU sees it: with
+        expert parallelism over ``EP`` GPUs each holds whole experts, ``E // EP`` of them and
+        one more on the first ``E mod EP`` (vLLM's ``determine_expert_map``), so the busiest
+        holds ``ceil(E / EP)`` and the split is ``E / ceil(E / EP)`` (``EP`` when it divides
+        ``E``); without it every GPU holds a ``1 / TP`` slice of every expert, as vLLM's
+        ``FusedMoE`` shards them: ``TP``."""
+        ep = expert_parallel_size
+        if ep <= 1 or not self.n_experts:
+            return float(tensor_parallel_size)
+        return self.n_experts / -(-self.n_experts // ep)
 
     def weight_bytes_read(self, expert_tokens, tensor_parallel_size: int = 1,
                           expert_parallel_size: int = 1) -> np.ndarray:
@@ -186,7 +191,8 @@ class LLMSpec:
                               expert_parallel_size: int = 1) -> float:
         """Weight bytes one GPU holds: ``params / TP`` for a dense model; for a mixture of
         experts the shared weights ``/ TP`` plus the routed experts ``/ split``
-        (:meth:`expert_split`: ``E / EP`` whole experts per layer with expert parallelism)."""
+        (:meth:`expert_split`: ``ceil(E / EP)`` whole experts per layer on the busiest GPU
+        with expert parallelism)."""
         tp = tensor_parallel_size
         split = self.expert_split(tp, expert_parallel_size)
         return ((self.params - self.routed_params) / tp
