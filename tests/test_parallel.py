@@ -149,6 +149,14 @@ DEEPSEEK_MOE = {"num_hidden_layers": 28, "num_attention_heads": 16, "num_key_val
                 "hidden_act": "silu", "tie_word_embeddings": False}
 
 
+QWEN3_235B = {"num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4,
+              "head_dim": 128, "hidden_size": 4096, "vocab_size": 151936,
+              "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128,
+              "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+              "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
+              "sliding_window": None}
+
+
 def test_hf_config_shared_experts_and_dense_layers_by_hand():
     h, attn = 2048, 2048 * (2 * 16 + 2 * 16) * 128
     qwen = llm_from_hf_config(QWEN15_MOE)
@@ -182,10 +190,14 @@ def test_hf_config_shared_experts_and_dense_layers_by_hand():
     assert half.n_dense_layers == 12
     assert half.params == (24 * attn + 12 * (60 * expert + 60 * h + qwen_shared)
                            + 12 * 3 * h * 5632 + 2 * 151936 * h)
-    for config, name in ((QWEN15_MOE, "Qwen1.5-MoE-A2.7B"), (DEEPSEEK_MOE, "DeepSeekMoE-16B")):
+    for config, name in ((QWEN15_MOE, "Qwen1.5-MoE-A2.7B"), (DEEPSEEK_MOE, "DeepSeekMoE-16B"),
+                         (QWEN3_235B, "Qwen3-235B-A22B")):
         entry = llm_library().get(name)                 # the library entry is its config read
         assert dataclasses.replace(llm_from_hf_config(config), name=entry.name,
                                    source=entry.source, aliases=entry.aliases) == entry
+    big = llm_library().get("Qwen3-235B-A22B")
+    assert big.params / 1e9 == pytest.approx(235, abs=0.5)             # model card
+    assert big.active_params / 1e9 == pytest.approx(22, abs=0.5)
     with pytest.raises(Exception, match="field 'n_dense_layers'"):
         dataclasses.replace(llm_library().get("Llama-3.1-8B"), n_dense_layers=2)
 
