@@ -535,3 +535,17 @@ def test_link_efficiency_defaults_by_kind_of_link_and_a_given_value_overrides_it
         given = make_timing("roofline", llm, gpu, PARAMS.with_(link_efficiency=0.5),
                             tensor_parallel_size=2)
         assert given.comm_s(n) == pytest.approx(2 * 64 * (latency + size / (gbps * 0.5)))
+
+
+def test_a_replica_with_expert_parallelism_holds_its_share_of_the_experts():
+    from kavier.export.run import replica_memory_bytes
+
+    llm, gpu = llm_library().get("Qwen3-30B-A3B"), gpu_library().get("RTX-PRO-6000")
+    expert = 3 * 2048 * 768
+    summary = {"kv_pool_blocks": 1000, "block_size": 16}
+    kv = 1000 * 16 * llm.kv_bytes_per_token
+    alone = make_timing("roofline", llm, gpu, PARAMS)
+    assert replica_memory_bytes(alone, summary) == pytest.approx(llm.weight_bytes + kv)
+    split = make_timing("roofline", llm, gpu, PARAMS, expert_parallel_size=2)
+    assert replica_memory_bytes(split, summary) == pytest.approx(
+        llm.weight_bytes - 48 * 64 * expert * 2 + kv)
