@@ -103,8 +103,7 @@ def report(name: str, params=None) -> None:
     n, context = int(filling.seqs_per_rank.median()), float(filling.context_per_rank.median())
     chunk = 512
     ranks = timing.data_parallel_size      # the others decode n each meanwhile (lockstep)
-    group = (ExpertGroup(float(ranks * n + chunk), float((ranks - 1) * n + chunk))
-             if ranks > 1 else None)
+    group = ExpertGroup.of([n + chunk] + [n] * (ranks - 1)) if ranks > 1 else None
     mixed = timing.step_costs(np.r_[np.ones(n), chunk], np.r_[np.full(n, context / n), 0.0], n,
                               group)
     added_us = 1e3 * (1000.0 * mixed.duration_s - model_decode(timing, n, context)[0]) / chunk

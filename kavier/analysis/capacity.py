@@ -87,7 +87,7 @@ def plan_candidate(point: dict) -> dict:
     try:
         config = replace(point["config"], tensor_parallel_size=tp)
         results: dict[int, tuple] = {}
-        why: list[str | None] = [None]           # the last count tried, when it did not fit
+        misfit: str | None = None                # why the last count tried did not fit
 
         def meets(n: int) -> bool:
             at = replace(config, replicas=n)       # expert parallelism spans the replicas
@@ -96,11 +96,11 @@ def plan_candidate(point: dict) -> dict:
             timing = make_timing(point["timing_model"], point["llm"], point["gpu"],
                                  point["params"], point["kv_cache"], tp,
                                  at.expert_parallel_size)
-            misfit = config.enable_expert_parallel and _misfit(timing, at, point["block"])
+            nonlocal misfit
+            misfit = _misfit(timing, at, point["block"]) if config.enable_expert_parallel else None
             if misfit:                           # more ranks hold fewer experts each
-                out["tried"][n], why[0] = False, misfit
+                out["tried"][n] = False
                 return False
-            why[0] = None
             summary, values = _percentiles(point, at, timing)
             results[n] = (summary, values)
             out["tried"][n] = _meets(point, values, summary)
@@ -110,8 +110,8 @@ def plan_candidate(point: dict) -> dict:
         while not meets(high):
             low, high = high, high * 2
             if high > point["max_replicas"]:
-                if why[0]:
-                    return {**out, "status": f"cannot run on {low} replicas: {why[0]}"}
+                if misfit:
+                    return {**out, "status": f"cannot run on {low} replicas: {misfit}"}
                 return {**out, "status": f"misses with {low} replicas"}
         while high - low > 1:
             mid = (low + high) // 2

@@ -161,6 +161,12 @@ class ExpertGroup(NamedTuple):
     tokens: float
     received: float
 
+    @classmethod
+    def of(cls, rank_tokens) -> ExpertGroup:
+        """The group of ranks computing ``rank_tokens`` tokens each (ints, one per rank)."""
+        total = sum(rank_tokens)
+        return cls(float(total), float(total - min(rank_tokens)))
+
 
 def _as_array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)

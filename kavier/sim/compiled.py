@@ -170,8 +170,8 @@ def _run_durations(k, floor, comm, passc, n, sumc, first, steps, into):
 @njit(cache=True)
 def _step_costs(k, t, new, cached, nb, n_dec, gt, grec, work, out):
     """:meth:`RooflineTiming.step_costs` of ``nb`` sequences: ``out`` ← its :class:`Costs`.
-    ``gt`` and ``grec``: the :class:`ExpertGroup` of a lockstep step (the step's own tokens
-    and 0 otherwise, where the group is one rank)."""
+    ``gt`` and ``grec``: the :class:`ExpertGroup` of a lockstep step; negative for balanced
+    ranks (``DP`` of this batch), as :meth:`~RooflineTiming.step_costs` without a group."""
     wb, floor, comm, passc, commep = t
     for i in range(nb):
         n, c = float(new[i]), float(cached[i])
@@ -184,7 +184,8 @@ def _step_costs(k, t, new, cached, nb, n_dec, gt, grec, work, out):
     kv = k[K_KVB] * _pairwise(work[2], 0, nb)
     tokens = int(_pairwise(work[3], 0, nb))
     if gt < 0:
-        gt, grec = tokens, 0
+        ranks = int(k[K_DP])
+        gt, grec = tokens * ranks, tokens * (ranks - 1)
     matmul = matmul + k[K_ROUTED] * (float(gt) - float(tokens) * k[K_DP])
     compute = matmul / k[K_F] + passc[gt] + attention / k[K_FA]
     weights = wb[gt]

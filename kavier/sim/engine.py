@@ -184,7 +184,7 @@ class SteppedEngine:
                 replica.busy_until = None
             return
         tokens = [sum(b[1] for b in batch) if batch else 1 for batch in batches]
-        group = ExpertGroup(float(sum(tokens)), float(sum(tokens) - min(tokens)))
+        group = ExpertGroup.of(tokens)
         steps = []
         for replica, batch in zip(self.replicas, batches, strict=True):
             if batch:
