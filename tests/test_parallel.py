@@ -523,6 +523,21 @@ def test_pipeline_preempts_only_requests_not_in_flight_and_times_out_after_they_
     assert (failed.e2e_s.isna() | (failed.e2e_s <= 2.0 + 1e-9)).all()
 
 
+def test_pipeline_preemption_spares_requests_already_in_the_batch_being_scheduled():
+    # long prompts chunk across batches in flight; when one of them needs a block, the
+    # victim is a request neither in flight nor already given work in this batch (the old
+    # choice preempted a batched decode, whose blocks were then allocated twice: a crash)
+    n = 30
+    table = _random_requests(9, n, (500, 6000), (20, 200), 1)
+    summary, requests, steps, _ = _pp_run(table, 2, num_gpu_blocks=800,
+                                          max_num_batched_tokens=1024)
+    assert summary["preemptions"] > 0 and summary["n_finished"] == n
+    assert steps.kv_blocks_used.max() <= 800
+    assert requests.n_output_tokens.sum() == int(table.column("n_output_tokens")
+                                                 .to_numpy().sum())
+    assert (requests.e2e_s >= requests.ttft_s).all()
+
+
 def test_link_efficiency_defaults_by_kind_of_link_and_a_given_value_overrides_it():
     llm = llm_library().get("Qwen3-32B")
     n, size = 64.0, 64 * 5120 * 2

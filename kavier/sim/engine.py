@@ -397,7 +397,7 @@ class SteppedEngine:
                         strict=True))
 
     def _schedule_running(self, replica: _Replica, budget: int) -> tuple[list, int]:
-        batch = []
+        batch, batched = [], set()
         for i in list(replica.running):
             if budget == 0 or i not in replica.running:
                 continue
@@ -407,7 +407,7 @@ class SteppedEngine:
             new = 1 if decoding else min(self.prompt[i] - self.computed[i], budget)
             while (self._blocks_for(i, new) - self.blocks[i] > replica.pool.free
                    and i in replica.running):
-                victim = self._victim(replica)
+                victim = self._victim(replica, batched)
                 if victim is None:
                     break
                 self._preempt(replica, victim)
@@ -417,14 +417,19 @@ class SteppedEngine:
             self._allocate(replica, np.array([i]), new)
             budget -= new
             batch.append((i, int(new), bool(decoding)))
+            batched.add(i)
         return batch, budget
 
-    def _victim(self, replica: _Replica) -> int | None:
+    def _victim(self, replica: _Replica, batched: set[int]) -> int | None:
         """The request a block shortage preempts: the newest running one, or with batches in
-        flight the newest not in one (None when every running request is)."""
+        flight the newest neither in one nor in the batch being scheduled (``batched``; None
+        when there is none). With one stage the newest is never batched yet: the scheduler
+        walks the running requests oldest first, as vLLM's, which pops its victim from the
+        end of ``running``."""
         if self.pp == 1:
             return replica.running[-1]
-        return next((i for i in reversed(replica.running) if not self.inflight[i]), None)
+        return next((i for i in reversed(replica.running)
+                     if not self.inflight[i] and i not in batched), None)
 
     def _lookup(self, replica: _Replica, i: int) -> tuple[int, int, list[int]]:
         """Prefix hit of waiting request ``i``: (tokens, blocks taken from the free ones,
