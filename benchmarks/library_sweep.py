@@ -1,6 +1,9 @@
 """Every library LLM on every library GPU in several parallel layouts, checked for what must
-never happen: a traceback (a bug), a non-finite number in a summary, a negative latency, or a
-failed-request count that disagrees with the records.
+never happen: a traceback (a bug), a non-finite number in a summary, a negative latency, a
+failed-request count that disagrees with the records, or, for a dense model, a median TPOT
+shorter than one read of a GPU's share of the weights at peak DRAM bandwidth (every token
+passes every stage; a mixture of experts reads only the experts its batch touches, so it has
+no such floor).
 
 Each case is ``kavier simulate`` (in process, through the CLI) on the first ``--requests``
 requests of the bundled Azure 2023 conversation trace, at the trace's own arrivals, with
@@ -83,6 +86,13 @@ def run_case(case: tuple) -> dict:
             record["problems"].append(f"negative {column}")
     if int((~np.isfinite(requests.ttft_s.to_numpy(float))).sum()) != summary["n_failed"]:
         record["problems"].append("requests without a first token != n_failed")
+    from kavier.models.library import gpu_library, llm_library
+    model = llm_library().get(llm)
+    floor_s = model.resident_weight_bytes(tp) / (
+        gpu_library().get(gpu).memory_bandwidth_gbps * 1e9)
+    if model.n_experts <= 1 and summary["p50_tpot_s"] < floor_s:
+        record["problems"].append(f"p50 TPOT {summary['p50_tpot_s']:.3g} s below one weight "
+                                  f"read, {floor_s:.3g} s")
     record.update(p50_tpot_s=summary["p50_tpot_s"], comm_share=summary["comm_share"])
     return record
 
