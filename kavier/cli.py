@@ -475,7 +475,20 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
                f"KV pool {summary['kv_pool_blocks']:,} blocks of {block}), prefix cache "
                f"{prefix.config.policy if prefix else 'none'}: {trace}")
     _print_summary(summary)
+    _warn_zero_tokens(summary["zero_token_requests"])
     click.echo(f"wrote {', '.join(rows)} and summary.json in {output_folder}")
+
+
+def _warn_zero_tokens(raised: dict) -> None:
+    """Say on stderr how many requests asked for an empty prompt or zero output tokens,
+    which the simulation served as one token (vLLM serves neither)."""
+    asked = {"n_input_tokens": "an empty prompt", "n_output_tokens": "0 output tokens"}
+    what = [f"{n:,} request{'s' if n > 1 else ''} with {asked[field]}"
+            for field, n in raised.items() if n]
+    if what:
+        click.echo(f"warning: {' and '.join(what)} served with one token each (vLLM rejects "
+                   "empty prompts and needs max_tokens >= 1; summary.json: "
+                   "zero_token_requests)", err=True)
 
 
 def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:

@@ -187,3 +187,29 @@ def test_cli_defaults_are_the_config_defaults():
         MEMORY_BOUND_UTILIZATION
     assert PrefixCacheConfig().min_tokens == 256 and "[256]" in params[
         "prefix_cache_min_tokens"].help
+
+
+def test_requests_asking_for_zero_tokens_are_served_with_one_and_counted(tmp_path):
+    # vLLM rejects an empty prompt and max_tokens 0; a trace may still hold such rows
+    # (BurstGPT logs failures with 0 response tokens): each is served as one token, and
+    # the summary and a warning say how many, instead of a silent change
+    trace = tmp_path / "zeros.csv"
+    pd.DataFrame({"n_input_tokens": [0, 40, 30, 0], "n_output_tokens": [5, 0, 3, 0],
+                  "arrival_s": [0.0, 0.1, 0.2, 0.3]}).to_csv(trace, index=False)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--output-folder",
+                                       str(out), "--no-fragments", "--no-opendc"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["zero_token_requests"] == {"n_input_tokens": 2, "n_output_tokens": 2}
+    records = pd.read_parquet(out / "requests.parquet").sort_values("id")
+    assert records.n_input_tokens.tolist() == [1, 40, 30, 1]
+    assert records.n_output_tokens.tolist() == [5, 1, 3, 1]
+    assert summary["n_output_tokens"] == 10 and (records.status == "finished").all()
+    assert ("2 requests with an empty prompt and 2 requests with 0 output tokens served with "
+            "one token each") in result.stderr
+    clean = tmp_path / "clean.csv"
+    pd.DataFrame({"n_input_tokens": [4], "n_output_tokens": [2]}).to_csv(clean, index=False)
+    quiet = CliRunner().invoke(main, ["simulate", "--trace", str(clean), "--output-folder",
+                                      str(tmp_path / "o2"), "--no-fragments", "--no-opendc"])
+    assert quiet.exit_code == 0 and "served with one token" not in quiet.stderr

@@ -99,8 +99,9 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     Returns
     -------
     dict
-        :meth:`Summary.result` plus ``kv_pool_blocks``, ``engine_path`` and
-        ``prefix_cache``.
+        :meth:`Summary.result` plus ``kv_pool_blocks``, ``engine_path``, ``prefix_cache`` and
+        ``zero_token_requests`` (requests whose empty prompt or zero output tokens were served
+        as one token, per field: :func:`_served_sizes`).
 
     Raises
     ------
@@ -125,8 +126,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
                          f", config {config.expert_parallel_size}")
     check_setup(timing, config, prefix)
     blocks = pool_blocks(timing, config, block_size)
-    n_in = column(table, "n_input_tokens", np.int64)
-    n_out = np.maximum(column(table, "n_output_tokens", np.int64), 1)
+    n_in, n_out, raised = _served_sizes(table)
     if timing.kv_cache and n_in.size:
         need = -(-(n_in + n_out) // block_size)
         if int(need.max()) > blocks:
@@ -186,8 +186,27 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     span = summary.last_arrival - summary.first_arrival if has_arrivals and n_in.size else 0.0
     result.update(load.result(span))
     result.update({"engine_path": used, "kv_pool_blocks": blocks, "block_size": block_size,
-                   "prefix_cache": _cache_stats(prefix, counters, summary)})
+                   "prefix_cache": _cache_stats(prefix, counters, summary),
+                   "zero_token_requests": raised})
     return result
+
+
+def _served_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Prompt and output tokens of each request as vLLM would serve them, and how many
+    requests asked for zero of either.
+
+    vLLM serves neither an empty prompt (its input processor rejects it: "The decoder prompt
+    cannot be empty", ``vllm/v1/engine/processor.py``) nor zero output tokens
+    (``SamplingParams`` needs ``max_tokens`` ≥ 1), yet traces hold such rows (BurstGPT logs
+    failed requests with 0 response tokens). Each is served with one token — a one-token
+    prompt, or a prefill that returns its first token and stops — and counted, so the summary
+    says how many sizes the simulation raised (``zero_token_requests``) instead of changing
+    them silently.
+    """
+    n_in = column(table, "n_input_tokens", np.int64)
+    n_out = column(table, "n_output_tokens", np.int64)
+    raised = {"n_input_tokens": int((n_in == 0).sum()), "n_output_tokens": int((n_out == 0).sum())}
+    return np.maximum(n_in, 1), np.maximum(n_out, 1), raised
 
 
 def _stepped_engine(timing, config: EngineConfig, prefix: PrefixCache | None, path: str):
