@@ -40,6 +40,7 @@ from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
 from kavier.sim.prefix import POLICIES, SCOPES, PrefixCache, PrefixCacheConfig
+from kavier.sim.simulation import served_sizes
 from kavier.sim.simulation import simulate as run_engine
 from kavier.sim.stats import QUANTILES
 from kavier.sim.sustainability import MEMORY_BOUND_UTILIZATION, CarbonTrace, Sustainability
@@ -1003,6 +1004,7 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
     specs = [gpu_library(options["gpu_library"]).get(n) for n in names]
     options["gpu"] = names[0]
     timing, workload, table, prefix, block, config, profile, slos = _common(options)
+    _warn_zero_tokens(served_sizes(table)[2])
     if profile is not None and any(g.name != profile.gpu for g in specs):
         raise InputError(f"the profile is for {profile.gpu}; compare other GPUs without it",
                          field="profile")

@@ -101,7 +101,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     dict
         :meth:`Summary.result` plus ``kv_pool_blocks``, ``engine_path``, ``prefix_cache`` and
         ``zero_token_requests`` (requests whose empty prompt or zero output tokens were served
-        as one token, per field: :func:`_served_sizes`).
+        as one token, per field: :func:`served_sizes`).
 
     Raises
     ------
@@ -126,7 +126,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
                          f", config {config.expert_parallel_size}")
     check_setup(timing, config, prefix)
     blocks = pool_blocks(timing, config, block_size)
-    n_in, n_out, raised = _served_sizes(table)
+    n_in, n_out, raised = served_sizes(table)
     if timing.kv_cache and n_in.size:
         need = -(-(n_in + n_out) // block_size)
         if int(need.max()) > blocks:
@@ -191,7 +191,7 @@ def simulate(table: pa.Table, timing, config: EngineConfig, block_size: int,
     return result
 
 
-def _served_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
+def served_sizes(table: pa.Table) -> tuple[np.ndarray, np.ndarray, dict]:
     """Prompt and output tokens of each request as vLLM would serve them, and how many
     requests asked for zero of either.
 
