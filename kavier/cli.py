@@ -480,16 +480,16 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
     click.echo(f"wrote {', '.join(rows)} and summary.json in {output_folder}")
 
 
-def _warn_zero_tokens(raised: dict) -> None:
+def _warn_zero_tokens(raised: dict, counted: str = "; summary.json: zero_token_requests") -> None:
     """Say on stderr how many requests asked for an empty prompt or zero output tokens,
-    which the simulation served as one token (vLLM serves neither)."""
+    which the simulation served as one token (vLLM serves neither); ``counted`` says where
+    the counts are written."""
     asked = {"n_input_tokens": "an empty prompt", "n_output_tokens": "0 output tokens"}
     what = [f"{n:,} request{'s' if n > 1 else ''} with {asked[field]}"
             for field, n in raised.items() if n]
     if what:
         click.echo(f"warning: {' and '.join(what)} served with one token each (vLLM rejects "
-                   "empty prompts and needs max_tokens >= 1; summary.json: "
-                   "zero_token_requests)", err=True)
+                   f"empty prompts and needs max_tokens >= 1{counted})", err=True)
 
 
 def _load_measurements(dataset: str) -> tuple[pd.DataFrame, str]:
@@ -1004,7 +1004,7 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
     specs = [gpu_library(options["gpu_library"]).get(n) for n in names]
     options["gpu"] = names[0]
     timing, workload, table, prefix, block, config, profile, slos = _common(options)
-    _warn_zero_tokens(served_sizes(table)[2])
+    _warn_zero_tokens(served_sizes(table)[2], counted="")
     if profile is not None and any(g.name != profile.gpu for g in specs):
         raise InputError(f"the profile is for {profile.gpu}; compare other GPUs without it",
                          field="profile")
