@@ -78,6 +78,9 @@ class Replay:
     prefix_content : PromptContent or None
         The prompts' block hashes when the run had prefix caching on (each replay starts
         from an empty cache).
+    phase_draws : int
+        Replays whose per-request latencies :meth:`predict` averages (1: the replay itself;
+        :meth:`expected`).
     """
 
     run: ServingRun
@@ -85,6 +88,7 @@ class Replay:
     config: EngineConfig
     block_size: int
     prefix_content: PromptContent | None
+    phase_draws: int = 1
 
     def with_params(self, params: TimingParams) -> Replay:
         """The same replay with other timing parameters."""
@@ -92,7 +96,7 @@ class Replay:
                              True, self.config.tensor_parallel_size,
                              self.config.expert_parallel_size,
                              self.config.pipeline_parallel_size)
-        return Replay(self.run, timing, self.config, self.block_size, self.prefix_content)
+        return replace(self, timing=timing)
 
     def with_arrivals(self, arrival_s: np.ndarray) -> Replay:
         """The same replay with the requests sent at ``arrival_s`` (s, one per request, in the
@@ -107,7 +111,45 @@ class Replay:
 
     def predict(self) -> tuple[pd.DataFrame, dict, pa.Table]:
         """Simulate the run: per-request predictions (the ``requests.parquet`` columns, in
-        the run's row order), the summary, and the GPU timeline (``steps.parquet``)."""
+        the run's row order), the summary, and the GPU timeline (``steps.parquet``). With
+        ``phase_draws`` above 1 the TTFT, TPOT and E2E columns are :meth:`expected`'s; the
+        rest of the record, the summary and the timeline are the replay's own."""
+        predicted, summary, steps = self._simulate()
+        if self.phase_draws > 1 and steps is not None and steps.num_rows:
+            predicted = self.expected(predicted, steps)
+        return predicted, summary, steps
+
+    def expected(self, predicted: pd.DataFrame, steps: pa.Table) -> pd.DataFrame:
+        """``predicted`` with each request's TTFT, TPOT and E2E replaced by their mean over
+        ``phase_draws`` replays: this one and ``phase_draws − 1`` with every arrival moved by
+        an independent uniform draw in ``[−½, ½)`` of the median step (fixed seeds, so a fit's
+        loss stays deterministic; an arrival is kept at or after 0).
+
+        A step-level replay knows when a request reached the engine, not where in the step in
+        flight it landed, and the real run's steps do not line up with the replay's. One
+        replay predicts a request's latency for one such phase, which per request is as far
+        from the measured phase as two draws are from each other (:func:`phase_floor`); the
+        mean over phases is the latency the model expects given what the replay knows, and
+        is what per-request errors should be scored on (docs/calibration.md, "Expected
+        latency over the arrival phase"). NaN where a request failed in every draw.
+        """
+        step_s = float(np.median(steps.column("duration_s").to_numpy()))
+        arrival = self.run.requests["arrival_s"].to_numpy(np.float64)
+        one = replace(self, phase_draws=1)
+        draws = [predicted[list(METRICS)].to_numpy(np.float64)]
+        for k in range(1, self.phase_draws):
+            shift = np.random.default_rng([PHASE_DRAW_SEED, k]).uniform(-step_s / 2.0,
+                                                                        step_s / 2.0,
+                                                                        arrival.size)
+            moved, _, _ = one.with_arrivals(np.maximum(arrival + shift, 0.0)).predict()
+            draws.append(moved[list(METRICS)].to_numpy(np.float64))
+        stacked = np.stack(draws)
+        seen = np.isfinite(stacked)
+        mean = np.where(seen.any(axis=0), np.where(seen, stacked, 0.0).sum(axis=0)
+                        / np.maximum(seen.sum(axis=0), 1), np.nan)
+        return predicted.assign(**{m: mean[:, j] for j, m in enumerate(METRICS)})
+
+    def _simulate(self) -> tuple[pd.DataFrame, dict, pa.Table]:
         prefix = (None if self.prefix_content is None else PrefixCache(
             PrefixCacheConfig("blocks", block_size=self.block_size), self.prefix_content,
             None))
@@ -123,6 +165,11 @@ class Replay:
         predicted = pa.concat_tables(requests).to_pandas().sort_values("id")
         return (predicted.reset_index(drop=True), summary,
                 pa.Table.from_batches(steps) if steps else None)
+
+
+PHASE_DRAW_SEED = 20261204
+"""First word of the seed of :meth:`Replay.expected`'s arrival shifts (the draw's index is
+the second), apart from :func:`phase_floor`'s seeds."""
 
 
 ASYNC_SCHEDULING_SINCE = (0, 14)
@@ -255,8 +302,10 @@ PHASE_SEEDS = 3
 def phase_floor(replay: Replay, predicted: pd.DataFrame, steps: pa.Table | None,
                 mask: np.ndarray, seeds: int = PHASE_SEEDS) -> dict | None:
     """The per-request error that step phase alone makes: :func:`score` of ``predicted``
-    (the replay's own prediction) against the same replay with every arrival moved later
-    by an independent uniform draw in [0, one median step), averaged over ``seeds`` draws.
+    (the replay's own prediction, or its :meth:`Replay.expected` latencies when the replay
+    averages phase draws) against single replays with every arrival moved later by an
+    independent uniform draw in [0, one median step), averaged over ``seeds`` draws. For an
+    expected latency this is what a model right in expectation scores against one phase.
 
     A step-level simulator cannot know where in the engine's step each real request
     arrived, so a request that waits for the step in flight, or for a slot, may start one
@@ -275,10 +324,11 @@ def phase_floor(replay: Replay, predicted: pd.DataFrame, steps: pa.Table | None,
         return None
     step_s = float(np.median(steps.column("duration_s").to_numpy()))
     arrival = replay.run.requests["arrival_s"].to_numpy(np.float64)
+    one = replace(replay, phase_draws=1)
     draws = []
     for seed in range(seeds):
         shift = np.random.default_rng(seed).uniform(0.0, step_s, arrival.size)
-        moved, _, _ = replay.with_arrivals(arrival + shift).predict()
+        moved, _, _ = one.with_arrivals(arrival + shift).predict()
         draws.append(score(predicted, moved, mask))
     return {m: {k: (v if k == "n" else float(np.mean([d[m][k] for d in draws])))
                 for k, v in draws[0][m].items()} for m in METRICS}
@@ -329,19 +379,29 @@ class _Space:
         return value - LOWER.get(name, 0.0) <= 0.01 * SCALES_S[name]
 
 
-def _start(timing: RooflineTiming, name: str) -> float:
+def _effective(timing: RooflineTiming, name: str) -> float | None:
+    """The value parameter ``name`` has in ``timing``'s model: its own, or for None what
+    the model uses in its place (the link's latency or efficiency; the weights' efficiency
+    for the KV's, the matmuls' for attention's); None only for ``prefill_sharpness`` (the
+    hard maximum)."""
     params = timing.params
     value = getattr(params, name)
+    if value is not None or name == "prefill_sharpness":
+        return value
     link = timing.tp_link if timing.tensor_parallel_size > 1 else timing.ep_link
-    if value is None and name == "allreduce_latency_s":     # the link's measured latency
-        value = link.latency_s
-    if value is None and name == "link_efficiency":          # the link's own share
-        value = link.efficiency
-    if value is None and name == "prefill_sharpness":        # hard max: start at the default
+    if name == "allreduce_latency_s":
+        return link.latency_s
+    if name == "link_efficiency":
+        return link.efficiency
+    if name.startswith("kv"):
+        return params.memory_efficiency
+    return params.compute_efficiency if name.endswith("efficiency") else 0.0
+
+
+def _start(timing: RooflineTiming, name: str) -> float:
+    value = _effective(timing, name)
+    if value is None:                                        # hard max: start at the default
         value = ROOFLINE_DEFAULTS.prefill_sharpness
-    if value is None:            # kv_memory_efficiency and attention_efficiency fall back
-        value = (params.memory_efficiency if name.startswith("kv")
-                 else params.compute_efficiency if name.endswith("efficiency") else 0.0)
     if name == "compute_half_tokens" and not value:
         value = SCALES_S[name]   # off (0): start at a GEMM tile's size, where its effect shows
     return float(value)
@@ -435,9 +495,12 @@ def fit_serving(replay: Replay, fit: tuple[str, ...] = SERVING_FIT_PARAMS, split
         if result.fun >= best:
             break
         best_z, best = result.x, result.fun
-    # no better point found: keep the start itself (its coordinates' round trip is inexact)
-    params = params_at(best_z) if best < at_start[0] else start
-    on_bound = [p for p in fit if space.on_bound(p, getattr(params, p))]
+    # no better point found: keep the start itself (its coordinates' round trip is inexact),
+    # each fitted parameter at the value the model used for it (not None: a link's own)
+    params = params_at(best_z) if best < at_start[0] else start.with_(**{
+        p: v for p in fit if (v := _effective(replay.timing, p)) is not None})
+    on_bound = [p for p in fit          # the hard maximum (prefill_sharpness None): no bound
+                if getattr(params, p) is not None and space.on_bound(p, getattr(params, p))]
     return ServingFit(params, tuple(fit), scores(start), scores(params), on_bound, count[0])
 
 
@@ -481,27 +544,32 @@ class ServingCalibration:
 def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
                       split: float = 0.5, max_efficiency: float = 0.95,
                       max_evaluations: int = 400, predict: tuple[str, ...] = (),
-                      start: TimingParams | None = None) -> ServingCalibration:
+                      start: TimingParams | None = None,
+                      phase_draws: int = 1) -> ServingCalibration:
     """Fit on ``dataset`` (:func:`fit_serving`) from ``start`` (default
     :func:`kavier.models.timing.default_params`), then replay it and every run in
-    ``predict`` with the fitted parameters.
+    ``predict`` with the fitted parameters; every replay's latencies are the mean over
+    ``phase_draws`` arrival phases (:meth:`Replay.expected`; 1: the replay's own).
 
     Raises
     ------
     InputError
-        As :func:`read_serving`, :func:`replay_for` and :func:`fit_serving`.
+        As :func:`read_serving`, :func:`replay_for` and :func:`fit_serving`, and for
+        ``phase_draws`` below 1.
     """
     from archive.serving import read_serving
 
+    if phase_draws < 1:
+        raise InputError(f"must be at least 1, got {phase_draws}", field="--phase-draws")
     run = read_serving(dataset)
     others = [(name, read_serving(name)) for name in predict]
-    replay = replay_for(run, start)
+    replay = replace(replay_for(run, start), phase_draws=phase_draws)
     result = fit_serving(replay, fit, split, max_efficiency, max_evaluations)
     calibrated = replay.with_params(result.params)
     predicted, summary, steps = calibrated.predict()
     scored = {}
     for name, other in others:
-        pred, _, _ = replay_for(other, result.params).predict()
+        pred, _, _ = replace(replay_for(other, result.params), phase_draws=phase_draws).predict()
         scored[name] = score(measured(other), pred, np.ones(len(pred), bool))
     mask = fit_mask(run, split)
     floor = phase_floor(calibrated, predicted, steps, ~mask)   # the held-out rows' mask

@@ -539,15 +539,21 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
 @click.option("--predict", multiple=True,
               help="Serving runs: another serving run to predict with the fitted profile "
                    "(repeatable).")
+@click.option("--phase-draws", type=click.IntRange(min=1), default=None,
+              help="Serving runs: score (and fit) each request's latency as its mean over "
+                   "this many replays with arrivals moved within a step (the phase a "
+                   "step-level replay cannot know; docs/calibration.md) [1: one replay].")
 @clean_errors
 def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, output_folder,
-              llm_library, gpu_library, fit, split, max_efficiency, max_evaluations, predict):
+              llm_library, gpu_library, fit, split, max_efficiency, max_evaluations, predict,
+              phase_draws):
     """Fit the timing model to measurements (single-request sweeps, or a serving run under
     load); write a profile and a validation report."""
     from archive.datasets import kind_of
 
     serving = {"fit": fit, "split": split, "max_efficiency": max_efficiency,
-               "max_evaluations": max_evaluations, "predict": predict or None}
+               "max_evaluations": max_evaluations, "predict": predict or None,
+               "phase_draws": phase_draws}
     if kind_of(dataset) == "serving":
         _reject_unused([(name, True, "for a serving run (its engine section names them)")
                         for name in ("setup_id", "llm", "gpu", "llm_library", "gpu_library")])
@@ -641,7 +647,7 @@ def _sweep_fit(fit: str | None, timing_model: str) -> tuple[str, ...] | None:
 
 
 def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_evaluations,
-                       predict):
+                       predict, phase_draws):
     """``kavier calibrate --dataset <serving run>``: fit, report, profile."""
     from archive.datasets import content_sha256
     from calibrate.profile import Profile
@@ -656,9 +662,11 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
     names = (tuple(p.strip() for p in fit.split(",") if p.strip()) if fit
              else SERVING_FIT_PARAMS)
     split = 0.5 if split is None else split
+    draws = phase_draws or 1
     result = calibrate_serving(dataset, names, split,
                                0.95 if max_efficiency is None else max_efficiency,
-                               max_evaluations or 400, tuple(predict or ()))
+                               max_evaluations or 400, tuple(predict or ()),
+                               phase_draws=draws)
     run, f = result.run, result.fit
     engine = run.engine
     table = predictions_table(result.measured, result.predicted, run.requests, result.mask)
@@ -675,7 +683,8 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
         datasets=[dataset], data_sha256=content_sha256(run.requests[[
             "request_id", "arrival_s", "n_input_tokens", "n_output_tokens", *METRICS]]),
         cv=f"fit on the requests arriving in the first {split:.0%} of the run, scored on the "
-           "rest", created=datetime.now(UTC).isoformat(timespec="seconds"),
+           "rest" + (f"; latencies averaged over {draws} arrival-phase draws" if draws > 1
+                     else ""), created=datetime.now(UTC).isoformat(timespec="seconds"),
         toolkit_version=toolkit_version())
     scores = {"before": f.before, "after": f.after, "fitted": list(f.fitted),
               "on_bound": f.on_bound, "evaluations": f.evaluations,
@@ -683,13 +692,14 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
                               "measured": "not recorded by the run"},
               "timeseries": timeseries_errors(run.timeseries, simulated),
               "itl": result.itl, "predicted_runs": result.predicted_runs,
-              "phase_floor_heldout": result.floor}
+              "phase_floor_heldout": result.floor, "phase_draws": draws}
     with run_folder(output_folder) as out:
         write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
                              result.predicted_runs)
         out.json("summary.json", {"profile": "profile.json", "scores": "scores.json"})
+    per = f" of {draws} arrival-phase draws each" if draws > 1 else ""
     click.echo(f"calibrated roofline model for {llm} on {gpu} on the serving run {dataset} "
-               f"({len(run.requests)} requests, {f.evaluations} replays)")
+               f"({len(run.requests)} requests, {f.evaluations} replays{per})")
     rows = [("defaults, held out", f.before["heldout"]), ("calibrated, fit", f.after["fit"]),
             ("calibrated, held out", f.after["heldout"]),
             ("calibrated, all requests", f.after["all"])]

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from archive.cli import main as archive_cli
+from archive.errors import InputError
 from archive.importers.serving import block_hashes
 from archive.serving import read_serving
 from archive.validate import validate
@@ -520,3 +521,86 @@ def test_step_phase_floor_scores_the_held_out_requests_as_their_row_does():
     assert half.floor["ttft_s"]["n"] == half.fit.after["heldout"]["ttft_s"]["n"] > 0
     whole = calibrate_serving(PRO, ("compute_efficiency",), 1.0, max_evaluations=2)
     assert whole.floor["ttft_s"]["n"] == whole.fit.after["heldout"]["ttft_s"]["n"] == 0
+
+
+def test_phase_draws_average_latencies_over_arrival_phases():
+    """:meth:`Replay.expected`: on an idle engine the phase within a step changes nothing,
+    so the mean over draws is the replay itself; behind a busy engine each draw moves the
+    short requests' TTFT by up to a step and the mean lies within the draws' range."""
+    from dataclasses import replace
+
+    from calibrate.serving import calibrate_serving
+
+    n = 40
+    idle = replay_for(_run_of(np.full(n, 200), np.full(n, 4), np.arange(n) * 2.0))
+    one, _, _ = idle.predict()
+    mean, _, _ = replace(idle, phase_draws=6).predict()
+    for m in METRICS:
+        np.testing.assert_allclose(mean[m], one[m], rtol=1e-9, atol=1e-12)
+    n_out = np.full(n, 4)
+    n_out[0] = 4000
+    busy = replay_for(_run_of(np.full(n, 200), n_out, np.r_[0.0, 0.5 + np.arange(n - 1)]))
+    single, _, steps = busy.predict()
+    averaged, summary, steps_too = replace(busy, phase_draws=6).predict()
+    again, _, _ = replace(busy, phase_draws=6).predict()
+    pd.testing.assert_frame_equal(averaged, again)            # fixed seeds: deterministic
+    assert steps_too.num_rows == steps.num_rows               # the timeline is the replay's
+    moved = np.abs(averaged.ttft_s - single.ttft_s).to_numpy()[1:]
+    step_s = float(np.median(steps.column("duration_s").to_numpy()))
+    assert moved.max() > 0.01 * step_s and moved.max() < 1.5 * step_s
+    pd.testing.assert_series_equal(averaged.end_s, single.end_s)   # the record's times stay
+    with pytest.raises(InputError, match="at least 1"):
+        calibrate_serving(PRO, ("compute_efficiency",), phase_draws=0)
+
+
+def test_phase_draws_bring_the_moe_runs_held_out_ttft_toward_its_floor(tmp_path):
+    """On the bundled Qwen3-30B-A3B run, whose TTFTs are two or three steps, the shipped
+    profile's per-request TTFT error falls with the mean over phase draws, and the floor of
+    that prediction is scored against single draws."""
+    from dataclasses import replace
+
+    from calibrate.serving import phase_floor
+
+    name = "vllm-serving-rtxpro6000-qwen3-30b-a3b"
+    run_ = read_serving(name)
+    from calibrate.profile import profile_path
+
+    params = Profile.read(profile_path("rtx-pro-6000-qwen3-30b-a3b-dp2-ep-vllm-0.19")).params
+    truth, held = measured(run_), ~fit_mask(run_, 0.5)
+    base = replay_for(run_, params)
+    one = score(truth, base.predict()[0], held)["ttft_s"]["mape_pct"]
+    replay = replace(base, phase_draws=8)
+    predicted, _, steps = replay.predict()
+    eight = score(truth, predicted, held)["ttft_s"]["mape_pct"]
+    floor = phase_floor(replay, predicted, steps, held)["ttft_s"]["mape_pct"]
+    assert eight < 0.8 * one
+    assert 0.5 * floor < eight < 1.5 * floor
+    rejected = run(kavier_cli, "calibrate", "--phase-draws", "4", "--output-folder", tmp_path)
+    assert rejected.exit_code == 2 and "--phase-draws has no effect" in rejected.output
+    done = run(kavier_cli, "calibrate", "--dataset", name, "--fit", "link_efficiency",
+               "--max-evaluations", "2", "--phase-draws", "3", "--output-folder",
+               tmp_path / "cal")
+    assert done.exit_code == 0, done.output
+    assert "2 replays of 3 arrival-phase draws each" in done.output
+    scores = json.loads((tmp_path / "cal" / "scores.json").read_text())
+    assert scores["phase_draws"] == 3
+    assert "3 arrival-phase draws" in Profile.read(tmp_path / "cal" / "profile.json").cv
+
+
+def test_a_fit_that_keeps_its_start_records_the_links_own_values(tmp_path):
+    """With no better point than the start, a fitted collective term the defaults leave to
+    the link (None) is written as the value the model used, the link's own, instead of None
+    (which had stopped the report with a TypeError)."""
+    name = "vllm-serving-rtxpro6000-qwen3-32b-tp2"
+    done = run(kavier_cli, "calibrate", "--dataset", name, "--fit",
+               "link_efficiency,allreduce_latency_s", "--max-evaluations", "1",
+               "--output-folder", tmp_path)
+    assert done.exit_code == 0, done.output
+    profile = Profile.read(tmp_path / "profile.json")
+    link = replay_for(read_serving(name)).timing.tp_link
+    assert profile.params.link_efficiency == link.efficiency == 0.25
+    assert profile.params.allreduce_latency_s == link.latency_s
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    for m in METRICS:      # the same model as the start: the same scores
+        assert scores["after"]["heldout"][m]["mape_pct"] == pytest.approx(
+            scores["before"]["heldout"][m]["mape_pct"])
