@@ -1027,6 +1027,8 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
               for gpu, price in zip(specs, prices, strict=True) for tp in sizes]
     results = ranked(run_points(plan_candidate, points, scheduler, workers))
     p = f"p{percentile:g}"
+    if config.pipeline_parallel_size > 1:
+        click.echo(f"each replica: TP × {config.pipeline_parallel_size} pipeline stages")
     click.echo(f"{'GPU':<14}{'TP':>3}{'replicas':>9}{'GPUs':>6}{p + ' TTFT s':>14}"
                f"{p + ' TPOT s':>14}{'SLO attain.':>12}{currency + '/Mtok':>11}  tried")
     for r in results:
@@ -1042,6 +1044,8 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
     best = next((r for r in results if r["status"] == "ok"), None)
     if best is None:
         raise InputError("no candidate meets the SLOs (raise --max-replicas or try other GPUs)")
-    click.echo(f"cheapest: {best['replicas']} × {best['tensor_parallel_size']} × "
+    stages = (f" × {config.pipeline_parallel_size} stages"
+              if config.pipeline_parallel_size > 1 else "")
+    click.echo(f"cheapest: {best['replicas']} × {best['tensor_parallel_size']}{stages} × "
                f"{best['gpu']} ({best['gpus']} GPUs), {best['cost_per_run']:.2f} {currency} "
                f"per run, {best['cost_per_mtok']:.4f} {currency} per million tokens")

@@ -67,3 +67,24 @@ def test_capacity_with_expert_parallelism_adds_ranks_until_the_experts_fit(trace
                 "--max-replicas", "1")
     assert alone.exit_code != 0 and "cannot run on 1 replicas" in alone.output
     assert "leave no KV block" in alone.output
+
+
+def test_capacity_with_pipeline_stages_counts_every_stage_gpu(trace):
+    # each replica is TP × PP GPUs: Llama-3.1-70B does not fit one A100-80GB but fits a
+    # replica of two pipeline stages; the GPU count and the cost cover both stages (the
+    # option had been passed to the engine but not to the timing, a ValueError)
+    args = ("--trace", trace, "--llm", "Llama-3.1-70B", "--gpu", "A100-80GB",
+            "--tensor-parallel-sizes", "1,2", "--slo-tpot", "0.2", "--max-replicas", "4",
+            "--rate-scale", "0.1")
+    staged = run(*args, "--pipeline-parallel-size", "2")
+    assert staged.exit_code == 0, staged.output
+    lines = staged.output.strip().splitlines()
+    assert lines[0] == "each replica: TP × 2 pipeline stages"
+    rows = [line.split() for line in lines[2:-1]]
+    assert len(rows) == 2 and all(int(r[3]) == int(r[2]) * int(r[1]) * 2 for r in rows)
+    assert " × 2 stages × A100-80GB" in lines[-1]
+    flat = run(*args)
+    assert flat.exit_code == 0, flat.output
+    assert any(line.split()[1] == "1" and "cannot run" in line
+               for line in flat.output.splitlines()[1:-1])     # 131 GiB on one GPU
+    assert not any(line.split()[1] == "1" and "cannot run" in line for line in lines[2:-1])

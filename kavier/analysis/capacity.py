@@ -1,6 +1,7 @@
 """Capacity planning: the cheapest deployment that meets TTFT and TPOT SLOs on a workload.
 
-Candidates are (GPU type, tensor-parallel size) pairs. For each, the smallest number of
+Candidates are (GPU type, tensor-parallel size) pairs, each replica of TP × PP GPUs with the
+run's pipeline-parallel size. For each, the smallest number of
 replicas whose TTFT and TPOT meet the SLOs at a percentile, with no request timing out, is
 found by doubling and then bisecting over full simulations (the percentile of a queueing
 system falls as replicas are added, so the search is monotone in practice). Each candidate is
@@ -95,7 +96,7 @@ def plan_candidate(point: dict) -> dict:
                 at = replace(at, enable_expert_parallel=False)
             timing = make_timing(point["timing_model"], point["llm"], point["gpu"],
                                  point["params"], point["kv_cache"], tp,
-                                 at.expert_parallel_size)
+                                 at.expert_parallel_size, at.pipeline_parallel_size)
             nonlocal misfit
             misfit = _misfit(timing, at, point["block"]) if config.enable_expert_parallel else None
             if misfit:                           # more ranks hold fewer experts each
@@ -121,7 +122,8 @@ def plan_candidate(point: dict) -> dict:
     summary, values = results[high]
     tokens = summary["n_input_tokens"] + summary["n_output_tokens"]
     cost = point["price_per_gpu_hour"] * summary["provisioned_gpu_hours"]
-    return {**out, "status": "ok", "replicas": high, "gpus": high * tp,
+    return {**out, "status": "ok", "replicas": high,
+            "gpus": high * tp * config.pipeline_parallel_size,
             **{f"p_{k}": v for k, v in values.items()},
             "slo_attainment": summary["goodput"], "gpu_hours": summary["gpu_hours"],
             "provisioned_gpu_hours": summary["provisioned_gpu_hours"],
