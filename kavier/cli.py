@@ -1037,7 +1037,8 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
             click.echo(f"{r['gpu']:<14}{r['tensor_parallel_size']:>3}  {r['status']}"
                        + (f"  ({tried})" if tried else ""))
             continue
-        cells = [f"{r.get(f'p_{m}', float('nan')):>14.4g}" for m in ("ttft_s", "tpot_s")]
+        cells = [f"{r[f'p_{m}']:>14.4g}" if f"p_{m}" in r else f"{'—':>14}"   # no SLO on it
+                 for m in ("ttft_s", "tpot_s")]
         click.echo(f"{r['gpu']:<14}{r['tensor_parallel_size']:>3}{r['replicas']:>9}"
                    f"{r['gpus']:>6}{''.join(cells)}{r['slo_attainment']:>12.3f}"
                    f"{r['cost_per_mtok']:>11.4f}  {tried}")

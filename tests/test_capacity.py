@@ -80,6 +80,7 @@ def test_capacity_with_pipeline_stages_counts_every_stage_gpu(trace):
     assert staged.exit_code == 0, staged.output
     lines = staged.output.strip().splitlines()
     assert lines[0] == "each replica: TP × 2 pipeline stages"
+    assert "nan" not in staged.output and " — " in lines[2]   # no TTFT SLO: no TTFT figure
     rows = [line.split() for line in lines[2:-1]]
     assert len(rows) == 2 and all(int(r[3]) == int(r[2]) * int(r[1]) * 2 for r in rows)
     assert " × 2 stages × A100-80GB" in lines[-1]
