@@ -139,9 +139,12 @@ def _row(label: str, s: dict) -> str:
 
 
 def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: dict,
-             scores_itl: dict, scores_floor: dict | None) -> str:
+             scores_itl: dict, scores_floor: dict | None,
+             scores_expected: dict | None = None) -> str:
     """The score tables and the fitted parameters as markdown; ``scores_floor`` is
-    :func:`~calibrate.serving.phase_floor`'s (a row of its own; None for none)."""
+    :func:`~calibrate.serving.phase_floor`'s and ``scores_expected``
+    :attr:`~calibrate.serving.ServingCalibration.expected` (rows of their own; None for
+    none)."""
     lines = [f"# Serving calibration: {profile.llm} on {profile.gpu} ({profile.engine})", "",
              f"Data: {', '.join(profile.datasets)}; {profile.cv}.", "",
              "Per-request MAPE % (signed error of mean / p50 / p90 / p99, %):", "",
@@ -153,6 +156,10 @@ def markdown(fit: ServingFit, profile: Profile, predicted_runs: dict, series: di
              _row("calibrated, all requests", fit.after["all"])]
     if scores_floor is not None:
         lines.append(_row("step-phase floor, held out", scores_floor))
+    if scores_expected is not None:
+        lines += [_row(f"calibrated, held out, mean of {scores_expected['draws']} phase draws",
+                       scores_expected["heldout"]),
+                  _row("step-phase floor of that mean", scores_expected["floor"])]
     lines += [_row(f"calibrated, predicting {name}", s) for name, s in predicted_runs.items()]
     itl = scores_itl
     lines += ["", "Inter-token latency, all requests (measured → simulated, s; signed error):",
@@ -194,4 +201,5 @@ def write_serving_report(writer: RunWriter, fit: ServingFit, profile: Profile,
         plt.close(fig)
     writer.json("profile.json", profile.to_dict())
     writer.text("report.md", markdown(fit, profile, predicted_runs, scores["timeseries"],
-                                      scores["itl"], scores["phase_floor_heldout"]))
+                                      scores["itl"], scores["phase_floor_heldout"],
+                                      scores.get("expected_over_phases")))

@@ -692,7 +692,8 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
                               "measured": "not recorded by the run"},
               "timeseries": timeseries_errors(run.timeseries, simulated),
               "itl": result.itl, "predicted_runs": result.predicted_runs,
-              "phase_floor_heldout": result.floor, "phase_draws": draws}
+              "phase_floor_heldout": result.floor, "phase_draws": draws,
+              "expected_over_phases": result.expected}
     with run_folder(output_folder) as out:
         write_serving_report(out, f, profile, table, run.timeseries, simulated, scores,
                              result.predicted_runs)
@@ -705,6 +706,10 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
             ("calibrated, all requests", f.after["all"])]
     if result.floor is not None:
         rows.append(("step-phase floor, held out", result.floor))
+    if result.expected is not None:
+        rows += [(f"held out, mean of {result.expected['draws']} phase draws",
+                  result.expected["heldout"]),
+                 ("  its step-phase floor", result.expected["floor"])]
     rows += [(f"predicting {n}, all requests", s) for n, s in result.predicted_runs.items()]
     width = max(len(label) for label, _ in rows) + 1      # run names are long: never cut them
     click.echo(f"{'per-request MAPE [%]':<{width}}{'TTFT':>8}{'TPOT':>8}{'E2E':>8}")

@@ -250,6 +250,11 @@ def test_calibrate_cli_on_a_serving_run(tmp_path):
     assert scores["fitted"] == ["compute_efficiency", "memory_efficiency"]
     assert scores["phase_floor_heldout"]["ttft_s"]["n"] == (table["split"] == "heldout").sum()
     assert "step-phase floor" in (out / "report.md").read_text()
+    expected = scores["expected_over_phases"]          # one draw: the 16-draw rows beside
+    assert expected["draws"] == 16 and "held out, mean of 16 phase draws" in result.output
+    assert expected["heldout"]["ttft_s"]["n"] == expected["floor"]["ttft_s"]["n"] == (
+        table["split"] == "heldout").sum()
+    assert "mean of 16 phase draws" in (out / "report.md").read_text()
     measured_tpot = read_serving(PRO).requests
     ok = measured_tpot["n_output_tokens"] > 1
     token_mean = ((measured_tpot["e2e_s"] - measured_tpot["ttft_s"])[ok].sum()
@@ -583,7 +588,7 @@ def test_phase_draws_bring_the_moe_runs_held_out_ttft_toward_its_floor(tmp_path)
     assert done.exit_code == 0, done.output
     assert "2 replays of 3 arrival-phase draws each" in done.output
     scores = json.loads((tmp_path / "cal" / "scores.json").read_text())
-    assert scores["phase_draws"] == 3
+    assert scores["phase_draws"] == 3 and scores["expected_over_phases"] is None
     assert "3 arrival-phase draws" in Profile.read(tmp_path / "cal" / "profile.json").cv
 
 
