@@ -61,8 +61,8 @@ def read_carbon(source: str | Path) -> pd.DataFrame:
     stamps = pd.to_datetime(df["timestamp"], utc=True, errors="coerce")
     intensity = pd.to_numeric(df["carbon_intensity"], errors="coerce")
     checks = [(stamps.isna(), "timestamp", "unparsable timestamp"),
-              (intensity.isna() | (intensity < 0), "carbon_intensity",
-               "expected a non-negative number of gCO2/kWh"),
+              (~np.isfinite(intensity) | (intensity < 0), "carbon_intensity",
+               "expected a finite, non-negative number of gCO2/kWh"),
               (stamps.diff() <= pd.Timedelta(0), "timestamp", "timestamps must increase")]
     for bad, column, message in checks:
         if bad.any():

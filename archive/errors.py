@@ -8,6 +8,7 @@ catch it and print ``error: <message>`` on one line with exit status 2, never a 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from os import PathLike
 
@@ -107,3 +108,22 @@ def clean_errors(command):
             sys.exit(2)
 
     return wrapper
+
+
+class Number(click.FloatRange):
+    """A command-line number: :class:`click.FloatRange` that also refuses NaN, which passes
+    every range comparison, and infinity unless ``allow_inf`` (an option documenting what
+    ``inf`` means, such as a request rate of "all at once"). Click prints the refusal as its
+    one-line usage error (exit 2).
+    """
+
+    def __init__(self, min: float | None = None, max: float | None = None,
+                 min_open: bool = False, max_open: bool = False, allow_inf: bool = False):
+        super().__init__(min, max, min_open, max_open)
+        self.allow_inf = allow_inf
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number

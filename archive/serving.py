@@ -33,6 +33,46 @@ the run and holds the engine's documented default."""
 
 TIMESTAMPS = ("engine", "client")
 
+POSITIVE_INTS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size")
+"""Engine keys that must hold an integer of at least 1."""
+
+OPTIONAL_POSITIVE_INTS = ("num_gpu_blocks", "data_parallel_size", "pipeline_parallel_size")
+"""Engine keys that hold an integer of at least 1 or null (not recorded)."""
+
+OPTIONAL_FLAGS = ("enable_prefix_caching", "enable_chunked_prefill", "enable_expert_parallel",
+                  "async_scheduling")
+"""Engine keys that hold true, false or null."""
+
+
+def engine_problems(engine: dict, complete: bool = True) -> list[tuple[str, str]]:
+    """What is wrong with a serving run's ``engine`` section, as ``(field, message)`` pairs
+    (empty when nothing is): a key of :data:`ENGINE_KEYS` missing (when ``complete``; a
+    partial section, such as the settings ``tracer bench --engine`` is given, is checked only
+    for the values it has), ``timestamps`` not one of :data:`TIMESTAMPS`, a count that is not
+    a whole number of at least 1, a flag that is not true, false or null, or a
+    ``gpu_memory_utilization`` outside (0, 1] (NaN and infinity included)."""
+    problems = [(f"engine.{key}", "missing in the engine section") for key in ENGINE_KEYS
+                if complete and key not in engine]
+    if "timestamps" in engine and engine["timestamps"] not in TIMESTAMPS:
+        problems.append(("engine.timestamps",
+                         f"must be one of {TIMESTAMPS}, got {engine['timestamps']!r}"))
+    for key in POSITIVE_INTS + OPTIONAL_POSITIVE_INTS:
+        value = engine.get(key)
+        if key not in engine or (value is None and key in OPTIONAL_POSITIVE_INTS):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append((f"engine.{key}", f"must be an integer >= 1, got {value!r}"))
+    for key in OPTIONAL_FLAGS:
+        if engine.get(key) is not None and not isinstance(engine[key], bool):
+            problems.append((f"engine.{key}", f"must be true, false or null, got "
+                                              f"{engine[key]!r}"))
+    share = engine.get("gpu_memory_utilization")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
+                              or not 0 < share <= 1):             # NaN fails the comparison
+        problems.append(("engine.gpu_memory_utilization",
+                         f"must be a number in (0, 1], got {share!r}"))
+    return problems
+
 
 @dataclass(frozen=True)
 class ServingRun:
@@ -96,17 +136,8 @@ def read_serving(source: str | Path) -> ServingRun:
     engine = meta.get("engine")
     if not isinstance(engine, dict):
         raise InputError("no engine section", path=card, field="engine")
-    for key in ENGINE_KEYS:
-        if key not in engine:
-            raise InputError("missing in the engine section", path=card, field=f"engine.{key}")
-    if engine["timestamps"] not in TIMESTAMPS:
-        raise InputError(f"must be one of {TIMESTAMPS}, got {engine['timestamps']!r}",
-                         path=card, field="engine.timestamps")
-    for key in ("max_num_seqs", "max_num_batched_tokens", "block_size",
-                "tensor_parallel_size"):
-        if not (isinstance(engine[key], int) and engine[key] >= 1):
-            raise InputError(f"must be an integer >= 1, got {engine[key]!r}", path=card,
-                             field=f"engine.{key}")
+    for field, message in engine_problems(engine)[:1]:
+        raise InputError(message, path=card, field=field)
     try:
         requests = pq.read_table(table).to_pandas()
     except (OSError, pa.ArrowException) as exc:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from archive.cards import REQUIRED_KEYS, file_sha256
 from archive.schema import KNOWN_SCHEMA_VERSIONS, SCHEMAS
-from archive.serving import ENGINE_KEYS
+from archive.serving import engine_problems
 from archive.traces import MAX_TOKENS, content_lengths, turns_not_increasing
 
 
@@ -194,8 +194,10 @@ def validate(path: str | Path) -> list[str]:
     if schema is None:
         return problems + [f"dataset.json: unknown kind {kind!r}; known: {', '.join(SCHEMAS)}"]
     if kind == "serving":
-        problems += [f"dataset.json: engine.{key} is missing" for key in ENGINE_KEYS
-                     if key not in (meta.get("engine") or {})]
+        engine = meta.get("engine")
+        problems += ([f"dataset.json: {field}: {message}"
+                      for field, message in engine_problems(engine)]
+                     if isinstance(engine, dict) else ["dataset.json: no engine section"])
     tables = [f for f in meta.get("files", []) if f.endswith(".parquet")
               and (f == main or kind == "carbon")]
     if not main.endswith(".parquet"):

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 import archive
-from archive.errors import InputError, clean_errors
+from archive.errors import InputError, Number, clean_errors
 from archive.provenance import toolkit_version
 from archive.smi import CAPTURE_FIELDS
 from calibrate.profile import shipped_profiles
@@ -189,9 +189,9 @@ def engine_options(command):
             option = click.option(name, f.name, type=click.Choice(meta["choices"]),
                                   default=default, show_default=True, help=meta["help"])
         else:
-            kind = click.IntRange if "int" in str(f.type) else click.FloatRange
+            kind = click.IntRange if "int" in str(f.type) else Number
             bounds = {"min": meta.get("min"), "max": meta.get("max")}
-            if kind is click.FloatRange:
+            if kind is Number:
                 bounds["min_open"] = bool(meta.get("min_open"))
             option = click.option(name, f.name, type=kind(**bounds), default=default,
                                   show_default=default is not None, help=meta["help"])
@@ -328,15 +328,15 @@ def common_options(command):
         click.option("--block-size", type=click.IntRange(min=1), default=None,
                      help="Tokens per KV block [default: the trace's hash_ids blocks "
                      "(Mooncake 512), else vLLM's 16]."),
-        click.option("--rate-scale", type=click.FloatRange(min=0, min_open=True),
+        click.option("--rate-scale", type=Number(min=0, min_open=True),
                      default=None, help="Divide arrival times by this (2 = twice the load)."),
-        click.option("--poisson-rate", type=click.FloatRange(min=0, min_open=True),
+        click.option("--poisson-rate", type=Number(min=0, min_open=True),
                      default=None, help="Replace arrivals by a Poisson process, req/s."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of --poisson-rate."),
-        click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--slo-ttft", type=Number(min=0, min_open=True), default=None,
                      help="TTFT SLO, s (goodput)."),
-        click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--slo-tpot", type=Number(min=0, min_open=True), default=None,
                      help="TPOT SLO, s (goodput)."),
         click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
                      help="Extra LLM entries (TOML/JSON)."),
@@ -372,7 +372,7 @@ def _common(o: dict):
                                           "profile's].")
 @click.option("--output-folder", default="runs/simulation", show_default=True,
               type=click.Path(file_okay=False))
-@click.option("--export-rate", type=click.FloatRange(min=0), default=0.1, show_default=True,
+@click.option("--export-rate", type=Number(min=0), default=0.1, show_default=True,
               help="Fragment row interval, s; 0 writes run-length rows.")
 @click.option("--fragments/--no-fragments", default=True, show_default=True,
               help="Write fragments.parquet.")
@@ -388,23 +388,23 @@ def _common(o: dict):
 @click.option("--power-model", type=click.Choice(POWER_MODELS), default=None,
               help="GPU power vs utilization (thesis Table 4.1) [default: the profile's "
               "calibrated model, else linear].")
-@click.option("--idle-power-w", type=click.FloatRange(min=0), default=None,
+@click.option("--idle-power-w", type=Number(min=0), default=None,
               help="P_idle, W [default: the profile's, else the GPU library's].")
-@click.option("--max-power-w", type=click.FloatRange(min=0), default=None,
+@click.option("--max-power-w", type=Number(min=0), default=None,
               help="P_max, W [default: the profile's, else the GPU library's].")
-@click.option("--power-shape", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--power-shape", type=Number(min=0, min_open=True), default=None,
               help="r of mse, α of the asymptotic models [default 1.4 / 0.3, or the profile's].")
 @click.option("--power-profile", type=click.Path(dir_okay=False), default=None,
               help="Profile with a power section (from kavier calibrate-power).")
 @click.option("--carbon-trace", default=None,
               help="Carbon intensity: NL, DE, FR, BE (bundled ENTSO-E 2022) or a "
               "Parquet/CSV file with timestamp, carbon_intensity [default: no CO2].")
-@click.option("--pue", type=click.FloatRange(min=1), default=1.0, show_default=True,
+@click.option("--pue", type=Number(min=1), default=1.0, show_default=True,
               help="Power usage effectiveness: facility energy / IT energy.")
-@click.option("--utilization-cap", type=click.FloatRange(min=0, min_open=True, max=1),
+@click.option("--utilization-cap", type=Number(min=0, min_open=True, max=1),
               default=1.0, show_default=True,
               help="Highest utilization the power model is evaluated at.")
-@click.option("--memory-bound-utilization", type=click.FloatRange(0, 1), default=None,
+@click.option("--memory-bound-utilization", type=Number(0, 1), default=None,
               help="Utilization the power model sees for a step bound by memory traffic "
               "(docs/sustainability.md) [default: the power section's, fitted by kavier "
               "calibrate-power on a tracer dataset, else 0.5].")
@@ -517,7 +517,7 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
 @click.option("--gpu", default=None, help="[default: the data's gpu column]")
 @click.option("--timing-model", type=click.Choice(list(TIMING_MODELS)), default="roofline",
               show_default=True)
-@click.option("--attention-efficiency", type=click.FloatRange(min=0, min_open=True, max=1),
+@click.option("--attention-efficiency", type=Number(min=0, min_open=True, max=1),
               default=1.0, show_default=True,
               help="Roofline: fixed attention efficiency (see docs/calibration.md).")
 @click.option("--output-folder", default="runs/calibration", show_default=True,
@@ -529,10 +529,10 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
                    "compute_efficiency,memory_efficiency,kv_memory_efficiency,"
                    "batch_step_overhead_s,batch_seq_overhead_s; sweeps: the timing model's "
                    "defaults, docs/calibration.md].")
-@click.option("--split", type=float, default=None,
+@click.option("--split", type=Number(), default=None,
               help="Serving runs: fit on the requests arriving in this first share of the run, "
                    "score on the rest [0.5].")
-@click.option("--max-efficiency", type=float, default=None,
+@click.option("--max-efficiency", type=Number(), default=None,
               help="Serving runs: upper bound of every fitted efficiency [0.95].")
 @click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
               help="Serving runs: replays the optimiser may run [400].")
@@ -752,7 +752,7 @@ _EFFICIENCY_ROWS = [
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--price-per-gpu-hour", type=click.FloatRange(min=0), default=1.2,
+@click.option("--price-per-gpu-hour", type=Number(min=0), default=1.2,
               show_default=True, help="Price of one GPU-hour (thesis: 1.2 €/h for an A10).")
 @click.option("--currency", default="EUR", show_default=True)
 @click.option("--opendc-power", "opendc_power", multiple=True, type=click.Path(dir_okay=False),
@@ -982,7 +982,7 @@ def _number_list(text: str, kind, name: str) -> list:
               help="GPU types to compare, comma-separated (library names).")
 @click.option("--tensor-parallel-sizes", default="1,2,4,8", show_default=True,
               help="Tensor-parallel sizes to try per GPU type, comma-separated.")
-@click.option("--percentile", type=click.FloatRange(0, 100), default=99.0, show_default=True,
+@click.option("--percentile", type=Number(0, 100), default=99.0, show_default=True,
               help="The SLOs hold at this percentile of TTFT and TPOT.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--price-per-gpu-hour", default="1.2", show_default=True,

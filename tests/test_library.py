@@ -60,3 +60,9 @@ def test_user_library_file_adds_and_validates(tmp_path):
     with pytest.raises(InputError, match="lacks"):
         bad.write_text('[MyGPU]\nvendor = "X"\n')
         gpu_library(bad)
+    for literal in ("nan", "inf"):      # TOML reads both as floats; they pass "> 0" checks
+        bad.write_text(f'[MyGPU]\nvendor = "X"\nmemory_gib = 8\nmemory_bandwidth_gbps = '
+                       f'{literal}\nfp16_tflops = 10\nidle_power_w = 5\nmax_power_w = 50\n')
+        with pytest.raises(InputError, match=f"memory_bandwidth_gbps.*positive finite number, "
+                                             f"got {literal}"):
+            gpu_library(bad)

@@ -609,3 +609,30 @@ def test_a_fit_that_keeps_its_start_records_the_links_own_values(tmp_path):
     for m in METRICS:      # the same model as the start: the same scores
         assert scores["after"]["heldout"][m]["mape_pct"] == pytest.approx(
             scores["before"]["heldout"][m]["mape_pct"])
+
+
+def test_validate_and_read_check_a_serving_runs_engine_settings(tmp_path):
+    """``archive validate`` lists every bad engine setting (it had said "valid" to a NaN
+    max_num_seqs a run recorded), and reading the run stops at the first, naming it."""
+    import shutil
+
+    from archive.datasets import dataset_dir
+
+    folder = tmp_path / "run"
+    shutil.copytree(dataset_dir(PRO), folder)
+    card = folder / "dataset.json"
+    meta = json.loads(card.read_text())
+    meta["engine"].update(max_num_seqs=float("nan"), gpu_memory_utilization=2.0,
+                          enable_chunked_prefill="yes")
+    del meta["engine"]["block_size"]
+    card.write_text(json.dumps(meta))
+    problems = validate(folder)
+    assert "dataset.json: engine.block_size: missing in the engine section" in problems
+    assert "dataset.json: engine.max_num_seqs: must be an integer >= 1, got nan" in problems
+    assert ("dataset.json: engine.gpu_memory_utilization: must be a number in (0, 1], got 2.0"
+            in problems)
+    assert any("engine.enable_chunked_prefill: must be true, false or null" in p
+               for p in problems)
+    with pytest.raises(InputError, match="field 'engine.block_size': missing"):
+        read_serving(folder)
+    assert validate(dataset_dir(PRO)) == []

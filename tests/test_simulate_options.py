@@ -213,3 +213,18 @@ def test_requests_asking_for_zero_tokens_are_served_with_one_and_counted(tmp_pat
     quiet = CliRunner().invoke(main, ["simulate", "--trace", str(clean), "--output-folder",
                                       str(tmp_path / "o2"), "--no-fragments", "--no-opendc"])
     assert quiet.exit_code == 0 and "served with one token" not in quiet.stderr
+
+
+@pytest.mark.parametrize("option", ["--rate-scale", "--poisson-rate", "--slo-ttft",
+                                    "--request-timeout", "--pue", "--max-power-w",
+                                    "--gpu-memory-utilization"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_number_option_refuses_nan_and_infinity(trace, tmp_path, option, value):
+    # NaN passes every range comparison, so a plain range check let it through and the run
+    # wrote NaN arrivals or SLOs; infinity made energies infinite
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--output-folder",
+                                       str(tmp_path / "o"), option, value])
+    assert result.exit_code == 2, result.output
+    assert (f"'{value}' is not a finite number" in result.output   # or above a bounded range
+            or f"{value} is not in the range" in result.output)
+    assert not (tmp_path / "o" / "summary.json").exists()

@@ -62,6 +62,10 @@ def test_carbon_traces_are_read_and_checked(tmp_path):
     # the value as the user wrote it, not numpy's repr (np.float64(-1.25))
     with pytest.raises(InputError, match=r"line 3: field 'carbon_intensity'.*got -1\.25$"):
         read_carbon(tmp_path / "c.csv")
+    carbon_table([100.0, float("inf")]).to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(InputError, match=r"line 3: field 'carbon_intensity': expected a "
+                                         r"finite"):
+        read_carbon(tmp_path / "e.csv")
     carbon_table([1.0, 2.0]).iloc[::-1].to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(InputError, match="timestamps must increase"):
         read_carbon(tmp_path / "d.csv")

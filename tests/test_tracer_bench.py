@@ -120,15 +120,18 @@ def test_bench_replays_a_trace(server, engine, tmp_path):
     _, url = server
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival_s,n_input_tokens,n_output_tokens\n"
-                     "10.0,40,3\n10.5,80,4\n11.0,20,2\n14.0,60,5\n")
+                     "10.0,40,3\n10.5,80,0\n11.0,20,2\n14.0,60,5\n")
     out = tmp_path / "replay"
     result = CliRunner().invoke(tracer_cli, [
         "bench", "--url", url, "--output", str(out), "--engine", str(engine), "--trace",
         str(trace), "--rate-scale", "10", "--num-prompts", "3"])
     assert result.exit_code == 0, result.output
+    # vLLM needs max_tokens >= 1: the 0-token row is sent for one token, and said so
+    assert "1 request of the trace with 0 output tokens sent with max_tokens 1" in (
+        result.stderr)
     r = read_serving(out).requests
     assert r["n_input_tokens"].tolist() == [40, 80, 20]
-    assert r["n_output_tokens"].tolist() == [3, 4, 2]
+    assert r["n_output_tokens"].tolist() == [3, 1, 2]
     assert np.allclose(r["arrival_s"], [0.0, 0.05, 0.1], atol=0.03)
 
 
@@ -340,6 +343,14 @@ def test_a_killed_bench_resumes_without_losing_or_repeating_a_request(engine, tm
     (["--prompt-file", "p.json"], "--workload prompts and --prompt-file go together"),
     (["--workload", "prompts", "--prompt-file", "p.json", "--input-len", "9"],
      "--input-len has no effect with --workload prompts"),
+    # 0 and NaN had been taken for "not given" (1 was used) or passed every range check
+    (["--burstiness", "0"], "0.0 is not in the range x>0"),
+    (["--burstiness", "nan"], "'nan' is not a finite number"),
+    (["--request-rate", "nan"], "'nan' is not a finite number"),
+    (["--trace", "azure-llm-inference-2023-conv", "--rate-scale", "0"],
+     "0.0 is not in the range x>0"),
+    (["--trace", "azure-llm-inference-2023-conv", "--rate-scale", "inf"],
+     "'inf' is not a finite number"),
 ])
 def test_bench_options_without_effect_are_rejected(server, engine, tmp_path, args, message):
     result = CliRunner().invoke(tracer_cli, [
@@ -470,3 +481,25 @@ def test_bench_records_the_kv_cache_the_server_reports(server, engine, tmp_path)
     assert clash.exit_code == 2 and "say num_gpu_blocks = 900, the server's /metrics 1234" \
         in clash.output
     assert not (tmp_path / "x" / "requests.jsonl").exists()
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"max_num_seqs": float("nan")}, "field 'engine.max_num_seqs': must be an integer >= 1"),
+    ({"max_num_seqs": -3}, "field 'engine.max_num_seqs': must be an integer >= 1, got -3"),
+    ({"gpu_memory_utilization": float("inf")},
+     "field 'engine.gpu_memory_utilization': must be a number in (0, 1], got inf"),
+    ({"enable_prefix_caching": "yes"}, "field 'engine.enable_prefix_caching': must be true"),
+])
+def test_bench_checks_the_engine_settings_before_it_sends_anything(tmp_path, settings,
+                                                                  message):
+    # the settings go into the dataset a run writes: a bad one is refused at once, naming the
+    # file and the key, before the server is asked anything (this port has no server)
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"gpu": "A10", "max_num_seqs": 8,
+                                "max_num_batched_tokens": 2048, **settings}))
+    result = CliRunner().invoke(tracer_cli, [
+        "bench", "--url", "http://127.0.0.1:9", "--output", str(tmp_path / "x"), "--engine",
+        str(path), "--num-prompts", "2"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "engine.json" in result.output and "cannot reach" not in result.output
+    assert not (tmp_path / "x").exists()

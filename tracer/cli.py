@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 import click
 from tqdm import tqdm
 
-from archive.errors import InputError, clean_errors
+from archive.errors import InputError, Number, clean_errors
+from archive.serving import engine_problems
 from archive.smi import CAPTURE_FIELDS, read_capture, samples_table
 from tracer.collect import POWERS_OF_TWO
 
@@ -167,7 +168,7 @@ def _sampler(o: dict):
 @api_key_options
 @sampling_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted sweep in OUTPUT.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", "timeout_s", type=Number(min=0, min_open=True),
               default=600.0, show_default=True, help="Per-request timeout, s.")
 @click.option("--dtype", default="", help="The server's --dtype, for the record (setup.json).")
 @clean_errors
@@ -216,11 +217,13 @@ def bench_options(command):
         click.option("--trace", default=None,
                      help="Replay this archive workload's arrivals and sizes (bundled name or "
                           "file) instead of a Poisson schedule."),
-        click.option("--rate-scale", type=float, default=None,
+        click.option("--rate-scale", type=Number(min=0, min_open=True), default=None,
                      help="--trace: divide its arrival times by this [1]."),
-        click.option("--request-rate", type=float, default=None,
+        click.option("--request-rate", type=Number(min=0, min_open=True, allow_inf=True),
+                     default=None,
                      help="Poisson schedule: requests per second (inf: all at once) [1]."),
-        click.option("--burstiness", type=float, default=None,
+        click.option("--burstiness", type=Number(min=0, min_open=True, allow_inf=True),
+                     default=None,
                      help="Poisson schedule: shape of the gamma-distributed gaps (1 = Poisson, "
                           "inf = a constant rate) [1]."),
         click.option("--input-len", type=click.IntRange(min=1), default=None,
@@ -248,7 +251,7 @@ def bench_options(command):
                           "shuffled by --seed (docs/tracer.md)."),
         click.option("--turns", type=click.IntRange(min=1), default=None,
                      help="sessions: turns per conversation [3]."),
-        click.option("--think-time", type=click.FloatRange(min=0), default=None,
+        click.option("--think-time", type=Number(min=0), default=None,
                      help="sessions: seconds between an answer and the next turn [0]."),
         click.option("--prefix-groups", type=click.IntRange(min=1), default=None,
                      help="shared-prefix: system prompts [8]."),
@@ -266,7 +269,7 @@ def bench_options(command):
                      help="Most requests in flight at once [no limit]."),
         click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
                      help="Requests sent before the schedule and not recorded."),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+        click.option("--timeout", "timeout_s", type=Number(min=0, min_open=True),
                      default=600.0, show_default=True, help="Per-request timeout, s."),
         click.option("--allow-failures", is_flag=True,
                      help="Exit 0 even when requests failed (they are recorded either way)."),
@@ -295,6 +298,8 @@ def bench(url, engine_file, model, api_key_env, api_key_file, **o):
 
     sampler = _sampler(o)
     given = read_json_object(engine_file, "engine settings file")
+    for field, message in engine_problems(given, complete=False)[:1]:
+        raise InputError(message, path=engine_file, field=field)   # before the run records it
     plan = _bench_plan(o, given, gpu_known=sampler is not None)
     _bench(url, plan, given, model, _api_key(api_key_env, api_key_file), sampler, o)
 
@@ -438,8 +443,13 @@ def _bench_schedule(trace: str | None, o: dict, client, model: str):
     if trace is not None:
         from archive import read_trace
 
-        return workloads.trace_schedule(read_trace(trace).table, o["num_prompts"],
-                                        o["rate_scale"] or 1.0)
+        table = read_trace(trace).table
+        zero = int((table.column("n_output_tokens").to_numpy()[:o["num_prompts"]] == 0).sum())
+        if zero:          # vLLM needs max_tokens >= 1: trace_schedule asks for one token
+            click.echo(f"warning: {zero:,} request{'s' if zero > 1 else ''} of the trace with "
+                       "0 output tokens sent with max_tokens 1 (vLLM needs at least 1)",
+                       err=True)
+        return workloads.trace_schedule(table, o["num_prompts"], o["rate_scale"] or 1.0)
     rate = 1.0 if o["request_rate"] is None else o["request_rate"]
     burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
     out_len = o["output_len"] or 128
@@ -501,9 +511,9 @@ def cluster_options(command):
         click.option("--accept-unknown-host", is_flag=True,
                      help="Trust a host key not in known_hosts (first contact only; prefer "
                           "adding it)."),
-        click.option("--poll", "poll_s", type=click.FloatRange(min=0.01), default=5.0,
+        click.option("--poll", "poll_s", type=Number(min=0.01), default=5.0,
                      show_default=True, help="Seconds between squeue and /health checks."),
-        click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True),
+        click.option("--start-timeout", type=Number(min=0, min_open=True),
                      default=3600.0, show_default=True,
                      help="Seconds to wait for the job to run, and again for /health."),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 from dataclasses import MISSING, dataclass, fields
 from importlib import resources
@@ -362,10 +363,11 @@ def _build(cls: type, name: str, entry: dict, path: str) -> LLMSpec | GPUSpec:
                          field="aliases")
     for key, value in entry.items():
         if key not in ("source", "vendor", "tie_word_embeddings", "interconnect") and (
-            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or value <= 0      # TOML reads nan and inf literals
         ):
-            raise InputError(f"entry '{name}': must be a positive number, got {value!r}",
-                             path=path, field=key)
+            raise InputError(f"entry '{name}': must be a positive finite number, got "
+                             f"{value!r}", path=path, field=key)
     return cls(name=name, aliases=tuple(aliases), **entry)
 
 
