@@ -58,8 +58,8 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
     ------
     InputError
         For an unknown field, a line with the wrong number of values, or a value that is not
-        a number (``[N/A]`` or ``[Not Supported]`` included unless ``missing_ok``), naming the
-        line and field.
+        a finite, non-negative number (``[N/A]`` or ``[Not Supported]`` included unless
+        ``missing_ok``), naming the line and field.
     """
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
@@ -83,16 +83,17 @@ def parse(lines: list[str], fields: tuple[str, ...] = CAPTURE_FIELDS,
         column, kind = FIELDS[field]
         if kind == "time":
             parsed = pd.to_datetime(table[field], format="%Y/%m/%d %H:%M:%S.%f", errors="coerce")
-        else:
+            bad = parsed.isna()
+        else:         # every field is a count, a share, watts, MiB, MHz or °C: none below 0
             parsed = pd.to_numeric(table[field], errors="coerce")
-        bad = parsed.isna()
-        if missing_ok and kind != "time":
-            bad &= ~table[field].isin(MISSING)
+            bad = ~((parsed >= 0) & (parsed < float("inf")))       # NaN, inf, negative
+            if missing_ok:
+                bad &= ~table[field].isin(MISSING)
         if bad.any():
             i = first_bad(bad)
-            raise InputError(f"not a {'timestamp' if kind == 'time' else 'number'}: "
-                             f"{shown(table[field].iloc[i])}", path=source, row=rows[i][0],
-                             field=field)
+            what = "timestamp" if kind == "time" else "finite, non-negative number"
+            raise InputError(f"not a {what}: {shown(table[field].iloc[i])}", path=source,
+                             row=rows[i][0], field=field)
         out[column] = parsed.astype("int32") if kind == "int" and not parsed.isna().any() \
             else parsed
     return out

@@ -29,6 +29,14 @@ def test_bad_lines_are_located():
         parse(["1, 2"])
     with pytest.raises(InputError, match="unknown nvidia-smi field"):
         parse([good], ("timestamp", "fan.speed"))
+    # inf and negative values had passed (a dataset with 'power -5.0–709.1 W', and a
+    # calibrate-power traceback from scikit-learn); [N/A] is a gap only when the caller allows
+    for value in ("inf", "-5", "nan"):
+        with pytest.raises(InputError, match=rf"line 2: field 'power.draw': not a finite, "
+                                             rf"non-negative number: '{value}'"):
+            parse([good, f"2026/11/23 07:07:03.505, 0, 0, {value}, 0, 345, 34"], missing_ok=True)
+    gap = parse([good, "2026/11/23 07:07:03.505, 0, 0, [N/A], 0, 345, 34"], missing_ok=True)
+    assert gap["power_w"].isna().tolist() == [False, True]
 
 
 def test_cli_writes_parquet(tmp_path):
