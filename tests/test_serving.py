@@ -152,6 +152,22 @@ def test_vllm_bench_import(tmp_path):
     assert gpu_library().get(r.engine["gpu"]).name == "H100-SXM"
     missing = run(archive_cli, "import", "vllm-bench", tmp_path / "bench.json", tmp_path / "x")
     assert missing.exit_code == 2 and "--engine" in missing.output
+    # a successful request's NaN, inf or negative timing had been imported as a latency
+    for key, i, value, message in (
+            ("ttfts", 1, float("inf"), "line 2: field 'ttft': a successful request needs a "
+                                       "finite TTFT >= 0"),
+            ("ttfts", 0, float("nan"), "line 1: field 'ttft'"),
+            ("ttfts", 1, -0.1, "line 2: field 'ttft'"),
+            ("itls", 0, [0.02, float("inf"), 0.02], "line 1: field 'itl': inter-token gaps "
+                                                    "must be finite and non-negative, got inf"),
+            ("itls", 1, [0.05, -1.0], "line 2: field 'itl'")):
+        bad = json.loads(json.dumps(result_json))
+        bad[key][i] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        refused = run(archive_cli, "import", "vllm-bench", tmp_path / "bad.json",
+                      tmp_path / "bad", "--engine", tmp_path / "engine.json")
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+        assert not (tmp_path / "bad" / "requests.parquet").exists()
 
 
 def test_library_resolves_nvidia_smi_and_hugging_face_names():

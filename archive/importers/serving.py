@@ -276,6 +276,7 @@ def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str],
     when recorded."""
     n_in, n_out = (_tokens(rows, key, src) for key in sizes)
     first, last = np.asarray(first, np.float64), np.asarray(last, np.float64)
+    _check_timings(src, np.asarray(start, np.float64), first, last, itls, errors)
     zero = float(np.nanmin(start))
     arrival, first, last = start - zero, first - zero, last - zero
     columns = {"request_id": [str(i) for i in range(len(start))], "arrival_s": arrival,
@@ -293,6 +294,35 @@ def _client_run(src: Path, dest: Path, rows: list[dict], sizes: tuple[str, str],
         "description": f"{len(start):,} requests ({failed} failed) {meta['description']}; "
                        "client-side timings.",
         "creators": ["see source"], "citation": "see source"})
+
+
+def _check_timings(src: Path, start: np.ndarray, first: np.ndarray, last: np.ndarray,
+                   itls: list, errors: list) -> None:
+    """Refuse a successful request (no error) whose inter-token gaps are not finite and
+    non-negative, whose first token is not a finite time at or after its send, or whose last
+    token is not a finite time at or after its first (a benchmark's NaN or inf would become a
+    latency).
+
+    Raises
+    ------
+    InputError
+        Naming the request (1-based) and the quantity.
+    """
+    ok = np.array([e is None for e in errors], bool)
+    for i, gaps in enumerate(itls):
+        values = np.asarray(gaps if gaps is not None else [], np.float64)
+        good = (values >= 0) & (values < np.inf)
+        if ok[i] and not good.all():
+            raise InputError(f"inter-token gaps must be finite and non-negative, got "
+                             f"{float(values[~good][0])}", path=src, row=i + 1, field="itl")
+    ttft, e2e = first - start, last - start
+    for field, bad in (("ttft", ok & ~((ttft >= 0) & (ttft < np.inf))),
+                       ("e2e", ok & ~((e2e >= ttft) & (e2e < np.inf)))):
+        if bad.any():
+            i = int(bad.argmax())
+            raise InputError(f"a successful request needs a finite TTFT >= 0 and E2E >= TTFT, "
+                             f"got TTFT {float(ttft[i])} s, E2E {float(e2e[i])} s", path=src,
+                             row=i + 1, field=field)
 
 
 def _client_engine(given: dict, model, engine_file) -> dict:
