@@ -167,8 +167,10 @@ class _Checker:
               else pc.is_null(error).to_numpy(zero_copy_only=False))
         ttft, e2e = (pc.fill_null(self._column(b, c), np.nan).to_numpy(zero_copy_only=False)
                      for c in ("ttft_s", "e2e_s"))
-        self.flag(ok & ~(ttft >= 0), offset, "a missing or negative ttft_s (and no error)")
-        self.flag(ok & ~(e2e >= ttft), offset, "an e2e_s below ttft_s (and no error)")
+        self.flag(ok & ~((ttft >= 0) & np.isfinite(ttft)), offset,
+                  "a missing, negative or infinite ttft_s (and no error)")
+        self.flag(ok & ~((e2e >= ttft) & np.isfinite(e2e)), offset,
+                  "an e2e_s below ttft_s or infinite (and no error)")
 
     def _carbon(self, b, offset):
         stamps = self._column(b, "timestamp").cast(pa.int64()).to_numpy(zero_copy_only=False)

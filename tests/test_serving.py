@@ -652,3 +652,13 @@ def test_validate_and_read_check_a_serving_runs_engine_settings(tmp_path):
     with pytest.raises(InputError, match="field 'engine.block_size': missing"):
         read_serving(folder)
     assert validate(dataset_dir(PRO)) == []
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "requests.parquet")
+    ttft = table.column("ttft_s").to_pylist()
+    ttft[3] = float("inf")                         # NaN was flagged; inf passed ">= 0"
+    index = table.schema.get_field_index("ttft_s")
+    pq.write_table(table.set_column(index, table.schema.field(index),
+                                    pa.array(ttft, pa.float64())), folder / "requests.parquet")
+    assert any("infinite ttft_s (and no error) (rows 4)" in p for p in validate(folder))
