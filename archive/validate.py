@@ -152,7 +152,8 @@ class _Checker:
         error = self._column(b, "error")
         failed = (np.zeros(len(b), bool) if error is None
                   else pc.is_valid(error).to_numpy(zero_copy_only=False))
-        self.flag(~(latency > 0) & ~failed, offset, "non-positive latency_s (and no error)")
+        self.flag(~((latency > 0) & np.isfinite(latency)) & ~failed, offset,
+                  "non-positive or infinite latency_s (and no error)")
         for column in ("n_input_tokens", "n_output_tokens"):
             self._tokens(b, offset, column)
 
@@ -179,7 +180,8 @@ class _Checker:
         self.flag(stamps <= previous, offset, "timestamps not increasing")
         self.last_time = stamps[-1] if len(stamps) else self.last_time
         intensity = self._column(b, "carbon_intensity").to_numpy(zero_copy_only=False)
-        self.flag(~(intensity >= 0), offset, "negative or missing carbon_intensity")
+        self.flag(~((intensity >= 0) & np.isfinite(intensity)), offset,
+                  "negative, missing or infinite carbon_intensity")
 
 
 def validate(path: str | Path) -> list[str]:

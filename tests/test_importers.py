@@ -227,3 +227,30 @@ def test_measurements_from_csv_read_and_import(tmp_path):
     (tmp_path / "few.csv").write_text("sweep,latency_s\nprefill,1.0\n")
     result = run(archive_cli, "import", "measurements", tmp_path / "few.csv", tmp_path / "f")
     assert result.exit_code == 2 and "missing required column(s)" in result.output
+
+
+def test_validate_flags_infinite_latencies_and_carbon_intensity(tmp_path):
+    # NaN and negative values were flagged; infinity passed the "> 0" and ">= 0" checks
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, column, row, message in (
+            ("a10-surf-vllm-llama3-8b", "latency_s", 2,
+             "non-positive or infinite latency_s (and no error) (rows 3)"),
+            ("carbon-intensity-entsoe-2022", "carbon_intensity", 7,
+             "negative, missing or infinite carbon_intensity (rows 8)")):
+        src = archive.dataset_dir(name)
+        dest = tmp_path / name
+        shutil.copytree(src, dest)
+        meta = json.loads((src / "dataset.json").read_text())
+        tables = [f for f in meta["files"] if f.endswith(".parquet")]
+        path = dest / (meta["main_table"] if meta["main_table"] in tables else tables[0])
+        table = pq.read_table(path)
+        values = table.column(column).to_pylist()
+        values[row] = float("inf")
+        index = table.schema.get_field_index(column)
+        pq.write_table(table.set_column(index, table.schema.field(index),
+                                        pa.array(values, table.schema.field(index).type)), path)
+        assert any(message in p for p in validate(dest)), validate(dest)
