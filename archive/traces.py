@@ -229,12 +229,17 @@ def _layout(columns, path: Path) -> tuple[str | None, str | None, str | None, st
 
 def _numbers(values: np.ndarray) -> np.ndarray:
     """``values`` as float64, NaN where a cell is missing or not a number (text columns, as
-    pandas reads a CSV column holding any non-numeric cell, go through pandas' parser)."""
+    pandas reads a CSV column holding any non-numeric cell, go through pandas' parser; a
+    boolean, which pandas would read as 0 or 1, is not a number)."""
     if values.dtype.kind in "iuf":
         return values.astype(np.float64)
+    if values.dtype.kind == "b":
+        return np.full(values.shape, np.nan)
     import pandas as pd
 
-    return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(np.float64)
+    cells = pd.Series(values)
+    cells = cells.mask(cells.map(lambda v: isinstance(v, bool | np.bool_)))
+    return pd.to_numeric(cells, errors="coerce").to_numpy(np.float64)
 
 
 MAX_TOKENS = 100_000_000

@@ -121,3 +121,18 @@ def test_every_bundled_dataset_loads_and_has_a_card_and_licence():
         assert meta["licence"] and meta["source"] and meta["citation"]
         assert all((folder / f).exists() for f in meta["files"])
         assert len(archive.load(name)) > 0
+
+
+@pytest.mark.parametrize("content,line,field", [
+    ('{"n_input_tokens": true, "n_output_tokens": 3}\n', 1, "n_input_tokens"),
+    ('{"n_input_tokens": 4, "n_output_tokens": 3}\n{"n_input_tokens": false, '
+     '"n_output_tokens": 3}\n', 2, "n_input_tokens"),
+    ('{"n_input_tokens": 4, "n_output_tokens": 3, "arrival_s": true}\n', 1, "arrival_s"),
+])
+def test_a_boolean_is_not_a_number(tmp_path, content, line, field):
+    # pandas reads true as 1: a JSON boolean had been simulated as a one-token prompt
+    path = tmp_path / "t.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError) as err:
+        read_workload(path)
+    assert (err.value.row, err.value.field) == (line, field)
