@@ -27,6 +27,7 @@ cannot be fitted; with client timestamps it is a parameter like the others.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -143,10 +144,9 @@ class Replay:
                                                                         arrival.size)
             moved, _, _ = one.with_arrivals(np.maximum(arrival + shift, 0.0)).predict()
             draws.append(moved[list(METRICS)].to_numpy(np.float64))
-        stacked = np.stack(draws)
-        seen = np.isfinite(stacked)
-        mean = np.where(seen.any(axis=0), np.where(seen, stacked, 0.0).sum(axis=0)
-                        / np.maximum(seen.sum(axis=0), 1), np.nan)
+        with warnings.catch_warnings():       # a request that failed in every draw: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(np.stack(draws), axis=0)
         return predicted.assign(**{m: mean[:, j] for j, m in enumerate(METRICS)})
 
     def _simulate(self) -> tuple[pd.DataFrame, dict, pa.Table]:

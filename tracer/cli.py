@@ -449,9 +449,11 @@ def _bench_schedule(trace: str | None, o: dict, client, model: str):
             click.echo(f"warning: {zero:,} request{'s' if zero > 1 else ''} of the trace with "
                        "0 output tokens sent with max_tokens 1 (vLLM needs at least 1)",
                        err=True)
-        return workloads.trace_schedule(table, o["num_prompts"], o["rate_scale"] or 1.0)
+        return workloads.trace_schedule(table, o["num_prompts"],
+                                        1.0 if o["rate_scale"] is None else o["rate_scale"])
     rate = 1.0 if o["request_rate"] is None else o["request_rate"]
-    burst, seed = o["burstiness"] or 1.0, o["seed"] or 0
+    burst = 1.0 if o["burstiness"] is None else o["burstiness"]
+    seed = o["seed"] or 0
     out_len = o["output_len"] or 128
     if o["workload"] == "prompts":
         return workloads.prompts_schedule(
