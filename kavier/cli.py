@@ -199,11 +199,13 @@ def engine_options(command):
     return command
 
 
-def _engine_config(options: dict) -> EngineConfig:
+def _engine_config(options: dict, replicas_searched: bool = False) -> EngineConfig:
+    """The engine configuration from the options; ``replicas_searched`` (capacity) keeps
+    ``--router``, which its candidates of several replicas use."""
     config = EngineConfig(**{f.name: options.pop(f.name) for f in fields(EngineConfig)})
     fixed = config.num_gpu_blocks is not None
     _reject_unused([
-        ("router", config.replicas == 1, "with one replica"),
+        ("router", config.replicas == 1 and not replicas_searched, "with one replica"),
         ("gpu_memory_utilization", fixed, "with --num-gpu-blocks"),
         ("activation_reserve_gib", fixed, "with --num-gpu-blocks"),
     ])
@@ -348,10 +350,10 @@ def common_options(command):
     return engine_options(command)
 
 
-def _common(o: dict):
+def _common(o: dict, replicas_searched: bool = False):
     """Pops the shared options from ``o``; returns (timing, workload table, prefix, block,
-    engine config, profile, SLOs)."""
-    config = _engine_config(o)
+    engine config, profile, SLOs). ``replicas_searched``: see :func:`_engine_config`."""
+    config = _engine_config(o, replicas_searched)
     timing, workload, prefix, block, profile = _setup(
         o.pop("trace"), o.pop("llm"), o.pop("gpu"), o.pop("kv_cache"), o.pop("timing_model"),
         o.pop("profile_path"), o.pop("llm_library"), o.pop("gpu_library"),
@@ -360,6 +362,12 @@ def _common(o: dict):
         config.tensor_parallel_size, config.expert_parallel_size,
         config.pipeline_parallel_size)
     _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
+    if (config.router == "prefix-affinity" and workload.session_ids() is None
+            and (prefix is None or prefix.content is None)):
+        raise InputError("--router prefix-affinity has nothing to key on: the trace has no "
+                         "session_id and no prefix cache over its prompts "
+                         "(--prefix-cache-policy), so every request would go "
+                         "least-outstanding", field="router")
     table = _arrivals(workload.table, o.pop("rate_scale"), o.pop("poisson_rate"),
                       o.pop("seed"), config.back_to_back)
     return timing, workload, table, prefix, block, config, profile, (o.pop("slo_ttft"),
@@ -1018,13 +1026,16 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
     prices = prices * len(names) if len(prices) == 1 else prices
     specs = [gpu_library(options["gpu_library"]).get(n) for n in names]
     options["gpu"] = names[0]
-    timing, workload, table, prefix, block, config, profile, slos = _common(options)
+    timing, workload, table, prefix, block, config, profile, slos = _common(
+        options, replicas_searched=True)
     _warn_zero_tokens(served_sizes(table)[2], counted="")
     if profile is not None and any(g.name != profile.gpu for g in specs):
         raise InputError(f"the profile is for {profile.gpu}; compare other GPUs without it",
                          field="profile")
+    # each GPU type its own library defaults (the compute efficiency follows its measured
+    # GEMM share); only a profile, which is for one GPU, fixes them for every candidate
     points = [{"llm": timing.llm, "gpu": gpu, "tensor_parallel_size": tp,
-               "params": timing.params, "kv_cache": timing.kv_cache,
+               "params": None if profile is None else profile.params, "kv_cache": timing.kv_cache,
                "timing_model": timing.name, "config": config, "table": table, "block": block,
                "prefix": prefix, "sessions": workload.session_ids(), "slo_ttft_s": slos[0],
                "slo_tpot_s": slos[1], "percentile": percentile, "max_replicas": max_replicas,
@@ -1052,6 +1063,7 @@ def capacity(gpus, tensor_parallel_sizes, percentile, max_replicas, price_per_gp
         raise InputError("no candidate meets the SLOs (raise --max-replicas or try other GPUs)")
     stages = (f" × {config.pipeline_parallel_size} stages"
               if config.pipeline_parallel_size > 1 else "")
+    gpus = f"{best['gpus']} GPU{'s' if best['gpus'] > 1 else ''}"
     click.echo(f"cheapest: {best['replicas']} × {best['tensor_parallel_size']}{stages} × "
-               f"{best['gpu']} ({best['gpus']} GPUs), {best['cost_per_run']:.2f} {currency} "
+               f"{best['gpu']} ({gpus}), {best['cost_per_run']:.4g} {currency} "
                f"per run, {best['cost_per_mtok']:.4f} {currency} per million tokens")

@@ -50,6 +50,23 @@ def test_capacity_rejects_what_it_searches_and_bad_lists(trace):
         result = run(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
     assert "give --slo-ttft" in run("--trace", trace).output
+    keyless = run(*base, "--router", "prefix-affinity")      # no sessions, no prefix cache
+    assert keyless.exit_code == 2 and "nothing to key on" in keyless.output
+
+
+def test_capacity_honours_the_router_of_its_multi_replica_candidates(trace):
+    # --router had been refused as "no effect with one replica" (the default --replicas),
+    # though every candidate of several replicas routes; round-robin and least-outstanding
+    # (lowest index on ties) load the replicas differently, so their tails differ
+    args = ("--trace", trace, "--gpu", "A10", "--tensor-parallel-sizes", "1", "--slo-ttft",
+            "0.5", "--slo-tpot", "0.05", "--workers", "1")
+    tables = {}
+    for router in ("round-robin", "least-outstanding"):
+        result = run(*args, "--router", router)
+        assert result.exit_code == 0, result.output
+        tables[router] = result.output.splitlines()[1].split()
+    assert int(tables["round-robin"][2]) > 1 and int(tables["least-outstanding"][2]) > 1
+    assert tables["round-robin"][2:5] != tables["least-outstanding"][2:5]
 
 
 def test_capacity_with_expert_parallelism_adds_ranks_until_the_experts_fit(trace):
@@ -89,3 +106,19 @@ def test_capacity_with_pipeline_stages_counts_every_stage_gpu(trace):
     assert any(line.split()[1] == "1" and "cannot run" in line
                for line in flat.output.splitlines()[1:-1])     # 131 GiB on one GPU
     assert not any(line.split()[1] == "1" and "cannot run" in line for line in lines[2:-1])
+
+
+def test_each_gpu_type_runs_with_its_own_library_defaults(trace):
+    # the candidates had all run with the first GPU's default parameters (its compute
+    # efficiency, 0.80 × its measured GEMM share): H100-SXM after A10 at the A10's 0.64
+    # (p99 TTFT 0.4999 s instead of 0.5022 s on the Azure trace); a row must not depend on
+    # which GPU types are listed with it
+    args = ("--trace", trace, "--tensor-parallel-sizes", "1", "--slo-ttft", "1",
+            "--workers", "1")
+    rows = {}
+    for gpus in ("H100-SXM", "A10,H100-SXM"):
+        result = run(*args, "--gpu", gpus)
+        assert result.exit_code == 0, result.output
+        rows[gpus] = next(line for line in result.output.splitlines()
+                          if line.startswith("H100-SXM"))
+    assert rows["H100-SXM"] == rows["A10,H100-SXM"]

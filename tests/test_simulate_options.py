@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -11,43 +10,6 @@ from kavier.cli import main, simulate
 
 IGNORED_KEYS = {"created", "profile", "trace", "engine", "rows_written", "params",
                 "start_time", "export_rate_s", "kv_cache"}
-
-
-@pytest.fixture(scope="module")
-def trace(tmp_path_factory):
-    """Sessions of growing prompts (shared prefixes), arrivals, token ids."""
-    rng = np.random.default_rng(1)
-    rows, t = [], 0.0
-    for turn in range(6):
-        for s in range(8):
-            prompt = list(range(s * 10_000, s * 10_000 + 300 * (turn + 1)))
-            rows.append({"session_id": f"s{s}", "arrival_s": t, "input_tokens": prompt,
-                         "n_input_tokens": len(prompt),
-                         "n_output_tokens": int(rng.integers(20, 200))})
-            t += float(rng.exponential(0.15))
-    path = tmp_path_factory.mktemp("trace") / "sessions.parquet"
-    pd.DataFrame(rows).to_parquet(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, trace):
-    d = tmp_path_factory.mktemp("files")
-    runner = CliRunner()
-    assert runner.invoke(main, ["calibrate", "--output-folder", str(d / "cal")]).exit_code == 0
-    capture = "tests/data/nvidia-smi-h100-loop100ms.csv"
-    result = runner.invoke(main, ["calibrate-power", capture, "--output-folder", str(d / "pw")])
-    assert result.exit_code == 0, result.output
-    (d / "llms.toml").write_text(
-        '[Tiny-1B]\nparams = 1_000_000_000\nn_layers = 16\nn_heads = 32\nn_kv_heads = 8\n'
-        'head_dim = 64\nhidden_dim = 2048\nintermediate_dim = 8192\nvocab_size = 32000\n'
-        'bytes_per_param = 2\ntie_word_embeddings = false\nsource = "test"\n')
-    (d / "gpus.toml").write_text(
-        '[Half-A10]\nvendor = "test"\nmemory_gib = 24\nmemory_bandwidth_gbps = 300\n'
-        'fp16_tflops = 62.5\nidle_power_w = 20\nmax_power_w = 150\n'
-        'boost_clock_mhz = 1695\nsource = "test"\n')
-    return {"profile": d / "cal" / "profile.json", "power": d / "pw" / "power_profile.json",
-            "llms": d / "llms.toml", "gpus": d / "gpus.toml"}
 
 
 def outcome(tmp_path, trace, args):
@@ -135,12 +97,14 @@ def test_every_option_has_a_case():
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, trace):
-    return outcome(tmp_path_factory.mktemp("base"), trace, [])
+def baseline(tmp_path_factory, sessions_trace):
+    return outcome(tmp_path_factory.mktemp("base"), sessions_trace, [])
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c])
-def test_option_changes_the_result_or_is_rejected(name, tmp_path, trace, files, baseline):
+def test_option_changes_the_result_or_is_rejected(name, tmp_path, sessions_trace,
+                                                  option_files, baseline):
+    trace, files = sessions_trace, option_files
     changes, rejected = CASES[name]
     args = [a.format(**files) for a in changes]
     got = outcome(tmp_path, trace, args)
@@ -219,11 +183,11 @@ def test_requests_asking_for_zero_tokens_are_served_with_one_and_counted(tmp_pat
                                     "--request-timeout", "--pue", "--max-power-w",
                                     "--gpu-memory-utilization"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_a_number_option_refuses_nan_and_infinity(trace, tmp_path, option, value):
+def test_a_number_option_refuses_nan_and_infinity(sessions_trace, tmp_path, option, value):
     # NaN passes every range comparison, so a plain range check let it through and the run
     # wrote NaN arrivals or SLOs; infinity made energies infinite
-    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--output-folder",
-                                       str(tmp_path / "o"), option, value])
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(sessions_trace),
+                                       "--output-folder", str(tmp_path / "o"), option, value])
     assert result.exit_code == 2, result.output
     assert (f"'{value}' is not a finite number" in result.output   # or above a bounded range
             or f"{value} is not in the range" in result.output)
