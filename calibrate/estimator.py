@@ -37,6 +37,10 @@ FITTABLE = {
 """What single-request sweeps can fit per timing model (``kv_memory_efficiency`` and the
 batch overheads need requests in flight together: a serving run)."""
 
+_LOG_MAX = 20.0
+"""Largest log-coordinate the fit explores: no timing parameter (seconds, tokens, sharpness
+or an efficiency) is near ``e^20 ≈ 4.9e8``, and the simplex's wild steps past it overflowed
+``exp`` into infinite parameters (a RuntimeWarning, then an infinite loss)."""
 _EFFICIENCIES = ("compute_efficiency", "attention_efficiency", "memory_efficiency")
 FEATURES = ("n_input_tokens", "n_output_tokens")
 """The two features, in order."""
@@ -215,6 +219,8 @@ class TimingRegressor(RegressorMixin, BaseEstimator):
             return start.with_(**dict(zip(names, np.exp(x).tolist(), strict=True)))
 
         def objective(x):
+            if np.any(x > _LOG_MAX):     # e^20: 5e8 s or tokens; beyond, exp overflows
+                return 1e6
             p = params_at(x)
             if any(getattr(p, e) > 1.0 for e in _EFFICIENCIES if e in names) or (
                     "prefill_sharpness" in names and p.prefill_sharpness < 1.0):

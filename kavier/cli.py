@@ -569,7 +569,9 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                         ("timing_model", True, "for a serving run (roofline only)")])
         return _calibrate_serving(dataset, output_folder, **serving)
     _reject_unused([(name, True, "for single-request measurements (serving runs only)")
-                    for name in serving if name != "fit"])
+                    for name in serving if name != "fit"]
+                   + [("attention_efficiency", timing_model != "roofline",
+                       "with --timing-model thesis (eqs. 4.2-4.6 have no attention term)")])
     from archive.datasets import content_sha256
     from calibrate.batching import concurrent_groups, fit_batching
     from calibrate.estimator import TimingRegressor
