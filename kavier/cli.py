@@ -820,17 +820,20 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
     from archive.smi import read_capture
     from calibrate.power import calibrate_power as fit
     from calibrate.power_report import power_section, write_power_report
-    from calibrate.profile import Profile
 
+    profile = _read_profile(profile_path) if profile_path else None
+    recorded = None
     if Path(capture).is_dir():
         if fields is not None:
             raise InputError("--fields describes a CSV capture; a dataset's samples are "
                              "named", field="fields")
-        samples, measurements, gpu = _dataset_samples(Path(capture), gpu)
+        samples, measurements, recorded = _dataset_samples(Path(capture))
     else:
         fields = fields or ",".join(CAPTURE_FIELDS)
         samples = read_capture(capture, tuple(f.strip() for f in fields.split(",")))
         measurements = None
+    gpu = _agreeing_gpu([("--gpu", gpu), (str(capture), recorded),
+                         (str(profile_path), profile.gpu if profile else None)])
     result = fit(samples, folds)
     section = power_section(result, capture, samples, gpu)
     serving = Path(capture).is_dir() and measurements is None
@@ -838,11 +841,11 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         from archive.serving import read_serving
         from calibrate.power_phases import serving_phases
 
-        params = _read_profile(profile_path).params if profile_path else None
+        params = profile.params if profile else None
         section["phases"] = serving_phases(capture, read_serving(capture), samples,
                                            result.best, params)
     elif measurements is not None and "request_id" in samples.columns:
-        section["phases"] = _fit_phases(measurements, samples, result.best, profile_path, gpu)
+        section["phases"] = _fit_phases(measurements, samples, result.best, profile, gpu)
     if "phases" in section:
         section["memory_bound_utilization"] = section["phases"]["memory_bound_utilization"]
         # the simulator evaluates P at the utilization of each step's costs: the fit that
@@ -850,8 +853,7 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
         section["model"] = {**section["model"], "max_w": section["phases"]["max_w"]}
     with run_folder(output_folder) as out:
         write_power_report(out, result, samples, section)
-        if profile_path:
-            profile = Profile.read(profile_path)
+        if profile is not None:
             profile.power = section
             profile.write(profile_path)
         out.json("summary.json", {"power": section,
@@ -888,7 +890,32 @@ def calibrate_power(capture, fields, gpu, profile_path, folds, output_folder):
                                                 if profile_path else ""))
 
 
-def _dataset_samples(folder: Path, gpu: str | None):
+def _agreeing_gpu(sources: list[tuple[str, str | None]]) -> str | None:
+    """The one GPU that ``(source, name)`` pairs name (None where none does), compared by
+    their library names (``NVIDIA A10`` is ``A10``).
+
+    Raises
+    ------
+    InputError
+        When two sources name different GPUs: a power section from one GPU's capture would
+        otherwise be recorded as another's.
+    """
+    named = [(where, name) for where, name in sources if name]
+    for where, name in named[1:]:
+        if _gpu_key(name) != _gpu_key(named[0][1]):
+            raise InputError(f"{where} is for GPU {name}, {named[0][0]} for {named[0][1]}",
+                             field="gpu")
+    return named[0][1] if named else None
+
+
+def _gpu_key(name: str) -> str:
+    try:
+        return gpu_library().get(name).name
+    except InputError:                        # not in the library: compare as written
+        return name.strip().lower()
+
+
+def _dataset_samples(folder: Path):
     """A tracer dataset's GPU samples without gaps (``[N/A]`` values; counted on stderr), its
     measurements (None for a serving run) and GPU name (``setup.json``'s, or a serving run's
     engine section's)."""
@@ -915,23 +942,26 @@ def _dataset_samples(folder: Path, gpu: str | None):
         folder / "dataset.json", "dataset card").get("engine", {})   # a serving run's
     measured = folder / "measurements.parquet"
     measurements = pd.read_parquet(measured) if measured.is_file() else None
-    return samples, measurements, gpu or meta.get("gpu")
+    return samples, measurements, meta.get("gpu")
 
 
-def _fit_phases(measurements, samples, model, profile_path, gpu: str | None):
-    """:func:`calibrate.power_phases.fit_memory_bound_utilization` with the profile's timing,
-    else the library defaults for the dataset's GPU and LLM."""
+def _fit_phases(measurements, samples, model, profile, gpu: str | None):
+    """:func:`calibrate.power_phases.fit_memory_bound_utilization` with the profile's timing
+    (its LLM must be the dataset's), else the library defaults for the dataset's GPU and
+    LLM."""
     from calibrate.power_phases import fit_memory_bound_utilization, request_power
 
-    if profile_path:
-        profile = _read_profile(profile_path)
+    llm = str(measurements["model"].iloc[0])
+    if profile is not None:
+        if llm_library().get(llm).name != llm_library().get(profile.llm).name:
+            raise InputError(f"the dataset's requests are of {llm}, the profile's timing is "
+                             f"for {profile.llm}", field="profile")
         timing = make_timing(profile.timing_model, *_specs(profile.llm, profile.gpu,
                                                             None, None), profile.params)
     else:
         if gpu is None:
             raise InputError("the dataset names no GPU; pass --gpu", field="gpu")
-        timing = make_timing("roofline", *_specs(measurements["model"].iloc[0], gpu, None,
-                                                 None))
+        timing = make_timing("roofline", *_specs(llm, gpu, None, None))
     return fit_memory_bound_utilization(request_power(measurements, samples), timing, model)
 
 

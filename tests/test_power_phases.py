@@ -2,6 +2,7 @@
 were taken during, and memory_bound_utilization fitted to what the GPU was doing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,6 +84,25 @@ def test_memory_bound_utilization_is_recovered_from_requests_and_their_samples(
     assert sim.exit_code == 2 and "field 'power.memory_bound_utilization'" in sim.output
     bad = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--fields", "x"])
     assert bad.exit_code == 2 and "--fields describes a CSV capture" in bad.output
+    # a profile's timing for another GPU or LLM would set these requests' phases against
+    # another model's steps: refused, not fitted
+    shipped = Path("calibrate/profiles")
+    a10 = json.loads((shipped / "a10-llama-3-8b-vllm.json").read_text())
+    for name, profile, message in (
+            ("4090", json.loads((shipped / "rtx-4090-llama-3.1-8b-vllm-0.19.json")
+                                .read_text()), "is for GPU"),
+            ("other-llm", {**a10, "llm": "Mistral-7B"},
+             "requests are of Llama-3-8B, the profile's timing is for Mistral-7B"),
+            ("a10", a10, None)):
+        profile_copy = tmp_path / f"{name}.json"
+        profile_copy.write_text(json.dumps(profile))
+        other = CliRunner().invoke(kavier_cli, ["calibrate-power", str(out), "--profile",
+                                                str(profile_copy), "--output-folder",
+                                                str(tmp_path / "pw-other")])
+        if message is None:
+            assert other.exit_code == 0, other.output
+        else:
+            assert other.exit_code == 2 and message in other.output, other.output
 
 
 def test_a_serving_runs_samples_are_set_against_its_replayed_steps(tmp_path):

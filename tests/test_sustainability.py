@@ -153,3 +153,24 @@ def test_calibrate_power_on_the_real_h100_capture(tmp_path):
     assert energy["power_model"] == model
     assert model["idle_w"] <= energy["mean_power_w"] <= model["max_w"]
     assert (out / "power_fit.png").stat().st_size > 10_000
+
+
+def test_calibrate_power_refuses_a_profile_of_another_gpu(tmp_path):
+    # the H100 capture's power section had been written into an A10 timing profile without
+    # a word when --gpu named the H100 (and recorded no GPU without --gpu)
+    a10 = tmp_path / "a10.json"
+    a10.write_text(Path("calibrate/profiles/a10-llama-3-8b-vllm.json").read_text())
+    before = a10.read_text()
+    refused = cli("calibrate-power", CAPTURE, "--gpu", "H100-SXM", "--profile", a10,
+                  "--output-folder", tmp_path / "p1")
+    assert refused.exit_code == 2, refused.output
+    assert f"{a10} is for GPU A10, --gpu for H100-SXM" in refused.output
+    assert a10.read_text() == before and not (tmp_path / "p1").exists()
+    named = cli("calibrate-power", CAPTURE, "--gpu", "NVIDIA A10", "--profile", a10,
+                "--output-folder", tmp_path / "p2")      # nvidia-smi's name of the same GPU
+    assert named.exit_code == 0, named.output
+    assert json.loads(a10.read_text())["power"]["gpu"] == "NVIDIA A10"
+    unnamed = cli("calibrate-power", CAPTURE, "--profile", a10, "--output-folder",
+                  tmp_path / "p3")
+    assert unnamed.exit_code == 0, unnamed.output
+    assert json.loads(a10.read_text())["power"]["gpu"] == "A10"      # the profile's
