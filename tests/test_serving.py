@@ -124,6 +124,13 @@ def test_llmservingsim_import_bad_input_is_one_line(tmp_path):
     result = run(archive_cli, "import", "azure", folder2 / "meta.json", tmp_path / "f",
                  "--workload", workload2)
     assert result.exit_code == 2 and "--workload" in result.output
+    # --gpu names the GPU of a run that does not record it; against a recorded one it had
+    # been ignored without a word
+    result = run(archive_cli, "import", "llmservingsim", folder2, tmp_path / "g", "--gpu",
+                 "A10")
+    assert result.exit_code == 2, result.output
+    assert "records hardware.device_name 'NVIDIA GeForce RTX 4090'; --gpu 'A10'" in \
+        result.output and not (tmp_path / "g").exists()
 
 
 def test_vllm_bench_import(tmp_path):

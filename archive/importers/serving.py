@@ -190,7 +190,12 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
     if workload is not None:
         columns["hash_ids"] = _workload_hashes(Path(workload), n_in)
     kwargs, kv = meta.get("engine_kwargs") or {}, meta.get("kv_cache") or {}
-    device = (meta.get("hardware") or {}).get("device_name") or gpu
+    recorded = (meta.get("hardware") or {}).get("device_name")
+    if recorded and gpu and gpu.strip().lower() != str(recorded).strip().lower():
+        raise InputError(f"meta.json records hardware.device_name {recorded!r}; --gpu {gpu!r} "
+                         "is for a run that does not record it", path=meta_path,
+                         field="hardware.device_name")
+    device = recorded or gpu
     if device is None:
         raise InputError("meta.json records no hardware.device_name; pass --gpu", path=meta_path,
                          field="hardware.device_name")
