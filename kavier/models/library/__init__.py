@@ -265,7 +265,8 @@ class LLMSpec:
 GEMM_SHARE_UNMEASURED = 0.80
 """The share of its dense BF16 peak a GPU without a ``gemm_tflops`` entry is assumed to reach in
 a large GEMM: the median over the library's measured entries (A100-80GB 0.85, H100-SXM 0.80,
-H200 0.80, L40S 0.74, A6000 0.80, RTX 4090 1.00, RTX PRO 6000 0.78)."""
+H200 0.80, B200 0.75, L40S 0.74, A6000 0.80, RTX 3090 1.08, RTX 4090 1.00, RTX PRO 6000
+0.78)."""
 
 
 @dataclass(frozen=True)
