@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,9 +199,11 @@ def async_scheduling(engine: dict) -> bool:
     return version >= ASYNC_SCHEDULING_SINCE
 
 
-def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
-    """Set ``run`` up for the simulation core with the library's LLM and GPU entries and
-    ``params`` (default :func:`~kavier.models.timing.default_params`).
+def replay_for(run: ServingRun, params: TimingParams | None = None,
+               llm_lib: str | Path | None = None, gpu_lib: str | Path | None = None) -> Replay:
+    """Set ``run`` up for the simulation core with the library's LLM and GPU entries (plus
+    those of the TOML/JSON files ``llm_lib`` and ``gpu_lib``, for a model or GPU the bundled
+    library lacks) and ``params`` (default :func:`~kavier.models.timing.default_params`).
 
     The run's tensor- and pipeline-parallel sizes become the replica's, its scheduling mode
     :func:`async_scheduling`'s, its data-parallel size the number
@@ -214,8 +217,8 @@ def replay_for(run: ServingRun, params: TimingParams | None = None) -> Replay:
         hashed with another block size than the engine's.
     """
     engine = run.engine
-    llm = llm_library().get(engine["llm"])
-    gpu = gpu_library().get(engine["gpu"])
+    llm = llm_library(llm_lib).get(engine["llm"])
+    gpu = gpu_library(gpu_lib).get(engine["gpu"])
     block = engine["block_size"]
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,
                           tensor_parallel_size=engine["tensor_parallel_size"],
@@ -556,11 +559,13 @@ def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
                       split: float = 0.5, max_efficiency: float = 0.95,
                       max_evaluations: int = 400, predict: tuple[str, ...] = (),
                       start: TimingParams | None = None,
-                      phase_draws: int = 1) -> ServingCalibration:
+                      phase_draws: int = 1, llm_lib: str | Path | None = None,
+                      gpu_lib: str | Path | None = None) -> ServingCalibration:
     """Fit on ``dataset`` (:func:`fit_serving`) from ``start`` (default
     :func:`kavier.models.timing.default_params`), then replay it and every run in
     ``predict`` with the fitted parameters; every replay's latencies are the mean over
     ``phase_draws`` arrival phases (:meth:`Replay.expected`; 1: the replay's own).
+    ``llm_lib``, ``gpu_lib``: extra library entries (:func:`replay_for`).
 
     Raises
     ------
@@ -574,13 +579,14 @@ def calibrate_serving(dataset: str, fit: tuple[str, ...] = SERVING_FIT_PARAMS,
         raise InputError(f"must be at least 1, got {phase_draws}", field="--phase-draws")
     run = read_serving(dataset)
     others = [(name, read_serving(name)) for name in predict]
-    replay = replace(replay_for(run, start), phase_draws=phase_draws)
+    replay = replace(replay_for(run, start, llm_lib, gpu_lib), phase_draws=phase_draws)
     result = fit_serving(replay, fit, split, max_efficiency, max_evaluations)
     calibrated = replay.with_params(result.params)
     predicted, summary, steps = calibrated.predict()
     scored = {}
     for name, other in others:
-        pred, _, _ = replace(replay_for(other, result.params), phase_draws=phase_draws).predict()
+        pred, _, _ = replace(replay_for(other, result.params, llm_lib, gpu_lib),
+                             phase_draws=phase_draws).predict()
         scored[name] = score(measured(other), pred, np.ones(len(pred), bool))
     mask = fit_mask(run, split)
     floor = phase_floor(calibrated, predicted, steps, ~mask)   # the held-out rows' mask

@@ -530,8 +530,11 @@ def _single(df: pd.DataFrame, column: str, given: str | None, source: str) -> st
               help="Roofline: fixed attention efficiency (see docs/calibration.md).")
 @click.option("--output-folder", default="runs/calibration", show_default=True,
               type=click.Path(file_okay=False))
-@click.option("--llm-library", type=click.Path(dir_okay=False), default=None)
-@click.option("--gpu-library", type=click.Path(dir_okay=False), default=None)
+@click.option("--llm-library", type=click.Path(dir_okay=False), default=None,
+              help="Extra LLM entries (TOML/JSON), for a model the bundled library lacks "
+                   "(sweeps and serving runs).")
+@click.option("--gpu-library", type=click.Path(dir_okay=False), default=None,
+              help="Extra GPU entries (TOML/JSON), for a GPU the bundled library lacks.")
 @click.option("--fit", default=None,
               help="Timing parameters to fit, comma-separated [serving runs: "
                    "compute_efficiency,memory_efficiency,kv_memory_efficiency,"
@@ -564,10 +567,10 @@ def calibrate(dataset, setup_id, llm, gpu, timing_model, attention_efficiency, o
                "phase_draws": phase_draws}
     if kind_of(dataset) == "serving":
         _reject_unused([(name, True, "for a serving run (its engine section names them)")
-                        for name in ("setup_id", "llm", "gpu", "llm_library", "gpu_library")])
+                        for name in ("setup_id", "llm", "gpu")])
         _reject_unused([("attention_efficiency", True, "for a serving run (use --fit)"),
                         ("timing_model", True, "for a serving run (roofline only)")])
-        return _calibrate_serving(dataset, output_folder, **serving)
+        return _calibrate_serving(dataset, output_folder, llm_library, gpu_library, **serving)
     _reject_unused([(name, True, "for single-request measurements (serving runs only)")
                     for name in serving if name != "fit"]
                    + [("attention_efficiency", timing_model != "roofline",
@@ -656,9 +659,10 @@ def _sweep_fit(fit: str | None, timing_model: str) -> tuple[str, ...] | None:
     return names
 
 
-def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_evaluations,
-                       predict, phase_draws):
-    """``kavier calibrate --dataset <serving run>``: fit, report, profile."""
+def _calibrate_serving(dataset, output_folder, llm_lib, gpu_lib, fit, split, max_efficiency,
+                       max_evaluations, predict, phase_draws):
+    """``kavier calibrate --dataset <serving run>``: fit, report, profile; ``llm_lib`` and
+    ``gpu_lib`` add library entries for the models and GPUs the runs' engine sections name."""
     from archive.datasets import content_sha256
     from calibrate.profile import Profile
     from calibrate.serving import METRICS, SERVING_FIT_PARAMS, calibrate_serving
@@ -676,7 +680,7 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
     result = calibrate_serving(dataset, names, split,
                                0.95 if max_efficiency is None else max_efficiency,
                                max_evaluations or 400, tuple(predict or ()),
-                               phase_draws=draws)
+                               phase_draws=draws, llm_lib=llm_lib, gpu_lib=gpu_lib)
     run, f = result.run, result.fit
     engine = run.engine
     table = predictions_table(result.measured, result.predicted, run.requests, result.mask)
@@ -684,7 +688,8 @@ def _calibrate_serving(dataset, output_folder, fit, split, max_efficiency, max_e
              else np.arange(1.0, float(result.predicted["end_s"].max()) + 1.0))
     simulated = simulated_timeseries(result.predicted, result.steps,
                                      result.summary["kv_pool_blocks"], ticks)
-    llm, gpu = llm_library().get(engine["llm"]).name, gpu_library().get(engine["gpu"]).name
+    llm = llm_library(llm_lib).get(engine["llm"]).name
+    gpu = gpu_library(gpu_lib).get(engine["gpu"]).name
     profile = Profile(
         gpu=gpu, llm=llm, engine=f"{engine['name']} {engine['version']}",
         timing_model="roofline", params=f.params,

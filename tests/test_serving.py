@@ -669,3 +669,33 @@ def test_validate_and_read_check_a_serving_runs_engine_settings(tmp_path):
     pq.write_table(table.set_column(index, table.schema.field(index),
                                     pa.array(ttft, pa.float64())), folder / "requests.parquet")
     assert any("infinite ttft_s (and no error) (rows 4)" in p for p in validate(folder))
+
+
+def test_a_serving_run_of_a_model_and_gpu_outside_the_library_calibrates_with_extra_entries(
+        tmp_path, option_files):
+    # calibrate had refused --llm-library and --gpu-library for serving runs, so a run of a
+    # model or GPU the bundled library lacks could not be calibrated at all
+    from archive.importers.serving import import_tracer_bench
+
+    rng = np.random.default_rng(4)
+    log = tmp_path / "requests.jsonl"
+    log.write_text("".join(json.dumps({
+        "request_id": str(i), "start_s": 0.3 * i, "n_input_tokens": int(rng.integers(64, 900)),
+        "n_output_tokens": 20, "ttft_s": 0.05, "itl_s": [0.012] * 19, "error": None}) + "\n"
+        for i in range(40)))
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({"gpu": "Half-A10", "llm": "Tiny-1B", "max_num_seqs": 8,
+                                  "max_num_batched_tokens": 2048, "version": "0.11.0"}))
+    run = tmp_path / "run"
+    import_tracer_bench(log, run, engine)
+    args = ["calibrate", "--dataset", str(run), "--fit", "compute_efficiency,memory_efficiency",
+            "--max-evaluations", "30", "--output-folder", str(tmp_path / "cal")]
+    unknown = CliRunner().invoke(kavier_cli, args)
+    assert unknown.exit_code == 2 and "unknown llm 'Tiny-1B'" in unknown.output
+    result = CliRunner().invoke(kavier_cli, [*args, "--llm-library", str(option_files["llms"]),
+                                             "--gpu-library", str(option_files["gpus"])])
+    assert result.exit_code == 0, result.output
+    profile = Profile.read(tmp_path / "cal" / "profile.json")
+    assert (profile.llm, profile.gpu) == ("Tiny-1B", "Half-A10")
+    assert profile.mape_pct["heldout"]["ttft_s"]["mape_pct"] < \
+        profile.mape_pct["defaults_heldout"]["ttft_s"]["mape_pct"]
