@@ -66,3 +66,28 @@ def test_user_library_file_adds_and_validates(tmp_path):
         with pytest.raises(InputError, match=f"memory_bandwidth_gbps.*positive finite number, "
                                              f"got {literal}"):
             gpu_library(bad)
+
+
+def test_a_library_entry_can_name_a_hugging_face_config(tmp_path, llama8b):
+    # a model outside the bundled library, added by its config.json and the names a serving
+    # run or a trace calls it by
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    library = tmp_path / "llms.toml"
+    library.write_text('[My-8B]\nhf_config = "models/config.json"\n'
+                       'aliases = ["acme/my-8b-instruct"]\n')
+    spec = llm_library(library).get("acme/My-8B-Instruct")
+    assert spec.name == "My-8B" and spec.aliases == ("acme/my-8b-instruct",)
+    assert spec.params == llm_from_hf_config(LLAMA3_8B_CONFIG).params
+    assert abs(spec.params - llama8b.params) / llama8b.params < 1e-4
+    assert "config.json" in spec.source
+    library.write_text('[My-8B]\nhf_config = "models/config.json"\nn_layers = 2\n')
+    with pytest.raises(InputError, match="shapes come from the config; remove"):
+        llm_library(library)
+    unmodelled = {**LLAMA3_8B_CONFIG, "sliding_window": 4096, "use_sliding_window": True}
+    (tmp_path / "models" / "config.json").write_text(json.dumps(unmodelled))
+    library.write_text('[My-8B]\nhf_config = "models/config.json"\n')
+    with pytest.raises(InputError, match="sliding"):
+        llm_library(library)
+    with pytest.raises(InputError, match="hf_config = its Hugging Face config.json"):
+        llm_library().get("acme/unknown")

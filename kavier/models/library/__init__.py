@@ -11,7 +11,7 @@ import difflib
 import json
 import math
 import tomllib
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -372,6 +372,24 @@ def _build(cls: type, name: str, entry: dict, path: str) -> LLMSpec | GPUSpec:
     return cls(name=name, aliases=tuple(aliases), **entry)
 
 
+def _from_hf_entry(name: str, entry: dict, path: Path) -> LLMSpec:
+    """A library entry ``{hf_config, aliases?, source?}``: the config's shapes under ``name``."""
+    extra = sorted(set(entry) - {"hf_config", "aliases", "source"})
+    if extra:
+        raise InputError(f"entry '{name}': with hf_config the shapes come from the config; "
+                         f"remove {extra}", path=path, field="hf_config")
+    config = entry["hf_config"]
+    if not isinstance(config, str):
+        raise InputError(f"entry '{name}': hf_config must be a path", path=path,
+                         field="hf_config")
+    aliases = entry.get("aliases", [])
+    if not (isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)):
+        raise InputError(f"entry '{name}': aliases must be a list of names", path=path,
+                         field="aliases")
+    spec = llm_from_hf_config(path.parent / config, name)
+    return replace(spec, aliases=tuple(aliases), source=str(entry.get("source", spec.source)))
+
+
 def _read_table_file(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -398,11 +416,19 @@ class Library:
         self._entries: dict[str, LLMSpec | GPUSpec] = {}
 
     def load(self, path: str | Path) -> Library:
-        """Add (or override) entries from a TOML or JSON file of ``{name: {field: value}}``."""
+        """Add (or override) entries from a TOML or JSON file of ``{name: {field: value}}``.
+
+        An LLM entry may instead name a Hugging Face ``config.json`` (``hf_config``, relative
+        to the file), with only ``aliases`` and ``source`` beside it: its shapes come from
+        :func:`llm_from_hf_config`, which refuses what the timing model does not model.
+        """
         for name, entry in _read_table_file(path).items():
             if not isinstance(entry, dict):
                 raise InputError(f"entry '{name}' must be a table of fields", path=path)
-            self.add(_build(self.cls, name, entry, str(path)))
+            if self.cls is LLMSpec and "hf_config" in entry:
+                self.add(_from_hf_entry(name, entry, Path(path)))
+            else:
+                self.add(_build(self.cls, name, entry, str(path)))
         return self
 
     def add(self, spec: LLMSpec | GPUSpec) -> None:
@@ -430,7 +456,9 @@ class Library:
                  for n in (spec.name, *spec.aliases)}
         close = [names[n] for n in difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)]
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise InputError(f"unknown {self.kind} '{name}'; {hint}known: "
+        add = ("add it with --llm-library FILE (a TOML entry, or hf_config = its Hugging Face "
+               "config.json)" if self.cls is LLMSpec else "add it with --gpu-library FILE")
+        raise InputError(f"unknown {self.kind} '{name}'; {hint}{add}; known: "
                          f"{', '.join(self.names())}", field=f"--{self.kind}")
 
 
