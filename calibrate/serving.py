@@ -199,6 +199,26 @@ def async_scheduling(engine: dict) -> bool:
     return version >= ASYNC_SCHEDULING_SINCE
 
 
+UNMODELLED_ENGINE = {
+    "kv_cache_dtype": ((None, "auto"), "a KV cache in another dtype than the weights'"),
+    "quantization": ((None,), "quantized weights"),
+    "dtype": ((None, "auto", "bfloat16", "float16", "half", "torch.bfloat16", "torch.float16"),
+              "weights in another dtype than 16-bit"),
+}
+"""Engine settings a replay cannot follow (vLLM's argument names → the values it can, and what
+another value means): the library's models hold 2-byte weights and a KV cache of the same
+dtype, so a run with an FP8 KV cache or quantized weights would be replayed as another
+engine."""
+
+
+def _refuse_unmodelled_engine(run: ServingRun) -> None:
+    for key, (fine, what) in UNMODELLED_ENGINE.items():
+        value = run.engine.get(key)
+        if (value.lower() if isinstance(value, str) else value) not in fine:
+            raise InputError(f"{key} {value!r}: {what} is not modelled, so the replay would "
+                             "simulate another engine", path=run.path, field=f"engine.{key}")
+
+
 def replay_for(run: ServingRun, params: TimingParams | None = None,
                llm_lib: str | Path | None = None, gpu_lib: str | Path | None = None) -> Replay:
     """Set ``run`` up for the simulation core with the library's LLM and GPU entries (plus
@@ -213,10 +233,13 @@ def replay_for(run: ServingRun, params: TimingParams | None = None,
     Raises
     ------
     InputError
-        For a model or GPU the library does not know, a parallel layout it rejects, or prompts
-        hashed with another block size than the engine's.
+        For a model or GPU the library does not know, a parallel layout it rejects, prompts
+        hashed with another block size than the engine's, or an engine setting the
+        simulator does not model (:data:`UNMODELLED_ENGINE`: an FP8 KV cache, quantized
+        weights).
     """
     engine = run.engine
+    _refuse_unmodelled_engine(run)
     llm = llm_library(llm_lib).get(engine["llm"])
     gpu = gpu_library(gpu_lib).get(engine["gpu"])
     block = engine["block_size"]

@@ -699,3 +699,25 @@ def test_a_serving_run_of_a_model_and_gpu_outside_the_library_calibrates_with_ex
     assert (profile.llm, profile.gpu) == ("Tiny-1B", "Half-A10")
     assert profile.mape_pct["heldout"]["ttft_s"]["mape_pct"] < \
         profile.mape_pct["defaults_heldout"]["ttft_s"]["mape_pct"]
+
+
+@pytest.mark.parametrize("setting, value", [("kv_cache_dtype", "fp8"), ("quantization", "fp8"),
+                                            ("dtype", "float32")])
+def test_a_run_with_an_engine_setting_the_simulator_does_not_model_is_refused(
+        tmp_path, setting, value):
+    # the import had dropped kv_cache_dtype and quantization, so a run with an FP8 KV cache
+    # or FP8 weights was replayed as a 16-bit engine: silently another engine
+    folder, _, _ = _llmservingsim_folder(tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["engine_kwargs"].update({setting: value, "pipeline_parallel_size": 1,
+                                  "async_scheduling": False})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    dest = tmp_path / "dataset"
+    assert run(archive_cli, "import", "llmservingsim", folder, dest).exit_code == 0
+    engine = read_serving(dest).engine
+    assert engine[setting] == value and engine["pipeline_parallel_size"] == 1
+    assert engine["async_scheduling"] is False            # recorded, not the version's default
+    result = run(kavier_cli, "calibrate", "--dataset", dest, "--output-folder", tmp_path / "c")
+    assert result.exit_code == 2, result.output
+    assert f"field 'engine.{setting}': {setting} '{value}'" in result.output
+    assert "is not modelled" in result.output and not (tmp_path / "c").exists()

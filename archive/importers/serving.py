@@ -190,6 +190,11 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
     if workload is not None:
         columns["hash_ids"] = _workload_hashes(Path(workload), n_in)
     kwargs, kv = meta.get("engine_kwargs") or {}, meta.get("kv_cache") or {}
+
+    def resolved(section: str, key: str):
+        """``resolved_config.section.key`` of vLLM's resolved configuration, or None."""
+        return ((meta.get("resolved_config") or {}).get(section) or {}).get(key)
+
     recorded = (meta.get("hardware") or {}).get("device_name")
     if recorded and gpu and gpu.strip().lower() != str(recorded).strip().lower():
         raise InputError(f"meta.json records hardware.device_name {recorded!r}; --gpu {gpu!r} "
@@ -205,15 +210,20 @@ def import_llmservingsim(src: str | Path, dest: str | Path, name: str | None = N
         "gpu_count": (kwargs.get("tensor_parallel_size") or 1)
         * (kwargs.get("data_parallel_size") or 1),
         "dtype": kwargs.get("dtype"), "tensor_parallel_size": kwargs.get("tensor_parallel_size"),
+        "pipeline_parallel_size": kwargs.get("pipeline_parallel_size")
+        or resolved("parallel_config", "pipeline_parallel_size"),
         "data_parallel_size": kwargs.get("data_parallel_size"),
+        "kv_cache_dtype": kwargs.get("kv_cache_dtype") or resolved("cache_config", "cache_dtype"),
+        "quantization": kwargs.get("quantization") or resolved("model_config", "quantization"),
+        "async_scheduling": kwargs.get("async_scheduling",
+                                       resolved("scheduler_config", "async_scheduling")),
         "enable_expert_parallel": kwargs.get("enable_expert_parallel"),
         "max_num_seqs": kwargs.get("max_num_seqs"),
         "max_num_batched_tokens": kwargs.get("max_num_batched_tokens"),
         "block_size": kv.get("block_size"), "num_gpu_blocks": kv.get("num_gpu_blocks"),
         "gpu_memory_utilization": kv.get("gpu_memory_utilization"),
         "enable_prefix_caching": kv.get("enable_prefix_caching"),
-        "enable_chunked_prefill": ((meta.get("resolved_config") or {}).get("scheduler_config")
-                                   or {}).get("enable_chunked_prefill"),
+        "enable_chunked_prefill": resolved("scheduler_config", "enable_chunked_prefill"),
         "timestamps": "engine"}, meta_path)
     series_path = src / "timeseries.csv"
     timeseries = _timeseries(series_path) if series_path.is_file() else None
