@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from option_cases import check_case
 
 import archive
 from kavier.cli import calibrate, main
@@ -71,13 +72,5 @@ def baseline(tmp_path_factory, sweeps):
 def test_calibrate_option_changes_the_profile_or_is_rejected(name, tmp_path, sweeps,
                                                              option_files, baseline):
     changes, rejected = CASES[name]
-    if changes is not None:
-        got = outcome(tmp_path, sweeps, [a.format(**option_files) for a in changes])
-        assert isinstance(got, dict), got.output
-        assert got != baseline, f"{changes} changed nothing"
-    if rejected is not None:
-        bad = outcome(tmp_path, sweeps, [a.format(**option_files) for a in rejected])
-        assert not isinstance(bad, dict), f"{rejected} was accepted"
-        assert bad.exit_code == 2 and "Traceback" not in bad.output
-        last = bad.output.strip().splitlines()[-1]
-        assert last.lower().startswith("error:"), bad.output
+    check_case(lambda args: outcome(tmp_path, sweeps, args), option_files, changes, rejected,
+               baseline)
