@@ -48,10 +48,16 @@ class EngineConfig:
         busy engine joins the step after the next one, not the next (:mod:`kavier.sim.engine`).
         Off: vLLM's synchronous scheduler (before 0.14, and the thesis's vLLM 0.9.0).
     max_num_seqs : int
-        Requests running at once per replica (vLLM's default 256; 1 is the thesis's
-        one-request-at-a-time mode).
+        Requests running at once per replica (1 is the thesis's one-request-at-a-time mode).
+        Default 256, one for every GPU; ``vllm serve`` takes 256 on GPUs under 70 GiB and on
+        the A100, 1,024 on the others (``EngineArgs.get_batch_defaults`` in
+        ``vllm/engine/arg_utils.py``, vLLM 0.19; the A100 is excepted by name, vLLM PR 17885).
     max_num_batched_tokens : int
-        Token budget of one engine step (vLLM V1's default 8,192).
+        Token budget of one engine step. Default 8,192, one for every GPU; ``vllm serve``
+        takes 2,048 on GPUs under 70 GiB and on the A100, 8,192 on the others. The shipped
+        profiles and figures were made with the simulator's pair, and the A10 sweep profile's
+        closed-form prefill already holds what chunking at 2,048 cost the real engine; pass
+        both options to match a deployment (docs/simulator.md, "The engine").
     chunked_prefill : bool or None
         Split prompts across steps when the budget runs out (vLLM V1: on); None: on with the
         KV cache, off without (:func:`resolve`).
