@@ -40,7 +40,12 @@ from sklearn.metrics import mean_absolute_percentage_error
 from archive.errors import InputError
 from archive.serving import ServingRun
 from archive.traces import PromptContent
-from kavier.models.library import gpu_library, llm_library
+from kavier.models.library import (
+    KV_CACHE_DTYPES,
+    gpu_library,
+    llm_library,
+    with_kv_cache_dtype,
+)
 from kavier.models.power import PowerModel
 from kavier.models.timing import (
     ROOFLINE_DEFAULTS,
@@ -200,15 +205,15 @@ def async_scheduling(engine: dict) -> bool:
 
 
 UNMODELLED_ENGINE = {
-    "kv_cache_dtype": ((None, "auto"), "a KV cache in another dtype than the weights'"),
     "quantization": ((None,), "quantized weights"),
+    "kv_cache_dtype": ((None, *KV_CACHE_DTYPES), "this KV-cache format"),
     "dtype": ((None, "auto", "bfloat16", "float16", "half", "torch.bfloat16", "torch.float16"),
               "weights in another dtype than 16-bit"),
 }
 """Engine settings a replay cannot follow (vLLM's argument names → the values it can, and what
-another value means): the library's models hold 2-byte weights and a KV cache of the same
-dtype, so a run with an FP8 KV cache or quantized weights would be replayed as another
-engine."""
+another value means): the library's models hold 2-byte weights, so a run with quantized
+weights would be replayed as another engine. ``kv_cache_dtype`` is followed where
+:data:`~kavier.models.library.KV_CACHE_DTYPES` models it and refused otherwise."""
 
 
 def _refuse_unmodelled_engine(run: ServingRun) -> None:
@@ -235,12 +240,13 @@ def replay_for(run: ServingRun, params: TimingParams | None = None,
     InputError
         For a model or GPU the library does not know, a parallel layout it rejects, prompts
         hashed with another block size than the engine's, or an engine setting the
-        simulator does not model (:data:`UNMODELLED_ENGINE`: an FP8 KV cache, quantized
-        weights).
+        simulator does not model (:data:`UNMODELLED_ENGINE`: quantized weights; a KV-cache
+        dtype outside :data:`~kavier.models.library.KV_CACHE_DTYPES`).
     """
     engine = run.engine
     _refuse_unmodelled_engine(run)
-    llm = llm_library(llm_lib).get(engine["llm"])
+    llm = with_kv_cache_dtype(llm_library(llm_lib).get(engine["llm"]),
+                              engine.get("kv_cache_dtype"))
     gpu = gpu_library(gpu_lib).get(engine["gpu"])
     block = engine["block_size"]
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,

@@ -35,7 +35,7 @@ from kavier.export.run import (
     check_fragment_rows,
     replica_memory_bytes,
 )
-from kavier.models.library import gpu_library, llm_library
+from kavier.models.library import KV_CACHE_DTYPES, gpu_library, llm_library, with_kv_cache_dtype
 from kavier.models.power import POWER_MODELS, PowerModel
 from kavier.models.timing import TIMING_MODELS, make_timing
 from kavier.sim.config import VLLM_BLOCK_SIZE, EngineConfig, flag
@@ -262,7 +262,7 @@ def _read_profile(path):
 def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, gpu_library,
            prefix_cache_policy, prefix_cache_min_tokens, max_cached_prompts, cache_scope,
            block_size, tensor_parallel_size=1, expert_parallel_size=1,
-           pipeline_parallel_size=1):
+           pipeline_parallel_size=1, kv_cache_dtype="auto"):
     """Timing, workload, prefix cache and block size from the common options."""
 
     params, profile = None, None
@@ -275,6 +275,8 @@ def _setup(trace, llm, gpu, kv_cache, timing_model, profile_path, llm_library, g
         timing_model = timing_model or profile.timing_model
         params = profile.params
     llm_spec, gpu_spec = _specs(llm or "Llama-3-8B", gpu or "A10", llm_library, gpu_library)
+    _reject_unused([("kv_cache_dtype", kv_cache == "off", "with --kv-cache off")])
+    llm_spec = with_kv_cache_dtype(llm_spec, kv_cache_dtype)
     timing = make_timing(timing_model or "roofline", llm_spec, gpu_spec, params,
                          kv_cache == "on", tensor_parallel_size, expert_parallel_size,
                          pipeline_parallel_size)
@@ -316,6 +318,10 @@ def common_options(command):
         click.option("--kv-cache", type=click.Choice(["on", "off"]), default="on",
                      show_default=True, help="off: every decode step recomputes the context "
                      "(thesis eq. 4.4)."),
+        click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)),
+                     default="auto", show_default=True, help="vLLM's --kv-cache-dtype: auto "
+                     "keeps the model's dtype; fp8 holds one byte per element, twice the "
+                     "tokens in the pool and half the KV traffic."),
         click.option("--prefix-cache-policy", type=click.Choice(POLICIES), default="none",
                      show_default=True, help="prefill/full: exact match on the first "
                      "--prefix-cache-min-tokens (thesis Listing 4.2); blocks: vLLM's automatic "
@@ -360,7 +366,7 @@ def _common(o: dict, replicas_searched: bool = False):
         o.pop("prefix_cache_policy"), o.pop("prefix_cache_min_tokens"),
         o.pop("max_cached_prompts"), o.pop("cache_scope"), o.pop("block_size"),
         config.tensor_parallel_size, config.expert_parallel_size,
-        config.pipeline_parallel_size)
+        config.pipeline_parallel_size, o.pop("kv_cache_dtype"))
     _reject_unused([("seed", o["poisson_rate"] is None, "without --poisson-rate")])
     if (config.router == "prefix-affinity" and workload.session_ids() is None
             and (prefix is None or prefix.content is None)):
@@ -463,6 +469,7 @@ def simulate(output_folder, export_rate, fragments, opendc, write_steps, force, 
         summary = {
             "trace": str(trace), "llm": timing.llm.name, "gpu": timing.gpu.name,
             "timing_model": timing.name, "kv_cache": timing.kv_cache,
+            "kv_cache_bytes_per_element": timing.llm.kv_element_bytes,
             "params": timing.params.to_dict(), "profile": options.get("profile_path"),
             "engine": asdict(config), "export_rate_s": export_rate,
             "kv_bytes_per_token": timing.llm.kv_bytes_per_token if timing.kv_cache else 0.0,

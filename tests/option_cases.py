@@ -8,6 +8,8 @@ from click.testing import Result
 SHARED_CASES = {
     "llm": (["--llm", "Mistral-7B"], ["--llm", "Llama-2-13B"]),
     "kv_cache": (["--kv-cache", "off"], ["--kv-cache", "off", "--chunked-prefill"]),
+    "kv_cache_dtype": (["--kv-cache-dtype", "fp8"], ["--kv-cache-dtype", "fp8", "--kv-cache",
+                                                     "off"]),
     "prefix_cache_policy": (["--prefix-cache-policy", "blocks"], None),
     "prefix_cache_min_tokens": (["--prefix-cache-policy", "prefill",
                                  "--prefix-cache-min-tokens", "600"],

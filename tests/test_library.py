@@ -91,3 +91,17 @@ def test_a_library_entry_can_name_a_hugging_face_config(tmp_path, llama8b):
         llm_library(library)
     with pytest.raises(InputError, match="hf_config = its Hugging Face config.json"):
         llm_library().get("acme/unknown")
+
+
+def test_an_fp8_kv_cache_halves_the_bytes_per_token_and_doubles_the_pool(llama8b, a10):
+    from kavier.models.library import with_kv_cache_dtype
+    from kavier.sim.config import kv_pool_blocks
+
+    fp8 = with_kv_cache_dtype(llama8b, "fp8")
+    assert fp8.kv_bytes_per_token == llama8b.kv_bytes_per_token / 2 == 65_536
+    assert fp8.weight_bytes == llama8b.weight_bytes and with_kv_cache_dtype(
+        llama8b, "auto") is llama8b
+    pool = kv_pool_blocks(llama8b, a10, 16)
+    assert kv_pool_blocks(fp8, a10, 16) in (2 * pool, 2 * pool + 1)
+    with pytest.raises(InputError, match="'int8_per_token_head' is not modelled"):
+        with_kv_cache_dtype(llama8b, "int8_per_token_head")

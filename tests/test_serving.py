@@ -701,8 +701,8 @@ def test_a_serving_run_of_a_model_and_gpu_outside_the_library_calibrates_with_ex
         profile.mape_pct["defaults_heldout"]["ttft_s"]["mape_pct"]
 
 
-@pytest.mark.parametrize("setting, value", [("kv_cache_dtype", "fp8"), ("quantization", "fp8"),
-                                            ("dtype", "float32")])
+@pytest.mark.parametrize("setting, value", [("kv_cache_dtype", "nvfp4"),
+                                            ("quantization", "fp8"), ("dtype", "float32")])
 def test_a_run_with_an_engine_setting_the_simulator_does_not_model_is_refused(
         tmp_path, setting, value):
     # the import had dropped kv_cache_dtype and quantization, so a run with an FP8 KV cache
@@ -721,3 +721,21 @@ def test_a_run_with_an_engine_setting_the_simulator_does_not_model_is_refused(
     assert result.exit_code == 2, result.output
     assert f"field 'engine.{setting}': {setting} '{value}'" in result.output
     assert "is not modelled" in result.output and not (tmp_path / "c").exists()
+
+
+def test_a_run_with_an_fp8_kv_cache_is_replayed_with_one_byte_per_element(tmp_path):
+    # vLLM's --kv-cache-dtype fp8 halves the KV bytes attention reads; the replay follows it
+    folder, _, _ = _llmservingsim_folder(tmp_path, n=12)
+    runs = {}
+    for dtype in ("auto", "fp8"):
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["engine_kwargs"]["kv_cache_dtype"] = dtype
+        (folder / "meta.json").write_text(json.dumps(meta))
+        dest = tmp_path / dtype
+        assert run(archive_cli, "import", "llmservingsim", folder, dest).exit_code == 0
+        runs[dtype] = replay_for(read_serving(dest))
+    auto, fp8 = runs["auto"].timing, runs["fp8"].timing
+    assert fp8.kv_bytes_per_token == pytest.approx(auto.kv_bytes_per_token / 2)
+    assert fp8.llm.params == auto.llm.params            # the weights are the same
+    context = np.array([4000.0])
+    assert fp8.decode_run(context, 1).duration_s[0] < auto.decode_run(context, 1).duration_s[0]

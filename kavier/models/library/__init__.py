@@ -44,7 +44,12 @@ class LLMSpec:
         ``first_k_dense_replace``, Qwen-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``);
         0, the default, when every layer's MLP is the expert layer (Mixtral, Qwen3-MoE).
     bytes_per_param : float
-        Bytes per weight and per KV-cache element (2 for FP16/BF16).
+        Bytes per weight, and per KV-cache element unless ``kv_cache_bytes_per_element``
+        says otherwise (2 for FP16/BF16).
+    kv_cache_bytes_per_element : float or None
+        Bytes per KV-cache element when the cache is kept in another dtype than the weights
+        (vLLM's ``--kv-cache-dtype fp8``: 1; :func:`with_kv_cache_dtype`); None: as the
+        weights.
     tie_word_embeddings : bool
         True when the LM head shares the input embedding matrix.
     source : str
@@ -67,6 +72,7 @@ class LLMSpec:
     n_experts: int = 0
     n_experts_per_token: int = 0
     n_dense_layers: int = 0
+    kv_cache_bytes_per_element: float | None = None
     source: str = ""
     aliases: tuple[str, ...] = ()
 
@@ -255,11 +261,18 @@ class LLMSpec:
         H, the number of attention heads, which overstates grouped-query models: 4× for
         Llama-3-8B (32 query heads, 8 KV heads), 48× for multi-query Granite-20B.
         """
-        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * self.bytes_per_param
+        return 2.0 * self.n_layers * self.n_kv_heads * self.head_dim * self.kv_element_bytes
 
     def kv_bytes_per_token_thesis(self) -> float:
         """Thesis equation 4.1 per token as written, with all attention heads (for comparison)."""
-        return 2.0 * self.n_layers * self.n_heads * self.head_dim * self.bytes_per_param
+        return 2.0 * self.n_layers * self.n_heads * self.head_dim * self.kv_element_bytes
+
+    @property
+    def kv_element_bytes(self) -> float:
+        """Bytes per KV-cache element: ``kv_cache_bytes_per_element``, else the weights'."""
+        if self.kv_cache_bytes_per_element is None:
+            return self.bytes_per_param
+        return self.kv_cache_bytes_per_element
 
 
 GEMM_SHARE_UNMEASURED = 0.80
@@ -460,6 +473,32 @@ class Library:
                "config.json)" if self.cls is LLMSpec else "add it with --gpu-library FILE")
         raise InputError(f"unknown {self.kind} '{name}'; {hint}{add}; known: "
                          f"{', '.join(self.names())}", field=f"--{self.kind}")
+
+
+KV_CACHE_DTYPES = {"auto": None, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
+"""vLLM's ``--kv-cache-dtype`` values the simulator models, → bytes per KV-cache element
+(``auto``: the model's dtype). An FP8 cache halves the KV pool's bytes per token, so twice
+the tokens fit, and halves the KV traffic of attention; attention's FLOPs stay (vLLM's
+kernels dequantize to 16 bits; ``vllm/config/cache.py``). Scaled or packed formats (per-token
+-head int8 or FP8 scales, NVFP4) are not among them."""
+
+
+def with_kv_cache_dtype(llm: LLMSpec, dtype: str | None) -> LLMSpec:
+    """``llm`` with its KV cache kept in vLLM's ``--kv-cache-dtype`` ``dtype`` (None or
+    ``auto``: unchanged).
+
+    Raises
+    ------
+    InputError
+        For a dtype not in :data:`KV_CACHE_DTYPES`, naming ``kv-cache-dtype``.
+    """
+    key = "auto" if dtype is None else str(dtype).lower()
+    if key not in KV_CACHE_DTYPES:
+        raise InputError(f"kv_cache_dtype {dtype!r} is not modelled; modelled: "
+                         f"{', '.join(KV_CACHE_DTYPES)}", field="kv-cache-dtype")
+    if KV_CACHE_DTYPES[key] is None:
+        return llm
+    return replace(llm, kv_cache_bytes_per_element=KV_CACHE_DTYPES[key])
 
 
 def _bundled(filename: str) -> Path:
