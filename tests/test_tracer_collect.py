@@ -260,14 +260,16 @@ def test_serve_submits_waits_and_cancels(sshd, tmp_path):
     result = CliRunner().invoke(tracer_cli, [
         "serve", "--cluster", str(profile_path), "--model", "m", "--gpu", "A100",
         "--ssh-key", sshd.key_file, "--known-hosts", sshd.known_hosts, "--detach",
-        "--poll", "0.05", "--vllm-args", "-tp 2 --max-num-seqs 32 --no-enable-prefix-caching",
-        "--engine-out", str(tmp_path / "engine.json")])
+        "--poll", "0.05", "--vllm-args", "-tp 2 --max-num-seqs 32 --no-enable-prefix-caching "
+        "--kv-cache-dtype fp8", "--engine-out", str(tmp_path / "engine.json")])
     assert result.exit_code == 0, result.output
     assert "http://gpu-node-7:8123" in result.output and not (state / "cancelled").exists()
     engine = json.loads((tmp_path / "engine.json").read_text())
     assert engine["launch_command"] == ("vllm serve m --port 8123 --dtype auto -tp 2 "
-                                        "--max-num-seqs 32 --no-enable-prefix-caching")
+                                        "--max-num-seqs 32 --no-enable-prefix-caching "
+                                        "--kv-cache-dtype fp8")
     assert (engine["tensor_parallel_size"], engine["max_num_seqs"]) == (2, 32)
+    assert engine["kv_cache_dtype"] == "fp8"        # the replay's KV bytes follow it
     assert engine["enable_prefix_caching"] is False and engine["job_id"] == "4242"
     assert "-tp 2 --max-num-seqs 32" in (state / "job.sh").read_text()
 

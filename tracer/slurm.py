@@ -100,7 +100,7 @@ ENGINE_FROM_LAUNCH = ("tensor_parallel_size", "pipeline_parallel_size", "data_pa
                       "enable_expert_parallel", "max_num_seqs", "max_num_batched_tokens",
                       "block_size", "num_gpu_blocks", "enable_prefix_caching",
                       "enable_chunked_prefill", "gpu_memory_utilization", "max_model_len",
-                      "dtype", "async_scheduling")
+                      "dtype", "async_scheduling", "kv_cache_dtype", "quantization")
 """Launch arguments a serving run's engine section records (``archive.serving.ENGINE_KEYS``
 and the settings beside them)."""
 
