@@ -774,8 +774,9 @@ _EFFICIENCY_ROWS = [
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--price-per-gpu-hour", type=Number(min=0), default=1.2,
-              show_default=True, help="Price of one GPU-hour (thesis: 1.2 €/h for an A10).")
+@click.option("--price-per-gpu-hour", default="1.2", show_default=True,
+              help="Price of one GPU-hour (thesis: 1.2 €/h for an A10): one value, or one per "
+                   "run, comma-separated (runs on different GPUs).")
 @click.option("--currency", default="EUR", show_default=True)
 @click.option("--opendc-power", "opendc_power", multiple=True, type=click.Path(dir_okay=False),
               help="OpenDC powerSource.parquet whose energy and CO2 replace the run's; once "
@@ -789,10 +790,15 @@ def efficiency(run_dirs, price_per_gpu_hour, currency, opendc_power):
         raise InputError("give one run folder, or two to compare")
     if len(opendc_power) > len(run_dirs):
         raise InputError("more --opendc-power files than runs", field="opendc-power")
+    prices = _number_list(price_per_gpu_hour, float, "price-per-gpu-hour")
+    if len(prices) not in (1, len(run_dirs)):
+        raise InputError(f"{len(prices)} prices for {len(run_dirs)} runs",
+                         field="price-per-gpu-hour")
+    prices = prices * len(run_dirs) if len(prices) == 1 else prices
     totals = [read_run(d) for d in run_dirs]
     totals = [with_opendc_power(t, p) if p else t for t, p in
               zip(totals, list(opendc_power) + [None] * len(totals), strict=False)]
-    reports = [report(t, price_per_gpu_hour) for t in totals]
+    reports = [report(t, price) for t, price in zip(totals, prices, strict=True)]
     if len(reports) == 2:
         reports.append(ratios(reports[0], reports[1]))
     heads = [str(d) for d in run_dirs] + (["ratio 1/2 (eq. 4.9/4.11)"] if len(run_dirs) == 2
@@ -1018,13 +1024,16 @@ def reproduce(experiment, output_folder, scheduler, workers, quick):
 
 
 def _number_list(text: str, kind, name: str) -> list:
+    """The comma-separated positive, finite numbers of option ``name`` (``kind``: int or
+    float); NaN and infinity are refused (``nan <= 0`` is false, so a sign check alone let
+    ``--price-per-gpu-hour nan`` print NaN costs)."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"expected a comma-separated list of numbers, got {text!r}",
                          field=name) from None
-    if not values or any(v <= 0 for v in values):
-        raise InputError(f"expected positive numbers, got {text!r}", field=name)
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"expected positive finite numbers, got {text!r}", field=name)
     return values
 
 

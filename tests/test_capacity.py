@@ -46,7 +46,9 @@ def test_capacity_rejects_what_it_searches_and_bad_lists(trace):
                            (["--tensor-parallel-size", "2"], "--tensor-parallel-size"),
                            (["--gpu", "A10,L4", "--price-per-gpu-hour", "1,2,3"],
                             "3 prices for 2 GPU types"),
-                           (["--tensor-parallel-sizes", "1,x"], "comma-separated list")):
+                           (["--tensor-parallel-sizes", "1,x"], "comma-separated list"),
+                           (["--price-per-gpu-hour", "nan"], "positive finite numbers"),
+                           (["--price-per-gpu-hour", "1.2,inf"], "positive finite numbers")):
         result = run(*base, *extra)
         assert result.exit_code == 2 and message in result.output, result.output
     assert "give --slo-ttft" in run("--trace", trace).output

@@ -120,6 +120,16 @@ def test_efficiency_command_with_two_runs_and_opendc_power(tmp_path):
     assert float(line.split()[-1]) == pytest.approx(1000.0 / tokens * 1e6, abs=0.01)
     bad = cli("efficiency", tmp_path / "nothing")
     assert bad.exit_code == 2 and "summary.json" in bad.output
+    # an A10 and an A100 hour do not cost the same: one price per run
+    priced = cli("efficiency", *runs, "--price-per-gpu-hour", "0.8,3.0")
+    assert priced.exit_code == 0, priced.output
+    costs = next(x for x in priced.output.splitlines() if x.startswith("cost (EUR)")).split()
+    one = next(x for x in result.output.splitlines() if x.startswith("cost (EUR)")).split()
+    assert float(costs[2]) == pytest.approx(float(one[2]) * 0.8 / 1.2, rel=1e-3)
+    for price, message in (("nan", "positive finite numbers"), ("inf", "positive finite"),
+                           ("1,2,3", "3 prices for 2 runs")):
+        refused = cli("efficiency", *runs, "--price-per-gpu-hour", price)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
 
 
 def test_power_calibration_recovers_known_parameters():
