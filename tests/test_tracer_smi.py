@@ -52,3 +52,9 @@ def test_cli_writes_parquet(tmp_path):
     assert table.schema.equals(GPU_SAMPLES)
     assert set(table.column("power_field").to_pylist()) == {"power.draw"}
     assert set(table.column("run_id").to_pylist()) == {"nvidia-smi-h100-loop100ms"}
+    named = CliRunner().invoke(main, ["parse-smi", str(CAPTURE), "-o", str(out), "--run-id",
+                                      "h100-loop"])
+    assert named.exit_code == 0 and set(pq.read_table(out).column("run_id").to_pylist()) == {
+        "h100-loop"}
+    empty = CliRunner().invoke(main, ["parse-smi", str(CAPTURE), "-o", str(out), "--run-id", " "])
+    assert empty.exit_code == 2 and "field 'run-id': must not be empty" in empty.output

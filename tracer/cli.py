@@ -35,6 +35,8 @@ def parse_smi(capture, fields, output, run_id):
 
     import pyarrow.parquet as pq
 
+    if run_id is not None and not run_id.strip():        # "" had fallen back to the file name
+        raise InputError("must not be empty", field="run-id")
     fields = tuple(f.strip() for f in fields.split(","))
     samples = read_capture(capture, fields)
     pq.write_table(samples_table(samples, run_id or Path(capture).stem, fields), output)
