@@ -41,7 +41,6 @@ from archive.errors import InputError
 from archive.serving import ServingRun
 from archive.traces import PromptContent
 from kavier.models.library import (
-    KV_CACHE_DTYPES,
     gpu_library,
     llm_library,
     with_kv_cache_dtype,
@@ -206,14 +205,14 @@ def async_scheduling(engine: dict) -> bool:
 
 UNMODELLED_ENGINE = {
     "quantization": ((None,), "quantized weights"),
-    "kv_cache_dtype": ((None, *KV_CACHE_DTYPES), "this KV-cache format"),
     "dtype": ((None, "auto", "bfloat16", "float16", "half", "torch.bfloat16", "torch.float16"),
               "weights in another dtype than 16-bit"),
 }
 """Engine settings a replay cannot follow (vLLM's argument names → the values it can, and what
 another value means): the library's models hold 2-byte weights, so a run with quantized
 weights would be replayed as another engine. ``kv_cache_dtype`` is followed where
-:data:`~kavier.models.library.KV_CACHE_DTYPES` models it and refused otherwise."""
+:data:`~kavier.models.library.KV_CACHE_DTYPES` models it and refused otherwise, by
+:func:`~kavier.models.library.with_kv_cache_dtype` itself."""
 
 
 def _refuse_unmodelled_engine(run: ServingRun) -> None:
@@ -246,7 +245,7 @@ def replay_for(run: ServingRun, params: TimingParams | None = None,
     engine = run.engine
     _refuse_unmodelled_engine(run)
     llm = with_kv_cache_dtype(llm_library(llm_lib).get(engine["llm"]),
-                              engine.get("kv_cache_dtype"))
+                              engine.get("kv_cache_dtype"), run.path, "engine.kv_cache_dtype")
     gpu = gpu_library(gpu_lib).get(engine["gpu"])
     block = engine["block_size"]
     config = EngineConfig(replicas=engine.get("data_parallel_size") or 1,

@@ -919,18 +919,19 @@ def _agreeing_gpu(sources: list[tuple[str, str | None]]) -> str | None:
         otherwise be recorded as another's.
     """
     named = [(where, name) for where, name in sources if name]
+    library = gpu_library()
+
+    def key(name: str) -> str:
+        try:
+            return library.get(name).name
+        except InputError:                    # not in the library: compare as written
+            return name.strip().lower()
+
     for where, name in named[1:]:
-        if _gpu_key(name) != _gpu_key(named[0][1]):
+        if key(name) != key(named[0][1]):
             raise InputError(f"{where} is for GPU {name}, {named[0][0]} for {named[0][1]}",
                              field="gpu")
     return named[0][1] if named else None
-
-
-def _gpu_key(name: str) -> str:
-    try:
-        return gpu_library().get(name).name
-    except InputError:                        # not in the library: compare as written
-        return name.strip().lower()
 
 
 def _dataset_samples(folder: Path):
@@ -971,7 +972,8 @@ def _fit_phases(measurements, samples, model, profile, gpu: str | None):
 
     llm = str(measurements["model"].iloc[0])
     if profile is not None:
-        if llm_library().get(llm).name != llm_library().get(profile.llm).name:
+        library = llm_library()
+        if library.get(llm).name != library.get(profile.llm).name:
             raise InputError(f"the dataset's requests are of {llm}, the profile's timing is "
                              f"for {profile.llm}", field="profile")
         timing = make_timing(profile.timing_model, *_specs(profile.llm, profile.gpu,

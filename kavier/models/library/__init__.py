@@ -483,19 +483,21 @@ kernels dequantize to 16 bits; ``vllm/config/cache.py``). Scaled or packed forma
 -head int8 or FP8 scales, NVFP4) are not among them."""
 
 
-def with_kv_cache_dtype(llm: LLMSpec, dtype: str | None) -> LLMSpec:
+def with_kv_cache_dtype(llm: LLMSpec, dtype: str | None, path: str | Path | None = None,
+                        field: str = "kv-cache-dtype") -> LLMSpec:
     """``llm`` with its KV cache kept in vLLM's ``--kv-cache-dtype`` ``dtype`` (None or
     ``auto``: unchanged).
 
     Raises
     ------
     InputError
-        For a dtype not in :data:`KV_CACHE_DTYPES`, naming ``kv-cache-dtype``.
+        For a dtype not in :data:`KV_CACHE_DTYPES`, naming ``path`` and ``field`` (the
+        option, or a serving run's ``engine.kv_cache_dtype``).
     """
     key = "auto" if dtype is None else str(dtype).lower()
     if key not in KV_CACHE_DTYPES:
         raise InputError(f"kv_cache_dtype {dtype!r} is not modelled; modelled: "
-                         f"{', '.join(KV_CACHE_DTYPES)}", field="kv-cache-dtype")
+                         f"{', '.join(KV_CACHE_DTYPES)}", path=path, field=field)
     if KV_CACHE_DTYPES[key] is None:
         return llm
     return replace(llm, kv_cache_bytes_per_element=KV_CACHE_DTYPES[key])
